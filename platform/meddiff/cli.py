@@ -1,0 +1,102 @@
+"""The ``meddiff`` command: one subcommand group per area, each a thin layer over the library.
+
+Every group module defines ``register(subparsers)``; handlers import heavy libraries (torch, Ray)
+only when they run, so ``meddiff --help`` is instant. Jobs under ``jobs/`` call :func:`main` with
+their group's arguments, so ``ray job submit`` and the CLI run the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from meddiff.errors import MeddiffError
+
+# Modules that add a subcommand group (each has ``register(subparsers)``).
+GROUPS = (
+    "meddiff.demo",
+    "meddiff.data.cli",
+    "meddiff.config.cli",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every job takes to build its config (see :mod:`meddiff.config`)."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "--preset", help="named preset: full (paper sizes, default) or tiny (2-core CPU)"
+    )
+    group.add_argument("--config", metavar="FILE", help="YAML config file (may set 'preset:')")
+    group.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one key, e.g. --set thor.train.steps=200 (repeatable; value parsed as YAML)",
+    )
+    group.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)"
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated :class:`meddiff.config.Config` the options describe."""
+    from meddiff.config import load_config
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"runtime.address={args.address}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meddiff",
+        description="Diffusion models for medical imaging on Ray: histopathology synthesis with "
+        "morphology prompts, and THOR anomaly detection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in GROUPS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code (2 for bad input, with a one-line reason)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"meddiff: error: {user_error}", file=sys.stderr)
+        return 2
+
+
+def find_user_error(err: BaseException) -> MeddiffError | None:
+    """The :class:`MeddiffError` behind ``err``, also when it was raised inside a Ray task or
+    Ray Data stage (Ray re-raises those wrapped, with the original as cause)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MeddiffError):
+            cause = getattr(err, "cause", None)  # RayTaskError(DataError) carries the original
+            return cause if isinstance(cause, MeddiffError) else err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``meddiff data``: build sample data, ingest sources into shards, inspect datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from meddiff.cli import add_config_arguments
+
+    group = sub.add_parser("data", help="sample data, ingest and inspection")
+    cmds = group.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    pcam = cmds.add_parser(
+        "sample-pcam", help="write a PCam-format train/valid/test set cut from real IHC tissue"
+    )
+    pcam.add_argument("out", type=Path, help="output directory")
+    pcam.add_argument("--train", type=int, default=1024, help="patches in the train split")
+    pcam.add_argument("--valid", type=int, default=256, help="patches in the valid split")
+    pcam.add_argument("--test", type=int, default=256, help="patches in the test split")
+    pcam.add_argument("--patch-size", type=int, default=96)
+    pcam.add_argument("--seed", type=int, default=0)
+    pcam.set_defaults(handler=_sample_pcam)
+
+    ingest = cmds.add_parser(
+        "ingest", help="stream a PCam directory or shard directory into Parquet shards (Ray Data)"
+    )
+    ingest.add_argument("--input", required=True, type=Path, help="PCam directory or shards")
+    ingest.add_argument("--out", required=True, type=Path, help="shard directory to create")
+    ingest.add_argument("--split", default="train", help="PCam split to read (train/valid/test)")
+    ingest.add_argument("--limit", type=int, help="read at most this many patches")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_config_arguments(ingest)
+    ingest.set_defaults(handler=_ingest)
+
+    inspect = cmds.add_parser("inspect", help="summarise a PCam directory or shard directory")
+    inspect.add_argument("path", type=Path)
+    inspect.set_defaults(handler=_inspect)
+
+
+def _sample_pcam(args: argparse.Namespace) -> int:
+    from meddiff.data.samples import SampleSizes, sample_pcam
+
+    counts = sample_pcam(
+        args.out, SampleSizes(args.train, args.valid, args.test), args.patch_size, args.seed
+    )
+    print(json.dumps({"out": str(args.out), "labels": counts}, indent=2))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.data.ingest import ingest
+
+    manifest = ingest(
+        config_from_args(args),
+        args.input,
+        args.out,
+        split=args.split,
+        limit=args.limit,
+        overwrite=args.overwrite,
+    )
+    print(
+        json.dumps({"out": str(args.out), "rows": manifest["rows"], "labels": manifest["labels"]})
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from meddiff.data import pcam, shards
+    from meddiff.errors import DataError
+
+    if shards.is_shard_dir(args.path):
+        summary = shards.read_manifest(args.path)
+    elif args.path.is_dir() and pcam.available_splits(args.path):
+        summary = {}
+        for split in pcam.available_splits(args.path):
+            opened = pcam.open_pcam(args.path, split, patch_size=None)
+            summary[split] = {"rows": opened.num_rows, "patch_size": opened.patch_size}
+    else:
+        raise DataError(f"{args.path}: not a PCam directory nor a meddiff shard directory")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,204 @@
+"""Parquet shards of (image, label, provenance) that later stages stream.
+
+Every patch source (PCam HDF5, whole-slide tiles, PNG folders) becomes the same in-memory batch,
+a dict of numpy arrays:
+
+    image    uint8 (n, H, W, C)
+    label    int64 (n,)  -1 where unknown
+    source   str   (n,)  the file the patch came from
+    index    int64 (n,)  row in that file, or tile number in that slide
+    level    int64 (n,)  pyramid level of a whole-slide tile, else -1
+    x, y     int64 (n,)  tile origin in level-0 pixels, else -1
+
+plus any columns a stage adds (``cluster``, ``prompt``, ...). On disk the image is stored as raw
+bytes with its ``height``/``width``/``channels``, so any Parquet reader can decode it with numpy.
+A directory is complete only when its manifest (``_meddiff_shards.json``) exists: it is written
+last, after the files moved into place, so an interrupted write never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from meddiff.errors import DataError
+
+if TYPE_CHECKING:
+    import ray.data
+
+MANIFEST = "_meddiff_shards.json"
+FORMAT = "meddiff-shards/1"
+PROVENANCE = ("source", "index", "level", "x", "y")
+
+
+def provenance(source: str, index: np.ndarray, level=-1, x=-1, y=-1) -> dict[str, np.ndarray]:
+    """Provenance columns for ``len(index)`` patches of one source (scalars are broadcast)."""
+    n = len(index)
+    return {
+        "source": np.full(n, source, dtype=object),
+        "index": np.asarray(index, dtype=np.int64),
+        "level": np.broadcast_to(np.asarray(level, dtype=np.int64), (n,)).copy(),
+        "x": np.broadcast_to(np.asarray(x, dtype=np.int64), (n,)).copy(),
+        "y": np.broadcast_to(np.asarray(y, dtype=np.int64), (n,)).copy(),
+    }
+
+
+def encode_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """In-memory batch → on-disk columns (image as raw bytes plus its shape)."""
+    images = np.ascontiguousarray(batch["image"])
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(
+            f"shard images must be uint8 (n, H, W, C), got {images.dtype} {images.shape}"
+        )
+    n, h, w, c = images.shape
+    out = {k: v for k, v in batch.items() if k != "image"}
+    flat = images.reshape(n, -1)
+    out["image"] = np.array([row.tobytes() for row in flat], dtype=object)
+    out["height"] = np.full(n, h, dtype=np.int32)
+    out["width"] = np.full(n, w, dtype=np.int32)
+    out["channels"] = np.full(n, c, dtype=np.int32)
+    return out
+
+
+def decode_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """On-disk columns → in-memory batch. All images of one batch must share a shape."""
+    out = {k: v for k, v in batch.items() if k not in ("image", "height", "width", "channels")}
+    n = len(batch["image"])
+    shapes = {
+        (int(h), int(w), int(c))
+        for h, w, c in zip(batch["height"], batch["width"], batch["channels"], strict=True)
+    }
+    if len(shapes) > 1:
+        raise DataError(f"shard batch mixes image shapes {sorted(shapes)}; resize before sharding")
+    shape = shapes.pop() if shapes else (0, 0, 0)
+    buf = b"".join(batch["image"])
+    out["image"] = np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape)
+    return out
+
+
+def write_shards(
+    ds: ray.data.Dataset,
+    out_dir: str | Path,
+    *,
+    rows_per_file: int,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir``, all or nothing.
+
+    Files are written to ``<out_dir>.partial`` and moved into place only when every block is
+    written; the manifest goes in last. Returns the manifest.
+
+    Raises:
+        DataError: ``out_dir`` already holds shards and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    start = time.perf_counter()
+    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
+    encoded.write_parquet(str(partial), min_rows_per_file=rows_per_file)
+    files = sorted(p.name for p in partial.glob("*.parquet"))
+    if not files:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"nothing to write to {out}: the input produced no patches")
+    manifest = _describe(partial, files, info, time.perf_counter() - start)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _describe(
+    root: Path, files: list[str], info: Mapping[str, Any] | None, seconds: float
+) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    rows = 0
+    schema = None
+    labels: dict[str, int] = {}
+    for name in files:
+        meta = pq.read_metadata(root / name)
+        rows += meta.num_rows
+        schema = schema or meta.schema.to_arrow_schema()
+        if "label" in schema.names:
+            values, counts = np.unique(
+                pq.read_table(root / name, columns=["label"])["label"], return_counts=True
+            )
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                labels[str(value)] = labels.get(str(value), 0) + count
+    return {
+        "format": FORMAT,
+        "rows": rows,
+        "files": files,
+        "columns": schema.names if schema is not None else [],
+        "labels": dict(sorted(labels.items())),
+        "write_seconds": round(seconds, 3),
+        **(info or {}),
+    }
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete shard directory.
+
+    Raises:
+        DataError: not a directory, or no manifest (never written, or the write was interrupted).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"shard directory {root} does not exist")
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise DataError(
+            f"{root} is not a complete meddiff shard directory (no {MANIFEST}; "
+            "was the write interrupted?)"
+        )
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{manifest}: corrupt manifest ({err})") from None
+    if data.get("format") != FORMAT:
+        raise DataError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
+    return data
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
+    """A Ray dataset of in-memory patch batches from a complete shard directory."""
+    import ray.data
+
+    manifest = read_manifest(path)
+    if columns is not None:
+        missing = sorted(set(columns) - set(manifest["columns"]) - {"image"})
+        if missing:
+            raise DataError(
+                f"{path}: shards have no column(s) {missing}; have {manifest['columns']}"
+            )
+        columns = sorted({*columns, "image", "height", "width", "channels"})
+    files = [str(Path(path) / name) for name in manifest["files"]]
+    ds = ray.data.read_parquet(files, columns=columns)
+    return ds.map_batches(decode_batch, batch_format="numpy", zero_copy_batch=True)
+
+
+def load_shards(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a whole shard directory into memory without Ray (small sets, tests, tools)."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(path)
+    table = pq.read_table([str(Path(path) / name) for name in manifest["files"]])
+    return decode_batch(
+        {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    )

@@ -1,0 +1,64 @@
+"""The one place that connects to Ray.
+
+Jobs call :func:`connect` and then run the same code whether Ray is an embedded local instance
+(the default on a laptop or in tests) or a cluster reached through ``--address``/``RAY_ADDRESS``
+(``ray job submit`` sets ``RAY_ADDRESS`` for the job's driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from meddiff.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def ray_address(cfg: RuntimeConfig) -> str | None:
+    """The cluster to join, or None for an embedded local Ray."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(cfg: RuntimeConfig) -> None:
+    """Start or join Ray once per process; later calls are no-ops.
+
+    An embedded Ray is started with ``address="local"`` so that it never attaches by accident to
+    some other cluster left running on the machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address(cfg)
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        store = cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            object_store_memory=store,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    _configure_data(cfg)
+
+
+def _configure_data(cfg: RuntimeConfig) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    # Errors in user data should stop the job with the first message, not after retries.
+    ctx.max_errored_blocks = 0
+
+
+def shutdown() -> None:
+    """Disconnect (and stop an embedded Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

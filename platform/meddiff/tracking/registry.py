@@ -1,0 +1,72 @@
+"""The MLflow model registry: register a model directory, fetch one back by reference.
+
+Models are plain directories (diffusers' ``save_pretrained`` layout, or a THOR checkpoint folder)
+logged as run artifacts; a registered version points at them. ``fetch_model`` accepts a local
+directory, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from meddiff.config import TrackingConfig
+from meddiff.errors import ModelError
+from meddiff.tracking.runs import configure
+
+
+def register_model(
+    local_dir: str | Path,
+    name: str,
+    *,
+    artifact_path: str = "model",
+    alias: str | None = None,
+) -> str:
+    """Log ``local_dir`` under the active run and register it as a new version of ``name``.
+
+    Returns the new version number (as a string).
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model needs an active MLflow run (use tracking.start_run)")
+    mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        client.create_registered_model(name)  # fails when already registered: add a version
+    version = client.create_model_version(
+        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def fetch_model(ref: str | Path, tracking: TrackingConfig, dst: str | Path | None = None) -> Path:
+    """A local directory holding the model that ``ref`` names.
+
+    Raises:
+        ModelError: the directory does not exist, or the registry has no such model/version/alias
+            (the message lists the registered names).
+    """
+    ref = str(ref)
+    if not ref.startswith(("models:/", "runs:/")):
+        path = Path(ref)
+        if not path.is_dir():
+            raise ModelError(f"model directory {path} does not exist")
+        return path
+
+    import mlflow
+
+    configure(tracking)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=ref, dst_path=str(dst) if dst else None
+        )
+    except mlflow.exceptions.MlflowException as err:
+        known = sorted(m.name for m in mlflow.MlflowClient().search_registered_models())
+        raise ModelError(
+            f"cannot fetch model '{ref}': {err.message}; registered models: {known or 'none'}"
+        ) from None
+    return Path(local)

@@ -1,0 +1,110 @@
+"""MLflow runs: one per job, with the resolved config, the code version, metrics and artifacts.
+
+The default store is a local SQLite file (``./mlruns.db``) with artifacts under ``./mlartifacts``,
+so a laptop needs no server; ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` points at a real one.
+On a cluster, use a tracking server every node can reach: a SQLite path is local to one machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import meddiff
+from meddiff.config import Config, TrackingConfig, config_to_yaml
+
+if TYPE_CHECKING:
+    import mlflow
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db``."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def configure(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store and select (creating if needed) the experiment."""
+    import mlflow
+
+    # No usage telemetry leaves the machine (these machines reach no network anyway).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            # Keep artifacts beside the local database rather than in MLflow's cwd-relative default.
+            root = Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS
+            artifacts = (root / cfg.experiment).as_uri()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process won
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+@contextmanager
+def start_run(
+    cfg: Config,
+    job: str,
+    *,
+    run_name: str | None = None,
+    nested: bool = False,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open an MLflow run for ``job`` and log the resolved config and code version.
+
+    On an exception the run is marked FAILED (MLflow does this when the context exits with an
+    error), so a crashed job is visible as such in the UI.
+    """
+    import mlflow
+
+    configure(cfg.tracking)
+    all_tags = {"meddiff.job": job, "meddiff.code_version": code_version(), **(tags or {})}
+    with mlflow.start_run(run_name=run_name or job, nested=nested, tags=all_tags) as run:
+        log_config(cfg)
+        yield run
+
+
+def log_config(cfg: Config) -> None:
+    """Log the config as ``config.yaml`` and as flattened params (searchable in the UI)."""
+    import mlflow
+
+    mlflow.log_text(config_to_yaml(cfg), "config.yaml")
+    mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]  # MLflow's param value limit
+    return out
+
+
+def code_version() -> str:
+    """``git describe`` of the source tree meddiff was imported from, else the package version."""
+    src = Path(meddiff.__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return f"{meddiff.__version__}+git.{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        return meddiff.__version__
