@@ -271,7 +271,7 @@ TINY: dict = {
             "text_heads": 4,
             "text_intermediate_size": 64,
             "max_length": 16,
-            "vae_warmup_steps": 150,
+            "vae_warmup_steps": 60,
         },
     },
     "train": {

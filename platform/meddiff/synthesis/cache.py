@@ -31,6 +31,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.data import shards
 from meddiff.errors import DataError
+from meddiff.synthesis import components as C
 from meddiff.synthesis.components import write_json
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,21 @@ def cache_key(cfg: Config, source: str, pairs: str | Path, manifest: dict[str, A
         "pairs": str(Path(pairs).resolve()),
         "files": manifest["files"],
         "rows": manifest["rows"],
-        "source": source,
-        "model_stamp": _stamp(source),
+        "model": _model_identity(source),
         "resolution": cfg.synthesis.model.resolution,
         "kind": "latents" if cfg.synthesis.train.cache_latents else "images",
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _stamp(source: str) -> str:
+def _model_identity(source: str) -> str:
+    """A model built from config is identified by what it was built from (so a copied base
+    directory keeps its cache); any other by its name and the time its directory was written."""
+    built = Path(source) / C.BASE_INFO
+    if built.is_file():
+        return built.read_text()
     index = Path(source) / "model_index.json"
-    return str(index.stat().st_mtime_ns) if index.is_file() else ""
+    return f"{source}@{index.stat().st_mtime_ns}" if index.is_file() else source
 
 
 def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) -> dict[str, Any]:
@@ -91,6 +96,7 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
     Returns the cache info (``cache.json``).
     """
     import ray.data
+    from tqdm import tqdm
 
     from meddiff.synthesis.stages import ImageEncoder, PromptEncoder
 
@@ -128,7 +134,10 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
         )
     arrays: dict[str, np.ndarray] = {}
     row = 0
-    for batch in ds.iter_batches(batch_size=tcfg.encode_batch_size, batch_format="numpy"):
+    batches = ds.iter_batches(batch_size=tcfg.encode_batch_size, batch_format="numpy")
+    total = -(-n // tcfg.encode_batch_size)
+    desc = "encode latents" if tcfg.cache_latents else "cache images"
+    for batch in tqdm(batches, total=total, desc=desc, disable=not cfg.runtime.progress):
         m = len(batch["prompt"])
         cols = {
             "prompt_ids": np.array([ids[str(p)] for p in batch["prompt"]], dtype=np.int64),

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Written into a pipeline built from config: what it was built from (config, prompts, seed).
+BASE_INFO = "meddiff_base.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # What makes each component folder loadable (any one of the names).
 _COMPONENT_FILES = {

@@ -97,11 +97,12 @@ class CachedBatches:
     def __call__(self, idx: np.ndarray, generator) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
+        # Same draw order as OnlineBatches (dropout, then ε): both give the same batch.
+        ids = _dropout_ids(np.asarray(self.data.prompt_ids[idx]), self.p, generator)
         mean = torch.from_numpy(np.asarray(self.data.latent_mean[idx], dtype=np.float32))
         std = torch.from_numpy(np.asarray(self.data.latent_std[idx], dtype=np.float32))
         eps = torch.randn(mean.shape, generator=generator)
         latents = ((mean + std * eps) * self.scale).to(self.device, self.dtype)
-        ids = _dropout_ids(np.asarray(self.data.prompt_ids[idx]), self.p, generator)
         return latents, self.table[torch.from_numpy(ids).to(self.device)]
 
 

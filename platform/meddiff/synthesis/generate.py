@@ -67,6 +67,7 @@ def generate(
     import mlflow
     import pandas as pd
     import ray.data
+    from tqdm import tqdm
 
     from meddiff import runtime, tracking
     from meddiff.synthesis.stages import ImageGenerator
@@ -103,7 +104,11 @@ def generate(
         firsts: dict[str, list[np.ndarray]] = {}
         with PCamWriter(out, g.split, patch_size=g.output_size) as writer:
             # Rows are written in plan order: sort each batch, and the dataset keeps block order.
-            for batch in _in_order(ds, g.batch_size):
+            batches = _in_order(ds, g.batch_size)
+            total = -(-len(plan["index"]) // g.batch_size)
+            for batch in tqdm(
+                batches, total=total, desc="generate", disable=not cfg.runtime.progress
+            ):
                 writer.write(
                     batch["image"],
                     batch["label"],

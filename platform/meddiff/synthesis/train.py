@@ -40,7 +40,6 @@ from meddiff.synthesis import components as C
 log = logging.getLogger(__name__)
 
 CHECKPOINT_INFO = "meddiff_checkpoint.json"
-BASE_INFO = "meddiff_base.json"
 RUN_NAME = "train"
 FAULT_MARKER = "fault_drill.done"
 ATTEMPTS = "attempts.jsonl"
@@ -129,7 +128,7 @@ def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
         "seed": cfg.runtime.seed,
         "pairs": str(pairs),
     }
-    info_path = out / BASE_INFO
+    info_path = out / C.BASE_INFO
     if info_path.is_file() and json.loads(info_path.read_text()) == key:
         return str(out)
     images = sample_pair_images(pairs, 1024) if mcfg.arch.vae_warmup_steps else None
@@ -139,7 +138,7 @@ def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
         len(prompts),
     )
     comp = C.build_components(mcfg, prompts, seed=cfg.runtime.seed, images=images)
-    C.save_pipeline(comp, out, extra={BASE_INFO: key})
+    C.save_pipeline(comp, out, extra={C.BASE_INFO: key})
     return str(out)
 
 
@@ -326,6 +325,7 @@ class _Worker:
             betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay,
             eps=t.adam_epsilon,
+            fused=self.device.type == "cuda",
         )
         lr_scheduler = get_scheduler(
             t.lr_schedule,
@@ -622,6 +622,26 @@ def vae_scaling_factor(source: str, revision: str | None = None) -> float:
 # --- distribution strategies ------------------------------------------------------------------
 
 
+def deepspeed_config(t, *, bf16: bool, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a :class:`~meddiff.config.synthesis.TrainConfig`."""
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            # Overlapping the gradient reduction with backward needs CUDA streams.
+            "overlap_comm": cuda,
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": bf16},
+        # The optimizer is torch's AdamW (fused on GPU), which DeepSpeed's ZeRO handles fine.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
 class _Strategy:
     """One optimisation step over the wrapped UNet, and its part of a checkpoint."""
 
@@ -710,21 +730,7 @@ class _DeepSpeed(_Strategy):
             # comm backend starts (minutes with a C++ toolchain, a failure without one). It serves
             # only inference all-reduce, never training, so it is switched off; gloo does the rest.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        t = w.t
-        config = {
-            "train_micro_batch_size_per_gpu": t.batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": t.max_grad_norm,
-            "zero_optimization": {
-                "stage": t.zero_stage,
-                "overlap_comm": w.device.type == "cuda",
-                "contiguous_gradients": True,
-            },
-            "bf16": {"enabled": w.bf16},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(w.t, bf16=w.bf16, cuda=w.device.type == "cuda")
         self.w = w
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=unet,
