@@ -175,7 +175,10 @@ def test_generate_from_directory_and_from_registry(deepspeed_run, pairs, tmp_pat
     assert len(grids) == n_prompts
     assert all((tmp_path / "from-dir" / "grids" / g["file"]).is_file() for g in grids)
 
-    b = generate(cfg, summary["model_uri"], table, tmp_path / "from-registry")
+    # From the registry, through an alias pointing at the version training registered.
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("synth-test", "champion", summary["version"])
+    b = generate(cfg, "models:/synth-test@champion", table, tmp_path / "from-registry")
     other = read_rows(open_pcam(tmp_path / "from-registry", "train"), 0, b["images"])
     # The registered model is the saved one: same seeds, same images.
     assert np.array_equal(other["image"], rows["image"])

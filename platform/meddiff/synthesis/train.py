@@ -313,6 +313,7 @@ class _Worker:
                 decay=t.ema_decay,
                 use_ema_warmup=True,
                 power=3 / 4,
+                foreach=True,  # one fused update over all tensors instead of a Python loop
                 model_cls=type(unet),
                 model_config=unet.config,
             )
