@@ -21,6 +21,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these small models gain nothing from two, and two threads of tiny
+    kernels stall badly when other processes share the cores (a 10× slowdown was measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load_config("tiny", overrides=["synthesis.model.arch.vae_warmup_steps=0"])

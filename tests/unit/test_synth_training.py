@@ -20,6 +20,16 @@ from meddiff.synthesis.train import read_checkpoint_info
 PROMPTS = ["Histology image of cancer tissue", "Histology image of healthy tissue"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these small models gain nothing from two, and two threads of tiny
+    kernels stall badly when other processes share the cores (a 10× slowdown was measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_batch_schedule_is_a_function_of_the_step():
     n, world, batch = 50, 2, 4
     a = cache_mod.batch_indices(n, 7, world=world, rank=1, batch=batch, seed=3)

@@ -367,7 +367,9 @@ class _Worker:
                 f.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
             if self.logger:
                 self.logger.log_metrics({"resumed_from_step": start_step}, step=start_step)
-        loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), start_step
+        # Summed on the device: reading the loss every step would stall a GPU on each step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_n, t_last, step_last = 0, time.perf_counter(), start_step
         metrics: dict[str, Any] = {}
         for step in range(start_step, t.max_steps):
             self._fault_drill(step + 1, in_checkpoint=False)
@@ -384,12 +386,12 @@ class _Worker:
             loss = self.strategy.step(latents, emb, gen)
             if self.ema is not None:
                 self.ema.step(self.strategy.module.parameters())
-            loss_sum += float(loss)
+            loss_sum += loss.double()
             loss_n += 1
             done = step + 1
             is_ckpt = done % t.checkpoint_every == 0 or done == t.max_steps
             if done % t.log_every == 0 or is_ckpt:
-                mean = torch.tensor([loss_sum / loss_n], dtype=torch.float64)
+                mean = loss_sum / loss_n  # on the device: NCCL reduces GPU tensors only
                 if dist.is_initialized():
                     dist.all_reduce(mean)
                     mean /= self.world
@@ -402,18 +404,20 @@ class _Worker:
                     "epoch": step * t.batch_size * self.world // len(self.data),
                     "resumed_from_step": start_step,
                 }
-                loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), done
+                loss_sum.zero_()
+                loss_n, t_last, step_last = 0, time.perf_counter(), done
                 if self.logger:
                     self.logger.log_metrics(
                         {k: metrics[k] for k in ("loss", "lr", "samples_per_s")}, step=done
                     )
-                sample_due = done == t.max_steps or (t.sample_every and done % t.sample_every == 0)
-                if self.rank == 0 and sample_due and self.logger:
-                    self._log_samples(done)
                 if is_ckpt:
                     self._save_and_report(done, metrics)
                 else:
                     ray.train.report(metrics)
+            sample_due = done == t.max_steps or (t.sample_every and done % t.sample_every == 0)
+            if self.rank == 0 and sample_due and self.logger:
+                # The other ranks wait in the next step's collective meanwhile.
+                self._log_samples(done)
         return {"rank": self.rank, "start_step": start_step, **metrics}
 
     # checkpoints ----------------------------------------------------------------------------
