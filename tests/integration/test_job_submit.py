@@ -44,6 +44,9 @@ def ray_head():
     token.write_text(secrets.token_hex(32))
     env = {
         **os.environ,
+        # The job's `python` must be this environment's, as on a cluster whose nodes put the
+        # meddiff venv first on PATH (cluster.yaml).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_ADDRESS": "",
