@@ -74,6 +74,28 @@ def build_prompts(
             number of patches, or ``out`` exists without ``overwrite``.
         ModelError: DINO weights missing or unloadable; a reused morphology model is invalid.
     """
+    try:
+        return _build_prompts(cfg, source, out, overwrite=overwrite, split=split, limit=limit)
+    except Exception as err:
+        # Ray re-raises errors of Ray Data stages wrapped (RayTaskError(UserCodeException));
+        # callers of the library get the DataError/ModelError itself, as the CLI prints it.
+        from meddiff.cli import find_user_error
+
+        user_error = find_user_error(err)
+        if user_error is None or user_error is err:
+            raise
+        raise user_error.with_traceback(None) from None
+
+
+def _build_prompts(
+    cfg: Config,
+    source: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool,
+    split: str,
+    limit: int | None,
+) -> dict[str, Any]:
     import mlflow
 
     from meddiff import runtime, tracking
@@ -95,7 +117,8 @@ def build_prompts(
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
 
         start = time.perf_counter()
-        if _checkpoint_matches(checked, key):
+        resumed = _checkpoint_matches(checked, key)
+        if resumed:
             log.info("resuming from %s (embedding pass already complete)", checked)
             rows_in = _read_manifest(checked)["rows"]
         else:
@@ -149,6 +172,7 @@ def build_prompts(
             "source": str(source),
             "split": split,
             "out": str(out),
+            "resumed": resumed,
             "rows_in": int(rows_in),
             "kept": int(kept),
             "removed": {"total": int(removed), "by_reason": reasons},
@@ -234,9 +258,12 @@ def check_and_embed(
     from meddiff.morphology.quality import QualityFilter
 
     pcfg = cfg.prompts
+    # A CPU request unlike the embedding actor's keeps Ray Data from fusing the filter into the
+    # actor, where it would run serially with the forward pass; as separate tasks it overlaps.
     ds = ds.map_batches(
         QualityFilter(pcfg.filter, pcfg.patch_size),
         batch_format="numpy",
+        num_cpus=0.5,
         udf_modifying_row_count=False,
     )
     if embed_cfg is not None:
