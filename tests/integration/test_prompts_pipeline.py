@@ -50,12 +50,24 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     assert summary["rows_in"] == 128 == summary["kept"] + summary["removed"]["total"]
 
     pairs = load_shards(out / "pairs")
-    assert set(pairs) >= {"image", "label", "cluster", "prompt", "source", "index", "level", "x", "y"}
+    assert set(pairs) >= {
+        "image",
+        "label",
+        "cluster",
+        "prompt",
+        "source",
+        "index",
+        "level",
+        "x",
+        "y",
+    }
     assert len(pairs["image"]) == summary["kept"] and pairs["image"].shape[1:] == (96, 96, 3)
     assert pairs["cluster"].min() >= 0 and pairs["cluster"].max() < 33
     from meddiff.morphology.prompts import number_to_words
 
-    for label, cluster, prompt in zip(pairs["label"], pairs["cluster"], pairs["prompt"], strict=True):
+    for label, cluster, prompt in zip(
+        pairs["label"], pairs["cluster"], pairs["prompt"], strict=True
+    ):
         m = PROMPT.match(prompt)
         assert m and m.group(1) == ["healthy", "cancer"][label]
         assert m.group(2) == number_to_words(cluster)
@@ -78,6 +90,21 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     )
     emb = DinoEmbedder(embed_cfg).embed(pairs["image"][:16])
     assert np.array_equal(model.assign(emb), pairs["cluster"][:16])
+
+    # `prompts assign`: new patches through the saved model (no refit) get the same types.
+    from meddiff.cli import main as cli_main
+
+    again = tmp_path / "assigned"
+    rc = cli_main(
+        ["prompts", "assign", "--model", str(out / "morphology_model"), "--preset", "tiny",
+         "--input", str(sample_pcam_dir), "--limit", "40", "--out", str(again), *QUIET]
+    )  # fmt: skip
+    assert rc == 0
+    new = load_shards(again / "pairs")
+    first = dict(zip(pairs["index"].tolist(), pairs["cluster"].tolist(), strict=True))
+    assert len(new["index"]) > 30
+    assert [first[i] for i in new["index"].tolist()] == new["cluster"].tolist()
+    assert json.loads((again / "summary.json").read_text())["mode"] == "reused"
 
     page = (out / "gallery.html").read_text()
     images = re.findall(r"src='(gallery/[^']+)'", page)
@@ -151,7 +178,9 @@ def test_slides_to_shards_to_prompts(tmp_path):
     assert rc == 0
     manifest = read_manifest(shards)
     tiles = load_shards(shards)
-    assert manifest["rows"] == len(tiles["image"]) > 16 and manifest["labels"] == {"1": manifest["rows"]}
+    assert manifest["rows"] == len(tiles["image"]) > 16 and manifest["labels"] == {
+        "1": manifest["rows"]
+    }
     assert set(tiles["level"].tolist()) == {1} and (tiles["x"] % 192 == 0).all()
     assert len(set(zip(tiles["x"].tolist(), tiles["y"].tolist(), strict=True))) == manifest["rows"]
 

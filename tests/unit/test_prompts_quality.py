@@ -23,14 +23,18 @@ from meddiff.morphology.quality import (
 def tissue() -> np.ndarray:
     """16 real 96×96 patches from the IHC image, on a grid over its tissue."""
     img = ihc_tissue()
-    return np.stack([img[r : r + 96, c : c + 96] for r in range(0, 384, 96) for c in range(0, 384, 96)])
+    return np.stack(
+        [img[r : r + 96, c : c + 96] for r in range(0, 384, 96) for c in range(0, 384, 96)]
+    )
 
 
 def test_hsv_and_grey_match_pil(tissue):
     from PIL import Image
 
     h, s, v = hsv(tissue[:2])
-    ref = np.stack([np.asarray(Image.fromarray(t).convert("HSV")) for t in tissue[:2]]).astype(float)
+    ref = np.stack([np.asarray(Image.fromarray(t).convert("HSV")) for t in tissue[:2]]).astype(
+        float
+    )
     # PIL rounds to integers; the filter works on the unrounded values.
     assert np.abs(v - ref[..., 2]).max() <= 1
     assert np.abs(s - ref[..., 1]).max() <= 1
@@ -89,7 +93,11 @@ def test_stage_adds_reasons_and_checks_patch_size(tissue):
     batch = {"image": np.concatenate([tissue[:2], glass]), "label": np.zeros(4, np.int64)}
     out = stage(batch)
     assert list(out["reject"][2:]) != ["", ""] and len(out["reject"]) == 4
-    small = {"image": tissue[:2, :64, :64], "source": np.array(["a.h5", "a.h5"]), "index": np.arange(2)}
+    small = {
+        "image": tissue[:2, :64, :64],
+        "source": np.array(["a.h5", "a.h5"]),
+        "index": np.arange(2),
+    }
     with pytest.raises(DataError, match=r"a\.h5.*64, 64, 3.*96x96"):
         stage(small)
     assert "reject" in QualityFilter(QualityConfig(), patch_size=None)(small)

@@ -38,10 +38,13 @@ def test_plan_at_10x_reads_level_1_and_keeps_tissue_tiles(slide):
     assert 0.2 * 80 < n < 0.9 * 80  # tissue in the middle, glass around it
     idx, x, y = plan.tiles.T
     # Provenance: grid index ↔ level-0 origin (the 10x tile spans 192 level-0 pixels).
-    assert np.array_equal(x, (idx % plan.cols) * 192) and np.array_equal(y, (idx // plan.cols) * 192)
+    assert np.array_equal(x, (idx % plan.cols) * 192) and np.array_equal(
+        y, (idx // plan.cols) * 192
+    )
     assert 0 not in idx  # the top-left corner is glass
     # Every kept tile is mostly stained tissue, every dropped one mostly glass.
     with wsi.Slide(slide) as s:
+
         def sat(i):
             r, c = divmod(i, plan.cols)
             px = s.read(c * 192, r * 192, 1, 96, 96).astype(float)

@@ -70,7 +70,9 @@ class EmbedConfig(Section):
     (tests and benchmarks only: embeddings of a random network carry no morphology).
     """
 
-    model: str = Field(default="vit_base_patch8_224", description="timm architecture name.")
+    model: str = Field(
+        default="vit_base_patch8_224.dino", description="timm model name (architecture.tag)."
+    )
     weights: str | None = Field(default="hf-hub:timm/vit_base_patch8_224.dino")
     image_size: int = Field(default=224, ge=16, description="Patches are resized to this (DINO).")
     patch_size: int | None = Field(default=None, ge=2, description="ViT patch; null: arch's.")

@@ -132,7 +132,10 @@ class DinoEmbedder:
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        images = np.ascontiguousarray(images)
+        if not images.flags.writeable:  # Ray's zero-copy batches; torch wants writable memory
+            images = images.copy()
+        x = torch.from_numpy(images).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         size = self.cfg.image_size
         if x.shape[-2:] != (size, size):
@@ -157,8 +160,6 @@ class DinoEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
-        if not images.flags.writeable:  # Ray's zero-copy batches; torch wants writable memory
-            images = images.copy()
         n = len(images)
         out = np.full((n, self.dim), np.nan, dtype=np.float32)
         if "reject" not in batch:

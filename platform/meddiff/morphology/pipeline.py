@@ -150,13 +150,16 @@ def _build_prompts(
             if reused is not None:
                 model = reused
                 fit_info = {"mode": "reused", "model": pcfg.cluster.model}
+                # A copy of the model (with its embedder weights, if it has its own) keeps OUT
+                # self-contained: it can be reused again.
+                shutil.copytree(reused.info["path"], partial / MODEL_DIR, dirs_exist_ok=True)
             else:
                 model, fit_info = fit_model(pcfg, checked, kept)
                 model.info["embedder"] = embed_cfg.model_dump(mode="json")
                 model.info["seed"] = cfg.runtime.seed
-            model.save(partial / MODEL_DIR)
-            if embed_cfg.weights is None:
-                _save_random_weights(embed_cfg, cfg.runtime.seed, partial / MODEL_DIR)
+                model.save(partial / MODEL_DIR)
+                if embed_cfg.weights is None:
+                    _save_random_weights(embed_cfg, cfg.runtime.seed, partial / MODEL_DIR)
         seconds["cluster"] = time.perf_counter() - start
 
         start = time.perf_counter()
