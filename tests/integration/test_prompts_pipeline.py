@@ -184,9 +184,16 @@ def test_slides_to_shards_to_prompts(tmp_path):
     assert set(tiles["level"].tolist()) == {1} and (tiles["x"] % 192 == 0).all()
     assert len(set(zip(tiles["x"].tolist(), tiles["y"].tolist(), strict=True))) == manifest["rows"]
 
-    summary = build_prompts(_cfg("prompts.cluster.k=4"), shards, tmp_path / "prompts")
+    # Streaming mini-batch K-means here (the exact mode is covered above): the same outputs.
+    cfg = _cfg(
+        "prompts.cluster.k=4", "prompts.cluster.mode=streaming", "prompts.cluster.batch_size=32"
+    )
+    summary = build_prompts(cfg, shards, tmp_path / "prompts")
     pairs = load_shards(tmp_path / "prompts" / "pairs")
-    assert summary["k"] == 4 and set(pairs["label"].tolist()) == {1}
+    assert (
+        summary["k"] == 4 and summary["mode"] == "streaming" and summary["silhouette"] is not None
+    )
+    assert set(pairs["label"].tolist()) == {1}
     assert set(pairs["source"].tolist()) == {str(slides / "sample_slide.svs")}
     assert summary["prompts"] == len(set(pairs["cluster"].tolist())) <= 4
 

@@ -111,7 +111,11 @@ class ClusterConfig(Section):
         description="exact: all embeddings in driver memory; streaming: mini-batch K-means over "
         "the dataset; auto: exact when they fit in max_exact_memory_mb.",
     )
-    max_exact_memory_mb: int = Field(default=4096, ge=1)
+    max_exact_memory_mb: int = Field(
+        default=4096,
+        ge=1,
+        description="auto: exact while the float32 embeddings fit in this (exact holds about twice it).",
+    )
     batch_size: int = Field(default=4096, ge=16, description="Streaming mini-batch size.")
     epochs: int = Field(default=3, ge=1, description="Streaming passes over the embeddings.")
     init_size: int = Field(

@@ -196,7 +196,8 @@ def _build_prompts(
         start = time.perf_counter()
         gallery_page = make_gallery(cfg, partial, checked, summary)
         summary["seconds"]["gallery"] = round(time.perf_counter() - start, 2)
-        summary["patches_per_s"] = round(rows_in / max(seconds["embed"], 1e-9), 2)
+        if not resumed:  # a resumed run did not read the input: no rate to report
+            summary["patches_per_s"] = round(rows_in / max(seconds["embed"], 1e-9), 2)
 
         shutil.rmtree(partial / WORK)
         (partial / SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -261,12 +262,13 @@ def check_and_embed(
     from meddiff.morphology.quality import QualityFilter
 
     pcfg = cfg.prompts
-    # A CPU request unlike the embedding actor's keeps Ray Data from fusing the filter into the
-    # actor, where it would run serially with the forward pass; as separate tasks it overlaps.
+    # On CPU, Ray Data fuses this task-based stage into the embedding actor (same resources), so
+    # it runs in the actor's process before each forward pass (~10% of the tiny model's time,
+    # <1% of ViT-B/8's). Giving it other resources to keep it apart deadlocks a 2-CPU machine:
+    # a back-pressured read task and the actor hold both CPUs and the filter never runs.
     ds = ds.map_batches(
         QualityFilter(pcfg.filter, pcfg.patch_size),
         batch_format="numpy",
-        num_cpus=0.5,
         udf_modifying_row_count=False,
     )
     if embed_cfg is not None:
@@ -345,6 +347,7 @@ def iter_column(
     dropped. Only the requested columns are read (no images).
     """
     import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers Ray's tensor column type with pyarrow before reading)
 
     manifest = _read_manifest(shard_dir)
     want = [column, "reject"] if kept_only and column != "reject" else [column]
@@ -359,12 +362,10 @@ def iter_column(
 
 
 def _to_numpy(array: Any) -> np.ndarray:
-    """A pyarrow column as numpy; Ray's tensor columns (fixed-shape ndarrays) become (n, ...)."""
-    if hasattr(array, "to_numpy") and type(array.type).__name__.startswith("ArrowTensorType"):
-        return np.asarray(array.to_numpy())
-    if hasattr(array.type, "storage_type"):  # extension array read without Ray's types
-        import ray.data  # noqa: F401  (registers Ray's tensor extension types)
+    """A pyarrow column as numpy; Ray's tensor columns (embeddings) become (n, ...) arrays."""
+    import pyarrow as pa
 
+    if isinstance(array.type, pa.ExtensionType):
         return np.asarray(array.to_numpy())
     return array.to_numpy(zero_copy_only=False)
 
@@ -382,9 +383,16 @@ def fit_model(
     mode = cluster.choose_mode(ccfg, kept, dim)
     log.info("fitting K-means (k=%d, %s) on %d embeddings of dimension %d", ccfg.k, mode, kept, dim)
     if mode == "exact":
-        x = np.concatenate(list(iter_column(checked, "embedding")))
-        model, labels, inertia = cluster.fit_exact(x, ccfg)
-        z = model.normalise(x)
+        # Filled in place: a list of batches plus their concatenation would hold two copies.
+        x = np.empty((kept, dim), dtype=np.float32)
+        at = 0
+        for batch in iter_column(checked, "embedding"):
+            x[at : at + len(batch)] = batch
+            at += len(batch)
+        model, labels, inertia = cluster.fit_exact(x[:at], ccfg)
+        pick = np.random.default_rng(ccfg.seed).permutation(at)[: ccfg.silhouette_sample]
+        z, labels = model.normalise(x[np.sort(pick)]), labels[np.sort(pick)]
+        del x
     else:
         scale = cluster.MinMax()
         for batch in iter_column(checked, "embedding"):
@@ -634,11 +642,10 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
         "kept": summary["kept"],
         "removed": summary["removed"]["total"],
         "prompts": summary["prompts"],
-        "patches_per_s": summary["patches_per_s"],
         **{f"removed_{k}": v for k, v in summary["removed"]["by_reason"].items()},
         **{f"seconds_{k}": v for k, v in summary["seconds"].items()},
     }
-    for key in ("silhouette", "inertia"):
+    for key in ("silhouette", "inertia", "patches_per_s"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
     mlflow.log_metrics(metrics)
