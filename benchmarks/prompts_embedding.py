@@ -14,15 +14,17 @@ For each model, in one run and one process:
   before and after the 2N pipeline (the machine is shared) and averaged; rates count the patches
   the model ran on (the filter removes a few before the model sees them).
 
+Ratios are given in wall-clock time and in CPU seconds summed over every process (driver, Ray
+workers, actor): the machine is shared, and under load wall-clock ratios drift (a pipeline of
+several processes gets a bigger share of the cores than one process); CPU time per patch does not.
+
 Then the peak memory (PSS summed over the driver and every Ray process) of the tiny pipeline on
 10k and 100k patches, to show it does not grow with the input. Random weights (timing only).
-The machine is shared: absolute rates are noisy, ratios are measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 MODELS = {
-    "tiny": {"preset": "tiny", "overrides": [], "n": 8192},
+    "tiny": {"preset": "tiny", "overrides": [], "n": 4096},
     # ViT-B/8 at 224 px, DINO's architecture, random weights (nothing can be downloaded here).
     "vitb8": {
         "preset": "full",
@@ -44,7 +46,7 @@ MODELS = {
             "prompts.embed.batch_size=8",
             "prompts.embed.threads=2",
         ],
-        "n": 16,
+        "n": 8,
     },
 }
 
@@ -74,9 +76,15 @@ def make_input(root: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
-class PeakMemory:
-    """Peak of the summed PSS of this process and all its descendants (Ray's raylet, workers,
-    object store), sampled every ``interval`` seconds in a thread."""
+class TreeMonitor:
+    """Peak summed PSS and total CPU seconds of this process and all its descendants (Ray's
+    raylet, workers, object store), sampled every ``interval`` seconds in a thread.
+
+    CPU seconds make a comparison that survives a shared machine: under load, a pipeline of
+    several processes gets a larger share of the cores than one process, so wall-clock ratios
+    drift; CPU time per patch does not. Each process's CPU time is counted up to its last sample
+    (a worker that exits between samples loses at most ``interval`` seconds).
+    """
 
     def __init__(self, interval: float = 0.25):
         import psutil
@@ -84,53 +92,78 @@ class PeakMemory:
         self.proc = psutil.Process()
         self.interval = interval
         self.peak = 0
+        self._cpu: dict[int, float] = {}
+        self._start_cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self, memory: bool = True) -> int:
         import psutil
 
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += p.memory_full_info().pss
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
+                    if memory:
+                        total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
         return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self.peak = max(self.peak, self._sample(self.memory))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakMemory:
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._start_cpu.get(pid, 0.0) for pid, v in self._cpu.items())
+
+    def __call__(self, memory: bool = True) -> TreeMonitor:
+        self.memory = memory
+        return self
+
+    def __enter__(self) -> TreeMonitor:
         self.baseline = self._sample()
+        self._start_cpu = dict(self._cpu)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample(memory=False)
 
 
-def time_pipeline(cfg, src: Path, work: Path) -> tuple[float, int]:
-    """Seconds for pass 1 over ``src``, and how many patches the model embedded (the quality
-    filter removes a few before the model sees them)."""
+def time_pipeline(cfg, src: Path, work: Path, memory: bool = False) -> dict:
+    """Pass 1 over ``src``: wall seconds, CPU seconds of every process, peak memory, and how
+    many patches the model embedded (the quality filter removes a few before the model)."""
     from meddiff.data.datasets import patch_dataset
     from meddiff.morphology.pipeline import check_and_embed, reject_counts
 
     out = work / "checked"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    ds = patch_dataset(src, cfg.data, "train")
-    check_and_embed(cfg, ds, out, cfg.prompts.embed)
-    elapsed = time.perf_counter() - start
+    with TreeMonitor()(memory=memory) as mon:
+        start = time.perf_counter()
+        ds = patch_dataset(src, cfg.data, "train")
+        check_and_embed(cfg, ds, out, cfg.prompts.embed)
+        wall = time.perf_counter() - start
     embedded = reject_counts(out).get("", 0)
     shutil.rmtree(out, ignore_errors=True)
-    return elapsed, embedded
+    return {
+        "wall": wall,
+        "cpu": mon.cpu_seconds,
+        "peak": mon.peak,
+        "idle": mon.baseline,
+        "embedded": embedded,
+    }
 
 
-def time_forward(cfg, src: Path, n: int) -> float:
-    """Seconds for the forward pass alone over ``n`` pre-loaded, preprocessed patches (the
-    first ``n`` of ``src``: the same kind of content the pipeline embedded)."""
+def time_forward(cfg, src: Path, n: int) -> dict:
+    """The forward pass alone over ``n`` pre-loaded, preprocessed patches (the first ``n`` of
+    ``src``): wall and CPU seconds."""
     import torch
 
     from meddiff.data.pcam import open_pcam, read_rows
@@ -142,16 +175,18 @@ def time_forward(cfg, src: Path, n: int) -> float:
     with torch.inference_mode():
         batches = [stage.preprocess(images[i : i + bs]) for i in range(0, n, bs)]
         stage.forward(batches[0][:2])  # warm-up (allocator, kernels) outside the timing
-        start = time.perf_counter()
-        for x in batches:
-            stage.forward(x)
-        return time.perf_counter() - start
+        with TreeMonitor()(memory=False) as mon:
+            start = time.perf_counter()
+            for x in batches:
+                stage.forward(x)
+            wall = time.perf_counter() - start
+    return {"wall": wall, "cpu": mon.cpu_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,vitb8", help="comma list of: tiny, vitb8")
-    parser.add_argument("--n", type=int, help="patches N (default: 8192 tiny, 16 vitb8)")
+    parser.add_argument("--n", type=int, help="patches N (default: 4096 tiny, 8 vitb8)")
     parser.add_argument("--memory", default="10000,100000", help="sizes for peak memory; '' skips")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -176,27 +211,32 @@ def main(argv: list[str] | None = None) -> int:
             )
             n = args.n or spec["n"]
             src1, src2 = make_input(work, n), make_input(work, 2 * n)
-            # Forward alone before and after the pipelines: the machine is shared, so the two
-            # bracket the load the pipelines ran under; their mean is the reference.
-            t1, e1 = time_pipeline(cfg, src1, work)
-            fwd_before = time_forward(cfg, src2, 2 * n)
-            t2, e2 = time_pipeline(cfg, src2, work)
-            fwd_after = time_forward(cfg, src2, 2 * n)
-            fwd = (fwd_before + fwd_after) / 2 * e2 / (2 * n)
+            # Forward alone before and after the 2N pipeline: the machine is shared, so the two
+            # bracket the load the pipeline ran under; their mean is the reference.
+            p1 = time_pipeline(cfg, src1, work)
+            f1 = time_forward(cfg, src2, 2 * n)
+            p2 = time_pipeline(cfg, src2, work)
+            f2 = time_forward(cfg, src2, 2 * n)
+            e1, e2 = p1["embedded"], p2["embedded"]
             # Rates count the patches the model ran on, in the pipeline and alone alike.
-            pipe_e2e = e2 / t2
-            pipe_marginal = (e2 - e1) / max(t2 - t1, 1e-9)
-            forward = e2 / fwd
+            fwd_wall = (f1["wall"] + f2["wall"]) / 2 / (2 * n)  # seconds per patch
+            fwd_cpu = (f1["cpu"] + f2["cpu"]) / 2 / (2 * n)
+            marginal_wall = (p2["wall"] - p1["wall"]) / max(e2 - e1, 1)
+            marginal_cpu = (p2["cpu"] - p1["cpu"]) / max(e2 - e1, 1)
             results[name] = {
                 "n": [n, 2 * n],
                 "embedded": [e1, e2],
-                "pipeline_seconds": [round(t1, 2), round(t2, 2)],
-                "forward_alone_seconds_before_after": [round(fwd_before, 2), round(fwd_after, 2)],
-                "pipeline_end_to_end_patches_per_s": round(pipe_e2e, 2),
-                "pipeline_marginal_patches_per_s": round(pipe_marginal, 2),
-                "forward_alone_patches_per_s": round(forward, 2),
-                "ratio_end_to_end": round(pipe_e2e / forward, 3),
-                "ratio_marginal": round(pipe_marginal / forward, 3),
+                "pipeline_wall_s": [round(p1["wall"], 2), round(p2["wall"], 2)],
+                "pipeline_cpu_s": [round(p1["cpu"], 1), round(p2["cpu"], 1)],
+                "forward_wall_s_before_after": [round(f1["wall"], 2), round(f2["wall"], 2)],
+                "forward_cpu_s_before_after": [round(f1["cpu"], 1), round(f2["cpu"], 1)],
+                "pipeline_end_to_end_patches_per_s": round(e2 / p2["wall"], 2),
+                "pipeline_marginal_patches_per_s": round(1 / marginal_wall, 2),
+                "forward_alone_patches_per_s": round(1 / fwd_wall, 2),
+                "ratio_wall_end_to_end": round(fwd_wall * e2 / p2["wall"], 3),
+                "ratio_wall_marginal": round(fwd_wall / marginal_wall, 3),
+                "ratio_cpu_end_to_end": round(fwd_cpu * e2 / p2["cpu"], 3),
+                "ratio_cpu_marginal": round(fwd_cpu / marginal_cpu, 3),
             }
             print(f"\n[{name}] {json.dumps(results[name])}")
         sizes = [int(s) for s in args.memory.split(",") if s]
@@ -205,13 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             mem = {}
             for n in sizes:
                 src = make_input(work, n)
-                with PeakMemory() as pm:
-                    t, _ = time_pipeline(cfg, src, work)
+                run = time_pipeline(cfg, src, work, memory=True)
                 mem[n] = {
-                    "seconds": round(t, 1),
-                    "patches_per_s": round(n / t, 1),
-                    "peak_pss_mib": round(pm.peak / 2**20),
-                    "idle_pss_mib": round(pm.baseline / 2**20),
+                    "seconds": round(run["wall"], 1),
+                    "patches_per_s": round(n / run["wall"], 1),
+                    "peak_pss_mib": round(run["peak"] / 2**20),
+                    "idle_pss_mib": round(run["idle"] / 2**20),
                     "input_mib": round(n * 96 * 96 * 3 / 2**20),
                 }
                 print(f"\n[memory tiny {n}] {json.dumps(mem[n])}")

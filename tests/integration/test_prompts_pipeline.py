@@ -113,8 +113,9 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     runs = mlflow.search_runs(
         experiment_names=["meddiff"], filter_string="tags.`meddiff.job` = 'prompts'"
     )
-    done = runs[runs["status"] == "FINISHED"]
-    assert len(done) >= 1 and done.iloc[0]["metrics.kept"] == summary["kept"]
+    done = runs[runs["status"] == "FINISHED"]  # the build and the assign run
+    assert (done["metrics.kept"] == summary["kept"]).any()
+    assert (runs["status"] == "FAILED").any()  # the k=500 attempt is recorded as failed
     assert summary["registered_model"].startswith("models:/meddiff-morphology/")
 
 
