@@ -2,8 +2,8 @@
 
 Paper A removed outliers with thresholds on HSV statistics, the variance of the Laplacian and the
 number of contours (values in :class:`meddiff.config.prompts.QualityConfig`). The features are
-computed here with numpy/scipy for a whole batch: H, S, V on PIL's 0-255 scale, the grey image as
-PIL's "L" conversion, the Laplacian with the 4-neighbour kernel and mirrored borders, and
+computed here for a whole batch: H, S, V and the grey image by PIL's "HSV" and "L" conversions
+(0-255 scales, as the paper), the Laplacian with the 4-neighbour kernel and mirrored borders, and
 contours as OpenCV's ``findContours(RETR_TREE)`` counts them on the thresholded grey image: one per
 8-connected foreground component plus one per enclosed 4-connected hole.
 
@@ -25,26 +25,24 @@ REASONS = ("dark", "grey", "flat", "blurry", "few_contours", "off_colour")
 
 
 def hsv(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """H, S, V float32 (n, H, W) on PIL's 0-255 scale from uint8 RGB (n, H, W, 3)."""
-    rgb = images.astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    vmax = rgb.max(axis=-1)
-    chroma = vmax - rgb.min(axis=-1)
-    sat = chroma * 255.0 / np.maximum(vmax, 1.0)
-    # Hue sector by the largest channel: red (g-b), green 2+(b-r), blue 4+(r-g), in sixths.
-    is_r, is_g = r == vmax, g == vmax
-    num = np.where(is_r, g - b, np.where(is_g, b - r, r - g))
-    base = np.where(is_r, 0.0, np.where(is_g, 2.0, 4.0)).astype(np.float32)
-    hue = (base + num / np.maximum(chroma, 1e-6)) / 6.0
-    hue = np.where(chroma > 0, (hue % 1.0) * 255.0, 0.0).astype(np.float32)
-    return hue, sat, vmax
+    """H, S, V uint8 (n, H, W) of uint8 RGB (n, H, W, 3): PIL's "HSV" conversion (0-255 scales),
+    the one the paper's thresholds were set on; PIL's C loop is also faster than numpy here."""
+    from PIL import Image
+
+    out = np.empty(images.shape, dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(img)).convert("HSV"))
+    return out[..., 0], out[..., 1], out[..., 2]
 
 
 def grey(images: np.ndarray) -> np.ndarray:
-    """PIL's "L" conversion, uint8 (n, H, W): L = (299 R + 587 G + 114 B) / 1000."""
-    rgb = images.astype(np.uint32)
-    lum = rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114
-    return ((lum + 500) // 1000).astype(np.uint8)
+    """PIL's "L" conversion, uint8 (n, H, W): L = (299 R + 587 G + 114 B) / 1000, rounded."""
+    from PIL import Image
+
+    out = np.empty(images.shape[:3], dtype=np.uint8)
+    for i, img in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(img)).convert("L"))
+    return out
 
 
 def laplacian_variance(gray: np.ndarray) -> np.ndarray:
@@ -92,19 +90,20 @@ def quality_features(
     """Per-patch statistics of uint8 RGB (n, H, W, 3), each float64 or int64 (n,), plus the
     per-pixel ``hue`` and ``sat`` the off-colour test uses.
 
-    Colour statistics (HSV means, stds, hue band) use every ``colour_stride``-th pixel per axis:
-    the same values to a fraction of a grey level at a quarter of the cost, which keeps the filter
-    far below the embedding's cost. Texture (Laplacian, contours) uses every pixel.
+    Colour statistics (HSV means, stds, hue band) use every ``colour_stride``²-th pixel: the same
+    values to a fraction of a grey level at a fraction of the cost, which keeps the filter far
+    below the embedding's cost (it runs in the embedding actor). Texture (Laplacian, contours)
+    uses every pixel.
     """
-    h, s, v = hsv(images[:, ::colour_stride, ::colour_stride])
+    h, s, v = (c.reshape(len(images), -1).astype(np.float32) for c in hsv(images))
+    h, s, v = h[:, :: colour_stride**2], s[:, :: colour_stride**2], v[:, :: colour_stride**2]
     g = grey(images)
-    flat = (len(images), -1)
     return {
-        "mean_v": v.reshape(flat).mean(axis=1, dtype=np.float64),
-        "mean_s": s.reshape(flat).mean(axis=1, dtype=np.float64),
-        "std_v": v.reshape(flat).std(axis=1, dtype=np.float64),
-        "std_s": s.reshape(flat).std(axis=1, dtype=np.float64),
-        "std_h": h.reshape(flat).std(axis=1, dtype=np.float64),
+        "mean_v": v.mean(axis=1, dtype=np.float64),
+        "mean_s": s.mean(axis=1, dtype=np.float64),
+        "std_v": v.std(axis=1, dtype=np.float64),
+        "std_s": s.std(axis=1, dtype=np.float64),
+        "std_h": h.std(axis=1, dtype=np.float64),
         "laplacian_var": laplacian_variance(g),
         "contours": count_contours(g, contour_threshold),
         "hue": h,
@@ -127,7 +126,7 @@ def reject_reasons(images: np.ndarray, cfg: QualityConfig) -> np.ndarray:
     deg = f.pop("hue") * (360.0 / 255.0)
     lo, hi = cfg.off_colour_hue
     in_band = (deg >= lo) & (deg <= hi) & (f.pop("sat") >= cfg.off_colour_min_saturation)
-    off = in_band.reshape(n, -1).mean(axis=1)
+    off = in_band.mean(axis=1)
     tests = [
         ("dark", below(f["mean_v"], cfg.min_mean_value)),
         ("grey", below(f["mean_s"], cfg.min_mean_saturation)),
