@@ -19,6 +19,7 @@ from meddiff.errors import MeddiffError
 GROUPS = (
     "meddiff.demo",
     "meddiff.data.cli",
+    "meddiff.morphology.cli",
     "meddiff.config.cli",
 )
 

@@ -37,12 +37,16 @@ class Demo:
 
 def _sample_data(demo: Demo) -> dict[str, Any]:
     from meddiff.data import pcam
-    from meddiff.data.samples import sample_pcam
+    from meddiff.data.samples import sample_pcam, sample_wsi
 
     root = demo.path("data", "pcam")
     if pcam.available_splits(root) != list(pcam.SPLITS):
         sample_pcam(root, seed=demo.cfg.runtime.seed, patch_size=demo.cfg.data.pcam.patch_size)
-    return {"pcam": str(root)}
+    slides = demo.path("data", "slides")
+    slide = slides / "sample_slide.svs"
+    if not slide.is_file():  # written to a temporary name and renamed: present means complete
+        sample_wsi(slides, seed=demo.cfg.runtime.seed, name=slide.name)
+    return {"pcam": str(root), "slides": str(slides)}
 
 
 def _ingest(demo: Demo) -> dict[str, Any]:
@@ -57,10 +61,43 @@ def _ingest(demo: Demo) -> dict[str, Any]:
     return {"shards": str(out), "rows": manifest["rows"], "labels": manifest["labels"]}
 
 
+def _ingest_wsi(demo: Demo) -> dict[str, Any]:
+    from meddiff.data import shards
+    from meddiff.data.ingest import ingest
+
+    out = demo.path("shards", "wsi-tiles")
+    if shards.is_shard_dir(out):
+        manifest = shards.read_manifest(out)
+    else:
+        manifest = ingest(demo.cfg, demo.path("data", "slides"), out, overwrite=True)
+    return {"shards": str(out), "tiles": manifest["rows"]}
+
+
+def _prompts(demo: Demo) -> dict[str, Any]:
+    from meddiff.morphology.pipeline import SUMMARY, build_prompts
+
+    out = demo.path("prompts", "morphology")
+    if (out / SUMMARY).is_file():  # `out` appears only when complete (renamed at the end)
+        summary = json.loads((out / SUMMARY).read_text())
+    else:
+        summary = build_prompts(demo.cfg, demo.path("shards", "pcam-train"), out, overwrite=True)
+    return {
+        "out": str(out),
+        "kept": summary["kept"],
+        "removed": summary["removed"]["total"],
+        "k": summary.get("k"),
+        "prompts": summary["prompts"],
+        "silhouette": summary.get("silhouette"),
+        "gallery": str(out / "gallery.html"),
+    }
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
     ("ingest", _ingest),
+    ("ingest-wsi", _ingest_wsi),
+    ("prompts", _prompts),
 ]
 
 
