@@ -37,12 +37,16 @@ class Demo:
 
 def _sample_data(demo: Demo) -> dict[str, Any]:
     from meddiff.data import pcam
-    from meddiff.data.samples import sample_pcam
+    from meddiff.data.samples import sample_pcam, sample_wsi
 
     root = demo.path("data", "pcam")
     if pcam.available_splits(root) != list(pcam.SPLITS):
         sample_pcam(root, seed=demo.cfg.runtime.seed, patch_size=demo.cfg.data.pcam.patch_size)
-    return {"pcam": str(root)}
+    slides = demo.path("data", "slides")
+    slide = slides / "sample_slide.svs"
+    if not slide.is_file():  # written to a temporary name and renamed: present means complete
+        sample_wsi(slides, seed=demo.cfg.runtime.seed, name=slide.name)
+    return {"pcam": str(root), "slides": str(slides)}
 
 
 def _ingest(demo: Demo) -> dict[str, Any]:
@@ -57,21 +61,48 @@ def _ingest(demo: Demo) -> dict[str, Any]:
     return {"shards": str(out), "rows": manifest["rows"], "labels": manifest["labels"]}
 
 
+def _ingest_wsi(demo: Demo) -> dict[str, Any]:
+    from meddiff.data import shards
+    from meddiff.data.ingest import ingest
+
+    out = demo.path("shards", "wsi-tiles")
+    if shards.is_shard_dir(out):
+        manifest = shards.read_manifest(out)
+    else:
+        manifest = ingest(demo.cfg, demo.path("data", "slides"), out, overwrite=True)
+    return {"shards": str(out), "tiles": manifest["rows"]}
+
+
+def _prompts(demo: Demo) -> dict[str, Any]:
+    from meddiff.morphology.pipeline import SUMMARY, build_prompts
+
+    out = demo.path("prompts", "morphology")
+    if (out / SUMMARY).is_file():  # `out` appears only when complete (renamed at the end)
+        summary = json.loads((out / SUMMARY).read_text())
+    else:
+        summary = build_prompts(demo.cfg, demo.path("shards", "pcam-train"), out, overwrite=True)
+    return {
+        "out": str(out),
+        "kept": summary["kept"],
+        "removed": summary["removed"]["total"],
+        "k": summary.get("k"),
+        "prompts": summary["prompts"],
+        "silhouette": summary.get("silhouette"),
+        "gallery": str(out / "gallery.html"),
+    }
+
+
 def _synthesis(demo: Demo) -> dict[str, Any]:
-    """Fine-tune the tiny Stable Diffusion briefly on the pairs, register it, generate from the
-    registry. Pairs come from the prompts step when it ran (``pairs`` and ``prompts`` in its
-    summary), else label-only pairs are made from the ingested shards (the paper's baseline)."""
+    """Fine-tune the tiny Stable Diffusion briefly on the prompts step's (image, prompt) pairs,
+    register it, and generate a few patches per prompt from the registry."""
+    from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV
     from meddiff.synthesis.generate import generate
-    from meddiff.synthesis.pairs import baseline_pairs
     from meddiff.synthesis.train import train_synthesis
 
     root = demo.path("synthesis")
-    made = demo.results.get("prompts", {})
-    if "pairs" in made and "prompts" in made:
-        pairs, table = Path(made["pairs"]), Path(made["prompts"])
-    else:
-        pairs, table = baseline_pairs(demo.cfg, demo.results["ingest"]["shards"], root / "baseline")
-    done = root / "train" / "summary.json"
+    prompts = Path(demo.results["prompts"]["out"])
+    pairs, table = prompts / PAIRS, prompts / PROMPTS_CSV
+    done = root / "train" / "summary.json"  # written last: present means training finished
     train = (
         json.loads(done.read_text())
         if done.is_file()
@@ -85,7 +116,6 @@ def _synthesis(demo: Demo) -> dict[str, Any]:
         else generate(demo.cfg, model, table, root / "synthetic")
     )
     return {
-        "pairs": str(pairs),
         "model": train["model"],
         "model_uri": train["model_uri"],
         "train_steps": train["steps"],
@@ -100,6 +130,8 @@ def _synthesis(demo: Demo) -> dict[str, Any]:
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
     ("ingest", _ingest),
+    ("ingest-wsi", _ingest_wsi),
+    ("prompts", _prompts),
     ("synthesis", _synthesis),
 ]
 

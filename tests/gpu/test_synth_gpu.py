@@ -19,12 +19,17 @@ from meddiff.synthesis.train import train_synthesis
 def _pairs(cfg, sample_pcam_dir, root):
     from meddiff.data.datasets import patch_dataset
     from meddiff.data.shards import write_shards
-    from meddiff.synthesis.pairs import add_label_prompts
+
+    def label_prompts(batch):  # shipped by value: Ray workers cannot import test modules
+        words = ("healthy", "cancer")
+        batch["prompt"] = np.array(
+            [f"Histology image of {words[lab]} tissue" for lab in batch["label"]], dtype=object
+        )
+        batch["cluster"] = np.full(len(batch["label"]), -1)
+        return batch
 
     ds = patch_dataset(sample_pcam_dir, cfg.data, limit=64).map_batches(
-        add_label_prompts,
-        fn_kwargs={"generate": cfg.synthesis.generate.model_dump(mode="json")},
-        batch_format="numpy",
+        label_prompts, batch_format="numpy"
     )
     write_shards(ds, root / "pairs", rows_per_file=64)
     table = write_prompt_table(

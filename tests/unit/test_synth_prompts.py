@@ -116,18 +116,3 @@ def test_cli_reports_a_bad_table_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "has no rows" in err[0]
-
-
-def test_label_prompts_for_baseline_pairs(gen):
-    from meddiff.synthesis.pairs import add_label_prompts
-
-    batch = {"label": np.array([1, 0, 1]), "image": np.zeros((3, 4, 4, 3), np.uint8)}
-    out = add_label_prompts(batch, gen.model_dump())
-    assert out["prompt"].tolist() == [
-        "Histology image of cancer tissue",
-        "Histology image of healthy tissue",
-        "Histology image of cancer tissue",
-    ]
-    assert out["cluster"].tolist() == [-1, -1, -1]
-    with pytest.raises(DataError, match="labels 0/1"):
-        add_label_prompts({"label": np.array([-1])}, gen.model_dump())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from meddiff.config.base import Section
@@ -27,11 +29,53 @@ class ShardConfig(Section):
 
 
 class WsiConfig(Section):
-    """Cutting tiles from whole-slide images."""
+    """Cutting tiles from whole-slide images (pyramidal TIFF: SVS, generic tiled TIFF, ...).
+
+    A slide's magnification comes from its objective power, else from its pixel size
+    (10 µm / mpp: 0.25 mpp is 40x), else from ``base_magnification``. Tiles are cut on a grid at
+    ``magnification`` from the nearest pyramid level at or above it (resized when no level matches)
+    and kept when at least ``min_tissue_fraction`` of their area is tissue on a low-resolution mask.
+    """
 
     tile_size: int = Field(default=96, ge=8, description="Tile edge in pixels at the target mag.")
     magnification: float = Field(
         default=10.0, gt=0, description="Target objective magnification (PCam is about 10x)."
+    )
+    base_magnification: float | None = Field(
+        default=None,
+        gt=0,
+        description="Level-0 magnification for slides without objective power or mpp metadata.",
+    )
+    magnification_tolerance: float = Field(
+        default=0.05, ge=0, lt=1, description="Relative slack when matching a pyramid level."
+    )
+    min_tissue_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Keep a tile when this fraction of it is tissue."
+    )
+    tissue_saturation: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="HSV saturation (0-1) above which a mask pixel is tissue; null: Otsu's "
+        "threshold on the slide, clipped to [0.03, 0.1].",
+    )
+    mask_pixels_per_tile: int = Field(
+        default=8, ge=1, description="Tissue-mask resolution: mask pixels across one tile."
+    )
+    tiles_per_task: int = Field(
+        default=1024, ge=1, description="Tiles per Ray read task (bounds memory per task)."
+    )
+    extensions: list[str] = Field(
+        default=[".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs"],
+        description="Files in a slide directory that are read as slides.",
+    )
+    backend: Literal["auto", "tiffslide", "openslide"] = Field(
+        default="auto", description="auto: tiffslide for TIFF-based slides, else OpenSlide."
+    )
+    labels_csv: str | None = Field(
+        default=None,
+        description="CSV with columns slide,label (slide file name) giving every tile of a slide "
+        "its label; slides not listed get -1. Default: labels.csv beside the slides, if present.",
     )
 
 

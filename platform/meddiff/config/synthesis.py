@@ -216,13 +216,9 @@ class GenerateConfig(Section):
     total_images: int | None = Field(default=None, ge=1)
     label_only: bool = Field(
         default=False,
-        description="Baseline: replace the table by one label-only prompt per label it holds.",
+        description="Baseline: replace the table by one label-only prompt per label it holds "
+        "(prompts.baseline_template and prompts.label_words).",
     )
-    label_prompt: str = Field(
-        default="Histology image of {label} tissue",
-        description="Template of the label-only prompt ({label} is filled from label_names).",
-    )
-    label_names: list[str] = Field(default=["healthy", "cancer"], min_length=2, max_length=2)
     scheduler: Literal["ddim", "dpm-solver", "pndm", "euler"] = "dpm-solver"
     steps: int = Field(default=50, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0)
@@ -241,8 +237,6 @@ class GenerateConfig(Section):
     def _check(self) -> GenerateConfig:
         if self.plan == "proportional" and self.total_images is None:
             raise ValueError("plan=proportional needs total_images")
-        if "{label}" not in self.label_prompt:
-            raise ValueError(f"label_prompt {self.label_prompt!r} must contain '{{label}}'")
         return self
 
 
@@ -295,10 +289,10 @@ TINY: dict = {
         "registered_name": "meddiff-sd-tiny",
     },
     "generate": {
-        "images_per_prompt": 8,
+        "images_per_prompt": 4,
         "steps": 10,
-        "batch_size": 16,
+        "batch_size": 32,
         "use_gpu": False,
-        "grid_images": 8,
+        "grid_images": 4,
     },
 }

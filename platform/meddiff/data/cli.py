@@ -24,10 +24,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     pcam.add_argument("--seed", type=int, default=0)
     pcam.set_defaults(handler=_sample_pcam)
 
-    ingest = cmds.add_parser(
-        "ingest", help="stream a PCam directory or shard directory into Parquet shards (Ray Data)"
+    slide = cmds.add_parser(
+        "sample-wsi",
+        help="write a pyramidal whole-slide TIFF (SVS layout) of real IHC tissue on glass",
     )
-    ingest.add_argument("--input", required=True, type=Path, help="PCam directory or shards")
+    slide.add_argument("out", type=Path, help="output directory")
+    slide.add_argument("--width", type=int, default=4096, help="level-0 width in pixels")
+    slide.add_argument("--height", type=int, default=3072, help="level-0 height in pixels")
+    slide.add_argument(
+        "--magnification", type=float, default=20.0, help="level-0 objective (mpp = 10/mag)"
+    )
+    slide.add_argument("--seed", type=int, default=0)
+    slide.add_argument("--name", default="sample_slide.svs", help="file name of the slide")
+    slide.set_defaults(handler=_sample_wsi)
+
+    ingest = cmds.add_parser(
+        "ingest",
+        help="stream a PCam directory, shard directory, slide or slide directory into Parquet "
+        "shards (Ray Data; slides are tiled at data.wsi.magnification)",
+    )
+    ingest.add_argument(
+        "--input", required=True, type=Path, help="PCam dir, shards, slide or slide dir"
+    )
     ingest.add_argument("--out", required=True, type=Path, help="shard directory to create")
     ingest.add_argument("--split", default="train", help="PCam split to read (train/valid/test)")
     ingest.add_argument("--limit", type=int, help="read at most this many patches")
@@ -50,6 +68,25 @@ def _sample_pcam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_wsi(args: argparse.Namespace) -> int:
+    from meddiff.data.samples import sample_wsi
+    from meddiff.data.wsi import Slide
+
+    path = sample_wsi(
+        args.out,
+        width=args.width,
+        height=args.height,
+        magnification=args.magnification,
+        seed=args.seed,
+        name=args.name,
+    )
+    with Slide(path) as slide:
+        levels = [list(d) for d in slide.level_dimensions]
+        power, mpp = slide.property("objective-power"), slide.property("mpp-x")
+    print(json.dumps({"slide": str(path), "levels": levels, "objective_power": power, "mpp": mpp}))
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from meddiff.cli import config_from_args
     from meddiff.data.ingest import ingest
@@ -69,17 +106,23 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from meddiff.data import pcam, shards
+    from meddiff.config.data import WsiConfig
+    from meddiff.data import pcam, shards, wsi
     from meddiff.errors import DataError
 
     if shards.is_shard_dir(args.path):
         summary = shards.read_manifest(args.path)
+    elif wsi.is_slide_input(args.path, WsiConfig()):
+        summary = {
+            str(p): wsi.plan_slide(p, WsiConfig()).summary()
+            for p in wsi.slide_files(args.path, WsiConfig())
+        }
     elif args.path.is_dir() and pcam.available_splits(args.path):
         summary = {}
         for split in pcam.available_splits(args.path):
             opened = pcam.open_pcam(args.path, split, patch_size=None)
             summary[split] = {"rows": opened.num_rows, "patch_size": opened.patch_size}
     else:
-        raise DataError(f"{args.path}: not a PCam directory nor a meddiff shard directory")
+        raise DataError(f"{args.path}: not a PCam directory, a meddiff shard directory nor a slide")
     print(json.dumps(summary, indent=2))
     return 0

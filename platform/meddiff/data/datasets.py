@@ -1,9 +1,11 @@
 """Ray Data datasets for every patch source, streamed so memory stays bounded.
 
-``patch_dataset(path)`` turns a PCam-format directory or a shard directory into a dataset of
-in-memory patch batches (columns in :mod:`meddiff.data.shards`). Reads happen inside Ray tasks
-in blocks of ``data.pcam.rows_per_block`` rows, so a 100-GB file costs no more memory than a
-small one. On a cluster the path must be visible to every node (shared filesystem).
+``patch_dataset(path)`` turns a PCam-format directory, a shard directory, a whole-slide image or a
+directory of slides into a dataset of in-memory patch batches (columns in
+:mod:`meddiff.data.shards`). Reads happen inside Ray tasks in blocks of ``data.pcam.rows_per_block``
+rows (for slides: one task per region of ``data.wsi.tiles_per_task`` tiles), so a 100-GB file costs
+no more memory than a small one. On a cluster the path must be visible to every node (shared
+filesystem).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 
 from meddiff.config import DataConfig
-from meddiff.data import pcam, shards
+from meddiff.data import pcam, shards, wsi
 from meddiff.errors import DataError
 
 
 def patch_dataset(
     path: str | Path, cfg: DataConfig, split: str = "train", limit: int | None = None
 ) -> ray.data.Dataset:
-    """A dataset of patch batches from a PCam directory (its ``split``) or a shard directory."""
+    """A dataset of patch batches from a PCam directory (its ``split``), a shard directory, a
+    whole-slide image or a directory of slides (``split`` does not apply to the last three)."""
     path = Path(path)
     if shards.is_shard_dir(path):
         ds = shards.read_shards(path)
@@ -33,9 +36,11 @@ def patch_dataset(
         return pcam_dataset(path, split, cfg, limit=limit)
     if not path.exists():
         raise DataError(f"input {path} does not exist")
+    if wsi.is_slide_input(path, cfg.wsi):
+        return slide_dataset(path, cfg, limit=limit)
     raise DataError(
-        f"{path}: not a PCam directory (camelyonpatch_level_2_split_*_x.h5) "
-        "nor a meddiff shard directory"
+        f"{path}: not a PCam directory (camelyonpatch_level_2_split_*_x.h5), a meddiff shard "
+        f"directory, a whole-slide image nor a directory of slides ({', '.join(cfg.wsi.extensions)})"
     )
 
 
@@ -93,3 +98,62 @@ class PCamDatasource(Datasource):
 def _bind(split: pcam.PCamSplit, lo: int, hi: int, rows: int):
     # A closure per task (not a lambda in the loop, which would capture the last range only).
     return lambda: _pcam_block(split, lo, hi, rows)
+
+
+def slide_dataset(path: str | Path, cfg: DataConfig, limit: int | None = None) -> ray.data.Dataset:
+    """Tiles of one slide or of every slide in a directory, read in Ray tasks.
+
+    Slides are planned on the driver first (metadata, tissue mask on a low-resolution level), so a
+    bad slide fails the job at once with its name, before any tile is read.
+    """
+    slides = wsi.slide_files(path, cfg.wsi)
+    labels = wsi.slide_labels(path, slides, cfg.wsi)
+    plans = [wsi.plan_slide(p, cfg.wsi, labels.get(p.name, -1)) for p in slides]
+    source = SlideDatasource(plans, cfg.wsi.tiles_per_task, cfg.pcam.rows_per_block)
+    ds = ray.data.read_datasource(source)
+    return ds.limit(limit) if limit else ds
+
+
+class SlideDatasource(Datasource):
+    """One read task per region of at most ``tiles_per_task`` tiles of one slide."""
+
+    def __init__(self, plans: list[wsi.SlidePlan], tiles_per_task: int, rows_per_block: int):
+        super().__init__()
+        self.plans = plans
+        self.tiles_per_task = tiles_per_task
+        self.rows_per_block = min(rows_per_block, tiles_per_task)
+
+    def get_name(self) -> str:
+        return "ReadSlides"
+
+    def _row_bytes(self, plan: wsi.SlidePlan) -> int:
+        return plan.tile_size * plan.tile_size * 3 + 5 * 8 + len(plan.path)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(len(p.tiles) * self._row_bytes(p) for p in self.plans)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        # Regions are fixed by tiles_per_task, not by `parallelism`: a region bounds the memory
+        # of one task whatever the cluster size, and many slides give many tasks anyway.
+        tasks = []
+        for plan in self.plans:
+            for lo in range(0, len(plan.tiles), self.tiles_per_task):
+                hi = min(lo + self.tiles_per_task, len(plan.tiles))
+                meta = BlockMetadata(
+                    num_rows=hi - lo,
+                    size_bytes=(hi - lo) * self._row_bytes(plan),
+                    exec_stats=None,
+                    input_files=(plan.path,),
+                )
+                read = _bind_slide(plan, lo, hi, self.rows_per_block)
+                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _slide_blocks(plan: wsi.SlidePlan, lo: int, hi: int, rows: int):
+    for block in wsi.read_tiles(plan, lo, hi, rows):
+        yield BlockAccessor.batch_to_block(block)
+
+
+def _bind_slide(plan: wsi.SlidePlan, lo: int, hi: int, rows: int):
+    return lambda: _slide_blocks(plan, lo, hi, rows)

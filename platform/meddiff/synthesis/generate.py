@@ -75,7 +75,7 @@ def generate(
     g = cfg.synthesis.generate
     out = Path(out).resolve()
     rows = read_prompt_table(prompts)  # bad input fails before anything starts
-    plan = generation_plan(rows, g)
+    plan = generation_plan(rows, g, cfg.prompts)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(cfg, model, out)
     runtime.connect(cfg.runtime)

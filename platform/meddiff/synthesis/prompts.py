@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meddiff.config.prompts import PromptsConfig
 from meddiff.config.synthesis import GenerateConfig
 from meddiff.errors import DataError
 
@@ -88,20 +89,23 @@ def write_prompt_table(path: str | Path, rows: list[PromptRow]) -> Path:
     return path
 
 
-def label_prompt(label: int, cfg: GenerateConfig) -> str:
-    """The baseline prompt of a label, e.g. 'Histology image of cancer tissue'."""
-    return cfg.label_prompt.format(label=cfg.label_names[int(label)])
+def label_only_table(rows: list[PromptRow], prompts: PromptsConfig) -> list[PromptRow]:
+    """One label-only prompt per label present in ``rows`` (counts summed): the paper's baseline,
+    worded by the prompts stage's ``baseline_template`` and ``label_words``."""
+    from meddiff.morphology.prompts import prompt_for
 
-
-def label_only_table(rows: list[PromptRow], cfg: GenerateConfig) -> list[PromptRow]:
-    """One label-only prompt per label present in ``rows`` (counts summed): the paper's baseline."""
+    baseline = prompts.model_copy(update={"strategy": "baseline"})
     counts: dict[int, int] = {}
     for row in rows:
         counts[row.label] = counts.get(row.label, 0) + row.count
-    return [PromptRow(label_prompt(lab, cfg), lab, -1, n) for lab, n in sorted(counts.items())]
+    return [
+        PromptRow(prompt_for(lab, -1, baseline), lab, -1, n) for lab, n in sorted(counts.items())
+    ]
 
 
-def generation_plan(rows: list[PromptRow], cfg: GenerateConfig) -> dict[str, np.ndarray]:
+def generation_plan(
+    rows: list[PromptRow], cfg: GenerateConfig, prompts: PromptsConfig | None = None
+) -> dict[str, np.ndarray]:
     """One entry per image to generate, grouped by prompt in table order.
 
     ``per_prompt``: ``images_per_prompt`` images for every prompt (balanced over the table).
@@ -109,7 +113,7 @@ def generation_plan(rows: list[PromptRow], cfg: GenerateConfig) -> dict[str, np.
     synthetic set has the real set's prompt mix.
     """
     if cfg.label_only:
-        rows = label_only_table(rows, cfg)
+        rows = label_only_table(rows, prompts or PromptsConfig())
     if cfg.plan == "per_prompt":
         per = np.full(len(rows), cfg.images_per_prompt, dtype=np.int64)
     else:

@@ -69,7 +69,8 @@ def start_run(
 
     configure(cfg.tracking)
     all_tags = {"meddiff.job": job, "meddiff.code_version": code_version(), **(tags or {})}
-    # A job started inside another (a demo step, a job called by a job) becomes its child run.
+    # A job started inside another (a demo step, an experiment calling build_prompts) becomes a
+    # child run; MLflow refuses a second top-level run while one is active.
     nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name or job, nested=nested, tags=all_tags) as run:
         log_config(cfg)

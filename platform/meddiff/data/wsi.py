@@ -1,0 +1,533 @@
+"""Whole-slide images: open, find tissue, cut tiles at a magnification, keep provenance.
+
+A slide is planned once on the driver (:func:`plan_slide`): its level-0 magnification is read from
+the metadata, a pyramid level at or above the target magnification is chosen, a tissue mask is
+computed from a low-resolution level, and the tiles of a regular grid that are mostly tissue are
+listed with their level-0 origin. Reading (:func:`read_tiles`) then happens in Ray tasks, each over
+a bounded chunk of the plan, so memory does not grow with the slide.
+
+Tiles carry the provenance columns of :mod:`meddiff.data.shards`: ``source`` (slide path), ``index``
+(grid position ``row * cols + col``, stable across runs), ``level`` (pyramid level read) and ``x``,
+``y`` (tile origin in level-0 pixels).
+
+Slides open with tiffslide (TIFF-based formats: SVS, generic pyramidal TIFF, NDPI, ...) or, for
+other formats or when asked, with OpenSlide when it is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff.config.data import WsiConfig
+from meddiff.errors import DataError
+
+# Pixels of one micrometre at 10x: the usual convention, 0.25 µm/px is "40x", 1 µm/px is "10x".
+MPP_AT_10X = 1.0
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+LABELS_FILE = "labels.csv"
+
+
+# --- opening --------------------------------------------------------------------------------
+
+
+class Slide:
+    """A thin, picklable-by-path wrapper over a tiffslide or OpenSlide handle."""
+
+    def __init__(self, path: str | Path, backend: str = "auto"):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"slide {self.path} does not exist")
+        if not self.path.is_file():
+            raise DataError(f"slide {self.path} is not a file")
+        use_openslide = backend == "openslide" or (
+            backend == "auto" and self.path.suffix.lower() not in TIFF_SUFFIXES
+        )
+        self.backend = "openslide" if use_openslide else "tiffslide"
+        self._handle = _open_openslide(self.path) if use_openslide else _open_tiffslide(self.path)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in self._handle.level_dimensions
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(
+            float(d) for d in self._handle.level_downsamples
+        )
+        self.properties: dict[str, Any] = dict(self._handle.properties)
+        if not self.level_dimensions or min(self.level_dimensions[0]) <= 0:
+            raise DataError(f"slide {self.path} has no image data")
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def property(self, name: str) -> Any:
+        """A standard property (``objective-power``, ``mpp-x``) whichever library read it."""
+        for prefix in ("tiffslide.", "openslide."):
+            value = self.properties.get(prefix + name)
+            if value not in (None, ""):
+                return value
+        return None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of the region whose origin is (x, y) in level-0 pixels."""
+        try:
+            if self.backend == "tiffslide":
+                arr = self._handle.read_region((x, y), level, (width, height), as_array=True)
+            else:
+                from PIL import Image
+
+                rgba = self._handle.read_region((x, y), level, (width, height))
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                arr = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        except Exception as err:  # decoder errors of a damaged file
+            raise DataError(
+                f"slide {self.path}: cannot read level {level} region at ({x}, {y}) size "
+                f"{width}x{height} ({type(err).__name__}: {err})"
+            ) from None
+        arr = np.asarray(arr)
+        if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
+            raise DataError(
+                f"slide {self.path}: expected 8-bit RGB pixels, got {arr.dtype} {arr.shape}"
+            )
+        return np.ascontiguousarray(arr[..., :3])
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_tiffslide(path: Path):
+    import tifffile
+    import tiffslide
+
+    try:
+        return tiffslide.TiffSlide(path)
+    except tifffile.TiffFileError as err:
+        raise DataError(f"slide {path} is not a TIFF whole-slide image ({err})") from None
+    except (NotImplementedError, KeyError, ValueError, IndexError) as err:
+        raise DataError(
+            f"slide {path}: unsupported TIFF layout ({type(err).__name__}: {err}); "
+            "expected a tiled RGB pyramid (SVS or generic pyramidal TIFF)"
+        ) from None
+
+
+def _open_openslide(path: Path):
+    try:
+        import openslide
+    except ImportError:
+        raise DataError(
+            f"slide {path}: this format needs OpenSlide (pip install openslide-python "
+            "openslide-bin); TIFF-based slides open with tiffslide"
+        ) from None
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as err:
+        raise DataError(f"slide {path}: OpenSlide cannot read it ({err})") from None
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Where to cut a slide's tiles. ``tiles`` is int64 (m, 3): grid index, level-0 x, y."""
+
+    path: str
+    label: int
+    base_magnification: float
+    magnification_source: str
+    level: int
+    level_downsample: float
+    read_size: int
+    tile_size: int
+    cols: int
+    rows: int
+    tissue_threshold: float
+    tiles: np.ndarray = field(repr=False)
+
+    @property
+    def magnification(self) -> float:
+        """The magnification the tiles actually have (the grid step is whole level pixels)."""
+        return self.base_magnification * self.tile_size / (self.read_size * self.level_downsample)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "slide": self.path,
+            "label": self.label,
+            "base_magnification": round(self.base_magnification, 3),
+            "magnification_from": self.magnification_source,
+            "tile_magnification": round(self.magnification, 3),
+            "level": self.level,
+            "read_size": self.read_size,
+            "grid": [self.rows, self.cols],
+            "tissue_tiles": int(len(self.tiles)),
+            "tissue_threshold": round(self.tissue_threshold, 4),
+        }
+
+
+def base_magnification(slide: Slide, cfg: WsiConfig) -> tuple[float, str]:
+    """Level-0 magnification and where it came from (objective power, mpp, or the config)."""
+    power = _positive_float(slide.property("objective-power"))
+    if power:
+        return power, "objective-power"
+    mpp = _positive_float(slide.property("mpp-x"))
+    if mpp:
+        return 10.0 * MPP_AT_10X / mpp, "mpp"
+    if cfg.base_magnification:
+        return float(cfg.base_magnification), "data.wsi.base_magnification"
+    raise DataError(
+        f"slide {slide.path}: magnification unknown (no objective power nor microns-per-pixel "
+        "in its metadata); set data.wsi.base_magnification to the scanner's objective"
+    )
+
+
+def choose_level(
+    slide: Slide, base: float, target: float, tolerance: float, shown: str
+) -> tuple[int, float]:
+    """The coarsest level at or above ``target``, and the read scale (level px per tile px)."""
+    if target > base * (1 + tolerance):
+        raise DataError(
+            f"slide {shown}: magnification {target:g}x is not available; level 0 is {base:g}x "
+            f"(highest available); choose data.wsi.magnification <= {base:g}"
+        )
+    best = 0
+    for level, ds in enumerate(slide.level_downsamples):
+        if base / ds >= target * (1 - tolerance):
+            best = level if ds > slide.level_downsamples[best] else best
+    scale = (base / slide.level_downsamples[best]) / target
+    if abs(scale - 1) <= tolerance:
+        scale = 1.0
+    return best, scale
+
+
+def plan_slide(path: str | Path, cfg: WsiConfig, label: int = -1) -> SlidePlan:
+    """Open ``path``, choose the level, detect tissue and list the tiles to cut.
+
+    Raises:
+        DataError: missing file, not a readable slide, magnification unknown or not available,
+            slide smaller than one tile, or no tissue.
+    """
+    with Slide(path, cfg.backend) as slide:
+        base, source = base_magnification(slide, cfg)
+        level, scale = choose_level(
+            slide, base, cfg.magnification, cfg.magnification_tolerance, str(slide.path)
+        )
+        read_size = max(1, round(cfg.tile_size * scale))
+        width, height = slide.level_dimensions[level]
+        cols, rows = width // read_size, height // read_size
+        if cols == 0 or rows == 0:
+            raise DataError(
+                f"slide {slide.path} is {width}x{height} px at level {level}, smaller than one "
+                f"{read_size}-px tile at {cfg.magnification:g}x"
+            )
+        fraction, threshold = tissue_fraction(slide, level, read_size, cols, rows, cfg)
+        keep = np.flatnonzero(fraction.reshape(-1) >= max(cfg.min_tissue_fraction, 1e-9))
+        if keep.size == 0:
+            raise DataError(
+                f"slide {slide.path}: no tissue found (no tile is at least "
+                f"{cfg.min_tissue_fraction:.0%} tissue at saturation > {threshold:.3f}); check "
+                "the slide or lower data.wsi.min_tissue_fraction / data.wsi.tissue_saturation"
+            )
+        ds = slide.level_downsamples[level]
+        r, c = np.divmod(keep, cols)
+        tiles = np.stack(
+            [keep, np.round(c * read_size * ds), np.round(r * read_size * ds)], axis=1
+        ).astype(np.int64)
+        return SlidePlan(
+            path=str(slide.path),
+            label=int(label),
+            base_magnification=base,
+            magnification_source=source,
+            level=level,
+            level_downsample=ds,
+            read_size=read_size,
+            tile_size=cfg.tile_size,
+            cols=cols,
+            rows=rows,
+            tissue_threshold=threshold,
+            tiles=tiles,
+        )
+
+
+def tissue_fraction(
+    slide: Slide, level: int, read_size: int, cols: int, rows: int, cfg: WsiConfig
+) -> tuple[np.ndarray, float]:
+    """Fraction of tissue in every grid tile, float (rows, cols), and the saturation threshold.
+
+    The mask is built on the coarsest level that still gives ``mask_pixels_per_tile`` pixels
+    across a tile, read in bands so a slide without a small level cannot exhaust memory.
+    """
+    from scipy import ndimage
+
+    m = cfg.mask_pixels_per_tile
+    thumb = _grid_thumbnail(slide, level, read_size, cols, rows, m)
+    rgb = thumb.astype(np.float32)
+    vmax = rgb.max(axis=2)
+    sat = (vmax - rgb.min(axis=2)) / np.maximum(vmax, 1.0)
+    threshold = cfg.tissue_saturation or _otsu_threshold(sat)
+    # Very dark pixels (pen marks, scanner edge) are not tissue whatever their saturation.
+    mask = (sat > threshold) & (vmax > 0.15 * 255)
+    # Drop isolated specks of dust, close small gaps, and fill what tissue encloses (pale stroma
+    # and lumen are tissue even when their colour is as faint as glass).
+    mask = ndimage.binary_opening(mask, np.ones((2, 2), bool))
+    mask = ndimage.binary_closing(mask, np.ones((3, 3), bool), border_value=0)
+    mask = ndimage.binary_fill_holes(mask)
+    frac = mask.reshape(rows, m, cols, m).mean(axis=(1, 3))
+    return frac, float(threshold)
+
+
+def _otsu_threshold(sat: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    if float(sat.max() - sat.min()) < 1e-6:
+        return 0.04
+    # Clipped: a slide that is all tissue (or all glass) has no background mode for Otsu to find.
+    return float(np.clip(threshold_otsu(sat), 0.03, 0.1))
+
+
+def _grid_thumbnail(
+    slide: Slide, level: int, read_size: int, cols: int, rows: int, m: int
+) -> np.ndarray:
+    """RGB uint8 (rows*m, cols*m) of the tile grid, area-averaged from a coarse level."""
+    from PIL import Image
+
+    ds = slide.level_downsamples[level]
+    step0 = read_size * ds  # tile edge in level-0 pixels
+    # Coarsest level whose tile edge still spans >= m pixels.
+    mask_level = level
+    for lvl, lds in enumerate(slide.level_downsamples):
+        if step0 / lds >= m and lds > slide.level_downsamples[mask_level]:
+            mask_level = lvl
+    mds = slide.level_downsamples[mask_level]
+    step = step0 / mds  # tile edge in mask-level pixels
+    lw, lh = slide.level_dimensions[mask_level]
+    out = np.empty((rows * m, cols * m, 3), dtype=np.uint8)
+    band = max(1, int(4096 // max(step, 1)))  # tile rows per read: bounded memory
+    for i0 in range(0, rows, band):
+        i1 = min(rows, i0 + band)
+        y0 = int(np.floor(i0 * step))
+        y1 = min(lh, int(np.ceil(i1 * step)))
+        x1 = min(lw, int(np.ceil(cols * step)))
+        region = slide.read(0, int(round(y0 * mds)), mask_level, x1, y1 - y0)
+        img = Image.fromarray(region).resize((cols * m, (i1 - i0) * m), Image.Resampling.BOX)
+        out[i0 * m : i1 * m] = np.asarray(img)
+    return out
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_tiles(
+    plan: SlidePlan, start: int = 0, stop: int | None = None, rows_per_block: int = 1024
+) -> Iterator[dict[str, np.ndarray]]:
+    """Tiles ``plan.tiles[start:stop]`` in blocks of at most ``rows_per_block``.
+
+    Each block: ``image`` uint8 (n, T, T, 3), ``label`` int64 (n,) and the provenance columns.
+    Consecutive tiles of one grid row are read as one region (fewer decoder calls).
+    """
+    from meddiff.data.shards import provenance
+
+    tiles = plan.tiles[start:stop]
+    t, r = plan.tile_size, plan.read_size
+    with Slide(plan.path) as slide:
+        for lo in range(0, len(tiles), rows_per_block):
+            chunk = tiles[lo : lo + rows_per_block]
+            images = np.empty((len(chunk), t, t, 3), dtype=np.uint8)
+            for a, b in _runs(chunk[:, 0], plan.cols, max_len=32):
+                x, y = int(chunk[a, 1]), int(chunk[a, 2])
+                strip = slide.read(x, y, plan.level, r * (b - a), r)
+                for k in range(b - a):
+                    images[a + k] = _fit(strip[:, k * r : (k + 1) * r], t)
+            block = {"image": images, "label": np.full(len(chunk), plan.label, dtype=np.int64)}
+            block.update(provenance(plan.path, chunk[:, 0], plan.level, chunk[:, 1], chunk[:, 2]))
+            yield block
+
+
+def _runs(index: np.ndarray, cols: int, max_len: int) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges of consecutive grid positions within one grid row."""
+    a = 0
+    n = len(index)
+    while a < n:
+        b = a + 1
+        while (
+            b < n
+            and b - a < max_len
+            and index[b] == index[b - 1] + 1
+            and index[b] // cols == index[a] // cols
+        ):
+            b += 1
+        yield a, b
+        a = b
+
+
+def _fit(tile: np.ndarray, size: int) -> np.ndarray:
+    if tile.shape[0] == size and tile.shape[1] == size:
+        return tile
+    from PIL import Image
+
+    # Area averaging when reducing (no aliasing of nuclei); Lanczos when the level is a bit small.
+    method = Image.Resampling.BOX if tile.shape[0] > size else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((size, size), method))
+
+
+# --- slide collections ----------------------------------------------------------------------
+
+
+def is_slide_input(path: str | Path, cfg: WsiConfig) -> bool:
+    """Whether ``path`` is a slide file, or a directory holding slides (and no PCam files)."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() in _suffixes(cfg) or _looks_like_tiff(path)
+    return path.is_dir() and bool(slide_files(path, cfg))
+
+
+def slide_files(path: str | Path, cfg: WsiConfig) -> list[Path]:
+    """The slide files of a directory (sorted, not recursive), or ``[path]`` for a file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    suffixes = _suffixes(cfg)
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def slide_labels(path: str | Path, slides: Sequence[Path], cfg: WsiConfig) -> dict[str, int]:
+    """Slide file name → label, from ``cfg.labels_csv`` or a ``labels.csv`` beside the slides."""
+    path = Path(path)
+    csv_path = Path(cfg.labels_csv) if cfg.labels_csv else None
+    if csv_path is None:
+        beside = (path if path.is_dir() else path.parent) / LABELS_FILE
+        csv_path = beside if beside.is_file() else None
+    if csv_path is None:
+        return {}
+    if not csv_path.is_file():
+        raise DataError(f"slide labels file {csv_path} (data.wsi.labels_csv) does not exist")
+    labels: dict[str, int] = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"slide", "label"} <= set(reader.fieldnames):
+            raise DataError(
+                f"{csv_path}: expected a header with columns slide,label, got {reader.fieldnames}"
+            )
+        for line, row in enumerate(reader, start=2):
+            try:
+                labels[Path(row["slide"]).name] = int(row["label"])
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{csv_path} line {line}: label {row['label']!r} is not an integer"
+                ) from None
+    return labels
+
+
+def _suffixes(cfg: WsiConfig) -> set[str]:
+    return {s.lower() if s.startswith(".") else "." + s.lower() for s in cfg.extensions}
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        return False
+
+
+# --- writing (sample slides, tests) ---------------------------------------------------------
+
+
+def write_pyramid_tiff(
+    path: str | Path,
+    rgb: np.ndarray,
+    *,
+    mpp: float | None,
+    magnification: float | None,
+    tile: int = 256,
+    min_size: int = 256,
+    quality: int = 90,
+    title: str = "meddiff slide",
+) -> Path:
+    """Write ``rgb`` uint8 (H, W, 3) as a tiled, JPEG-compressed pyramid in the SVS layout.
+
+    Pages: level 0, a thumbnail, then levels halved until the shorter side is below
+    ``min_size``, which tiffslide and OpenSlide both read as one pyramid. The description carries
+    ``AppMag`` and ``MPP`` (read as objective power and pixel size) when given; the resolution
+    tags carry the pixel size as well. Written to a temporary name, then renamed.
+    """
+    import tifffile
+    from PIL import Image
+
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DataError(
+            f"write_pyramid_tiff: expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    levels = [rgb]
+    while min(levels[-1].shape[:2]) // 2 >= min_size:
+        prev = levels[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        # 2x2 area average: what scanners' pyramids hold, no aliasing.
+        levels.append(
+            prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        )
+    thumb = Image.fromarray(levels[-1])
+    thumb.thumbnail((768, 768))
+    fields = [f"{title}"]
+    if magnification:
+        fields.append(f"AppMag = {magnification:g}")
+    if mpp:
+        fields.append(f"MPP = {mpp:g}")
+    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
+            for i, level in enumerate(levels):
+                h, w = level.shape[:2]
+                head = (
+                    f"Aperio Image Library meddiff\r\n{rgb.shape[1]}x{rgb.shape[0]} "
+                    f"[0,0 {rgb.shape[1]}x{rgb.shape[0]}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+                )
+                desc = "|".join([head if i == 0 else f"{head} -> {w}x{h}", *fields])
+                extra = {}
+                if mpp:
+                    ds = rgb.shape[1] / w
+                    extra = {"resolution": (1e4 / (mpp * ds),) * 2, "resolutionunit": "CENTIMETER"}
+                tif.write(
+                    level,
+                    tile=(tile, tile),
+                    compression="jpeg",
+                    compressionargs={"level": quality},
+                    photometric="rgb",
+                    description=desc,
+                    # 0 on every level: SVS readers stop the pyramid at a "reduced" page.
+                    subfiletype=0,
+                    metadata=None,
+                    **extra,
+                )
+                if i == 0:
+                    tif.write(
+                        np.asarray(thumb),
+                        photometric="rgb",
+                        description=f"{head} -> thumbnail",
+                        metadata=None,
+                    )
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
