@@ -21,6 +21,7 @@ GROUPS = (
     "meddiff.data.cli",
     "meddiff.morphology.cli",
     "meddiff.config.cli",
+    "meddiff.synthesis.cli",
 )
 
 

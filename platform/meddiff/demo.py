@@ -92,12 +92,47 @@ def _prompts(demo: Demo) -> dict[str, Any]:
     }
 
 
+def _synthesis(demo: Demo) -> dict[str, Any]:
+    """Fine-tune the tiny Stable Diffusion briefly on the prompts step's (image, prompt) pairs,
+    register it, and generate a few patches per prompt from the registry."""
+    from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV
+    from meddiff.synthesis.generate import generate
+    from meddiff.synthesis.train import train_synthesis
+
+    root = demo.path("synthesis")
+    prompts = Path(demo.results["prompts"]["out"])
+    pairs, table = prompts / PAIRS, prompts / PROMPTS_CSV
+    done = root / "train" / "summary.json"  # written last: present means training finished
+    train = (
+        json.loads(done.read_text())
+        if done.is_file()
+        else train_synthesis(demo.cfg, pairs, root / "train")
+    )
+    done = root / "synthetic" / "summary.json"
+    model = train["model_uri"] or train["model"]
+    gen = (
+        json.loads(done.read_text())
+        if done.is_file()
+        else generate(demo.cfg, model, table, root / "synthetic")
+    )
+    return {
+        "model": train["model"],
+        "model_uri": train["model_uri"],
+        "train_steps": train["steps"],
+        "final_loss": train["final_loss"],
+        "synthetic": gen["x"],
+        "images": gen["images"],
+        "grids": gen["grids"],
+    }
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
     ("ingest", _ingest),
     ("ingest-wsi", _ingest_wsi),
     ("prompts", _prompts),
+    ("synthesis", _synthesis),
 ]
 
 
@@ -148,6 +183,9 @@ def _main(args: argparse.Namespace) -> int:
     results = run_demo(cfg, args.out, fresh=args.fresh)
     print(json.dumps(results, indent=2))
     print(f"\nOutputs under {args.out.resolve()}; summary in {args.out / 'summary.json'}")
+    if "synthesis" in results:
+        print(f"Synthetic patches: {results['synthesis']['synthetic']}")
+        print(f"PNG grid per prompt: {results['synthesis']['grids']}")
     print(
         f"MLflow store: {tracking_uri(cfg.tracking)}  (browse: mlflow ui --backend-store-uri <it>)"
     )

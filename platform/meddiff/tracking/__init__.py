@@ -1,9 +1,10 @@
 """The one place that talks to MLflow: runs, logged configs and artifacts, the model registry."""
 
 from meddiff.tracking.registry import fetch_model, register_model
-from meddiff.tracking.runs import code_version, log_config, start_run, tracking_uri
+from meddiff.tracking.runs import RunLogger, code_version, log_config, start_run, tracking_uri
 
 __all__ = [
+    "RunLogger",
     "code_version",
     "fetch_model",
     "log_config",

@@ -111,3 +111,32 @@ def code_version() -> str:
         return f"{meddiff.__version__}+git.{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         return meddiff.__version__
+
+
+class RunLogger:
+    """Log into an existing run from another process (a Ray Train worker, a Ray Data actor).
+
+    It never changes the run's status: the process that opened the run with :func:`start_run`
+    owns its lifecycle, so a worker that dies and is restarted does not mark the run finished or
+    failed. Give it the URI the driver resolved (``tracking_uri(cfg.tracking)``), since workers may
+    not share the driver's working directory or environment.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)

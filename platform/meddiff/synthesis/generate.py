@@ -1,0 +1,196 @@
+"""Synthesis at scale: a generation plan run as Ray Data batch inference into the PCam layout.
+
+``generate(cfg, model, prompts, out)`` writes, under ``out``:
+
+- ``camelyonpatch_level_2_split_<split>_{x,y}.h5``: the images (uint8 (N, 96, 96, 3)) and their
+  labels, in the PCam layout every PCam reader understands;
+- ``camelyonpatch_level_2_split_<split>_meta.csv``: per image its ``prompt``, ``cluster`` and
+  ``seed`` (regenerate any image alone from its seed);
+- ``grids/<nn>-<prompt>.png``: a grid of the first images of each prompt, and ``grids/index.json``;
+- ``plan.csv`` (the plan) and ``summary.json``.
+
+The model is a pipeline directory or a registry reference (``models:/NAME/VERSION``,
+``models:/NAME@ALIAS``); a registry model is downloaded into ``out/_model`` first, so on a cluster
+``out`` should be on storage every node sees (as any meddiff output).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff.config import Config
+from meddiff.data.pcam import PCamWriter, pcam_filename
+from meddiff.synthesis import components as C
+from meddiff.synthesis.grids import save_grid, slug
+from meddiff.synthesis.prompts import generation_plan, read_prompt_table
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(cfg: Config, model: str | Path, out: Path) -> Path:
+    """A validated local pipeline directory for ``model`` (a directory or registry reference).
+
+    Raises:
+        ModelError: the directory or a component is missing, or the registry has no such model.
+    """
+    from meddiff.tracking import fetch_model
+
+    ref = str(model)
+    if ref.startswith(("models:/", "runs:/")):
+        dst = out / "_model"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        local = fetch_model(ref, cfg.tracking, dst=dst)
+    else:
+        local = fetch_model(ref, cfg.tracking)
+    return C.check_model_dir(local).resolve()
+
+
+def generate(
+    cfg: Config, model: str | Path, prompts: str | Path, out: str | Path
+) -> dict[str, Any]:
+    """Generate the plan's images with ``model`` for the prompt table ``prompts`` into ``out``.
+
+    Returns a JSON-able summary (``out``, ``split``, ``images``, ``prompts``, ``grids``, ``model``).
+
+    Raises:
+        DataError: the prompt table is missing, malformed or has no rows.
+        ModelError: the model directory is incomplete or the registry reference does not exist.
+    """
+    import mlflow
+    import pandas as pd
+    import ray.data
+    from tqdm import tqdm
+
+    from meddiff import runtime, tracking
+    from meddiff.synthesis.stages import ImageGenerator
+
+    g = cfg.synthesis.generate
+    out = Path(out).resolve()
+    rows = read_prompt_table(prompts)  # bad input fails before anything starts
+    plan = generation_plan(rows, g, cfg.prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(cfg, model, out)
+    runtime.connect(cfg.runtime)
+    start = time.perf_counter()
+    with tracking.start_run(cfg, "synthesis-generate"):
+        mlflow.log_params(
+            {
+                "model": str(model),
+                "prompts": str(prompts),
+                "out": str(out),
+                "images": len(plan["index"]),
+            }
+        )
+        _write_plan(out / "plan.csv", plan)
+        ds = ray.data.from_pandas(pd.DataFrame(plan)).map_batches(
+            ImageGenerator,
+            fn_constructor_kwargs={
+                "model_dir": str(model_dir),
+                "generate": g.model_dump(mode="json"),
+            },
+            batch_size=g.batch_size,
+            concurrency=g.concurrency,
+            num_gpus=1 if g.use_gpu else 0,
+            batch_format="numpy",
+        )
+        firsts: dict[str, list[np.ndarray]] = {}
+        with PCamWriter(out, g.split, patch_size=g.output_size) as writer:
+            # Rows are written in plan order: sort each batch, and the dataset keeps block order.
+            batches = _in_order(ds, g.batch_size)
+            total = -(-len(plan["index"]) // g.batch_size)
+            for batch in tqdm(
+                batches, total=total, desc="generate", disable=not cfg.runtime.progress
+            ):
+                writer.write(
+                    batch["image"],
+                    batch["label"],
+                    meta={
+                        "prompt": batch["prompt"].tolist(),
+                        "cluster": batch["cluster"].tolist(),
+                        "seed": batch["seed"].tolist(),
+                    },
+                )
+                for img, prompt in zip(batch["image"], batch["prompt"], strict=True):
+                    keep = firsts.setdefault(str(prompt), [])
+                    if len(keep) < g.grid_images:
+                        keep.append(img)
+            written = writer.num_rows
+        grids = _write_grids(out / "grids", firsts, [r.prompt for r in _table_rows(plan)])
+        seconds = time.perf_counter() - start
+        summary = {
+            "out": str(out),
+            "split": g.split,
+            "x": str(out / pcam_filename(g.split, "x")),
+            "images": written,
+            "prompts": len(firsts),
+            "grids": str(out / "grids"),
+            "model": str(model),
+            "model_dir": str(model_dir),
+            "scheduler": g.scheduler,
+            "steps": g.steps,
+            "guidance_scale": g.guidance_scale,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(written / seconds, 3) if seconds else None,
+        }
+        mlflow.log_metrics({"images": written, "images_per_s": written / max(seconds, 1e-9)})
+        mlflow.log_artifacts(str(out / "grids"), "grids")
+        mlflow.log_dict(summary, "summary.json")
+    C.write_json(out / "summary.json", summary)
+    log.info("generated %d images into %s; grids in %s", written, out, grids)
+    return summary
+
+
+def _in_order(ds, batch_size: int):
+    """Output batches in plan order (generation actors may finish out of order)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            order = np.argsort(batch["index"], kind="stable")
+            yield {k: v[order] for k, v in batch.items()}
+    finally:
+        ctx.execution_options.preserve_order = old
+
+
+def _table_rows(plan: dict[str, np.ndarray]):
+    from meddiff.synthesis.prompts import PromptRow
+
+    seen: dict[str, PromptRow] = {}
+    for p, lab, c in zip(plan["prompt"], plan["label"], plan["cluster"], strict=True):
+        if p not in seen:
+            seen[str(p)] = PromptRow(str(p), int(lab), int(c), 0)
+    return list(seen.values())
+
+
+def _write_plan(path: Path, plan: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "prompt", "label", "cluster", "seed"])
+        writer.writerows(
+            zip(
+                *(plan[k].tolist() for k in ("index", "prompt", "label", "cluster", "seed")),
+                strict=True,
+            )
+        )
+
+
+def _write_grids(root: Path, firsts: dict[str, list[np.ndarray]], order: list[str]) -> Path:
+    index = []
+    for i, prompt in enumerate(p for p in order if p in firsts):
+        name = f"{i:02d}-{slug(prompt)}.png"
+        save_grid(root / name, np.stack(firsts[prompt]), caption=prompt)
+        index.append({"file": name, "prompt": prompt, "images": len(firsts[prompt])})
+    root.mkdir(parents=True, exist_ok=True)
+    C.write_json(root / "index.json", {"grids": index})
+    return root

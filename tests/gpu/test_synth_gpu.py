@@ -1,0 +1,71 @@
+"""The GPU path of synthesis: DeepSpeed ZeRO-2 in bf16 on one GPU worker, generation in fp16.
+
+Skipped without CUDA (tests/gpu/conftest.py); the CPU suite covers the same code in fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from meddiff.config import load_config
+from meddiff.synthesis import components as C
+from meddiff.synthesis.generate import generate
+from meddiff.synthesis.prompts import PromptRow, write_prompt_table
+from meddiff.synthesis.stages import ImageGenerator
+from meddiff.synthesis.train import train_synthesis
+
+
+def _pairs(cfg, sample_pcam_dir, root):
+    from meddiff.data.datasets import patch_dataset
+    from meddiff.data.shards import write_shards
+
+    def label_prompts(batch):  # shipped by value: Ray workers cannot import test modules
+        words = ("healthy", "cancer")
+        batch["prompt"] = np.array(
+            [f"Histology image of {words[lab]} tissue" for lab in batch["label"]], dtype=object
+        )
+        batch["cluster"] = np.full(len(batch["label"]), -1)
+        return batch
+
+    ds = patch_dataset(sample_pcam_dir, cfg.data, limit=64).map_batches(
+        label_prompts, batch_format="numpy"
+    )
+    write_shards(ds, root / "pairs", rows_per_file=64)
+    table = write_prompt_table(
+        root / "prompts.csv",
+        [
+            PromptRow("Histology image of healthy tissue", 0, -1, 1),
+            PromptRow("Histology image of cancer tissue", 1, -1, 1),
+        ],
+    )
+    return root / "pairs", table
+
+
+def test_deepspeed_bf16_on_one_gpu(sample_pcam_dir, tmp_path):
+    from meddiff import runtime
+
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "runtime.progress=false",
+            "synthesis.model.arch.vae_warmup_steps=0",
+            "synthesis.train.use_gpu=true",
+            "synthesis.train.num_workers=1",
+            "synthesis.train.max_steps=4",
+            "synthesis.train.checkpoint_every=2",
+            "synthesis.train.log_every=1",
+            "synthesis.generate.use_gpu=true",
+            "synthesis.generate.images_per_prompt=2",
+            "synthesis.generate.steps=3",
+        ],
+    )
+    runtime.connect(cfg.runtime)
+    pairs, table = _pairs(cfg, sample_pcam_dir, tmp_path)
+    summary = train_synthesis(cfg, pairs, tmp_path / "train")
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    C.check_model_dir(summary["model"])
+    out = generate(cfg, summary["model"], table, tmp_path / "gen")
+    assert out["images"] == 4
+    stage = ImageGenerator(summary["model"], cfg.synthesis.generate.model_dump())
+    assert stage.pipe.unet.dtype == torch.float16 and stage.device == "cuda"
