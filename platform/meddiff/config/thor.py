@@ -108,6 +108,11 @@ class TrainConfig(Section):
     """DDPM training on healthy slices with Ray Train."""
 
     steps: int = Field(default=100_000, ge=1, description="Optimizer steps (global batches).")
+    time_limit_min: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop early (with a final checkpoint) after this many minutes of training.",
+    )
     batch_size: int = Field(default=16, ge=1, description="Global batch size (split over workers).")
     lr: float = Field(default=1e-4, gt=0)
     grad_clip: float | None = Field(default=None, gt=0, description="Max gradient norm, or none.")

@@ -191,8 +191,10 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     per_worker = tc.batch_size // world
     losses: list[float] = []
-    tick = time.perf_counter()
-    while step < tc.steps:
+    tick = started = time.perf_counter()
+    limit_s = tc.time_limit_min * 60 if tc.time_limit_min else None
+    stop = False
+    while step < tc.steps and not stop:
         for batch in shard.iter_torch_batches(
             batch_size=per_worker,
             drop_last=True,
@@ -232,13 +234,29 @@ def train_loop(config: dict[str, Any]) -> None:
                     step,
                 )
                 tick = time.perf_counter()
-            if logger and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
+            if limit_s is not None and step % tc.log_every == 0:
+                stop = _agree(time.perf_counter() - started > limit_s, world, device)
+            last = step >= tc.steps or stop
+            if logger and tc.sample_every and (step % tc.sample_every == 0 or last):
                 logger.image(_sample_grid(unet, schedule, cfg, config["samples"]), step)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+            if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
                 _checkpoint(metrics, unet, optimizer, engine, cfg, rank, save_model)
-            if step >= tc.steps:
+            if last:
+                if stop:
+                    log.info("time limit of %s min reached at step %d", tc.time_limit_min, step)
                 break
+
+
+def _agree(flag: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (workers must stop at the same step)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 class _RankZeroLogger:
