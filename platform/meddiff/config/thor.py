@@ -117,6 +117,13 @@ class TrainConfig(Section):
     lr: float = Field(default=1e-4, gt=0)
     grad_clip: float | None = Field(default=None, gt=0, description="Max gradient norm, or none.")
     noise: NoiseKind = Field(default="gaussian", description="Training noise (ε target).")
+    max_timestep: int | None = Field(
+        default=None,
+        ge=1,
+        description="Train on t < this only (None: the whole schedule). Detection starts at "
+        "T <= 350, so a small compute budget is better spent below that; the model then cannot "
+        "sample from pure noise.",
+    )
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = Field(
         default=1, ge=0, le=2, description="DeepSpeed ZeRO stage (weights stay whole up to 2)."
@@ -267,6 +274,7 @@ TINY: dict = {
     },
     "train": {
         "steps": 1200,
+        "max_timestep": 500,
         "lr": 3e-4,
         "grad_clip": 1.0,
         "torch_threads": 2,

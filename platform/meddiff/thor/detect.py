@@ -27,6 +27,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.data.images import list_pngs, mask_paths, read_mask, read_png, write_png
+from meddiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,14 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
     from meddiff.thor.schedule import DDPMSchedule
     from meddiff.tracking import fetch_model
 
-    _, schedule_cfg, _ = read_model_config(fetch_model(model_ref, cfg.tracking))
+    _, schedule_cfg, info = read_model_config(fetch_model(model_ref, cfg.tracking))
     inferer = ThorInferer(DDPMSchedule(schedule_cfg), cfg.thor.infer, cfg.thor.simplex)
+    trained_below = info.get("max_timestep")
+    if trained_below is not None and inferer.level >= trained_below:
+        raise ConfigError(
+            f"thor.infer.noise_level T={inferer.level}: the model {model_ref} was trained on "
+            f"timesteps below {trained_below} only (thor.train.max_timestep); use T < {trained_below}"
+        )
     plan = inferer.describe()
     if cfg.thor.infer.method == "thor":
         plan["map_kind"] = map_kind(cfg.thor.infer.lpips)
@@ -178,7 +185,7 @@ def detect_folder(
     from meddiff import tracking
 
     out = Path(out_dir)
-    with tracking.start_run(cfg, "thor-detect"):
+    with tracking.start_run(cfg, "thor-detect", nested=mlflow.active_run() is not None):
         result = run_folder(cfg, model_ref, images_dir)
         plan = result.plan
         tmp = out.with_name(out.name + f".partial-{os.getpid()}")

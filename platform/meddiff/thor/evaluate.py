@@ -58,7 +58,7 @@ def evaluate_folder(
     results: dict[str, Any] = {}
     outputs: dict[str, dict[str, np.ndarray]] = {}
     first: FolderResult | None = None
-    with tracking.start_run(cfg, "thor-evaluate"):
+    with tracking.start_run(cfg, "thor-evaluate", nested=mlflow.active_run() is not None):
         mlflow.log_params({"thor.eval.images": str(images_dir), "thor.eval.masks": str(masks_dir)})
         for label, mcfg in methods.items():
             log.info("evaluating %s on %s", label, images_dir)

@@ -69,7 +69,7 @@ def train_thor(
             f"thor.train.num_workers={tc.num_workers}"
         )
 
-    with tracking.start_run(cfg, "thor-train") as run:
+    with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
@@ -188,6 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if logger:
         logger.metrics({"resumed_from_step": step}, step)
     autocast = _autocast(tc.precision, device, deepspeed=engine is not None)
+    t_max = min(tc.max_timestep or schedule.num_steps, schedule.num_steps)
     shard = ray.train.get_dataset_shard("train")
     per_worker = tc.batch_size // world
     losses: list[float] = []
@@ -203,7 +204,7 @@ def train_loop(config: dict[str, Any]) -> None:
             device=device,
         ):
             x0 = batch["image"][:, None] * 2 - 1
-            t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=device)
+            t = torch.randint(0, t_max, (x0.shape[0],), device=device)
             eps = make_noise(tc.noise, tuple(x0.shape), schedule.num_steps, cfg.thor.simplex).to(
                 device
             )
