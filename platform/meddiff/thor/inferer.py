@@ -32,7 +32,7 @@ import torch
 from meddiff.config.thor import InferConfig, SimplexConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.thor import maps
-from meddiff.thor.noise import gaussian_noise, make_noise
+from meddiff.thor.noise import make_noise
 from meddiff.thor.perceptual import Perceptual, load_perceptual, map_kind
 from meddiff.thor.schedule import DDPMSchedule
 
@@ -156,6 +156,8 @@ class ThorInferer:
         device = next(unet.parameters()).device
         x = images.to(device=device, dtype=torch.float32)
         channels_last = next(unet.parameters()).is_contiguous(memory_format=torch.channels_last)
+        if self.perceptual is not None:
+            self.perceptual.to(device)
         gens = None
         if seeds is not None:
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -172,7 +174,10 @@ class ThorInferer:
             eps_hat = unet(inp, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
             eps_hat = eps_hat.float().contiguous()
             if self.cfg.stride == 1:
-                z = gaussian_noise(shape, gens).to(device) if t > 0 else None
+                # The posterior draw uses the method's noise kind too (simplex for AnoDDPM).
+                z = None
+                if t > 0:
+                    z = make_noise(self.noise, shape, t, self.simplex, gens).to(device)
                 x_t, x0 = self.schedule.step(eps_hat, t, x_t, z)
             else:
                 x_t, x0 = self.schedule.ddim_step(eps_hat, t, t_next, x_t)

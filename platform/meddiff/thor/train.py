@@ -291,7 +291,7 @@ def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarr
             "method": "ddpm",
             "noise": None,
             "harmonization_steps": None,
-            "noise_level": min(tc.sample_noise_level, schedule.last_step),
+            "noise_level": min(tc.sample_noise_level, (tc.max_timestep or schedule.num_steps) - 1),
             "stride": tc.sample_stride,
         }
     )
