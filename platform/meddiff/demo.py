@@ -61,6 +61,7 @@ def _ingest(demo: Demo) -> dict[str, Any]:
 # whole pipeline runs in a few minutes. The model is far from converged; docs/thor.md reports the
 # 30-minute training run and the full-schedule results.
 DEMO_THOR_STEPS = 120
+DEMO_THOR_MINUTES = 3.0  # cap on a busy machine
 DEMO_THOR_STRIDE = 25
 
 
@@ -83,7 +84,11 @@ def _thor(demo: Demo) -> dict[str, Any]:
         dump = cfg.model_dump(mode="json")
         steps = min(cfg.thor.train.steps, DEMO_THOR_STEPS)
         dump["thor"]["train"].update(
-            steps=steps, checkpoint_every=steps // 2, sample_every=steps, log_every=10
+            steps=steps,
+            time_limit_min=DEMO_THOR_MINUTES,
+            checkpoint_every=steps // 2,
+            sample_every=steps,
+            log_every=10,
         )
         train = train_thor(Config.model_validate(dump), data / "train", run)
     ev = demo.path("thor", "eval")

@@ -46,9 +46,7 @@ def gaussian_noise(shape: tuple[int, ...], generator: Generators = None) -> torc
     return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
 
 
-def simplex3(
-    x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, perm: torch.Tensor
-) -> torch.Tensor:
+def simplex3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """3D simplex noise in about [-1, 1] at points (x, y, z), each (N, P) float, with one
     permutation table per row: ``perm`` (N, 512) int64 (a permutation of 0..255, repeated)."""
     s = (x + y + z) * _F3
