@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from meddiff.data.images import (
+    check_headers,
     list_pngs,
     load_folder,
     mask_paths,
@@ -102,6 +103,12 @@ def test_mask_size_mismatch_and_missing_mask_name_the_file(tmp_path):
     write_png(tmp_path / "msk" / "b.png", np.zeros((8, 8), dtype=bool))
     with pytest.raises(DataError, match=r"msk/a\.png: mask is 8x4 pixels but its image is 8x8"):
         load_folder(tmp_path / "img", tmp_path / "msk")
+    # The same checks from the PNG headers alone, before any pixel is decoded.
+    files = list_pngs(tmp_path / "img")
+    with pytest.raises(DataError, match=r"msk/a\.png: mask is 8x4 pixels but its image is 8x8"):
+        check_headers(files, 8, mask_paths(files, tmp_path / "msk"))
+    with pytest.raises(DataError, match=r"img/a\.png: image is 8x8 pixels; expected 16x16"):
+        check_headers(files, 16)
 
 
 def test_mixed_sizes_in_one_folder(tmp_path):

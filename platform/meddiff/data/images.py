@@ -93,6 +93,50 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     return arr != 0
 
 
+def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(height, width) of a grayscale PNG from its header alone (no pixel decoding).
+
+    Raises:
+        DataError: unreadable, not a PNG, or more than one channel.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise DataError(f"{path}: a {img.format} file, not a PNG")
+            if img.mode not in _GRAY_MODES and img.mode != "P":
+                channels = _CHANNELS.get(img.mode, len(img.getbands()))
+                raise DataError(
+                    f"{path}: {what} has {channels} channels (mode {img.mode}); expected 1-channel "
+                    "grayscale (8- or 16-bit)"
+                )
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: not a readable PNG ({err})") from None
+
+
+def check_headers(
+    images: Sequence[Path], size: int | None = None, masks: Sequence[Path] | None = None
+) -> None:
+    """Validate a folder up front from the PNG headers: grayscale, ``size``×``size`` images,
+    masks of their images' size. Cheap (no decoding), so bad input fails before any work."""
+    for i, f in enumerate(images):
+        h, w = png_header(f)
+        if size is not None and (h, w) != (size, size):
+            raise DataError(
+                f"{f}: image is {w}x{h} pixels; expected {size}x{size} (the model's image size)"
+            )
+        if masks is not None:
+            mh, mw = png_header(masks[i], "mask")
+            if (mh, mw) != (h, w):
+                raise DataError(
+                    f"{masks[i]}: mask is {mw}x{mh} pixels but its image is {w}x{h}; a mask "
+                    "must match its image"
+                )
+
+
 def _read_gray(path: Path, what: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from meddiff.config import Config
-from meddiff.data.images import list_pngs, mask_paths, read_mask, read_png, write_png
+from meddiff.data.images import (
+    check_headers,
+    list_pngs,
+    mask_paths,
+    read_mask,
+    read_png,
+    write_png,
+)
 from meddiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,7 +118,7 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
     from meddiff.thor.schedule import DDPMSchedule
     from meddiff.tracking import fetch_model
 
-    _, schedule_cfg, info = read_model_config(fetch_model(model_ref, cfg.tracking))
+    unet_cfg, schedule_cfg, info = read_model_config(fetch_model(model_ref, cfg.tracking))
     inferer = ThorInferer(DDPMSchedule(schedule_cfg), cfg.thor.infer, cfg.thor.simplex)
     trained_below = info.get("max_timestep")
     if trained_below is not None and inferer.level >= trained_below:
@@ -119,7 +126,7 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
             f"thor.infer.noise_level T={inferer.level}: the model {model_ref} was trained on "
             f"timesteps below {trained_below} only (thor.train.max_timestep); use T < {trained_below}"
         )
-    plan = inferer.describe()
+    plan = {**inferer.describe(), "image_size": unet_cfg.image_size}
     if cfg.thor.infer.method == "thor":
         plan["map_kind"] = map_kind(cfg.thor.infer.lpips)
         plan["residual_only"] = cfg.thor.infer.lpips == "off"
@@ -138,6 +145,7 @@ def run_folder(
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
     plan = plan_for(cfg, str(model_ref))
+    check_headers(files, plan["image_size"], masks)
     runtime.connect(cfg.runtime)
     items = [{"path": str(f)} for f in files]
     if masks is not None:
