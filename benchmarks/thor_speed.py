@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masks", required=True, type=Path)
     parser.add_argument("--stride", type=int, default=25, help="fast mode stride")
     parser.add_argument("--limit", type=int, help="use at most this many images")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     add_config_arguments(parser)
     args = parser.parse_args(argv)

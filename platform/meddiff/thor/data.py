@@ -141,15 +141,24 @@ def healthy_dataset(path: str | Path, image_size: int, mri: MriConfig) -> ray.da
 
 
 def repeat_dataset(ds: ray.data.Dataset, min_rows: int) -> tuple[ray.data.Dataset, int]:
-    """``ds`` materialised once and repeated until an epoch has at least ``min_rows`` rows.
+    """``ds`` read once and, if smaller than ``min_rows``, repeated until an epoch has at least
+    ``min_rows`` rows. Returns (dataset, rows per epoch).
 
-    Returns (dataset, rows per epoch). The read and slicing happen once; each repeat still gets
-    its own augmentation downstream.
+    A large set is only materialised. A small one (repeated) is gathered and tiled in memory,
+    which costs at most ``min_rows`` images; each repeat still gets its own augmentation
+    downstream, and the pipeline restarts once per ``min_rows`` rows rather than per pass.
     """
+    import ray.data
+
     base = ds.materialize()
     n = base.count()
     if n == 0:
         raise DataError("the training data produced no slices")
     reps = max(1, math.ceil(min_rows / n))
-    out = base.union(*([base] * (reps - 1))) if reps > 1 else base
-    return out, n * reps
+    if reps == 1:
+        return base, n
+    images = np.concatenate(
+        [b["image"] for b in base.iter_batches(batch_size=None, batch_format="numpy")]
+    )
+    tiled = ray.data.from_numpy(np.tile(images, (reps, 1, 1)))
+    return tiled.rename_columns({"data": "image"}), n * reps
