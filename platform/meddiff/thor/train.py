@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from meddiff.config import Config
-from meddiff.errors import ConfigError, ModelError
+from meddiff.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ def train_thor(
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
+        if epoch_rows < tc.batch_size:
+            raise DataError(
+                f"{data}: an epoch has {epoch_rows} slices, fewer than one batch of "
+                f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
+            )
         samples = np.stack([r["image"] for r in repeated.take(tc.num_samples)])
         # Augmentation runs as tasks: an actor pool would be restarted at every epoch.
         ds = repeated.map_batches(
@@ -196,6 +201,7 @@ def train_loop(config: dict[str, Any]) -> None:
     limit_s = tc.time_limit_min * 60 if tc.time_limit_min else None
     stop = False
     while step < tc.steps and not stop:
+        epoch_start = step
         for batch in shard.iter_torch_batches(
             batch_size=per_worker,
             drop_last=True,
@@ -247,6 +253,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 if stop:
                     log.info("time limit of %s min reached at step %d", tc.time_limit_min, step)
                 break
+        if step == epoch_start:
+            raise DataError(
+                f"an epoch of {config['epoch_rows']} training slices gives no full batch of "
+                f"{per_worker} per worker; raise thor.train.epoch_images or lower the batch size"
+            )
 
 
 def _agree(flag: bool, world: int, device: torch.device) -> bool:
