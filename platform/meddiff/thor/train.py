@@ -78,7 +78,10 @@ def train_thor(
                 f"{data}: an epoch has {epoch_rows} slices, fewer than one batch of "
                 f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
             )
-        samples = np.stack([r["image"] for r in repeated.take(tc.num_samples)])
+        # Reconstruction grids show slices spread over the (first 512 of the) training set.
+        pool = [r["image"] for r in base.take(512)]
+        pick = np.linspace(0, len(pool) - 1, min(tc.num_samples, len(pool))).round().astype(int)
+        samples = np.stack([pool[i] for i in pick])
         # Augmentation runs as tasks: an actor pool would be restarted at every epoch.
         ds = repeated.map_batches(
             augment_batch_task,
