@@ -22,6 +22,7 @@ GROUPS = (
     "meddiff.morphology.cli",
     "meddiff.config.cli",
     "meddiff.synthesis.cli",
+    "meddiff.thor.cli",
 )
 
 

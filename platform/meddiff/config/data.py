@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from meddiff.config.base import Section
 
@@ -80,9 +80,33 @@ class WsiConfig(Section):
 
 
 class MriConfig(Section):
-    """Slicing NIfTI volumes into 2D images."""
+    """Slicing NIfTI volumes into 2D images (axial slices in a canonical orientation)."""
 
     image_size: int = Field(default=128, ge=8, description="Output slice height and width.")
+    percentiles: tuple[float, float] = Field(
+        default=(1.0, 99.0),
+        description="Intensity window: these percentiles of the brain voxels map to 0 and 1.",
+    )
+    min_brain_fraction: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Keep axial slices whose brain area is at least this share of the largest.",
+    )
+    margin: float = Field(
+        default=0.05, ge=0, le=1, description="Border around the brain's in-plane box (share)."
+    )
+    brain_threshold: float = Field(
+        default=0.0, description="Without a mask, voxels above this are brain (skull-stripped)."
+    )
+    png_bits: Literal[8, 16] = Field(default=16, description="Bit depth of written PNG slices.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MriConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        return self
 
 
 class DataConfig(Section):
@@ -92,4 +116,8 @@ class DataConfig(Section):
     mri: MriConfig = MriConfig()
 
 
-TINY: dict = {"pcam": {"rows_per_block": 256}, "shards": {"rows_per_file": 1024}}
+TINY: dict = {
+    "pcam": {"rows_per_block": 256},
+    "shards": {"rows_per_file": 1024},
+    "mri": {"image_size": 64},
+}

@@ -38,6 +38,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     slide.add_argument("--name", default="sample_slide.svs", help="file name of the slide")
     slide.set_defaults(handler=_sample_wsi)
 
+    brain = cmds.add_parser(
+        "sample-brain",
+        help="write healthy MRI training slices and a lesion benchmark (PNG folders) from the "
+        "bundled MNI152 T1 brain",
+    )
+    brain.add_argument("out", type=Path, help="output directory (train/, test/images, test/masks)")
+    brain.add_argument("--lesion", type=int, default=48, help="test slices with a lesion")
+    brain.add_argument("--normal", type=int, default=16, help="lesion-free test slices")
+    brain.add_argument(
+        "--test-every", type=int, default=4, help="hold out every N-th axial slice for testing"
+    )
+    brain.add_argument(
+        "--image-size", type=int, help="slice size in pixels (default: data.mri.image_size)"
+    )
+    brain.add_argument("--seed", type=int, default=0)
+    brain.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    add_config_arguments(brain)
+    brain.set_defaults(handler=_sample_brain)
+
     ingest = cmds.add_parser(
         "ingest",
         help="stream a PCam directory, shard directory, slide or slide directory into Parquet "
@@ -84,6 +103,25 @@ def _sample_wsi(args: argparse.Namespace) -> int:
         levels = [list(d) for d in slide.level_dimensions]
         power, mpp = slide.property("objective-power"), slide.property("mpp-x")
     print(json.dumps({"slide": str(path), "levels": levels, "objective_power": power, "mpp": mpp}))
+    return 0
+
+
+def _sample_brain(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.data.brain import BrainSampleSizes, sample_brain
+
+    if args.image_size is not None:
+        args.overrides.append(f"data.mri.image_size={args.image_size}")
+    cfg = config_from_args(args)
+    manifest = sample_brain(
+        args.out,
+        cfg.data.mri,
+        BrainSampleSizes(lesion=args.lesion, normal=args.normal, test_every=args.test_every),
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    keys = ("image_size", "train", "test_lesion", "test_normal", "strata")
+    print(json.dumps({"out": str(args.out), **{k: manifest[k] for k in keys}}, indent=2))
     return 0
 
 

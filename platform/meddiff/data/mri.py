@@ -1,0 +1,190 @@
+"""NIfTI brain volumes to 2D axial slices in [0, 1], the input of anomaly detection.
+
+Steps, each a function so tools and tests can use them alone:
+
+1. ``load_volume``: read with nibabel and reorient to the closest canonical RAS orientation
+   (voxel axes: +x toward patient Right, +y Anterior, +z Superior), whatever the file's own axes.
+2. ``brain_mask``: a given mask volume (non-zero = brain), else voxels above a threshold (for
+   skull-stripped scans such as the MNI152 template).
+3. ``normalize_intensity``: robust window from percentiles of the brain voxels (1st and 99th by
+   default) mapped to [0, 1], clipped; voxels outside the brain are 0. One window per volume, so
+   slices of a volume stay comparable.
+4. ``axial_slices``: one (rows, cols) image per z, shown with anterior at the top and the
+   patient's right on the image's right (neurological convention).
+5. ``volume_to_slices``: keep slices whose brain area is at least ``min_brain_fraction`` of the
+   largest, crop every slice to one square box around the volume's brain (plus ``margin``), and
+   resize to ``image_size`` (anti-aliased for images, nearest for masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meddiff.config.data import MriConfig
+from meddiff.errors import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | Path) -> np.ndarray:
+    """A 3D NIfTI volume reoriented to canonical RAS, float32 (X, Y, Z).
+
+    Raises:
+        DataError: missing, unreadable, or not 3D (a trailing singleton 4th axis is accepted).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"NIfTI volume {path} does not exist")
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+        raise DataError(f"{path}: not a readable NIfTI volume ({err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: volume has shape {data.shape}; expected a 3D volume")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: volume holds NaN or infinite values")
+    return data
+
+
+def brain_mask(
+    volume: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.0
+) -> np.ndarray:
+    """Boolean brain mask (X, Y, Z): ``mask != 0`` if given, else ``volume > threshold``."""
+    if mask is not None:
+        if mask.shape != volume.shape:
+            raise DataError(f"brain mask has shape {mask.shape} but the volume has {volume.shape}")
+        return mask != 0
+    return volume > threshold
+
+
+def normalize_intensity(
+    volume: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)
+) -> np.ndarray:
+    """Map the ``percentiles`` of the brain voxels to [0, 1] (clipped); outside the brain is 0."""
+    values = volume[brain]
+    if values.size == 0:
+        raise DataError("the brain mask is empty: nothing to normalise")
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        raise DataError(
+            f"brain intensities are constant between the {percentiles} percentiles ({lo}); "
+            "cannot normalise"
+        )
+    out = np.clip((volume - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out[~brain] = 0.0
+    return out
+
+
+def axial_slices(volume: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) RAS volume → (Z, Y, X) slices with anterior at the top (rows run anterior to
+    posterior) and the patient's right on the right (columns run left to right)."""
+    return np.ascontiguousarray(np.transpose(volume, (2, 1, 0))[:, ::-1, :])
+
+
+def square_box(brain: np.ndarray, margin: float) -> tuple[int, int, int]:
+    """(row0, col0, side): a square around the union of brain pixels of (N, H, W) slices, grown by
+    ``margin`` of its side. The box may extend past the slice (padded with zeros when cut)."""
+    any_brain = brain.any(axis=0)
+    rows = np.flatnonzero(any_brain.any(axis=1))
+    cols = np.flatnonzero(any_brain.any(axis=0))
+    if rows.size == 0:
+        raise DataError("no brain voxels in any slice")
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    side = int(np.ceil(max(h, w) * (1 + 2 * margin)))
+    r0 = int(rows[0] + h / 2 - side / 2)
+    c0 = int(cols[0] + w / 2 - side / 2)
+    return r0, c0, side
+
+
+def crop_square(slices: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    """Cut the square ``box`` from (N, H, W) slices, padding with zeros outside them."""
+    r0, c0, side = box
+    n, h, w = slices.shape
+    pad = max(0, -r0, -c0, r0 + side - h, c0 + side - w)
+    padded = np.pad(slices, ((0, 0), (pad, pad), (pad, pad)))
+    return padded[:, r0 + pad : r0 + pad + side, c0 + pad : c0 + pad + side]
+
+
+def resize_slices(slices: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+    """Resize (N, S, S) to (N, size, size); order 1 anti-aliased for images, 0 for masks."""
+    from skimage.transform import resize
+
+    if slices.shape[1:] == (size, size):
+        return slices.copy()
+    if order == 0:
+        out = resize(
+            slices.astype(np.float32), (len(slices), size, size), order=1, anti_aliasing=False
+        )
+        return out >= 0.5
+    out = resize(slices, (len(slices), size, size), order=order, anti_aliasing=True)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class MriSlices:
+    """Axial slices of one volume."""
+
+    source: str
+    images: np.ndarray  # float32 (N, S, S) in [0, 1]
+    brain: np.ndarray  # bool (N, S, S)
+    z: np.ndarray  # int64 (N,) index of each slice along the canonical superior axis
+
+
+def volume_to_slices(
+    path: str | Path,
+    cfg: MriConfig,
+    mask_path: str | Path | None = None,
+    *,
+    volume: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> MriSlices:
+    """Slice a NIfTI volume (or an already loaded RAS ``volume``) into normalised square slices."""
+    vol = load_volume(path) if volume is None else volume
+    if mask is None and mask_path is not None:
+        mask = load_volume(mask_path)
+        if mask.shape != vol.shape:
+            raise DataError(
+                f"{mask_path}: brain mask has shape {mask.shape} but {path} has {vol.shape}"
+            )
+    brain = brain_mask(vol, mask, cfg.brain_threshold)
+    norm = normalize_intensity(vol, brain, cfg.percentiles)
+    images, brains = axial_slices(norm), axial_slices(brain)
+    area = brains.sum(axis=(1, 2))
+    keep = np.flatnonzero(area >= max(1, cfg.min_brain_fraction * area.max()))
+    box = square_box(brains[keep], cfg.margin)
+    return MriSlices(
+        source=str(path),
+        images=resize_slices(crop_square(images[keep], box), cfg.image_size),
+        brain=resize_slices(crop_square(brains[keep], box), cfg.image_size, order=0),
+        z=keep.astype(np.int64),
+    )
+
+
+class NiftiSlicer:
+    """Ray Data stage: rows ``{"path": str}`` of NIfTI files → rows of slices.
+
+    Output columns: ``image`` float32 (S, S), ``source`` str, ``index`` int64 (z). Used with
+    ``flat_map`` so one volume becomes many rows.
+    """
+
+    def __init__(self, cfg: MriConfig):
+        self.cfg = cfg
+
+    def __call__(self, row: dict) -> list[dict]:
+        sl = volume_to_slices(row["path"], self.cfg)
+        return [
+            {"image": img, "source": sl.source, "index": int(z)}
+            for img, z in zip(sl.images, sl.z, strict=True)
+        ]

@@ -1,0 +1,152 @@
+"""Evaluate THOR and its baselines on a folder of images with masks: metrics, JSON, HTML report.
+
+Every method runs on the same trained model and the same images; results are keyed by method
+label (``thor``, ``ddpm``, ``anoddpm``, or a custom label such as ``thor-fast``). Every output
+states how the maps were made (``map_kind``), in particular when they are residual-only because
+LPIPS is off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff.config import Config
+from meddiff.thor.detect import FolderResult, run_folder
+from meddiff.thor.metrics import evaluate_maps, summary_row
+
+log = logging.getLogger(__name__)
+
+
+def method_config(cfg: Config, method: str, **infer: Any) -> Config:
+    """``cfg`` with ``thor.infer.method`` set; baselines drop THOR-only settings (noise kind and
+    harmonization steps follow the method), ``infer`` overrides other inference fields."""
+    update: dict[str, Any] = {"method": method, **infer}
+    if method != "thor":
+        update.setdefault("noise", None)
+        update.setdefault("harmonization_steps", None)
+    data = cfg.model_dump(mode="json")
+    data["thor"]["infer"].update(update)
+    return Config.model_validate(data)
+
+
+def evaluate_folder(
+    cfg: Config,
+    model_ref: str,
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    methods: Mapping[str, Config] | Sequence[str] = ("thor",),
+    out_dir: str | Path | None = None,
+    box_protocol: bool | None = None,
+    title: str = "THOR anomaly detection",
+) -> dict[str, Any]:
+    """Run each method, compute metrics, and (with ``out_dir``) write ``metrics.json`` and
+    ``report.html``. ``methods`` is a list of method names or a {label: config} mapping."""
+    import mlflow
+
+    from meddiff import tracking
+
+    if not isinstance(methods, Mapping):
+        methods = {m: method_config(cfg, m) for m in methods}
+    results: dict[str, Any] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    first: FolderResult | None = None
+    with tracking.start_run(cfg, "thor-evaluate", nested=mlflow.active_run() is not None):
+        mlflow.log_params({"thor.eval.images": str(images_dir), "thor.eval.masks": str(masks_dir)})
+        for label, mcfg in methods.items():
+            log.info("evaluating %s on %s", label, images_dir)
+            res = run_folder(mcfg, model_ref, images_dir, masks_dir)
+            first = first or res
+            metrics = evaluate_maps(res.maps, res.masks, res.scores, mcfg.thor.eval, box_protocol)
+            results[label] = {
+                "metrics": metrics,
+                "plan": res.plan,
+                "seconds": round(res.seconds, 2),
+                "images_per_s": round(res.images_per_s, 4),
+            }
+            outputs[label] = {
+                "maps": res.maps,
+                "reconstructions": res.reconstructions,
+                "scores": res.scores,
+            }
+            row = {f"{label}.{k}": v for k, v in summary_row(metrics).items() if v is not None}
+            mlflow.log_metrics({**row, f"{label}.images_per_s": res.images_per_s})
+            mlflow.set_tag(f"thor.map_kind.{label}", res.plan["map_kind"])
+        notes = _notes(results)
+        summary = {
+            "model": str(model_ref),
+            "images": str(images_dir),
+            "masks": str(masks_dir),
+            "notes": notes,
+            "methods": results,
+        }
+        mlflow.log_dict(summary, "metrics.json")
+        if out_dir is not None and first is not None:
+            html = _report(title, results, first, outputs, cfg.thor.eval.report_rows, notes)
+            _write_outputs(Path(out_dir), summary, html)
+            mlflow.log_artifact(str(Path(out_dir) / "report.html"))
+    return summary
+
+
+def _notes(results: Mapping[str, Any]) -> list[str]:
+    notes = []
+    for label, r in results.items():
+        if r["plan"]["method"] == "thor" and r["plan"]["residual_only"]:
+            notes.append(
+                f"{label}: anomaly maps are residual-only: the LPIPS perceptual term is off "
+                "(thor.infer.lpips=off), so maps are |x0 - x| without the LPIPS factor."
+            )
+        elif "RANDOM" in r["plan"]["map_kind"]:
+            notes.append(f"{label}: LPIPS used a RANDOM backbone (tests only); not perceptual.")
+    return notes
+
+
+def _report(title, results, first: FolderResult, outputs, rows, notes) -> str:
+    from meddiff.thor.report import render_report
+
+    return render_report(
+        title, results, first.names, first.images, first.masks, outputs, rows=rows, notes=notes
+    )
+
+
+def _write_outputs(out: Path, summary: dict[str, Any], html: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("metrics.json", json.dumps(summary, indent=2)), ("report.html", html)):
+        tmp = out / f".{name}.partial-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def metric_table(summary: Mapping[str, Any]) -> str:
+    """A plain-text table of the headline metrics, one row per method."""
+    cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc", "small_auprc",
+            "medium_auprc", "large_auprc"]  # fmt: skip
+    head = (
+        f"{'method':<12} {'schedule':<22} " + " ".join(f"{c:>12}" for c in cols) + f" {'img/s':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for label, r in summary["methods"].items():
+        row = summary_row(r["metrics"])
+        vals = " ".join(
+            f"{row[c]:>12.3f}" if row.get(c) is not None else f"{'-':>12}" for c in cols
+        )
+        lines.append(f"{label:<12} {r['plan']['schedule']:<22} {vals} {r['images_per_s']:>8.3f}")
+    for note in summary.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def copy_tree_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)

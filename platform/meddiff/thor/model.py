@@ -1,0 +1,124 @@
+"""A trained THOR model on disk: the UNet's weights plus the configs needed to rebuild it.
+
+Layout of a model directory (what the registry stores and ``--model`` accepts)::
+
+    thor_model.json   {"format": "meddiff-thor/1", "unet": {...}, "schedule": {...}, "info": {...}}
+    thor_unet.pt      the UNet's state dict (torch.save)
+
+``save_model`` writes to a temporary directory and renames it, so a directory that has
+``thor_model.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meddiff.config.thor import ScheduleConfig, UNetConfig
+from meddiff.errors import ModelError
+from meddiff.thor.schedule import DDPMSchedule
+from meddiff.thor.unet import DiffusionUNet
+
+FORMAT = "meddiff-thor/1"
+CONFIG_FILE = "thor_model.json"
+WEIGHTS_FILE = "thor_unet.pt"
+
+
+@dataclass
+class ThorModel:
+    """The network and its schedule, ready for inference."""
+
+    unet: DiffusionUNet
+    schedule: DDPMSchedule
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.cfg.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.cfg.in_channels
+
+
+def save_model(
+    out_dir: str | Path,
+    unet: torch.nn.Module,
+    unet_cfg: UNetConfig,
+    schedule_cfg: ScheduleConfig,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory (all or nothing); returns its path."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(unet.state_dict(), tmp / WEIGHTS_FILE)
+    meta = {
+        "format": FORMAT,
+        "unet": unet_cfg.model_dump(mode="json"),
+        "schedule": schedule_cfg.model_dump(mode="json"),
+        "info": info or {},
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_model_config(model_dir: str | Path) -> tuple[UNetConfig, ScheduleConfig, dict[str, Any]]:
+    """The UNet and schedule configs and info stored in a model directory."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{model_dir} is not a THOR model directory (no {CONFIG_FILE}; expected the output "
+            "of `meddiff thor train` or a registered THOR model)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: corrupt model config ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        return (
+            UNetConfig.model_validate(meta["unet"]),
+            ScheduleConfig.model_validate(meta["schedule"]),
+            meta.get("info", {}),
+        )
+    except (KeyError, ValueError) as err:
+        raise ModelError(f"{path}: invalid model config ({err})") from None
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> ThorModel:
+    """Rebuild the UNet from a model directory and load its weights (eval mode).
+
+    Raises:
+        ModelError: not a model directory, or weights that do not fit the stored config.
+    """
+    unet_cfg, schedule_cfg, info = read_model_config(model_dir)
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{model_dir}: missing {WEIGHTS_FILE}")
+    unet = DiffusionUNet(unet_cfg)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        unet.load_state_dict(state)
+    except Exception as err:
+        raise ModelError(f"{weights}: cannot load weights ({str(err).splitlines()[0]})") from None
+    unet.to(device).eval().requires_grad_(False)
+    return ThorModel(unet, DDPMSchedule(schedule_cfg), info)
+
+
+def resolve_model(ref: str | Path, tracking_cfg, device: str | torch.device = "cpu") -> ThorModel:
+    """Load a model from a directory or a registry URI (``models:/NAME/VERSION``, ``@ALIAS``)."""
+    from meddiff.tracking import fetch_model
+
+    return load_model(fetch_model(ref, tracking_cfg), device)

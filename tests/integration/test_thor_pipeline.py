@@ -1,0 +1,150 @@
+"""THOR end to end on the shared Ray: sample brain data → Ray Train (checkpoint, resume, registry)
+→ detect and evaluate through the CLI → bad inputs end in one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+
+from meddiff.cli import main
+from meddiff.config.data import MriConfig
+from meddiff.data.brain import BrainSampleSizes, sample_brain
+from meddiff.data.images import write_png
+
+SMALL = [
+    "--preset", "tiny",
+    "--set", "thor.model.image_size=32",
+    "--set", "thor.model.channels=[16, 32]",
+    "--set", "thor.model.attention_levels=[false, true]",
+    "--set", "thor.model.num_head_channels=32",
+    "--set", "thor.model.norm_groups=8",
+    "--set", "thor.train.batch_size=4",
+    "--set", "thor.train.checkpoint_every=2",
+    "--set", "thor.train.sample_every=2",
+    "--set", "thor.train.num_samples=2",
+    "--set", "thor.train.log_every=1",
+    "--set", "thor.train.epoch_images=32",
+    "--set", "thor.train.register_as=thor-test",
+    "--set", "thor.infer.batch_size=8",
+    "--set", "runtime.progress=false",
+]  # fmt: skip
+FAST = ["--stride", "50"]
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("thor") / "brain"
+    sample_brain(out, MriConfig(image_size=32), BrainSampleSizes(lesion=6, normal=2), seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(brain, tmp_path_factory):
+    """Train 2 steps, then run again with 4 steps: the second run resumes at step 2."""
+    out = tmp_path_factory.mktemp("thor") / "run"
+    args = ["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL]
+    assert main([*args, "--set", "thor.train.steps=2"]) == 0
+    first = json.loads((out / "train_summary.json").read_text())
+    assert main([*args, "--set", "thor.train.steps=4"]) == 0
+    second = json.loads((out / "train_summary.json").read_text())
+    return out, first, second
+
+
+def test_training_checkpoints_resumes_and_registers(trained):
+    out, first, second = trained
+    assert first["steps"] == 2 and second["steps"] == 4
+    assert first["registered"] == "models:/thor-test/1"
+    assert second["registered"] == "models:/thor-test/2"
+    assert (out / "model" / "thor_model.json").is_file()
+    info = json.loads((out / "model" / "thor_model.json").read_text())["info"]
+    assert info["steps"] == 4
+    client = mlflow.MlflowClient()
+    resumed = client.get_metric_history(second["run_id"], "resumed_from_step")
+    assert [m.value for m in resumed] == [2.0]
+    losses = client.get_metric_history(second["run_id"], "loss")
+    assert [m.step for m in losses] == [3, 4]  # only the new steps ran
+    artifacts = [a.path for a in client.list_artifacts(second["run_id"], "samples")]
+    assert "samples/step_0000004.png" in artifacts
+
+
+def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_path, capsys):
+    out = tmp_path / "detect"
+    rc = main(["thor", "detect", "--model", "models:/thor-test/2", "--images",
+               str(brain / "test" / "images"), "--out", str(out), *FAST, *SMALL])  # fmt: skip
+    assert rc == 0
+    names = sorted(p.name for p in (brain / "test" / "images").glob("*.png"))
+    assert sorted(p.name for p in (out / "maps").glob("*.png")) == names
+    rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
+    assert [r["name"] for r in rows] == names
+    assert all(r["map_kind"] == "residual-only (LPIPS off)" for r in rows)
+    assert all(float(r["score"]) >= 0 for r in rows)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["residual_only"] is True and summary["forwards_per_image"] == 8
+
+
+def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, capsys):
+    out = tmp_path / "eval"
+    model = str(trained[0] / "model")
+    rc = main(["thor", "evaluate", "--model", model, "--images", str(brain / "test" / "images"),
+               "--masks", str(brain / "test" / "masks"), "--method", "thor", "--method", "ddpm",
+               "--out", str(out), *FAST, *SMALL])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["methods"]) == {"thor", "ddpm"}
+    thor = summary["methods"]["thor"]
+    assert thor["metrics"]["images"] == {"lesion": 6, "normal": 2}
+    assert 0 <= thor["metrics"]["pixel"]["auprc"] <= 1
+    assert thor["plan"]["harmonization_steps"] == [300, 150, 50]
+    assert any("residual-only" in n for n in summary["notes"])
+    html = (out / "report.html").read_text()
+    assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert json.loads((out / "metrics.json").read_text())["methods"].keys() == {"thor", "ddpm"}
+
+
+def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
+    model = str(trained[0] / "model")
+    images, masks = brain / "test" / "images", brain / "test" / "masks"
+
+    def run(*args: str) -> str:
+        rc = main(["thor", "evaluate", "--model", model, *args, *FAST, *SMALL])
+        assert rc == 2
+        return capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    write_png(bad / "tiny.png", np.zeros((16, 16)))
+    assert "tiny.png: image is 16x16 pixels; expected 32x32" in run(
+        "--images", str(bad), "--masks", str(bad)
+    )
+    wrong_masks = tmp_path / "masks"
+    shutil.copytree(masks, wrong_masks)
+    first = sorted(wrong_masks.glob("*.png"))[0]
+    write_png(first, np.zeros((20, 32), dtype=bool))
+    err = run("--images", str(images), "--masks", str(wrong_masks))
+    assert f"{first.name}: mask is 32x20 pixels but its image is 32x32" in err
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in run("--images", str(tmp_path / "empty"), "--masks", str(masks))
+    err = run(
+        "--images", str(images), "--masks", str(masks), "--set", "thor.infer.noise_level=1000"
+    )
+    assert "T=1000" in err and "last step is 999" in err
+    err = run("--images", str(images), "--masks", str(masks),
+              "--set", "thor.infer.harmonization_steps=[400, 50]")  # fmt: skip
+    assert "step 400, above the noise level T=350" in err
+
+
+@pytest.mark.slow
+def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
+    out = tmp_path / "ds"
+    rc = main(["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
+               "--set", "thor.train.strategy=deepspeed", "--set", "thor.train.steps=2",
+               "--set", "thor.train.register_as=null"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and "registered" not in summary
+    ckpts = sorted((out / "ray" / "thor-train").glob("checkpoint_*"))
+    assert ckpts and (ckpts[-1] / "deepspeed").is_dir() and (ckpts[-1] / "model").is_dir()

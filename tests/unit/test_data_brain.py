@@ -1,0 +1,59 @@
+"""The lesion benchmark built from the bundled MNI152 brain."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from meddiff.config.data import MriConfig
+from meddiff.data.brain import MANIFEST, BrainSampleSizes, add_lesion, sample_brain, stratum
+from meddiff.data.images import list_pngs, load_folder
+from meddiff.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def brain_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("brain") / "sample"
+    sample_brain(out, MriConfig(image_size=32), BrainSampleSizes(lesion=6, normal=3), seed=1)
+    return out
+
+
+def test_layout_manifest_and_split(brain_dir):
+    manifest = json.loads((brain_dir / MANIFEST).read_text())
+    train = list_pngs(brain_dir / "train")
+    assert manifest["train"] == len(train) > 50
+    test = load_folder(brain_dir / "test" / "images", brain_dir / "test" / "masks", size=32)
+    assert len(test.names) == 9
+    # Test slices are held out: none of their z positions is a training slice.
+    assert not set(manifest["train_z"]) & set(manifest["test_z"])
+    rows = list(csv.DictReader((brain_dir / "test" / "lesions.csv").read_text().splitlines()))
+    by_name = {r["name"]: r for r in rows}
+    for name, mask in zip(test.names, test.masks, strict=True):
+        assert int(by_name[name]["area"]) == mask.sum()
+        assert (by_name[name]["kind"] == "normal") == (mask.sum() == 0)
+        assert int(by_name[name]["z"]) in manifest["test_z"]
+    lesion_strata = [r["stratum"] for r in rows if r["kind"] == "lesion"]
+    assert sorted(set(lesion_strata)) == ["large", "medium", "small"]
+    with pytest.raises(DataError, match="already exists"):
+        sample_brain(brain_dir, MriConfig(image_size=32), BrainSampleSizes(lesion=1, normal=1))
+
+
+def test_lesions_lie_inside_the_brain_and_change_intensity():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    brain = (yy - 32) ** 2 + (xx - 32) ** 2 < 26**2
+    image = np.where(brain, 0.6, 0.0).astype(np.float32)
+    for target in ("small", "medium", "large"):
+        for _ in range(3):
+            out, mask, info = add_lesion(image, brain, target, rng)
+            assert mask.any() and not (mask & ~brain).any()
+            change = out[mask].mean() - 0.6
+            assert (change > 0.1) if info["contrast"] == "hyper" else (change < -0.1)
+            assert np.array_equal(out[~brain], image[~brain])  # nothing outside the brain
+    assert (
+        stratum(10, 64) == "small" and stratum(100, 64) == "medium" and stratum(200, 64) == "large"
+    )
+    assert stratum(0, 64) == "none"

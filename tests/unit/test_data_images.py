@@ -1,0 +1,118 @@
+"""PNG image folders with same-named masks: reading, writing, and bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddiff.data.images import (
+    check_headers,
+    list_pngs,
+    load_folder,
+    mask_paths,
+    read_mask,
+    read_png,
+    write_png,
+)
+from meddiff.errors import DataError
+
+
+def test_8_and_16_bit_pngs_read_as_unit_floats(tmp_path):
+    Image.fromarray(np.array([[0, 51], [255, 102]], dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 65535], [13107, 32768]], dtype=np.uint16)).save(
+        tmp_path / "b.png"
+    )
+    np.testing.assert_allclose(read_png(tmp_path / "a.png"), [[0, 0.2], [1, 0.4]], atol=1e-6)
+    np.testing.assert_allclose(
+        read_png(tmp_path / "b.png"), [[0, 1], [0.2, 32768 / 65535]], atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_write_read_round_trip(tmp_path, bits):
+    rng = np.random.default_rng(0)
+    img = rng.random((5, 7)).astype(np.float32)
+    write_png(tmp_path / "x.png", img, bits=bits)
+    back = read_png(tmp_path / "x.png")
+    assert back.shape == (5, 7)
+    np.testing.assert_allclose(back, img, atol=0.5 / (2**bits - 1) + 1e-7)
+    assert not list(tmp_path.glob(".*partial*"))  # no temporary file left behind
+
+
+def test_masks_are_nonzero_pixels(tmp_path):
+    mask = np.zeros((4, 4), dtype=np.uint8)
+    mask[1, 2] = 1  # any non-zero value counts, not only 255
+    mask[3, 3] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    got = read_mask(tmp_path / "m.png", (4, 4))
+    assert got.sum() == 2 and got[1, 2] and got[3, 3]
+    write_png(tmp_path / "w.png", got)
+    assert np.array_equal(read_mask(tmp_path / "w.png"), got)
+
+
+def test_load_folder_pairs_images_and_masks_by_name(tmp_path):
+    for name in ("b.png", "a.png"):
+        write_png(tmp_path / "img" / name, np.full((8, 8), 0.5))
+        write_png(tmp_path / "msk" / name, np.eye(8, dtype=bool))
+    (tmp_path / "img" / ".DS_Store").write_text("ignored")
+    s = load_folder(tmp_path / "img", tmp_path / "msk", size=8)
+    assert s.names == ["a.png", "b.png"]
+    assert s.images.shape == (2, 8, 8) and s.masks.shape == (2, 8, 8)
+    assert s.masks.sum() == 16
+
+
+def test_non_png_in_the_folder_is_named(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((4, 4)))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"notes\.txt: not a PNG"):
+        list_pngs(tmp_path)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="is empty"):
+        list_pngs(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        list_pngs(tmp_path / "nope")
+
+
+def test_colour_image_is_a_channel_error(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match=r"rgb\.png: image has 3 channels"):
+        read_png(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((4, 4, 2), dtype=np.uint8), mode="LA").save(tmp_path / "la.png")
+    with pytest.raises(DataError, match=r"la\.png: mask has 2 channels"):
+        read_mask(tmp_path / "la.png")
+
+
+def test_wrong_size_and_fake_png(tmp_path):
+    write_png(tmp_path / "small.png", np.zeros((4, 6)))
+    with pytest.raises(DataError, match=r"small\.png: image is 6x4 pixels; expected 8x8"):
+        read_png(tmp_path / "small.png", size=8)
+    (tmp_path / "fake.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"fake\.png: not a readable PNG"):
+        read_png(tmp_path / "fake.png")
+
+
+def test_mask_size_mismatch_and_missing_mask_name_the_file(tmp_path):
+    write_png(tmp_path / "img" / "a.png", np.zeros((8, 8)))
+    write_png(tmp_path / "img" / "b.png", np.zeros((8, 8)))
+    write_png(tmp_path / "msk" / "a.png", np.zeros((4, 8), dtype=bool))
+    with pytest.raises(DataError, match=r"no mask for image .*b\.png"):
+        mask_paths(list_pngs(tmp_path / "img"), tmp_path / "msk")
+    write_png(tmp_path / "msk" / "b.png", np.zeros((8, 8), dtype=bool))
+    with pytest.raises(DataError, match=r"msk/a\.png: mask is 8x4 pixels but its image is 8x8"):
+        load_folder(tmp_path / "img", tmp_path / "msk")
+    # The same checks from the PNG headers alone, before any pixel is decoded.
+    files = list_pngs(tmp_path / "img")
+    with pytest.raises(DataError, match=r"msk/a\.png: mask is 8x4 pixels but its image is 8x8"):
+        check_headers(files, 8, mask_paths(files, tmp_path / "msk"))
+    with pytest.raises(DataError, match=r"img/a\.png: image is 8x8 pixels; expected 16x16"):
+        check_headers(files, 16)
+
+
+def test_mixed_sizes_in_one_folder(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((8, 8)))
+    write_png(tmp_path / "b.png", np.zeros((9, 8)))
+    with pytest.raises(DataError, match=r"b\.png: image is 8x9 pixels but a\.png is 8x8"):
+        load_folder(tmp_path)

@@ -1,0 +1,129 @@
+"""UNet, DDPM schedule, noise and the model directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meddiff.config import load_config
+from meddiff.config.thor import ScheduleConfig, SimplexConfig, UNetConfig
+from meddiff.errors import ConfigError, ModelError
+from meddiff.thor.model import CONFIG_FILE, load_model, save_model
+from meddiff.thor.noise import make_noise, simplex_noise
+from meddiff.thor.schedule import DDPMSchedule
+from meddiff.thor.unet import Attention, DiffusionUNet, count_parameters
+
+SMALL = UNetConfig(
+    image_size=16, channels=(8, 16), attention_levels=(False, True), norm_groups=8,
+    num_head_channels=8,
+)  # fmt: skip
+
+
+def test_full_size_unet_matches_the_papers_parameter_count():
+    # THOR's brain UNet: channels (128, 256, 256), attention (F, T, T), one res block: 18.5 M.
+    assert count_parameters(DiffusionUNet(UNetConfig())) == pytest.approx(18.50e6, rel=0.002)
+
+
+def test_unet_predicts_noise_of_the_input_shape():
+    net = DiffusionUNet(SMALL)
+    x = torch.randn(3, 1, 16, 16)
+    assert net(x, torch.tensor([0, 10, 999])).shape == (3, 1, 16, 16)
+
+
+def test_attention_equals_the_naive_softmax_form():
+    torch.manual_seed(0)
+    attn = Attention(16, 8, 8)
+    torch.nn.init.normal_(attn.proj.weight, std=0.1)
+    x = torch.randn(2, 16, 4, 4)
+    got = attn(x)
+    b, c, h, w = x.shape
+    tokens = attn.norm(x).flatten(2).transpose(1, 2)
+    q, k, v = attn.qkv(tokens).chunk(3, dim=-1)
+    split = [t.reshape(b, h * w, 2, 8).transpose(1, 2) for t in (q, k, v)]
+    weights = F.softmax(split[0] @ split[1].transpose(-1, -2) / math.sqrt(8), dim=-1)
+    out = (weights @ split[2]).transpose(1, 2).reshape(b, h * w, c)
+    expected = x + attn.proj(out).transpose(1, 2).reshape(b, c, h, w)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="attention_levels has 2 entries"):
+        load_config(overrides=["thor.model.attention_levels=[true, false]"])
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        load_config(overrides=["thor.model.image_size=30"])
+    with pytest.raises(ConfigError, match="uses simplex noise"):
+        load_config(overrides=["thor.infer.method=anoddpm", "thor.infer.noise=gaussian"])
+
+
+def test_schedule_noising_and_x0_prediction_invert_each_other():
+    s = DDPMSchedule(ScheduleConfig())
+    assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    eps = torch.randn(2, 1, 4, 4)
+    x_t = s.add_noise(x0, eps, 350)
+    ab = float(s.alphas_cumprod[350])
+    torch.testing.assert_close(x_t, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps)
+    torch.testing.assert_close(s.predict_x0(eps, 350, x_t), x0, atol=1e-5, rtol=0)
+    # The last step and the DDIM step to "clean" both return x̂0 itself.
+    mean, pred = s.step(eps, 0, s.add_noise(x0, eps, 0))
+    torch.testing.assert_close(mean, pred)
+    x_prev, pred = s.ddim_step(eps, 350, -1, x_t)
+    torch.testing.assert_close(x_prev, x0, atol=1e-5, rtol=0)
+    # A DDIM step with the true noise lands exactly on q(x0, ε, t').
+    x_prev, _ = s.ddim_step(eps, 350, 300, x_t)
+    torch.testing.assert_close(x_prev, s.add_noise(x0, eps, 300), atol=1e-5, rtol=0)
+
+
+def test_ddpm_step_posterior_mean_by_formula():
+    s = DDPMSchedule(ScheduleConfig())
+    x0 = torch.full((1, 1, 2, 2), 0.5)
+    eps = torch.full((1, 1, 2, 2), 0.3)
+    t = 100
+    x_t = s.add_noise(x0, eps, t)
+    mean, _ = s.step(eps, t, x_t, noise=torch.zeros_like(x_t))
+    ab, ab_prev = float(s.alphas_cumprod[t]), float(s.alphas_cumprod[t - 1])
+    beta, alpha = float(s.betas[t]), float(s.alphas[t])
+    expected = (
+        math.sqrt(ab_prev) * beta / (1 - ab) * x0
+        + math.sqrt(alpha) * (1 - ab_prev) / (1 - ab) * x_t
+    )
+    torch.testing.assert_close(mean, expected, atol=1e-6, rtol=0)
+
+
+def test_simplex_noise_is_smooth_unit_variance_and_seeded_per_image():
+    cfg = SimplexConfig()
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    n = simplex_noise((2, 1, 64, 64), 250, cfg, gens)
+    assert n.shape == (2, 1, 64, 64)
+    assert n.mean(dim=(1, 2, 3)).abs().max() < 1e-4
+    assert n.std(dim=(1, 2, 3)).sub(1).abs().max() < 1e-3
+    # Neighbouring pixels are strongly correlated (low-frequency octaves), unlike white noise.
+    corr = torch.corrcoef(torch.stack([n[0, 0, :, :-1].flatten(), n[0, 0, :, 1:].flatten()]))[0, 1]
+    assert corr > 0.5
+    assert not torch.allclose(n[0], n[1])
+    again = simplex_noise((1, 1, 64, 64), 250, cfg, [torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(again[0], n[1])
+    twins = [torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)]
+    g = make_noise("gaussian", (2, 1, 8, 8), 0, cfg, twins)
+    torch.testing.assert_close(g[0], g[1])
+
+
+def test_model_directory_round_trip_and_errors(tmp_path):
+    net = DiffusionUNet(SMALL)
+    torch.nn.init.normal_(net.out[2].weight)
+    out = save_model(tmp_path / "m", net, SMALL, ScheduleConfig(), {"steps": 3})
+    loaded = load_model(out)
+    assert loaded.image_size == 16 and loaded.info == {"steps": 3}
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([5])
+    torch.testing.assert_close(loaded.unet(x, t), net(x, t))
+    with pytest.raises(ModelError, match="not a THOR model directory"):
+        load_model(tmp_path)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    meta["unet"]["channels"] = [16, 16]
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="cannot load weights"):
+        load_model(out)
