@@ -1,0 +1,439 @@
+"""Feature extractors behind one interface, and feature extraction over PCam-layout sets.
+
+An extractor maps uint8 images (n, H, W, 3) to float32 features (n, dim) and carries a ``name``
+that says honestly which network produced them:
+
+- ``inception``: the TF-FID Inception-v3 (pytorch-fid's port, 2048-d final pool features) with
+  the standard FID weights, from a local file or pytorch-fid's usual download. Only these
+  features make an "FID".
+- ``inception_random``: the same architecture with random weights (plumbing tests only).
+- ``dino``: a DINO ViT's CLS token (the embedding stage's model), pretrained weights.
+- ``<timm model>_random``: a ViT built from config with random weights (tiny preset, offline).
+
+When the Inception weights cannot be had, :func:`resolve_features` falls back to DINO (or
+raises, per ``fallback``) and says so; metrics are then named after the network actually used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from meddiff.config.evaluation import FeaturesConfig
+from meddiff.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+class FeatureExtractor(Protocol):
+    """uint8 images (n, H, W, 3) → float32 features (n, dim)."""
+
+    name: str
+    dim: int
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def metric_prefix(network: str) -> tuple[str, str]:
+    """Names of the Fréchet and kernel distances for features of ``network``.
+
+    ``("fid", "kid")`` only for the real FID Inception; otherwise ``fd_<network>``/``kd_<network>``
+    so a stand-in network never poses as FID.
+    """
+    if network == "inception":
+        return "fid", "kid"
+    return f"fd_{network}", f"kd_{network}"
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"feature extractor needs uint8 (n, H, W, 3), got {images.dtype} {images.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+class InceptionExtractor:
+    """pytorch-fid's FID Inception-v3: 2048-d final average-pool features.
+
+    ``weights``: ``"download"`` (pytorch-fid's release URL, cached in torch's hub directory), a
+    local path to ``pt_inception-2015-12-05-6726825d.pth``, or ``"random"``.
+    """
+
+    dim = 2048
+
+    def __init__(self, weights: str = "download", device: str = "cpu"):
+        self.device = device
+        self.model = _build_fid_inception(weights).to(device).eval()
+        self.name = "inception_random" if weights == "random" else "inception"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = _to_tensor(images).to(self.device)
+            # pytorch-fid resizes to 299 bilinearly and maps [0, 1] to [-1, 1] itself.
+            out = self.model(x)[0]
+        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+
+def _build_fid_inception(weights: str):
+    import torch
+    import torchvision
+    from pytorch_fid import inception as pfi
+
+    if weights == "random":
+        # Keep the architecture, skip the weights: the loader returns nothing and loading it is a
+        # no-op, so the layers keep their initialisation.
+        patches = [
+            _patch(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
+            _patch(torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None),
+        ]
+    elif weights == "download":
+        patches = []
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(
+                f"evaluation.features.inception_weights: {path} does not exist; expected "
+                f"pytorch-fid's {INCEPTION_FILE} (or 'download')"
+            )
+        patches = [
+            _patch(
+                pfi,
+                "load_state_dict_from_url",
+                lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True),
+            )
+        ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        try:
+            return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except (OSError, RuntimeError, ValueError) as err:
+            where = pfi.FID_WEIGHTS_URL if weights == "download" else weights
+            raise ModelError(
+                f"cannot load the FID Inception weights from {where} ({type(err).__name__}: "
+                f"{str(err)[:200]}); set evaluation.features.inception_weights to a local copy "
+                f"of {INCEPTION_FILE}"
+            ) from None
+
+
+def _patch(obj: Any, attr: str, value: Any):
+    from unittest import mock
+
+    return mock.patch.object(obj, attr, value)
+
+
+class DinoExtractor:
+    """A ViT's CLS token (DINO ViT-B/8 at full size), built through timm.
+
+    ``weights``: ``"hub"`` (timm's pretrained weights), a local weights file, or ``"random"``.
+    Images are resized to ``image_size`` (bicubic) and normalised with the model's mean/std.
+    """
+
+    def __init__(
+        self, model: str, weights: str = "hub", image_size: int = 224, device: str = "cpu"
+    ):
+        self.device = device
+        self.image_size = image_size
+        self.model = build_dino(model, weights, image_size).to(device).eval()
+        self.dim = int(self.model.num_features)
+        cfg = self.model.pretrained_cfg
+        self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=np.float32)
+        self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), dtype=np.float32)
+        self.name = dino_name(model, weights)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            x = _to_tensor(images).to(self.device)
+            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+                x = F.interpolate(
+                    x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False
+                )
+            mean = torch.as_tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.as_tensor(self.std, device=x.device).view(1, 3, 1, 1)
+            out = self.model((x - mean) / std)  # (n, dim): CLS token after the final norm
+        return out.float().cpu().numpy()
+
+
+def dino_name(model: str, weights: str) -> str:
+    """``dino`` for pretrained DINO weights; otherwise the model's own name (``..._random``)."""
+    base = re.sub(r"[^0-9a-zA-Z]+", "_", model).strip("_").lower()
+    if weights == "random":
+        return f"{base}_random"
+    return "dino" if "dino" in model.lower() else base
+
+
+def build_dino(model: str, weights: str, image_size: int):
+    """A timm ViT with no classifier head whose output is the CLS token."""
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
+    if image_size != 224:
+        kwargs["img_size"] = image_size
+    try:
+        if weights == "random":
+            return timm.create_model(model, pretrained=False, **kwargs)
+        if weights == "hub":
+            return timm.create_model(model, pretrained=True, **kwargs)
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(
+                f"evaluation.features.dino_weights: {path} does not exist; expected a weights "
+                "file, 'hub' or 'random'"
+            )
+        return timm.create_model(
+            model, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
+    except ModelError:
+        raise
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ModelError(
+                f"evaluation.features.dino_model: unknown timm model '{model}'"
+            ) from None
+        raise ModelError(f"cannot load DINO weights for {model} ({weights}): {err}") from None
+    except Exception as err:  # hub download failures come as many types (HTTP, OSError, ...)
+        raise ModelError(
+            f"cannot load DINO weights for {model} from {weights} ({type(err).__name__}: "
+            f"{str(err)[:200]}); set evaluation.features.dino_weights to a local file"
+        ) from None
+
+
+def build_extractor(cfg: FeaturesConfig, device: str | None = None) -> FeatureExtractor:
+    """The extractor ``cfg`` names (no fallback: see :func:`resolve_features`)."""
+    device = device or _default_device()
+    if cfg.network == "inception":
+        return InceptionExtractor(cfg.inception_weights, device)
+    return DinoExtractor(cfg.dino_model, cfg.dino_weights, cfg.dino_image_size, device)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The feature config actually used, its network name and why it differs from the request."""
+
+    cfg: FeaturesConfig
+    network: str
+    note: str = ""
+
+
+def resolve_features(cfg: FeaturesConfig) -> Resolved:
+    """Check that the requested network's weights can be loaded, falling back when allowed.
+
+    Loading once on the driver also fills torch's download cache, so Ray actors on the same node
+    do not download again.
+    """
+    try:
+        extractor = build_extractor(cfg, device="cpu")
+        return Resolved(cfg, extractor.name)
+    except ModelError as err:
+        if cfg.network != "inception" or cfg.fallback == "error":
+            raise
+        note = (
+            f"FID Inception weights unavailable ({err}); metrics use DINO features instead and "
+            "are named after that network, not FID"
+        )
+        log.warning(note)
+        dino_cfg = cfg.model_copy(update={"network": "dino"})
+        extractor = build_extractor(dino_cfg, device="cpu")
+        return Resolved(dino_cfg, extractor.name, note)
+
+
+# --- feature sets ---------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """Features of one PCam-layout set with what the strata need.
+
+    ``features`` float32 (n, dim); ``labels`` int64 (n,); ``index`` int64 (n,) rows in the file;
+    ``prompts`` one string per row when the set has a ``..._meta.csv`` with a prompt column.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    network: str
+    source: str
+    prompts: list[str] | None = None
+    meta: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class FeatureStage:
+    """Ray Data stage: patch batches → ``features`` (n, dim), keeping ``label`` and ``index``."""
+
+    def __init__(self, cfg: dict[str, Any], device: str | None = None):
+        self.extractor = build_extractor(FeaturesConfig.model_validate(cfg), device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            "features": self.extractor(batch["image"]),
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "index": np.asarray(batch["index"], dtype=np.int64),
+        }
+
+
+def check_set(root: str | Path, split: str) -> tuple[int, int]:
+    """(rows, patch size) of a PCam-layout set; a clear error for a missing or empty set."""
+    from meddiff.data import pcam
+
+    opened = pcam.open_pcam(root, split, patch_size=None)
+    return opened.num_rows, opened.patch_size
+
+
+def check_same_size(sets: dict[str, tuple[str | Path, str]]) -> int:
+    """The common patch size of named sets; DataError naming them when sizes differ."""
+    sizes = {name: check_set(root, split)[1] for name, (root, split) in sets.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {s}×{s}" for name, s in sizes.items())
+        raise DataError(
+            f"image sets have different sizes ({listed}); resize them to one size before comparing"
+        )
+    return next(iter(sizes.values()))
+
+
+def choose_rows(n: int, max_images: int | None, seed: int) -> np.ndarray:
+    """Sorted row indices: all rows, or a seeded random subset of ``max_images``."""
+    if max_images is None or n <= max_images:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_images, replace=False)).astype(np.int64)
+
+
+def extract_features(
+    root: str | Path,
+    split: str,
+    resolved: Resolved,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    use_ray: bool = True,
+    data_cfg=None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of every (or a seeded random subset of) image of one PCam-layout split.
+
+    With ``use_ray`` the images stream through Ray Data (``cfg.concurrency`` actors, each loading
+    the network once); without, they are read block by block in this process.
+    """
+    from meddiff.data import pcam
+
+    n, size = check_set(root, split)
+    rows = choose_rows(n, max_images, seed)
+    cfg = resolved.cfg
+    if use_ray:
+        feats, labels, index = _extract_ray(root, split, size, rows, cfg, data_cfg)
+    else:
+        feats, labels, index = _extract_local(root, split, rows, cfg, progress)
+    order = np.argsort(index, kind="stable")
+    feats, labels, index = feats[order], labels[order], index[order]
+    meta_rows = pcam.read_meta(root, split)
+    meta: dict[str, list[str]] = {}
+    if meta_rows is not None:
+        if len(meta_rows) != n:
+            raise DataError(
+                f"{Path(root) / pcam.meta_filename(split)} has {len(meta_rows)} rows for {n} images"
+            )
+        for key in meta_rows[0]:
+            if key != "index":
+                meta[key] = [meta_rows[int(i)][key] for i in index]
+    return FeatureSet(
+        features=feats,
+        labels=labels,
+        index=index,
+        network=resolved.network,
+        source=str(root),
+        prompts=meta.get("prompt"),
+        meta=meta,
+    )
+
+
+def _extract_local(root, split, rows, cfg: FeaturesConfig, progress: bool):
+    from tqdm import tqdm
+
+    from meddiff.data import pcam
+
+    opened = pcam.open_pcam(root, split, patch_size=None)
+    extractor = build_extractor(cfg)
+    feats, labels, index = [], [], []
+    keep = np.zeros(opened.num_rows, dtype=bool)
+    keep[rows] = True
+    bar = tqdm(total=len(rows), desc=f"features {Path(root).name}", disable=not progress)
+    block_rows = max(cfg.batch_size, 256)
+    for block in pcam.iter_blocks(opened, int(rows[0]), int(rows[-1]) + 1, block_rows):
+        sel = keep[block["index"]]
+        images = block["image"][sel]
+        for lo in range(0, len(images), cfg.batch_size):
+            feats.append(extractor(images[lo : lo + cfg.batch_size]))
+        labels.append(block["label"][sel])
+        index.append(block["index"][sel])
+        bar.update(int(sel.sum()))
+    bar.close()
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(index)
+
+
+class _Select:
+    """Keep the rows whose ``index`` is in a sorted array (a seeded subset)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.isin(batch["index"], self.rows)
+        return {k: v[keep] for k, v in batch.items()}
+
+
+def _extract_ray(root, split, size, rows, cfg: FeaturesConfig, data_cfg):
+    from meddiff.config import DataConfig
+    from meddiff.data.datasets import pcam_dataset
+
+    data_cfg = data_cfg or DataConfig()
+    # The set's own patch size (already checked against the others), not the configured one.
+    data_cfg = data_cfg.model_copy(
+        update={"pcam": data_cfg.pcam.model_copy(update={"patch_size": size})}
+    )
+    ds = pcam_dataset(root, split, data_cfg, limit=int(rows[-1]) + 1)
+    ds = ds.select_columns(["image", "label", "index"])
+    if len(rows) < int(rows[-1]) + 1:
+        ds = ds.map_batches(_Select(rows), batch_format="numpy")
+    ds = ds.map_batches(
+        FeatureStage,
+        fn_constructor_kwargs={"cfg": cfg.model_dump()},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.concurrency,
+        num_gpus=cfg.num_gpus or None,
+        num_cpus=1,
+    )
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = [p for p in parts if len(p["index"])]
+    feats = np.concatenate([p["features"] for p in parts]).astype(np.float32)
+    return (
+        feats,
+        np.concatenate([p["label"] for p in parts]),
+        np.concatenate([p["index"] for p in parts]),
+    )
