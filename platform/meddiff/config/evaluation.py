@@ -104,6 +104,8 @@ class ClassifierConfig(Section):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(default=True, description="One GPU per Ray Train worker.")
     eval_batch_size: int = Field(default=256, ge=1)
+    train_split: str = Field(default="train", description="Real split the real arms train on.")
+    test_split: str = Field(default="test", description="Real split every arm is tested on.")
 
 
 class ReaderStudyConfig(Section):
@@ -121,7 +123,10 @@ class EvaluationConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     reader_study: ReaderStudyConfig = ReaderStudyConfig()
     split: str = Field(default="train", description="PCam split of the synthetic sets to judge.")
-    real_split: str = Field(default="test", description="PCam split of the real reference set.")
+    real_split: str = Field(
+        default="train",
+        description="PCam split of the real reference set for the fidelity metrics.",
+    )
 
 
 TINY: dict = {
