@@ -20,6 +20,7 @@ GROUPS = (
     "meddiff.demo",
     "meddiff.data.cli",
     "meddiff.config.cli",
+    "meddiff.evaluation.cli",
 )
 
 

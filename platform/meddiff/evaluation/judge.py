@@ -185,3 +185,48 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def run_fidelity(
+    cfg: Config,
+    real: str | Path,
+    synthetic: Mapping[str, str | Path],
+    out: str | Path,
+    *,
+    real_prompts: str | Path | None = None,
+    use_ray: bool = True,
+    umap: bool = True,
+) -> dict[str, Any]:
+    """:func:`judge` recorded as an MLflow run (nested under an active one): the overall metrics
+    of each set, the JSON, the UMAP picture and the HTML report."""
+    import mlflow
+
+    from meddiff import runtime, tracking
+    from meddiff.evaluation.fidelity import flat_metrics
+
+    if use_ray:
+        runtime.connect(cfg.runtime)
+    with tracking.start_run(cfg, "eval-fidelity", nested=mlflow.active_run() is not None):
+        mlflow.log_params(
+            {"real": str(real), **{f"synthetic.{k}": str(v) for k, v in synthetic.items()}}
+        )
+        result = judge(
+            cfg, real, synthetic, out, real_prompts=real_prompts, use_ray=use_ray, umap=umap
+        )
+        mlflow.set_tag("meddiff.feature_network", result["network"])
+        for name, rep in result["sets"].items():
+            mlflow.log_metrics(flat_metrics(rep, prefix=f"{name}/"))
+        log_outputs(result)
+    return result
+
+
+def log_outputs(result: Mapping[str, Any]) -> None:
+    """Log a result's report, picture and JSON files as artifacts of the active run."""
+    import mlflow
+
+    for key in ("report", "umap", "roc"):
+        if result.get(key):
+            mlflow.log_artifact(str(result[key]))
+    report = result.get("report")
+    if report and (Path(report).parent / "fidelity.json").is_file():
+        mlflow.log_artifact(str(Path(report).parent / "fidelity.json"))
