@@ -31,6 +31,7 @@ from meddiff.errors import DataError, ModelError
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub convention: the file name carries it
 
 
 class FeatureExtractor(Protocol):
@@ -76,7 +77,7 @@ class InceptionExtractor:
     def __init__(self, weights: str = "download", device: str = "cpu"):
         self.device = device
         self.model = _build_fid_inception(weights).to(device).eval()
-        self.name = "inception_random" if weights == "random" else "inception"
+        self.name = inception_name(weights)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -86,6 +87,31 @@ class InceptionExtractor:
             # pytorch-fid resizes to 299 bilinearly and maps [0, 1] to [-1, 1] itself.
             out = self.model(x)[0]
         return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+
+def inception_name(weights: str) -> str:
+    """``inception`` for the standard FID weights (downloaded, or a local file whose SHA-256
+    starts with the ``6726825d`` that pytorch-fid's file name carries); ``inception_random``;
+    ``inception_nonstandard`` for any other local file (so it never poses as FID)."""
+    if weights == "random":
+        return "inception_random"
+    if weights == "download":
+        return "inception"
+    return (
+        "inception"
+        if sha256_prefix(Path(weights)) == INCEPTION_SHA256_PREFIX
+        else ("inception_nonstandard")
+    )
+
+
+def sha256_prefix(path: Path, n: int = 8) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:n]
 
 
 def _build_fid_inception(weights: str):
@@ -236,6 +262,8 @@ class Resolved:
     cfg: FeaturesConfig
     network: str
     note: str = ""
+    # The driver's loaded network, reused for in-process extraction (never sent to Ray actors).
+    extractor: Any = field(default=None, repr=False, compare=False)
 
 
 def resolve_features(cfg: FeaturesConfig) -> Resolved:
@@ -245,8 +273,16 @@ def resolve_features(cfg: FeaturesConfig) -> Resolved:
     do not download again.
     """
     try:
-        extractor = build_extractor(cfg, device="cpu")
-        return Resolved(cfg, extractor.name)
+        extractor = build_extractor(cfg)
+        note = ""
+        if extractor.name == "inception_nonstandard":
+            note = (
+                f"{cfg.inception_weights} is not pytorch-fid's {INCEPTION_FILE} (SHA-256 does "
+                "not start with 6726825d): distances are named fd_inception_nonstandard, not FID"
+            )
+        elif extractor.name == "inception_random":
+            note = "Inception with random weights (plumbing only): distances are not FID"
+        return Resolved(cfg, extractor.name, note, extractor)
     except ModelError as err:
         if cfg.network != "inception" or cfg.fallback == "error":
             raise
@@ -256,8 +292,8 @@ def resolve_features(cfg: FeaturesConfig) -> Resolved:
         )
         log.warning(note)
         dino_cfg = cfg.model_copy(update={"network": "dino"})
-        extractor = build_extractor(dino_cfg, device="cpu")
-        return Resolved(dino_cfg, extractor.name, note)
+        extractor = build_extractor(dino_cfg)
+        return Resolved(dino_cfg, extractor.name, note, extractor)
 
 
 # --- feature sets ---------------------------------------------------------------------------
@@ -348,7 +384,8 @@ def extract_features(
     if use_ray:
         feats, labels, index = _extract_ray(root, split, size, rows, cfg, data_cfg)
     else:
-        feats, labels, index = _extract_local(root, split, rows, cfg, progress)
+        extractor = resolved.extractor or build_extractor(cfg)
+        feats, labels, index = _extract_local(root, split, rows, extractor, cfg, progress)
     order = np.argsort(index, kind="stable")
     feats, labels, index = feats[order], labels[order], index[order]
     meta_rows = pcam.read_meta(root, split)
@@ -372,13 +409,12 @@ def extract_features(
     )
 
 
-def _extract_local(root, split, rows, cfg: FeaturesConfig, progress: bool):
+def _extract_local(root, split, rows, extractor, cfg: FeaturesConfig, progress: bool):
     from tqdm import tqdm
 
     from meddiff.data import pcam
 
     opened = pcam.open_pcam(root, split, patch_size=None)
-    extractor = build_extractor(cfg)
     feats, labels, index = [], [], []
     keep = np.zeros(opened.num_rows, dtype=bool)
     keep[rows] = True
