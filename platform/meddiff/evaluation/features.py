@@ -326,11 +326,11 @@ class FeatureStage:
         self.extractor = build_extractor(FeaturesConfig.model_validate(cfg), device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "features": self.extractor(batch["image"]),
-            "label": np.asarray(batch["label"], dtype=np.int64),
-            "index": np.asarray(batch["index"], dtype=np.int64),
-        }
+        out = {k: v for k, v in batch.items() if k != "image"}  # keeps tags such as set_id
+        out["features"] = self.extractor(batch["image"])
+        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+        out["index"] = np.asarray(batch["index"], dtype=np.int64)
+        return out
 
 
 def check_set(root: str | Path, split: str) -> tuple[int, int]:
@@ -371,21 +371,56 @@ def extract_features(
     data_cfg=None,
     progress: bool = True,
 ) -> FeatureSet:
-    """Features of every (or a seeded random subset of) image of one PCam-layout split.
+    """Features of every (or a seeded random subset of) image of one PCam-layout split."""
+    sets = {"set": (root, split)}
+    return extract_sets(
+        sets,
+        resolved,
+        max_images=max_images,
+        seed=seed,
+        use_ray=use_ray,
+        data_cfg=data_cfg,
+        progress=progress,
+    )["set"]
 
-    With ``use_ray`` the images stream through Ray Data (``cfg.concurrency`` actors, each loading
-    the network once); without, they are read block by block in this process.
+
+def extract_sets(
+    sets: dict[str, tuple[str | Path, str]],
+    resolved: Resolved,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    use_ray: bool = True,
+    data_cfg=None,
+    progress: bool = True,
+) -> dict[str, FeatureSet]:
+    """Features of several named PCam-layout splits ``{name: (root, split)}``.
+
+    With ``use_ray`` all sets stream through one Ray Data pipeline (``cfg.concurrency`` actors,
+    each loading the network once for every set); without, they are read block by block here.
     """
-    from meddiff.data import pcam
-
-    n, size = check_set(root, split)
-    rows = choose_rows(n, max_images, seed)
     cfg = resolved.cfg
+    plan = {}
+    for name, (root, split) in sets.items():
+        n, size = check_set(root, split)
+        plan[name] = (root, split, n, size, choose_rows(n, max_images, seed))
     if use_ray:
-        feats, labels, index = _extract_ray(root, split, size, rows, cfg, data_cfg)
+        raw = _extract_ray(plan, cfg, data_cfg)
     else:
         extractor = resolved.extractor or build_extractor(cfg)
-        feats, labels, index = _extract_local(root, split, rows, extractor, cfg, progress)
+        raw = {
+            name: _extract_local(root, split, rows, extractor, cfg, progress)
+            for name, (root, split, _, _, rows) in plan.items()
+        }
+    return {
+        name: _feature_set(plan[name][0], plan[name][1], plan[name][2], *raw[name], resolved)
+        for name in sets
+    }
+
+
+def _feature_set(root, split, n, feats, labels, index, resolved: Resolved) -> FeatureSet:
+    from meddiff.data import pcam
+
     order = np.argsort(index, kind="stable")
     feats, labels, index = feats[order], labels[order], index[order]
     meta_rows = pcam.read_meta(root, split)
@@ -433,29 +468,36 @@ def _extract_local(root, split, rows, extractor, cfg: FeaturesConfig, progress: 
 
 
 class _Select:
-    """Keep the rows whose ``index`` is in a sorted array (a seeded subset)."""
+    """Keep the rows whose ``index`` is in a sorted array (a seeded subset); tag the set."""
 
-    def __init__(self, rows: np.ndarray):
+    def __init__(self, rows: np.ndarray | None, set_id: int):
         self.rows = rows
+        self.set_id = set_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = np.isin(batch["index"], self.rows)
-        return {k: v[keep] for k, v in batch.items()}
+        if self.rows is not None:
+            keep = np.isin(batch["index"], self.rows)
+            batch = {k: v[keep] for k, v in batch.items()}
+        batch["set_id"] = np.full(len(batch["index"]), self.set_id, dtype=np.int64)
+        return batch
 
 
-def _extract_ray(root, split, size, rows, cfg: FeaturesConfig, data_cfg):
+def _extract_ray(plan: dict, cfg: FeaturesConfig, data_cfg) -> dict[str, tuple]:
     from meddiff.config import DataConfig
     from meddiff.data.datasets import pcam_dataset
 
     data_cfg = data_cfg or DataConfig()
-    # The set's own patch size (already checked against the others), not the configured one.
-    data_cfg = data_cfg.model_copy(
-        update={"pcam": data_cfg.pcam.model_copy(update={"patch_size": size})}
-    )
-    ds = pcam_dataset(root, split, data_cfg, limit=int(rows[-1]) + 1)
-    ds = ds.select_columns(["image", "label", "index"])
-    if len(rows) < int(rows[-1]) + 1:
-        ds = ds.map_batches(_Select(rows), batch_format="numpy")
+    parts = []
+    for set_id, (root, split, _, size, rows) in enumerate(plan.values()):
+        # The set's own patch size (already checked against the others), not the configured one.
+        dcfg = data_cfg.model_copy(
+            update={"pcam": data_cfg.pcam.model_copy(update={"patch_size": size})}
+        )
+        ds = pcam_dataset(root, split, dcfg, limit=int(rows[-1]) + 1)
+        ds = ds.select_columns(["image", "label", "index"])
+        subset = rows if len(rows) < int(rows[-1]) + 1 else None
+        parts.append(ds.map_batches(_Select(subset, set_id), batch_format="numpy"))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         FeatureStage,
         fn_constructor_kwargs={"cfg": cfg.model_dump()},
@@ -465,11 +507,13 @@ def _extract_ray(root, split, size, rows, cfg: FeaturesConfig, data_cfg):
         num_gpus=cfg.num_gpus or None,
         num_cpus=1,
     )
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    parts = [p for p in parts if len(p["index"])]
-    feats = np.concatenate([p["features"] for p in parts]).astype(np.float32)
-    return (
-        feats,
-        np.concatenate([p["label"] for p in parts]),
-        np.concatenate([p["index"] for p in parts]),
-    )
+    batches = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b["index"])]
+    set_ids = np.concatenate([b["set_id"] for b in batches])
+    feats = np.concatenate([b["features"] for b in batches]).astype(np.float32)
+    labels = np.concatenate([b["label"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    out = {}
+    for set_id, name in enumerate(plan):
+        sel = set_ids == set_id
+        out[name] = (feats[sel], labels[sel], index[sel])
+    return out

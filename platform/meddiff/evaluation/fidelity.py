@@ -39,6 +39,11 @@ def compute_metrics(
         DataError: an empty set, or too few samples for the k-NN metrics (n <= k).
     """
     real, fake = M._check_pair(real, fake)
+    with M.blas_threads(real.shape[1]):
+        return _compute_metrics(real, fake, cfg, network, seed)
+
+
+def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) -> dict[str, Any]:
     k = cfg.nearest_k
     for name, x in (("real", real), ("synthetic", fake)):
         if len(x) <= k:

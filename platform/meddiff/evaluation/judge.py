@@ -22,7 +22,7 @@ from meddiff.evaluation.features import (
     FeatureSet,
     Resolved,
     check_same_size,
-    extract_features,
+    extract_sets,
     resolve_features,
 )
 from meddiff.evaluation.fidelity import evaluate_sets, read_prompts_csv
@@ -54,17 +54,17 @@ def load_features(
         data_cfg=cfg.data,
         progress=cfg.runtime.progress,
     )
-    real_fs = extract_features(real, ev.real_split, resolved, **kwargs)
+    named = {"real": (real, ev.real_split)}
+    named.update({f"synthetic:{name}": (path, ev.split) for name, path in synthetic.items()})
+    feats = extract_sets(named, resolved, **kwargs)
+    real_fs = feats["real"]
     if real_prompts is not None:
         from meddiff.data import pcam
 
         n = pcam.open_pcam(real, ev.real_split, patch_size=None).num_rows
         prompts = read_prompts_csv(real_prompts, n)
         real_fs.prompts = [prompts[int(i)] for i in real_fs.index]
-    fakes = {
-        name: extract_features(path, ev.split, resolved, **kwargs)
-        for name, path in synthetic.items()
-    }
+    fakes = {name: feats[f"synthetic:{name}"] for name in synthetic}
     return resolved, real_fs, fakes
 
 
