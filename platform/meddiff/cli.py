@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = find_user_error(err)
         if user_error is None:
             raise
-        print(f"meddiff: error: {user_error}", file=sys.stderr)
+        print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
         return 2
 
 
@@ -97,6 +97,11 @@ def find_user_error(err: BaseException) -> MeddiffError | None:
             return cause if isinstance(cause, MeddiffError) else err
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
+
+
+def user_message(err: MeddiffError) -> str:
+    """The error's own message, without the retry advice Ray Data appends to it."""
+    return str(err).split("\nFailed to apply UDF transform")[0]
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ def _configure_data(cfg: RuntimeConfig) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    # Errors in user data should stop the job with the first message, not after retries.
+    # Errors in user data should stop the job with the first message, not after retries, and
+    # keep their type (a DataError naming the bad file) instead of a generic UserCodeException.
     ctx.max_errored_blocks = 0
+    ctx.raise_original_map_exception = True
 
 
 def shutdown() -> None:

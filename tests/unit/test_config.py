@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from meddiff.config import PRESETS, Config, config_to_yaml, load_config
+from meddiff.errors import ConfigError
+
+
+def test_defaults_are_full_size_and_frozen():
+    cfg = load_config()
+    assert cfg == Config()
+    with pytest.raises(ValidationError):
+        cfg.runtime.seed = 3  # type: ignore[misc]
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        assert isinstance(load_config(name), Config)
+
+
+def test_tiny_preset_differs_from_full():
+    tiny, full = load_config("tiny"), load_config("full")
+    assert tiny.runtime.num_cpus == 2
+    assert tiny.data.pcam.rows_per_block < full.data.pcam.rows_per_block
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config(
+        "tiny", overrides=["runtime.seed=7", "tracking.uri=null", "runtime.progress=false"]
+    )
+    assert cfg.runtime.seed == 7 and cfg.tracking.uri is None and cfg.runtime.progress is False
+
+
+def test_misspelt_override_names_key_and_suggests():
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.pcam\.rows_per_blok: unknown key \(did you mean 'rows_per_block'\?\)",
+    ):
+        load_config(overrides=["data.pcam.rows_per_blok=3"])
+
+
+def test_misspelt_yaml_key_names_file(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text("runtime:\n  sead: 3\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"file .*run\.yaml.*\n  runtime\.sead: unknown key \(did you mean 'seed'\?\)",
+    ):
+        load_config(path=path)
+
+
+def test_bad_value_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"data\.pcam\.rows_per_block: .*integer.*'many'"):
+        load_config(overrides=["data.pcam.rows_per_block=many"])
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["runtime.seed"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+
+
+def test_yaml_file_can_name_preset_and_layers_apply_in_order(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nruntime:\n  seed: 11\n")
+    cfg = load_config(path=path, overrides=["runtime.seed=12"])
+    assert cfg.runtime.num_cpus == 2  # from the tiny preset named in the file
+    assert cfg.runtime.seed == 12  # --set beats the file
+
+
+def test_yaml_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runtime: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path=scalar)
+
+
+def test_round_trip_through_dump_as_workers_do():
+    cfg = load_config("tiny", overrides=["runtime.seed=5"])
+    assert Config.model_validate(cfg.model_dump()) == cfg
+    assert "seed: 5" in config_to_yaml(cfg)
