@@ -116,3 +116,11 @@ def test_sets_of_different_sizes_and_empty_sets(sample_pcam_dir: Path, tmp_path:
         check_same_size({"real": (sample_pcam_dir, "train"), "x": (tmp_path / "empty", "train")})
     with pytest.raises(DataError, match="does not exist"):
         check_same_size({"real": (tmp_path / "missing", "train")})
+
+
+def test_random_networks_are_the_same_in_every_process():
+    # Ray actors build their own copy: random weights must not differ between them.
+    x = images(2, seed=5)
+    a = DinoExtractor("vit_tiny_patch16_224", "random", image_size=64)
+    b = DinoExtractor("vit_tiny_patch16_224", "random", image_size=64)
+    np.testing.assert_array_equal(a(x), b(x))

@@ -145,6 +145,7 @@ def _build_fid_inception(weights: str):
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
+        stack.enter_context(_seeded())
         try:
             return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
         except (OSError, RuntimeError, ValueError) as err:
@@ -154,6 +155,17 @@ def _build_fid_inception(weights: str):
                 f"{str(err)[:200]}); set evaluation.features.inception_weights to a local copy "
                 f"of {INCEPTION_FILE}"
             ) from None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """Random weights must be the same network in the driver and in every Ray actor: draw them
+    from a fixed private RNG stream."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _patch(obj: Any, attr: str, value: Any):
@@ -214,7 +226,8 @@ def build_dino(model: str, weights: str, image_size: int):
         kwargs["img_size"] = image_size
     try:
         if weights == "random":
-            return timm.create_model(model, pretrained=False, **kwargs)
+            with _seeded():
+                return timm.create_model(model, pretrained=False, **kwargs)
         if weights == "hub":
             return timm.create_model(model, pretrained=True, **kwargs)
         path = Path(weights)

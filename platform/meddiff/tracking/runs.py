@@ -63,10 +63,12 @@ def start_run(
     """Open an MLflow run for ``job`` and log the resolved config and code version.
 
     On an exception the run is marked FAILED (MLflow does this when the context exits with an
-    error), so a crashed job is visible as such in the UI.
+    error), so a crashed job is visible as such in the UI. Inside an active run (a demo or an
+    experiment calling a stage) the new run is its child: MLflow refuses a second top-level run.
     """
     import mlflow
 
+    nested = nested or mlflow.active_run() is not None
     configure(cfg.tracking)
     all_tags = {"meddiff.job": job, "meddiff.code_version": code_version(), **(tags or {})}
     with mlflow.start_run(run_name=run_name or job, nested=nested, tags=all_tags) as run:
