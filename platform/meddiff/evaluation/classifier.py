@@ -117,7 +117,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _slug(arm: str) -> str:
-    return arm.replace("+", "-")
+    """A file- and metric-safe arm name: 'baseline/real+synthetic' → 'baseline-real-synthetic'."""
+    return arm.replace("+", "-").replace("/", "-").replace(" ", "_")
 
 
 def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx):
@@ -237,6 +238,34 @@ def train_arms(
     ``real`` is a PCam directory with the ``train_split`` and ``test_split`` splits; ``synthetic``
     a PCam-layout synthetic set (its ``evaluation.split``), needed by the synthetic arms.
     """
+    ccfg = cfg.evaluation.classifier
+    arms = list(arms or ccfg.arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"unknown classifier arm(s) {unknown}; expected some of {list(ARMS)}")
+    if any(a != "real" for a in arms) and synthetic is None:
+        raise DataError(f"arms {arms} need a synthetic set")
+    real_train = (real, ccfg.train_split)
+    synth = (synthetic, cfg.evaluation.split)
+    plan = {
+        "real": [real_train],
+        "synthetic": [synth],
+        "real+synthetic": [real_train, synth],
+    }
+    return train_plan(cfg, {arm: plan[arm] for arm in arms}, real, out, name=name)
+
+
+def train_plan(
+    cfg: Config,
+    plan: Mapping[str, list[tuple[str | Path, str]]],
+    real: str | Path,
+    out: str | Path,
+    *,
+    name: str = "classifier",
+) -> dict[str, dict[str, Any]]:
+    """Train one classifier per named arm on the union of its ``(root, split)`` sets, all arms in
+    one Ray Train run (same seed and budget each), and test every arm on ``real``'s test split.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -244,16 +273,13 @@ def train_arms(
     from meddiff.evaluation.features import check_same_size
 
     ccfg = cfg.evaluation.classifier
-    arms = list(arms or ccfg.arms)
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ConfigError(f"unknown classifier arm(s) {unknown}; expected some of {list(ARMS)}")
-    needs_synth = any(a != "real" for a in arms)
-    if needs_synth and synthetic is None:
-        raise DataError(f"arms {arms} need a synthetic set")
-    sets = {"real train": (real, ccfg.train_split), "real test": (real, ccfg.test_split)}
-    if needs_synth:
-        sets["synthetic"] = (synthetic, cfg.evaluation.split)
+    arms = list(plan)
+    if not arms:
+        raise ConfigError("no classifier arms to train")
+    sets = {"real test": (real, ccfg.test_split)}
+    for arm, parts in plan.items():
+        for i, part in enumerate(parts):
+            sets[f"{arm} #{i + 1}"] = part
     size = check_same_size(sets)
 
     runtime.connect(cfg.runtime)
@@ -262,21 +288,17 @@ def train_arms(
     out.mkdir(parents=True, exist_ok=True)
     test = _dataset(real, ccfg.test_split, cfg, size)
     datasets, n_train = {}, {}
-    for arm in arms:
-        parts = []
-        if arm in ("real", "real+synthetic"):
-            parts.append(_dataset(real, ccfg.train_split, cfg, size))
-        if arm in ("synthetic", "real+synthetic"):
-            parts.append(_dataset(synthetic, cfg.evaluation.split, cfg, size))
-        datasets[arm] = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-        n_train[arm] = int(datasets[arm].count())
+    for arm, parts in plan.items():
+        dss = [_dataset(root, split, cfg, size) for root, split in parts]
+        datasets[_slug(arm)] = dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
+        n_train[arm] = int(datasets[_slug(arm)].count())
     log.info("classifier arms %s: training images %s, %d steps each", arms, n_train, ccfg.steps)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "classifier": ccfg.model_dump(),
             "seed": cfg.runtime.seed,
-            "arms": arms,
+            "arms": [_slug(a) for a in arms],
         },
         scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu),
         run_config=RunConfig(name=name, storage_path=str(out / "ray_train")),
@@ -296,8 +318,8 @@ def train_arms(
     for arm, metrics in results.items():
         metrics.update(
             n_train=n_train[arm],
-            steps=int(result.metrics.get(f"{arm}/steps", ccfg.steps)),
-            train_loss=float(result.metrics.get(f"{arm}/loss", float("nan"))),
+            steps=int(result.metrics.get(f"{_slug(arm)}/steps", ccfg.steps)),
+            train_loss=float(result.metrics.get(f"{_slug(arm)}/loss", float("nan"))),
             weights=str(weights[arm]),
         )
         log.info(

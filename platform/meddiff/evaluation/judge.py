@@ -100,14 +100,20 @@ def judge_features(
     umap: bool = True,
     extra_blocks: list[str] | None = None,
     title: str = "meddiff: judging synthetic data",
+    precomputed: Mapping[str, dict[str, Any]] | None = None,
+    table: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The metrics, picture and report from already extracted features."""
+    """The metrics, picture and report from already extracted features.
+
+    ``precomputed`` fidelity reports (per set) are used as they are; ``table`` replaces the
+    metric × strategy table built from the reports (e.g. with classifier rows added).
+    """
     ev = cfg.evaluation
     seed = cfg.runtime.seed
-    reports = {
-        name: evaluate_sets(real_fs, fs, ev.metrics, seed, resolved.note)
-        for name, fs in fakes.items()
-    }
+    reports = dict(precomputed or {})
+    for name, fs in fakes.items():
+        if name not in reports:
+            reports[name] = evaluate_sets(real_fs, fs, ev.metrics, seed, resolved.note)
     result: dict[str, Any] = {
         "network": resolved.network,
         "note": resolved.note,
@@ -126,8 +132,9 @@ def judge_features(
     blocks: list[str] = []
     if resolved.note:
         blocks.append(f'<div class="note">{R.html.escape(resolved.note)}</div>')
-    if len(reports) > 1:
+    if table is None and len(reports) > 1:
         table = R.comparison_table(reports)
+    if table is not None:
         blocks.append(R.heading("Metric × strategy"))
         blocks.append(comparison_html(table, list(reports)))
     if umap:
