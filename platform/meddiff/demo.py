@@ -57,10 +57,17 @@ def _ingest(demo: Demo) -> dict[str, Any]:
     return {"shards": str(out), "rows": manifest["rows"], "labels": manifest["labels"]}
 
 
+def _evaluate(demo: Demo) -> dict[str, Any]:
+    from meddiff.evaluation.experiment import evaluate_demo
+
+    return evaluate_demo(demo.cfg, demo.path("data", "pcam"), demo.results, demo.path("evaluation"))
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
     ("ingest", _ingest),
+    ("evaluate", _evaluate),  # keep last: judges the synthetic set the steps before it made
 ]
 
 
@@ -111,6 +118,9 @@ def _main(args: argparse.Namespace) -> int:
     results = run_demo(cfg, args.out, fresh=args.fresh)
     print(json.dumps(results, indent=2))
     print(f"\nOutputs under {args.out.resolve()}; summary in {args.out / 'summary.json'}")
+    report = results.get("evaluate", {}).get("report")
+    if report:
+        print(f"Evaluation report: {Path(report).resolve()}")
     print(
         f"MLflow store: {tracking_uri(cfg.tracking)}  (browse: mlflow ui --backend-store-uri <it>)"
     )

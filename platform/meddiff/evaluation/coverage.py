@@ -71,7 +71,7 @@ def plot_umap(embedding: Mapping[str, np.ndarray], path: str | Path, title: str 
     cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:])
     for name, xy in embedding.items():
         colour = COLOURS.get(name) or next(cycle)
-        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.55, c=colour, label=f"{name} ({len(xy)})")
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.55, color=colour, label=f"{name} ({len(xy)})")
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
     ax.set_title(title or "Real vs synthetic features (2-D UMAP)")

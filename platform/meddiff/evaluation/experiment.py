@@ -154,7 +154,17 @@ def compare_prompting(
         mlflow.log_params({"data": str(data), "out": str(out), "strategies": ",".join(strategies)})
         runs = {s: run_strategy(cfg, data, out, s) for s in strategies}
         with tracking.start_run(cfg, "evaluate", run_name="evaluate", nested=True):
-            result = evaluate_strategies(cfg, data, out, runs, classifier=classifier)
+            synthetic = {
+                s: (
+                    Path(r["generate"].get("out", out / s / "synthetic")),
+                    r["generate"].get("split", cfg.evaluation.split),
+                )
+                for s, r in runs.items()
+            }
+            pairs = {s: out / s / "prompts" / "pairs" for s in runs}
+            result = evaluate_strategies(
+                cfg, data, out / "evaluation", synthetic, pairs, classifier=classifier
+            )
             for strategy, cells in result["flat"].items():
                 mlflow.log_metrics({f"{strategy}/{k}": v for k, v in cells.items()})
             for name in ("report", "umap", "roc", "table_csv", "table_json"):
@@ -169,12 +179,16 @@ def compare_prompting(
 def evaluate_strategies(
     cfg: Config,
     data: Path,
-    out: Path,
-    runs: dict[str, dict[str, Any]],
+    eval_dir: Path,
+    synthetic: dict[str, tuple[Path, str]],
+    pairs: dict[str, Path | None] | None = None,
     *,
     classifier: bool = True,
+    title: str = "meddiff: baseline vs morphology prompts",
 ) -> dict[str, Any]:
-    """Judge every strategy's synthetic set against the real data; table, pictures, report."""
+    """Judge each named synthetic set ``{name: (dir, split)}`` against the real ``data``: fidelity
+    (per prompt too, with the real prompts from ``pairs[name]`` when given), classifier arms,
+    reader-study kits, one table and one report under ``eval_dir``."""
     from meddiff.data import pcam
     from meddiff.evaluation import report as R
     from meddiff.evaluation.features import extract_sets, resolve_features
@@ -182,9 +196,9 @@ def evaluate_strategies(
     from meddiff.evaluation.judge import judge_features
 
     ev = cfg.evaluation
-    eval_dir = out / "evaluation"
-    synth = {s: Path(r["generate"].get("out", out / s / "synthetic")) for s, r in runs.items()}
-    split = {s: r["generate"].get("split", ev.split) for s, r in runs.items()}
+    runs = list(synthetic)
+    synth = {s: Path(synthetic[s][0]) for s in runs}
+    split = {s: synthetic[s][1] for s in runs}
     sets = {"real": (data, ev.real_split), **{s: (synth[s], split[s]) for s in runs}}
     from meddiff.evaluation.features import check_same_size
 
@@ -202,10 +216,10 @@ def evaluate_strategies(
     n_real = pcam.open_pcam(data, ev.real_split, patch_size=None).num_rows
     fidelity = {}
     for s in runs:
-        pairs = out / s / "prompts" / "pairs"
+        pair_dir = (pairs or {}).get(s)
         real_s = real
-        if pairs.exists():
-            prompts = real_prompts_from_pairs(pairs, n_real)
+        if pair_dir is not None and Path(pair_dir).exists():
+            prompts = real_prompts_from_pairs(Path(pair_dir), n_real)
             real_s = _with_prompts(real, [prompts[int(i)] for i in real.index])
         fidelity[s] = evaluate_sets(real_s, feats[s], ev.metrics, cfg.runtime.seed, resolved.note)
 
@@ -289,7 +303,7 @@ def evaluate_strategies(
         {s: feats[s] for s in runs},
         eval_dir,
         extra_blocks=extra + paper,
-        title="meddiff: baseline vs morphology prompts",
+        title=title,
         precomputed=fidelity,
         table=table,
     )
@@ -353,3 +367,64 @@ def write_table(
             writer.writerow(row)
     tmp.replace(cs)
     return js, cs
+
+
+def find_demo_outputs(
+    results: dict[str, dict[str, Any]],
+) -> tuple[tuple[Path, str] | None, Path | None]:
+    """The latest synthetic set (PCam layout with a meta sidecar) and prompt pairs that earlier
+    demo steps recorded in their summaries (any ``out``/``synthetic``/``pairs`` path)."""
+    from meddiff.data import pcam, shards
+
+    synthetic, pairs = None, None
+    for summary in results.values():
+        if not isinstance(summary, dict):
+            continue
+        for key in ("out", "synthetic", "pairs"):
+            value = summary.get(key)
+            if not isinstance(value, str) or not Path(value).is_dir():
+                continue
+            path = Path(value)
+            splits = pcam.available_splits(path)
+            split = summary.get("split") if summary.get("split") in splits else None
+            split = split or (splits[0] if splits else None)
+            if split and pcam.read_meta(path, split) is not None:
+                synthetic = (path, split)
+            if shards.is_shard_dir(path / "pairs"):
+                pairs = path / "pairs"
+            elif key == "pairs" and shards.is_shard_dir(path):
+                pairs = path
+    return synthetic, pairs
+
+
+def evaluate_demo(
+    cfg: Config, real: Path, results: dict[str, dict[str, Any]], out: Path
+) -> dict[str, Any]:
+    """The main job's last step: judge the demo's synthetic set (fidelity, UMAP, classifier arms,
+    reader-study kit) into ``out/report.html``. Skips when already done or when no earlier step
+    made a synthetic set."""
+    marker = out / "summary.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    synthetic, pairs = find_demo_outputs(results)
+    if synthetic is None:
+        return {"skipped": "no synthetic set among the earlier steps' outputs"}
+    result = evaluate_strategies(
+        cfg,
+        real,
+        out,
+        {"synthetic": synthetic},
+        {"synthetic": pairs},
+        title="meddiff demo: judging the synthetic set",
+    )
+    summary = {
+        "report": result["report"],
+        "synthetic": str(synthetic[0]),
+        "network": result["network"],
+        "metrics": {m: cells.get("synthetic") for m, cells in result["table"].items()},
+        "reader_study": result["reader_studies"].get("synthetic"),
+    }
+    tmp = marker.with_name(marker.name + ".partial")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(marker)
+    return summary

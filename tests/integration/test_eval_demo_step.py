@@ -1,0 +1,49 @@
+"""The main job's evaluation step: finds the synthetic set earlier steps made and judges it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval_helpers import make_synthetic
+from meddiff.config import load_config
+from meddiff.evaluation.experiment import evaluate_demo, find_demo_outputs
+
+
+def test_find_demo_outputs(sample_pcam_dir: Path, tmp_path: Path):
+    synth = make_synthetic(sample_pcam_dir, tmp_path / "gen", n=20)
+    results = {
+        "sample-data": {"pcam": str(sample_pcam_dir)},  # real data: no meta sidecar, not picked
+        "generate": {"out": str(synth), "split": "train", "images": 20},
+    }
+    assert find_demo_outputs(results) == ((synth, "train"), None)
+    assert find_demo_outputs({"sample-data": {"pcam": str(sample_pcam_dir)}}) == (None, None)
+
+
+@pytest.mark.slow
+def test_evaluate_demo_step_writes_report_and_resumes(sample_pcam_dir: Path, tmp_path: Path):
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "runtime.progress=false",
+            "evaluation.classifier.steps=10",
+            "evaluation.classifier.arms=[synthetic]",
+        ],  # fmt: skip
+    )
+    synth = make_synthetic(sample_pcam_dir, tmp_path / "gen", shift=5, noise=2)
+    results = {"generate": {"out": str(synth), "split": "train"}}
+    out = tmp_path / "evaluation"
+    summary = evaluate_demo(cfg, sample_pcam_dir, results, out)
+    report = Path(summary["report"])
+    assert report.is_file() and "Downstream classifier" in report.read_text()
+    assert 0 <= summary["metrics"]["classifier_synthetic_auc"] <= 1
+    assert summary["metrics"]["coverage"] > 0  # near-copies of the real patches
+    assert Path(summary["reader_study"]).is_file()
+    assert json.loads((out / "summary.json").read_text()) == summary
+    # Resumes: a second call returns the recorded summary without recomputing.
+    report.unlink()
+    assert evaluate_demo(cfg, sample_pcam_dir, results, out) == summary
+    assert not report.exists()
+    assert "skipped" in evaluate_demo(cfg, sample_pcam_dir, {}, tmp_path / "none")
