@@ -35,15 +35,14 @@ def test_evaluate_demo_step_writes_report_and_resumes(sample_pcam_dir: Path, tmp
     synth = make_synthetic(sample_pcam_dir, tmp_path / "gen", shift=5, noise=2)
     results = {"generate": {"out": str(synth), "split": "train"}}
     out = tmp_path / "evaluation"
-    summary = evaluate_demo(cfg, sample_pcam_dir, results, out)
+    summary = evaluate_demo(cfg, sample_pcam_dir, results, out, classifier=False)
     report = Path(summary["report"])
-    assert report.is_file() and "Downstream classifier" in report.read_text()
-    assert 0 <= summary["metrics"]["classifier_synthetic_auc"] <= 1
+    assert report.is_file() and "Coverage" in report.read_text()
     assert summary["metrics"]["coverage"] > 0  # near-copies of the real patches
     assert Path(summary["reader_study"]).is_file()
     assert json.loads((out / "summary.json").read_text()) == summary
     # Resumes: a second call returns the recorded summary without recomputing.
     report.unlink()
-    assert evaluate_demo(cfg, sample_pcam_dir, results, out) == summary
+    assert evaluate_demo(cfg, sample_pcam_dir, results, out, classifier=False) == summary
     assert not report.exists()
     assert "skipped" in evaluate_demo(cfg, sample_pcam_dir, {}, tmp_path / "none")

@@ -210,3 +210,11 @@ def test_prompt_strata_skipped_when_real_set_has_no_prompts():
     x = gaussian(40, 4)
     rep = evaluate_sets(_fs(x, np.zeros(40, int)), _fs(x, np.zeros(40, int), ["p"] * 40), cfg)
     assert "real set has no prompt" in rep["by_prompt"]["skipped"]
+
+
+def test_kid_subsets_differ_on_small_sets():
+    # Subsets of at most half the smaller set: their spread is not an artefact of reusing all rows.
+    x, y = gaussian(40, 4, 0.0, 21), gaussian(30, 4, 0.5, 22)
+    values = M.kid_subsets(x, y, subsets=10, subset_size=1000)
+    assert M.kid_subset_size(1000, 40, 30) == 15
+    assert values.std() > 0

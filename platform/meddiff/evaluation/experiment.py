@@ -398,7 +398,12 @@ def find_demo_outputs(
 
 
 def evaluate_demo(
-    cfg: Config, real: Path, results: dict[str, dict[str, Any]], out: Path
+    cfg: Config,
+    real: Path,
+    results: dict[str, dict[str, Any]],
+    out: Path,
+    *,
+    classifier: bool = True,
 ) -> dict[str, Any]:
     """The main job's last step: judge the demo's synthetic set (fidelity, UMAP, classifier arms,
     reader-study kit) into ``out/report.html``. Skips when already done or when no earlier step
@@ -415,6 +420,7 @@ def evaluate_demo(
         out,
         {"synthetic": synthetic},
         {"synthetic": pairs},
+        classifier=classifier,
         title="meddiff demo: judging the synthetic set",
     )
     summary = {

@@ -305,7 +305,13 @@ def resolve_features(cfg: FeaturesConfig) -> Resolved:
         )
         log.warning(note)
         dino_cfg = cfg.model_copy(update={"network": "dino"})
-        extractor = build_extractor(dino_cfg)
+        try:
+            extractor = build_extractor(dino_cfg)
+        except ModelError as dino_err:
+            raise ModelError(
+                f"no feature network can be loaded: {err}; and the DINO fallback failed too: "
+                f"{dino_err}"
+            ) from None
         return Resolved(dino_cfg, extractor.name, note, extractor)
 
 

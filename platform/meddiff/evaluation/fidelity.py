@@ -65,7 +65,7 @@ def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) ->
         "value": float(subsets.mean()),
         "std": float(subsets.std()),
         "ci": ci,
-        "subset_size": min(cfg.kid_subset_size, len(real), len(fake)),
+        "subset_size": M.kid_subset_size(cfg.kid_subset_size, len(real), len(fake)),
     }
 
     rng = np.random.default_rng(seed)

@@ -137,11 +137,12 @@ def kid_subsets(
     """Unbiased MMD² with the cubic polynomial kernel k(x, y) = (xᵀy/d + 1)³ on ``subsets``
     random subsets of ``subset_size`` rows of each set (without replacement); returns (subsets,).
 
-    ``subset_size`` is capped at the smaller set's size.
+    ``subset_size`` is capped at half the smaller set (at least 2), so that subsets differ and
+    their spread means something; MMD² is unbiased at any subset size.
     """
     real, fake = _check_pair(real, fake)
-    m = min(subset_size, len(real), len(fake))
-    if m < 2:
+    m = kid_subset_size(subset_size, len(real), len(fake))
+    if min(len(real), len(fake)) < 2:
         raise DataError(f"KID needs at least 2 samples per set, got {len(real)} and {len(fake)}")
     d = real.shape[1]
     rng = np.random.RandomState(seed)
@@ -158,6 +159,11 @@ def kid_subsets(
             - 2 * kxy.sum() / (m * m)
         )
     return out
+
+
+def kid_subset_size(subset_size: int, n_real: int, n_fake: int) -> int:
+    """The subset size KID uses: ``subset_size``, at most half the smaller set, at least 2."""
+    return max(2, min(subset_size, min(n_real, n_fake) // 2))
 
 
 # --- k-NN metrics ---------------------------------------------------------------------------
