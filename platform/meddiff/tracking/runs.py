@@ -63,14 +63,15 @@ def start_run(
     """Open an MLflow run for ``job`` and log the resolved config and code version.
 
     On an exception the run is marked FAILED (MLflow does this when the context exits with an
-    error), so a crashed job is visible as such in the UI. Inside an active run (a demo or an
-    experiment calling a stage) the new run is its child: MLflow refuses a second top-level run.
+    error), so a crashed job is visible as such in the UI.
     """
     import mlflow
 
-    nested = nested or mlflow.active_run() is not None
     configure(cfg.tracking)
     all_tags = {"meddiff.job": job, "meddiff.code_version": code_version(), **(tags or {})}
+    # A job started inside another (a demo step, an experiment calling build_prompts) becomes a
+    # child run; MLflow refuses a second top-level run while one is active.
+    nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name or job, nested=nested, tags=all_tags) as run:
         log_config(cfg)
         yield run
