@@ -104,7 +104,8 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics: dict[str, float] = {}
     states = {}
     for arm in config["arms"]:
-        model, arm_metrics = _train_arm(cfg, seed, ray.train.get_dataset_shard(arm), ctx)
+        shard = ray.train.get_dataset_shard(arm)
+        model, arm_metrics = _train_arm(cfg, seed, shard, ctx, config["sizes"][arm])
         states[arm] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics.update({f"{arm}/{k}": v for k, v in arm_metrics.items()})
     if rank == 0:
@@ -121,7 +122,7 @@ def _slug(arm: str) -> str:
     return arm.replace("+", "-").replace("/", "-").replace(" ", "_")
 
 
-def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx):
+def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx, n_train: int):
     import torch
     from ray.train.torch import prepare_model
 
@@ -136,6 +137,9 @@ def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     per_worker = max(1, cfg.batch_size // world)
+    # Full batches only, unless a worker's share is smaller than two batches (a tiny synthetic
+    # set): then the short last batch is kept rather than leaving nothing to train on.
+    drop_last = n_train // world >= 2 * per_worker
     step, epoch, losses = 0, 0, []
     model.train()
     while step < cfg.steps:
@@ -143,7 +147,7 @@ def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx):
             batch_size=per_worker,
             local_shuffle_buffer_size=max(4 * per_worker, 256),
             local_shuffle_seed=seed + epoch,
-            drop_last=True,
+            drop_last=drop_last,
         )
         seen = 0
         for batch in batches:
@@ -160,9 +164,7 @@ def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx):
             if step >= cfg.steps:
                 break
         if seen == 0:
-            raise DataError(
-                f"the training set holds fewer than one batch of {per_worker} images per worker"
-            )
+            raise DataError(f"a classifier worker got no training images ({n_train} in all)")
         epoch += 1
     module = getattr(model, "module", model)
     return module, {"loss": float(np.mean(losses[-20:])), "steps": step, "epochs": epoch}
@@ -299,6 +301,7 @@ def train_plan(
             "classifier": ccfg.model_dump(),
             "seed": cfg.runtime.seed,
             "arms": [_slug(a) for a in arms],
+            "sizes": {_slug(a): n for a, n in n_train.items()},
         },
         scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu),
         run_config=RunConfig(name=name, storage_path=str(out / "ray_train")),
