@@ -334,6 +334,8 @@ def train_plan(
 
 def score_split(test, ccfg: ClassifierConfig, weights: dict[str, Path]) -> dict[str, dict]:
     """Score a Ray dataset of test patches with each named weights file: AUC, accuracy, ROC."""
+    from ray.data import ActorPoolStrategy
+
     scored = test.map_batches(
         ScoreStage,
         fn_constructor_kwargs={
@@ -342,7 +344,7 @@ def score_split(test, ccfg: ClassifierConfig, weights: dict[str, Path]) -> dict[
         },
         batch_size=ccfg.eval_batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ActorPoolStrategy(size=1),
         num_gpus=1 if ccfg.use_gpu else None,
     )
     parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))

@@ -502,6 +502,8 @@ class _Select:
 
 
 def _extract_ray(plan: dict, cfg: FeaturesConfig, data_cfg) -> dict[str, tuple]:
+    from ray.data import ActorPoolStrategy
+
     from meddiff.config import DataConfig
     from meddiff.data.datasets import pcam_dataset
 
@@ -522,7 +524,7 @@ def _extract_ray(plan: dict, cfg: FeaturesConfig, data_cfg) -> dict[str, tuple]:
         fn_constructor_kwargs={"cfg": cfg.model_dump()},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.concurrency,
+        compute=ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=cfg.num_gpus or None,
         num_cpus=1,
     )
