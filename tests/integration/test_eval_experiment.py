@@ -99,8 +99,7 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
 
     out = tmp_path / "exp"
     args = ["--data", str(sample_pcam_dir), "--out", str(out), "--json", str(tmp_path / "r.json"),
-            *TINY, "--set", "evaluation.classifier.steps=20",
-            "--set", "evaluation.classifier.arms=[real, synthetic]"]  # fmt: skip
+            *TINY, "--set", "evaluation.classifier.steps=20"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     fd = "fd_vit_tiny_patch16_224_random"
@@ -139,6 +138,7 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
         "evaluate", "strategy-baseline", "strategy-morphology"
     ]  # fmt: skip
     assert f"morphology/{fd}" in parent.data.metrics
+    assert "baseline/classifier_real_plus_synthetic_auc" in parent.data.metrics
 
     # A rerun skips every finished stage and only re-evaluates.
     fake_stages.calls.clear()

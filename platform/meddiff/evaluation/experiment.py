@@ -43,6 +43,13 @@ PAPER = {
 }
 
 
+def mlflow_name(name: str) -> str:
+    """A metric name MLflow accepts ('real+synthetic' → 'real_plus_synthetic')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("+", "_plus_"))
+
+
 def with_strategy(cfg: Config, strategy: str) -> Config:
     """``cfg`` with ``prompts.strategy`` set (the prompt-building stage reads it)."""
     if "strategy" not in type(cfg.prompts).model_fields:
@@ -166,12 +173,12 @@ def compare_prompting(
                 cfg, data, out / "evaluation", synthetic, pairs, classifier=classifier
             )
             for strategy, cells in result["flat"].items():
-                mlflow.log_metrics({f"{strategy}/{k}": v for k, v in cells.items()})
+                mlflow.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
             for name in ("report", "umap", "roc", "table_csv", "table_json"):
                 if result.get(name):
                     mlflow.log_artifact(result[name])
         for strategy, cells in result["flat"].items():
-            mlflow.log_metrics({f"{strategy}/{k}": v for k, v in cells.items()})
+            mlflow.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
         mlflow.log_artifact(result["report"])
     return {k: v for k, v in result.items() if k != "flat"}
 
