@@ -23,6 +23,7 @@ GROUPS = (
     "meddiff.config.cli",
     "meddiff.synthesis.cli",
     "meddiff.thor.cli",
+    "meddiff.evaluation.cli",
 )
 
 

@@ -120,7 +120,9 @@ def _synthesis(demo: Demo) -> dict[str, Any]:
         "model_uri": train["model_uri"],
         "train_steps": train["steps"],
         "final_loss": train["final_loss"],
-        "synthetic": gen["x"],
+        "synthetic": gen["out"],
+        "split": gen["split"],
+        "x": gen["x"],
         "images": gen["images"],
         "grids": gen["grids"],
     }
@@ -191,6 +193,20 @@ def _thor(demo: Demo) -> dict[str, Any]:
     }
 
 
+def _evaluate(demo: Demo) -> dict[str, Any]:
+    from meddiff.evaluation.experiment import evaluate_demo
+    from meddiff.morphology.pipeline import PAIRS
+
+    synth = demo.results["synthesis"]
+    return evaluate_demo(
+        demo.cfg,
+        demo.path("data", "pcam"),
+        (Path(synth["synthetic"]), synth["split"]),
+        Path(demo.results["prompts"]["out"]) / PAIRS,
+        demo.path("evaluation"),
+    )
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
@@ -199,6 +215,7 @@ STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("prompts", _prompts),
     ("synthesis", _synthesis),
     ("thor", _thor),
+    ("evaluate", _evaluate),  # keep last: judges the synthetic set the steps before it made
 ]
 
 
@@ -249,9 +266,16 @@ def _main(args: argparse.Namespace) -> int:
     results = run_demo(cfg, args.out, fresh=args.fresh)
     print(json.dumps(results, indent=2))
     print(f"\nOutputs under {args.out.resolve()}; summary in {args.out / 'summary.json'}")
-    if "synthesis" in results:
-        print(f"Synthetic patches: {results['synthesis']['synthetic']}")
-        print(f"PNG grid per prompt: {results['synthesis']['grids']}")
+    where = {
+        "Morphology gallery": results.get("prompts", {}).get("gallery"),
+        "Synthetic patches (PCam layout)": results.get("synthesis", {}).get("synthetic"),
+        "PNG grid per prompt": results.get("synthesis", {}).get("grids"),
+        "THOR report": results.get("thor", {}).get("report"),
+        "Evaluation report": results.get("evaluate", {}).get("report"),
+    }
+    for what, path in where.items():
+        if path:
+            print(f"{what}: {Path(path).resolve()}")
     print(
         f"MLflow store: {tracking_uri(cfg.tracking)}  (browse: mlflow ui --backend-store-uri <it>)"
     )

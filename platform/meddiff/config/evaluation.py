@@ -1,12 +1,159 @@
-"""Configuration for judging synthetic data (paper A's evaluation)."""
+"""Configuration for judging synthetic data (paper A's evaluation): features, fidelity and
+diversity metrics, the coverage picture, the downstream classifier and the reader study."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
 
 from meddiff.config.base import Section
 
 
+class FeaturesConfig(Section):
+    """The network whose features the metrics compare.
+
+    ``inception`` is the TF-FID Inception-v3 (2048-d pool features) as ported by pytorch-fid; its
+    metric is called FID only when those weights were loaded. Without them (offline, no local
+    copy) the run falls back to ``fallback`` and names every metric after that network
+    (``fd_dino``), never FID.
+    """
+
+    network: Literal["inception", "dino"] = Field(
+        default="inception", description="Feature network for FD/KID/PRDC and the UMAP."
+    )
+    inception_weights: str = Field(
+        default="download",
+        description="'download' (pytorch-fid's pt_inception-2015-12-05-6726825d.pth from its "
+        "usual URL), a local path to that file, or 'random' (plumbing tests only; metrics are "
+        "then named fd_inception_random).",
+    )
+    fallback: Literal["dino", "error"] = Field(
+        default="dino",
+        description="What to do when the Inception weights cannot be loaded: use DINO features "
+        "(metrics named fd_dino) or stop with an error.",
+    )
+    dino_model: str = Field(
+        default="vit_base_patch8_224.dino",
+        description="timm model name of the DINO ViT (paper: ViT-B/8, CLS token).",
+    )
+    dino_weights: str = Field(
+        default="hub",
+        description="'hub' (timm pretrained weights from the Hugging Face hub), a local weights "
+        "file (.pth/.safetensors), or 'random' (tests and the offline demo).",
+    )
+    dino_image_size: int = Field(default=224, ge=16, description="DINO input size in pixels.")
+    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
+    concurrency: int = Field(default=1, ge=1, description="Ray Data actors extracting features.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per feature actor.")
+    max_images: int | None = Field(
+        default=None, ge=2, description="Use at most this many images of each set (None: all)."
+    )
+
+
+class MetricsConfig(Section):
+    """Fréchet distance, KID, precision/recall and density/coverage, with bootstrap CIs."""
+
+    nearest_k: int = Field(default=5, ge=1, description="k of the k-NN manifolds (PRDC).")
+    prdc_max_samples: int = Field(
+        default=10_000, ge=2, description="Random subset of each set used for the k-NN metrics."
+    )
+    kid_subsets: int = Field(default=100, ge=1)
+    kid_subset_size: int = Field(default=1000, ge=2)
+    bootstrap: int = Field(
+        default=100, ge=0, description="Bootstrap resamples for confidence intervals (0: none)."
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    stratify: list[Literal["prompt", "label"]] = Field(
+        default=["prompt", "label"], description="Also report metrics per prompt and per label."
+    )
+    min_stratum: int = Field(
+        default=50,
+        ge=2,
+        description="Strata with fewer real or synthetic images than this are listed as skipped.",
+    )
+
+
+class UmapConfig(Section):
+    """The 2-D coverage picture of real vs synthetic features."""
+
+    n_neighbors: int = Field(default=15, ge=2)
+    min_dist: float = Field(default=0.1, ge=0)
+    max_points: int = Field(default=5000, ge=10, description="Points per set in the picture.")
+
+
+class ClassifierConfig(Section):
+    """Downstream patch classifier trained with Ray Train on real, synthetic or both."""
+
+    model: str = Field(
+        default="resnet18",
+        description="'small_cnn' (built here) or any timm model name (trained from scratch).",
+    )
+    channels: list[int] = Field(
+        default=[32, 64, 128], description="small_cnn only: channels of its conv stages."
+    )
+    arms: list[Literal["real", "synthetic", "real+synthetic"]] = Field(
+        default=["real", "synthetic", "real+synthetic"]
+    )
+    steps: int = Field(
+        default=3000, ge=1, description="Optimizer steps, the same budget for every arm."
+    )
+    batch_size: int = Field(default=128, ge=1, description="Global batch size.")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(default=True, description="One GPU per Ray Train worker.")
+    eval_batch_size: int = Field(default=256, ge=1)
+    train_split: str = Field(default="train", description="Real split the real arms train on.")
+    test_split: str = Field(default="test", description="Real split every arm is tested on.")
+
+
+class ReaderStudyConfig(Section):
+    """A blinded real-vs-synthetic reading set."""
+
+    num_real: int = Field(default=50, ge=1)
+    num_synthetic: int = Field(default=50, ge=1)
+    display_size: int = Field(default=288, ge=32, description="Image size on the page (px).")
+
+
 class EvaluationConfig(Section):
-    """Filled in by the evaluation issue."""
+    features: FeaturesConfig = FeaturesConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    umap: UmapConfig = UmapConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    reader_study: ReaderStudyConfig = ReaderStudyConfig()
+    split: str = Field(default="train", description="PCam split of the synthetic sets to judge.")
+    real_split: str = Field(
+        default="train",
+        description="PCam split of the real reference set for the fidelity metrics.",
+    )
 
 
-TINY: dict = {}
+TINY: dict = {
+    "features": {
+        "network": "dino",
+        "dino_model": "vit_tiny_patch16_224",
+        "dino_weights": "random",
+        "dino_image_size": 96,
+        "batch_size": 64,
+    },
+    "metrics": {
+        "nearest_k": 3,
+        "prdc_max_samples": 2000,
+        "kid_subsets": 20,
+        "kid_subset_size": 100,
+        "bootstrap": 20,
+        "min_stratum": 8,
+    },
+    "umap": {"max_points": 1000},
+    "classifier": {
+        "model": "small_cnn",
+        "channels": [8, 16, 32],
+        "steps": 60,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "num_workers": 1,
+        "use_gpu": False,
+    },
+    "reader_study": {"num_real": 10, "num_synthetic": 10},
+}

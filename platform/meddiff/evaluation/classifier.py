@@ -1,0 +1,429 @@
+"""Downstream usefulness: a patch classifier trained on real, synthetic, or real + synthetic
+data with Ray Train, always tested on the real test split (paper A: synthetic-only AUC 0.805).
+
+Every arm gets the same seed and the same budget (``steps`` optimizer steps of ``batch_size``
+images), so arms differ only in what they learn from. The model is a bare module; the training
+loop, the Ray Data stage that scores the test split and the metrics are separate.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff.config import Config
+from meddiff.config.evaluation import ClassifierConfig
+from meddiff.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+ARMS = ("real", "synthetic", "real+synthetic")
+
+
+def build_classifier(cfg: ClassifierConfig):
+    """A binary patch classifier: images (n, 3, H, W) in [-1, 1] → logits (n,).
+
+    ``small_cnn``: conv3×3-BN-ReLU-maxpool stages of ``cfg.channels``, global average pool, one
+    linear unit. Any other name is a timm model with one output, trained from scratch.
+    """
+    import torch
+    from torch import nn
+
+    if cfg.model == "small_cnn":
+        layers: list[nn.Module] = []
+        cin = 3
+        for c in cfg.channels:
+            layers += [
+                nn.Conv2d(cin, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            cin = c
+        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1))
+    else:
+        import timm
+
+        try:
+            body = timm.create_model(cfg.model, pretrained=False, num_classes=1)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"evaluation.classifier.model: '{cfg.model}' is neither 'small_cnn' nor a timm "
+                f"model ({err})"
+            ) from None
+
+    class _Binary(nn.Module):
+        def __init__(self, body: nn.Module):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).reshape(-1)
+
+    return _Binary(body)
+
+
+def to_input(images, device=None):
+    """uint8 (n, H, W, 3) numpy or tensor → float (n, 3, H, W) in [-1, 1]."""
+    import torch
+
+    x = torch.as_tensor(images, device=device)
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _augment(x):
+    """Random 90° rotations and flips per batch: tissue has no canonical orientation."""
+    import torch
+
+    k = int(torch.randint(0, 4, (1,)))
+    x = torch.rot90(x, k, dims=(2, 3))
+    if bool(torch.randint(0, 2, (1,))):
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: for each arm in turn, a fresh model trained for ``steps``
+    optimizer steps over this worker's shard of that arm's dataset (same seed for every arm).
+
+    One Ray Train run serves all arms, so the workers start once; the final report carries one
+    checkpoint with a weights file per arm.
+    """
+    import ray.train
+    import torch
+
+    cfg = ClassifierConfig.model_validate(config["classifier"])
+    seed = int(config["seed"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    metrics: dict[str, float] = {}
+    states = {}
+    for arm in config["arms"]:
+        shard = ray.train.get_dataset_shard(arm)
+        model, arm_metrics = _train_arm(cfg, seed, shard, ctx, config["sizes"][arm])
+        states[arm] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        metrics.update({f"{arm}/{k}": v for k, v in arm_metrics.items()})
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            for arm, state in states.items():
+                torch.save(state, Path(tmp) / f"{_slug(arm)}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def _slug(arm: str) -> str:
+    """A file- and metric-safe arm name: 'baseline/real+synthetic' → 'baseline-real-synthetic'."""
+    return arm.replace("+", "-").replace("/", "-").replace(" ", "_")
+
+
+def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx, n_train: int):
+    import torch
+    from ray.train.torch import prepare_model
+
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    # Same initial weights for every arm and worker (DDP broadcasts rank 0's anyway); augmentation
+    # and shuffling differ per worker but not per arm.
+    torch.manual_seed(seed)
+    model = prepare_model(build_classifier(cfg))
+    torch.manual_seed(seed + 1000 * rank)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    per_worker = max(1, cfg.batch_size // world)
+    # Full batches only, unless a worker's share is smaller than two batches (a tiny synthetic
+    # set): then the short last batch is kept rather than leaving nothing to train on.
+    drop_last = n_train // world >= 2 * per_worker
+    step, epoch, losses = 0, 0, []
+    model.train()
+    while step < cfg.steps:
+        batches = shard.iter_torch_batches(
+            batch_size=per_worker,
+            local_shuffle_buffer_size=max(4 * per_worker, 256),
+            local_shuffle_seed=seed + epoch,
+            drop_last=drop_last,
+        )
+        seen = 0
+        for batch in batches:
+            x = _augment(to_input(batch["image"], device))
+            y = batch["label"].to(device).float()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            step += 1
+            seen += 1
+            if step >= cfg.steps:
+                break
+        if seen == 0:
+            raise DataError(f"a classifier worker got no training images ({n_train} in all)")
+        epoch += 1
+    module = getattr(model, "module", model)
+    return module, {"loss": float(np.mean(losses[-20:])), "steps": step, "epochs": epoch}
+
+
+class ScoreStage:
+    """Ray Data stage: patch batches → ``score/<name>`` (sigmoid probability of label 1) for each
+    named weights file, and ``label``. All models score each batch, so the test split is read once.
+    """
+
+    def __init__(
+        self, classifier: dict[str, Any], weights: dict[str, str], device: str | None = None
+    ):
+        import torch
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = ClassifierConfig.model_validate(classifier)
+        self.models = {}
+        for name, path in weights.items():
+            model = build_classifier(cfg)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.models[name] = model.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        out = {"label": np.asarray(batch["label"], dtype=np.int64)}
+        with torch.inference_mode():
+            x = to_input(batch["image"], self.device)
+            for name, model in self.models.items():
+                out[f"score/{name}"] = torch.sigmoid(model(x)).float().cpu().numpy()
+        return out
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """AUC, accuracy at 0.5 and the ROC curve of scores (n,) against 0/1 labels (n,)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        raise DataError("the test split holds one class only; AUC is undefined")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "auc": float(roc_auc_score(labels, scores)),
+        "accuracy": float(((scores >= 0.5) == (labels == 1)).mean()),
+        "n_test": int(len(labels)),
+        "roc": {"fpr": fpr.round(5).tolist(), "tpr": tpr.round(5).tolist()},
+    }
+
+
+def _dataset(root: str | Path, split: str, cfg: Config, size: int):
+    from meddiff.data.datasets import pcam_dataset
+
+    data = cfg.data.model_copy(
+        update={"pcam": cfg.data.pcam.model_copy(update={"patch_size": size})}
+    )
+    return pcam_dataset(root, split, data).select_columns(["image", "label"])
+
+
+def train_arms(
+    cfg: Config,
+    real: str | Path,
+    synthetic: str | Path | None,
+    out: str | Path,
+    *,
+    arms: list[str] | None = None,
+    name: str = "classifier",
+) -> dict[str, dict[str, Any]]:
+    """Train and test one classifier per arm; returns ``{arm: metrics}`` and writes ``roc.png``
+    and each arm's weights under ``out``.
+
+    ``real`` is a PCam directory with the ``train_split`` and ``test_split`` splits; ``synthetic``
+    a PCam-layout synthetic set (its ``evaluation.split``), needed by the synthetic arms.
+    """
+    ccfg = cfg.evaluation.classifier
+    arms = list(arms or ccfg.arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"unknown classifier arm(s) {unknown}; expected some of {list(ARMS)}")
+    if any(a != "real" for a in arms) and synthetic is None:
+        raise DataError(f"arms {arms} need a synthetic set")
+    real_train = (real, ccfg.train_split)
+    synth = (synthetic, cfg.evaluation.split)
+    plan = {
+        "real": [real_train],
+        "synthetic": [synth],
+        "real+synthetic": [real_train, synth],
+    }
+    return train_plan(cfg, {arm: plan[arm] for arm in arms}, real, out, name=name)
+
+
+def train_plan(
+    cfg: Config,
+    plan: Mapping[str, list[tuple[str | Path, str]]],
+    real: str | Path,
+    out: str | Path,
+    *,
+    name: str = "classifier",
+) -> dict[str, dict[str, Any]]:
+    """Train one classifier per named arm on the union of its ``(root, split)`` sets, all arms in
+    one Ray Train run (same seed and budget each), and test every arm on ``real``'s test split.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from meddiff import runtime
+    from meddiff.evaluation.features import check_same_size
+
+    ccfg = cfg.evaluation.classifier
+    arms = list(plan)
+    if not arms:
+        raise ConfigError("no classifier arms to train")
+    sets = {"real test": (real, ccfg.test_split)}
+    for arm, parts in plan.items():
+        for i, part in enumerate(parts):
+            sets[f"{arm} #{i + 1}"] = part
+    size = check_same_size(sets)
+
+    runtime.connect(cfg.runtime)
+    _check_gpus(ccfg)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    test = _dataset(real, ccfg.test_split, cfg, size)
+    datasets, n_train = {}, {}
+    for arm, parts in plan.items():
+        dss = [_dataset(root, split, cfg, size) for root, split in parts]
+        datasets[_slug(arm)] = dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
+        n_train[arm] = int(datasets[_slug(arm)].count())
+    log.info("classifier arms %s: training images %s, %d steps each", arms, n_train, ccfg.steps)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "classifier": ccfg.model_dump(),
+            "seed": cfg.runtime.seed,
+            "arms": [_slug(a) for a in arms],
+            "sizes": {_slug(a): n for a, n in n_train.items()},
+        },
+        scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu),
+        run_config=RunConfig(name=name, storage_path=str(out / "ray_train")),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("classifier training reported no checkpoint")
+    weights = {}
+    with result.checkpoint.as_directory() as ckpt:
+        for arm in arms:
+            weights[arm] = out / f"{_slug(arm)}.pt"
+            tmp = weights[arm].with_name(weights[arm].name + ".partial")
+            tmp.write_bytes((Path(ckpt) / f"{_slug(arm)}.pt").read_bytes())
+            tmp.replace(weights[arm])
+    results = score_split(test, ccfg, weights)
+    for arm, metrics in results.items():
+        metrics.update(
+            n_train=n_train[arm],
+            steps=int(result.metrics.get(f"{_slug(arm)}/steps", ccfg.steps)),
+            train_loss=float(result.metrics.get(f"{_slug(arm)}/loss", float("nan"))),
+            weights=str(weights[arm]),
+        )
+        log.info(
+            "classifier arm %s: AUC %.3f accuracy %.3f", arm, metrics["auc"], metrics["accuracy"]
+        )
+    plot_roc(results, out / "roc.png", title=f"ROC on the real {ccfg.test_split} split")
+    return results
+
+
+def score_split(test, ccfg: ClassifierConfig, weights: dict[str, Path]) -> dict[str, dict]:
+    """Score a Ray dataset of test patches with each named weights file: AUC, accuracy, ROC."""
+    from ray.data import ActorPoolStrategy
+
+    scored = test.map_batches(
+        ScoreStage,
+        fn_constructor_kwargs={
+            "classifier": ccfg.model_dump(),
+            "weights": {k: str(v) for k, v in weights.items()},
+        },
+        batch_size=ccfg.eval_batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=1),
+        num_gpus=1 if ccfg.use_gpu else None,
+    )
+    parts = list(scored.iter_batches(batch_size=None, batch_format="numpy"))
+    labels = np.concatenate([p["label"] for p in parts])
+    return {
+        name: binary_metrics(labels, np.concatenate([p[f"score/{name}"] for p in parts]))
+        for name in weights
+    }
+
+
+def _check_gpus(ccfg: ClassifierConfig) -> None:
+    import ray
+
+    if not ccfg.use_gpu:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < 1:
+        raise ConfigError(
+            "evaluation.classifier.use_gpu is true but the Ray cluster has no GPU; "
+            "set evaluation.classifier.use_gpu=false (or use the tiny preset) to train on CPUs"
+        )
+
+
+def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """ROC curves of every arm in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    for arm, res in results.items():
+        ax.plot(res["roc"]["fpr"], res["roc"]["tpr"], label=f"{arm} (AUC {res['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="#999", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run_classifier(
+    cfg: Config,
+    real: str | Path,
+    synthetic: str | Path | None,
+    out: str | Path,
+    *,
+    arms: list[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`train_arms` recorded as an MLflow run (nested under an active one); also writes
+    ``classifier.json``. Returns ``{"arms": {arm: metrics}, "roc": png, "json": path}``."""
+    import json
+
+    import mlflow
+
+    from meddiff import tracking
+
+    with tracking.start_run(cfg, "eval-classifier", nested=mlflow.active_run() is not None):
+        mlflow.log_params({"real": str(real), "synthetic": str(synthetic)})
+        results = train_arms(cfg, real, synthetic, out, arms=arms)
+        for arm, res in results.items():
+            mlflow.log_metrics(
+                {f"{_slug(arm)}/auc": res["auc"], f"{_slug(arm)}/accuracy": res["accuracy"]}
+            )
+        out = Path(out)
+        summary = {
+            "arms": results,
+            "roc": str(out / "roc.png"),
+            "json": str(out / "classifier.json"),
+        }
+        tmp = out / "classifier.json.partial"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / "classifier.json")
+        mlflow.log_artifact(str(out / "roc.png"))
+        mlflow.log_artifact(str(out / "classifier.json"))
+    return summary

@@ -1,0 +1,209 @@
+"""``meddiff eval``: judge synthetic data (fidelity, classifier, reader study, the experiment).
+
+Every command prints its metrics as JSON on stdout, or writes them to ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from meddiff.cli import add_config_arguments
+
+    group = sub.add_parser("eval", help="judge synthetic data: fidelity, classifier, reader study")
+    cmds = group.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+
+    fid = cmds.add_parser(
+        "fidelity",
+        help="FD/KID/precision/recall/density/coverage of synthetic sets vs a real set, "
+        "UMAP picture and HTML report",
+    )
+    fid.add_argument("--real", required=True, type=Path, help="real PCam directory")
+    fid.add_argument(
+        "--synthetic",
+        required=True,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="synthetic PCam-layout directory (repeatable; NAME labels it in the report)",
+    )
+    fid.add_argument(
+        "--real-prompts", type=Path, help="CSV (index,prompt) giving each real image's prompt"
+    )
+    fid.add_argument("--out", type=Path, help="write features, umap.png and report.html here")
+    fid.add_argument("--no-umap", action="store_true", help="skip the UMAP picture")
+    fid.add_argument("--local", action="store_true", help="extract features without Ray")
+    _json_arg(fid)
+    add_config_arguments(fid)
+    fid.set_defaults(handler=_fidelity)
+
+    clf = cmds.add_parser(
+        "classifier",
+        help="train a patch classifier on real / synthetic / both (Ray Train), test on real",
+    )
+    clf.add_argument("--real", required=True, type=Path, help="real PCam directory (train, test)")
+    clf.add_argument("--synthetic", type=Path, help="synthetic PCam-layout directory")
+    clf.add_argument(
+        "--arms",
+        nargs="+",
+        choices=["real", "synthetic", "real+synthetic"],
+        help="which training sets (default: evaluation.classifier.arms)",
+    )
+    clf.add_argument("--out", required=True, type=Path, help="weights, roc.png, classifier.json")
+    _json_arg(clf)
+    add_config_arguments(clf)
+    clf.set_defaults(handler=_classifier)
+
+    rs = cmds.add_parser("reader-study", help="blinded real-vs-synthetic reading: export, score")
+    rcmds = rs.add_subparsers(dest="reader_command", required=True, metavar="STEP")
+    exp = rcmds.add_parser("export", help="write study.html (blinded) and key.json")
+    exp.add_argument("--real", required=True, type=Path)
+    exp.add_argument("--synthetic", required=True, type=Path)
+    exp.add_argument("--out", required=True, type=Path)
+    exp.add_argument("--num-real", type=int, help="default: evaluation.reader_study.num_real")
+    exp.add_argument("--num-synthetic", type=int, help="default: ...num_synthetic")
+    _json_arg(exp)
+    add_config_arguments(exp)
+    exp.set_defaults(handler=_rs_export)
+    score = rcmds.add_parser("score", help="score readers' answer files against the key")
+    score.add_argument("--key", required=True, type=Path, help="the study's key.json")
+    score.add_argument("answers", nargs="+", type=Path, help="answer files (JSON)")
+    _json_arg(score)
+    score.set_defaults(handler=_rs_score)
+
+    cmp_ = cmds.add_parser(
+        "compare-prompting",
+        help="baseline vs morphology prompts end to end: prompts, fine-tune, generate, evaluate",
+    )
+    cmp_.add_argument("--data", required=True, type=Path, help="real PCam directory")
+    cmp_.add_argument("--out", required=True, type=Path, help="experiment output root")
+    cmp_.add_argument(
+        "--strategies", nargs="+", default=["baseline", "morphology"], help="prompt strategies"
+    )
+    cmp_.add_argument("--no-classifier", action="store_true", help="skip the classifier arms")
+    _json_arg(cmp_)
+    add_config_arguments(cmp_)
+    cmp_.set_defaults(handler=_compare)
+
+
+def _json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write JSON here, not stdout")
+
+
+def _emit(args: argparse.Namespace, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, default=str)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".partial")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.json)
+    else:
+        print(text)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Path]:
+    from meddiff.errors import ConfigError
+
+    sets: dict[str, Path] = {}
+    for i, item in enumerate(items):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = ("synthetic" if len(items) == 1 else f"synthetic{i + 1}"), item
+        if not name or not path:
+            raise ConfigError(f"--synthetic '{item}': expected DIR or NAME=DIR")
+        if name in sets or name == "real":
+            raise ConfigError(f"--synthetic: the name '{name}' is used twice (or is 'real')")
+        sets[name] = Path(path)
+    return sets
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.evaluation.judge import run_fidelity
+
+    cfg = config_from_args(args)
+    out = args.out
+    if out is None:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="meddiff-fidelity-"))
+    result = run_fidelity(
+        cfg,
+        args.real,
+        _parse_sets(args.synthetic),
+        out,
+        real_prompts=args.real_prompts,
+        use_ray=not args.local,
+        umap=not args.no_umap,
+    )
+    _emit(args, result)
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.evaluation.classifier import run_classifier
+
+    cfg = config_from_args(args)
+    result = run_classifier(cfg, args.real, args.synthetic, args.out, arms=args.arms)
+    for arm in result["arms"].values():
+        arm.pop("roc", None)  # the curve is in roc.png and classifier.json
+    _emit(args, result)
+    return 0
+
+
+def _rs_export(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.evaluation.reader_study import export_study
+
+    cfg = config_from_args(args)
+    rs = cfg.evaluation.reader_study
+    key = export_study(
+        args.real,
+        args.synthetic,
+        args.out,
+        num_real=args.num_real or rs.num_real,
+        num_synthetic=args.num_synthetic or rs.num_synthetic,
+        real_split=cfg.evaluation.real_split,
+        synthetic_split=cfg.evaluation.split,
+        seed=cfg.runtime.seed,
+        display_size=rs.display_size,
+    )
+    _emit(
+        args,
+        {
+            "study_id": key["study_id"],
+            "images": len(key["items"]),
+            "page": str(args.out / "study.html"),
+            "key": str(args.out / "key.json"),
+        },
+    )
+    return 0
+
+
+def _rs_score(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.reader_study import score_answers
+
+    _emit(args, score_answers(args.key, args.answers))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.evaluation.experiment import compare_prompting
+
+    cfg = config_from_args(args)
+    result = compare_prompting(
+        cfg,
+        args.data,
+        args.out,
+        strategies=args.strategies,
+        classifier=not args.no_classifier,
+    )
+    _emit(args, result)
+    if args.json:
+        print(f"report: {result['report']}")
+    return 0

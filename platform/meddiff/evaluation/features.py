@@ -1,0 +1,540 @@
+"""Feature extractors behind one interface, and feature extraction over PCam-layout sets.
+
+An extractor maps uint8 images (n, H, W, 3) to float32 features (n, dim) and carries a ``name``
+that says honestly which network produced them:
+
+- ``inception``: the TF-FID Inception-v3 (pytorch-fid's port, 2048-d final pool features) with
+  the standard FID weights, from a local file or pytorch-fid's usual download. Only these
+  features make an "FID".
+- ``inception_random``: the same architecture with random weights (plumbing tests only).
+- ``dino``: a DINO ViT's CLS token (the embedding stage's model), pretrained weights.
+- ``<timm model>_random``: a ViT built from config with random weights (tiny preset, offline).
+
+When the Inception weights cannot be had, :func:`resolve_features` falls back to DINO (or
+raises, per ``fallback``) and says so; metrics are then named after the network actually used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from meddiff.config.evaluation import FeaturesConfig
+from meddiff.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub convention: the file name carries it
+
+
+class FeatureExtractor(Protocol):
+    """uint8 images (n, H, W, 3) → float32 features (n, dim)."""
+
+    name: str
+    dim: int
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def metric_prefix(network: str) -> tuple[str, str]:
+    """Names of the Fréchet and kernel distances for features of ``network``.
+
+    ``("fid", "kid")`` only for the real FID Inception; otherwise ``fd_<network>``/``kd_<network>``
+    so a stand-in network never poses as FID.
+    """
+    if network == "inception":
+        return "fid", "kid"
+    return f"fd_{network}", f"kd_{network}"
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(
+            f"feature extractor needs uint8 (n, H, W, 3), got {images.dtype} {images.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+class InceptionExtractor:
+    """pytorch-fid's FID Inception-v3: 2048-d final average-pool features.
+
+    ``weights``: ``"download"`` (pytorch-fid's release URL, cached in torch's hub directory), a
+    local path to ``pt_inception-2015-12-05-6726825d.pth``, or ``"random"``.
+    """
+
+    dim = 2048
+
+    def __init__(self, weights: str = "download", device: str = "cpu"):
+        self.device = device
+        self.model = _build_fid_inception(weights).to(device).eval()
+        self.name = inception_name(weights)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = _to_tensor(images).to(self.device)
+            # pytorch-fid resizes to 299 bilinearly and maps [0, 1] to [-1, 1] itself.
+            out = self.model(x)[0]
+        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+
+
+def inception_name(weights: str) -> str:
+    """``inception`` for the standard FID weights (downloaded, or a local file whose SHA-256
+    starts with the ``6726825d`` that pytorch-fid's file name carries); ``inception_random``;
+    ``inception_nonstandard`` for any other local file (so it never poses as FID)."""
+    if weights == "random":
+        return "inception_random"
+    if weights == "download":
+        return "inception"
+    return (
+        "inception"
+        if sha256_prefix(Path(weights)) == INCEPTION_SHA256_PREFIX
+        else ("inception_nonstandard")
+    )
+
+
+def sha256_prefix(path: Path, n: int = 8) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:n]
+
+
+def _build_fid_inception(weights: str):
+    import torch
+    import torchvision
+    from pytorch_fid import inception as pfi
+
+    if weights == "random":
+        # Keep the architecture, skip the weights: the loader returns nothing and loading it is a
+        # no-op, so the layers keep their initialisation.
+        patches = [
+            _patch(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
+            _patch(torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None),
+        ]
+    elif weights == "download":
+        patches = []
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(
+                f"evaluation.features.inception_weights: {path} does not exist; expected "
+                f"pytorch-fid's {INCEPTION_FILE} (or 'download')"
+            )
+        patches = [
+            _patch(
+                pfi,
+                "load_state_dict_from_url",
+                lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True),
+            )
+        ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        stack.enter_context(_seeded())
+        try:
+            return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except (OSError, RuntimeError, ValueError) as err:
+            where = pfi.FID_WEIGHTS_URL if weights == "download" else weights
+            raise ModelError(
+                f"cannot load the FID Inception weights from {where} ({type(err).__name__}: "
+                f"{str(err)[:200]}); set evaluation.features.inception_weights to a local copy "
+                f"of {INCEPTION_FILE}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """Random weights must be the same network in the driver and in every Ray actor: draw them
+    from a fixed private RNG stream."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _patch(obj: Any, attr: str, value: Any):
+    from unittest import mock
+
+    return mock.patch.object(obj, attr, value)
+
+
+class DinoExtractor:
+    """A ViT's CLS token (DINO ViT-B/8 at full size), built through timm.
+
+    ``weights``: ``"hub"`` (timm's pretrained weights), a local weights file, or ``"random"``.
+    Images are resized to ``image_size`` (bicubic) and normalised with the model's mean/std.
+    """
+
+    def __init__(
+        self, model: str, weights: str = "hub", image_size: int = 224, device: str = "cpu"
+    ):
+        self.device = device
+        self.image_size = image_size
+        self.model = build_dino(model, weights, image_size).to(device).eval()
+        self.dim = int(self.model.num_features)
+        cfg = self.model.pretrained_cfg
+        self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=np.float32)
+        self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), dtype=np.float32)
+        self.name = dino_name(model, weights)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            x = _to_tensor(images).to(self.device)
+            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+                x = F.interpolate(
+                    x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False
+                )
+            mean = torch.as_tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.as_tensor(self.std, device=x.device).view(1, 3, 1, 1)
+            out = self.model((x - mean) / std)  # (n, dim): CLS token after the final norm
+        return out.float().cpu().numpy()
+
+
+def dino_name(model: str, weights: str) -> str:
+    """``dino`` for pretrained DINO weights; otherwise the model's own name (``..._random``)."""
+    base = re.sub(r"[^0-9a-zA-Z]+", "_", model).strip("_").lower()
+    if weights == "random":
+        return f"{base}_random"
+    return "dino" if "dino" in model.lower() else base
+
+
+def build_dino(model: str, weights: str, image_size: int):
+    """A timm ViT with no classifier head whose output is the CLS token."""
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
+    if image_size != 224:
+        kwargs["img_size"] = image_size
+    try:
+        if weights == "random":
+            with _seeded():
+                return timm.create_model(model, pretrained=False, **kwargs)
+        if weights == "hub":
+            return timm.create_model(model, pretrained=True, **kwargs)
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(
+                f"evaluation.features.dino_weights: {path} does not exist; expected a weights "
+                "file, 'hub' or 'random'"
+            )
+        return timm.create_model(
+            model, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
+    except ModelError:
+        raise
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ModelError(
+                f"evaluation.features.dino_model: unknown timm model '{model}'"
+            ) from None
+        raise ModelError(f"cannot load DINO weights for {model} ({weights}): {err}") from None
+    except Exception as err:  # hub download failures come as many types (HTTP, OSError, ...)
+        raise ModelError(
+            f"cannot load DINO weights for {model} from {weights} ({type(err).__name__}: "
+            f"{str(err)[:200]}); set evaluation.features.dino_weights to a local file"
+        ) from None
+
+
+def build_extractor(cfg: FeaturesConfig, device: str | None = None) -> FeatureExtractor:
+    """The extractor ``cfg`` names (no fallback: see :func:`resolve_features`)."""
+    device = device or _default_device()
+    if cfg.network == "inception":
+        return InceptionExtractor(cfg.inception_weights, device)
+    return DinoExtractor(cfg.dino_model, cfg.dino_weights, cfg.dino_image_size, device)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The feature config actually used, its network name and why it differs from the request."""
+
+    cfg: FeaturesConfig
+    network: str
+    note: str = ""
+    # The driver's loaded network, reused for in-process extraction (never sent to Ray actors).
+    extractor: Any = field(default=None, repr=False, compare=False)
+
+
+def resolve_features(cfg: FeaturesConfig) -> Resolved:
+    """Check that the requested network's weights can be loaded, falling back when allowed.
+
+    Loading once on the driver also fills torch's download cache, so Ray actors on the same node
+    do not download again.
+    """
+    try:
+        extractor = build_extractor(cfg)
+        note = ""
+        if extractor.name == "inception_nonstandard":
+            note = (
+                f"{cfg.inception_weights} is not pytorch-fid's {INCEPTION_FILE} (SHA-256 does "
+                "not start with 6726825d): distances are named fd_inception_nonstandard, not FID"
+            )
+        elif extractor.name == "inception_random":
+            note = "Inception with random weights (plumbing only): distances are not FID"
+        return Resolved(cfg, extractor.name, note, extractor)
+    except ModelError as err:
+        if cfg.network != "inception" or cfg.fallback == "error":
+            raise
+        note = (
+            f"FID Inception weights unavailable ({err}); metrics use DINO features instead and "
+            "are named after that network, not FID"
+        )
+        log.warning(note)
+        dino_cfg = cfg.model_copy(update={"network": "dino"})
+        try:
+            extractor = build_extractor(dino_cfg)
+        except ModelError as dino_err:
+            raise ModelError(
+                f"no feature network can be loaded: {err}; and the DINO fallback failed too: "
+                f"{dino_err}"
+            ) from None
+        return Resolved(dino_cfg, extractor.name, note, extractor)
+
+
+# --- feature sets ---------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSet:
+    """Features of one PCam-layout set with what the strata need.
+
+    ``features`` float32 (n, dim); ``labels`` int64 (n,); ``index`` int64 (n,) rows in the file;
+    ``prompts`` one string per row when the set has a ``..._meta.csv`` with a prompt column.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    network: str
+    source: str
+    prompts: list[str] | None = None
+    meta: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class FeatureStage:
+    """Ray Data stage: patch batches → ``features`` (n, dim), keeping ``label`` and ``index``."""
+
+    def __init__(self, cfg: dict[str, Any], device: str | None = None):
+        self.extractor = build_extractor(FeaturesConfig.model_validate(cfg), device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in batch.items() if k != "image"}  # keeps tags such as set_id
+        out["features"] = self.extractor(batch["image"])
+        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+        out["index"] = np.asarray(batch["index"], dtype=np.int64)
+        return out
+
+
+def check_set(root: str | Path, split: str) -> tuple[int, int]:
+    """(rows, patch size) of a PCam-layout set; a clear error for a missing or empty set."""
+    from meddiff.data import pcam
+
+    opened = pcam.open_pcam(root, split, patch_size=None)
+    return opened.num_rows, opened.patch_size
+
+
+def check_same_size(sets: dict[str, tuple[str | Path, str]]) -> int:
+    """The common patch size of named sets; DataError naming them when sizes differ."""
+    sizes = {name: check_set(root, split)[1] for name, (root, split) in sets.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {s}×{s}" for name, s in sizes.items())
+        raise DataError(
+            f"image sets have different sizes ({listed}); resize them to one size before comparing"
+        )
+    return next(iter(sizes.values()))
+
+
+def choose_rows(n: int, max_images: int | None, seed: int) -> np.ndarray:
+    """Sorted row indices: all rows, or a seeded random subset of ``max_images``."""
+    if max_images is None or n <= max_images:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_images, replace=False)).astype(np.int64)
+
+
+def extract_features(
+    root: str | Path,
+    split: str,
+    resolved: Resolved,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    use_ray: bool = True,
+    data_cfg=None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of every (or a seeded random subset of) image of one PCam-layout split."""
+    sets = {"set": (root, split)}
+    return extract_sets(
+        sets,
+        resolved,
+        max_images=max_images,
+        seed=seed,
+        use_ray=use_ray,
+        data_cfg=data_cfg,
+        progress=progress,
+    )["set"]
+
+
+def extract_sets(
+    sets: dict[str, tuple[str | Path, str]],
+    resolved: Resolved,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    use_ray: bool = True,
+    data_cfg=None,
+    progress: bool = True,
+) -> dict[str, FeatureSet]:
+    """Features of several named PCam-layout splits ``{name: (root, split)}``.
+
+    With ``use_ray`` all sets stream through one Ray Data pipeline (``cfg.concurrency`` actors,
+    each loading the network once for every set); without, they are read block by block here.
+    """
+    cfg = resolved.cfg
+    plan = {}
+    for name, (root, split) in sets.items():
+        n, size = check_set(root, split)
+        plan[name] = (root, split, n, size, choose_rows(n, max_images, seed))
+    if use_ray:
+        raw = _extract_ray(plan, cfg, data_cfg)
+    else:
+        extractor = resolved.extractor or build_extractor(cfg)
+        raw = {
+            name: _extract_local(root, split, rows, extractor, cfg, progress)
+            for name, (root, split, _, _, rows) in plan.items()
+        }
+    return {
+        name: _feature_set(plan[name][0], plan[name][1], plan[name][2], *raw[name], resolved)
+        for name in sets
+    }
+
+
+def _feature_set(root, split, n, feats, labels, index, resolved: Resolved) -> FeatureSet:
+    from meddiff.data import pcam
+
+    order = np.argsort(index, kind="stable")
+    feats, labels, index = feats[order], labels[order], index[order]
+    meta_rows = pcam.read_meta(root, split)
+    meta: dict[str, list[str]] = {}
+    if meta_rows is not None:
+        if len(meta_rows) != n:
+            raise DataError(
+                f"{Path(root) / pcam.meta_filename(split)} has {len(meta_rows)} rows for {n} images"
+            )
+        for key in meta_rows[0]:
+            if key != "index":
+                meta[key] = [meta_rows[int(i)][key] for i in index]
+    return FeatureSet(
+        features=feats,
+        labels=labels,
+        index=index,
+        network=resolved.network,
+        source=str(root),
+        prompts=meta.get("prompt"),
+        meta=meta,
+    )
+
+
+def _extract_local(root, split, rows, extractor, cfg: FeaturesConfig, progress: bool):
+    from tqdm import tqdm
+
+    from meddiff.data import pcam
+
+    opened = pcam.open_pcam(root, split, patch_size=None)
+    feats, labels, index = [], [], []
+    keep = np.zeros(opened.num_rows, dtype=bool)
+    keep[rows] = True
+    bar = tqdm(total=len(rows), desc=f"features {Path(root).name}", disable=not progress)
+    block_rows = max(cfg.batch_size, 256)
+    for block in pcam.iter_blocks(opened, int(rows[0]), int(rows[-1]) + 1, block_rows):
+        sel = keep[block["index"]]
+        images = block["image"][sel]
+        for lo in range(0, len(images), cfg.batch_size):
+            feats.append(extractor(images[lo : lo + cfg.batch_size]))
+        labels.append(block["label"][sel])
+        index.append(block["index"][sel])
+        bar.update(int(sel.sum()))
+    bar.close()
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(index)
+
+
+class _Select:
+    """Keep the rows whose ``index`` is in a sorted array (a seeded subset); tag the set."""
+
+    def __init__(self, rows: np.ndarray | None, set_id: int):
+        self.rows = rows
+        self.set_id = set_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.rows is not None:
+            keep = np.isin(batch["index"], self.rows)
+            batch = {k: v[keep] for k, v in batch.items()}
+        batch["set_id"] = np.full(len(batch["index"]), self.set_id, dtype=np.int64)
+        return batch
+
+
+def _extract_ray(plan: dict, cfg: FeaturesConfig, data_cfg) -> dict[str, tuple]:
+    from ray.data import ActorPoolStrategy
+
+    from meddiff.config import DataConfig
+    from meddiff.data.datasets import pcam_dataset
+
+    data_cfg = data_cfg or DataConfig()
+    parts = []
+    for set_id, (root, split, _, size, rows) in enumerate(plan.values()):
+        # The set's own patch size (already checked against the others), not the configured one.
+        dcfg = data_cfg.model_copy(
+            update={"pcam": data_cfg.pcam.model_copy(update={"patch_size": size})}
+        )
+        ds = pcam_dataset(root, split, dcfg, limit=int(rows[-1]) + 1)
+        ds = ds.select_columns(["image", "label", "index"])
+        subset = rows if len(rows) < int(rows[-1]) + 1 else None
+        parts.append(ds.map_batches(_Select(subset, set_id), batch_format="numpy"))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.map_batches(
+        FeatureStage,
+        fn_constructor_kwargs={"cfg": cfg.model_dump()},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=cfg.num_gpus or None,
+        num_cpus=1,
+    )
+    batches = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b["index"])]
+    set_ids = np.concatenate([b["set_id"] for b in batches])
+    feats = np.concatenate([b["features"] for b in batches]).astype(np.float32)
+    labels = np.concatenate([b["label"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    out = {}
+    for set_id, name in enumerate(plan):
+        sel = set_ids == set_id
+        out[name] = (feats[sel], labels[sel], index[sel])
+    return out

@@ -1,0 +1,239 @@
+"""Judging synthetic sets against a real one end to end: features → metrics → UMAP → report.
+
+``judge(cfg, real, {"baseline": dir1, "morphology": dir2}, out)`` extracts the real set's
+features once, compares each synthetic set with it, draws every set into one UMAP, and writes
+``fidelity.json``, ``umap.png`` and ``report.html`` under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddiff.config import Config
+from meddiff.errors import DataError
+from meddiff.evaluation import report as R
+from meddiff.evaluation.features import (
+    FeatureSet,
+    Resolved,
+    check_same_size,
+    extract_sets,
+    resolve_features,
+)
+from meddiff.evaluation.fidelity import evaluate_sets, read_prompts_csv
+
+log = logging.getLogger(__name__)
+
+
+def load_features(
+    cfg: Config,
+    real: str | Path,
+    synthetic: Mapping[str, str | Path],
+    *,
+    real_prompts: str | Path | None = None,
+    use_ray: bool = True,
+) -> tuple[Resolved, FeatureSet, dict[str, FeatureSet]]:
+    """Check the sets (same image size, not empty) and extract the features of each."""
+    ev = cfg.evaluation
+    if not synthetic:
+        raise DataError("no synthetic set given")
+    sets = {"real": (real, ev.real_split)}
+    sets.update({name: (path, ev.split) for name, path in synthetic.items()})
+    check_same_size(sets)
+    resolved = resolve_features(ev.features)
+    seed = cfg.runtime.seed
+    kwargs = dict(
+        max_images=ev.features.max_images,
+        seed=seed,
+        use_ray=use_ray,
+        data_cfg=cfg.data,
+        progress=cfg.runtime.progress,
+    )
+    named = {"real": (real, ev.real_split)}
+    named.update({f"synthetic:{name}": (path, ev.split) for name, path in synthetic.items()})
+    feats = extract_sets(named, resolved, **kwargs)
+    real_fs = feats["real"]
+    if real_prompts is not None:
+        from meddiff.data import pcam
+
+        n = pcam.open_pcam(real, ev.real_split, patch_size=None).num_rows
+        prompts = read_prompts_csv(real_prompts, n)
+        real_fs.prompts = [prompts[int(i)] for i in real_fs.index]
+    fakes = {name: feats[f"synthetic:{name}"] for name in synthetic}
+    return resolved, real_fs, fakes
+
+
+def judge(
+    cfg: Config,
+    real: str | Path,
+    synthetic: Mapping[str, str | Path],
+    out: str | Path | None = None,
+    *,
+    real_prompts: str | Path | None = None,
+    use_ray: bool = True,
+    umap: bool = True,
+) -> dict[str, Any]:
+    """Fidelity reports of each synthetic set against ``real``; with ``out`` also the UMAP
+    picture, the features (``features/*.npz``) and the HTML report.
+
+    Returns ``{"network", "note", "sets": {name: fidelity report}, "umap", "report"}``.
+    """
+    resolved, real_fs, fakes = load_features(
+        cfg, real, synthetic, real_prompts=real_prompts, use_ray=use_ray
+    )
+    result = judge_features(cfg, resolved, real_fs, fakes, out, umap=umap)
+    return result
+
+
+def judge_features(
+    cfg: Config,
+    resolved: Resolved,
+    real_fs: FeatureSet,
+    fakes: Mapping[str, FeatureSet],
+    out: str | Path | None = None,
+    *,
+    umap: bool = True,
+    extra_blocks: list[str] | None = None,
+    title: str = "meddiff: judging synthetic data",
+    precomputed: Mapping[str, dict[str, Any]] | None = None,
+    table: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The metrics, picture and report from already extracted features.
+
+    ``precomputed`` fidelity reports (per set) are used as they are; ``table`` replaces the
+    metric × strategy table built from the reports (e.g. with classifier rows added).
+    """
+    ev = cfg.evaluation
+    seed = cfg.runtime.seed
+    reports = dict(precomputed or {})
+    for name, fs in fakes.items():
+        if name not in reports:
+            reports[name] = evaluate_sets(real_fs, fs, ev.metrics, seed, resolved.note)
+    result: dict[str, Any] = {
+        "network": resolved.network,
+        "note": resolved.note,
+        "sets": reports,
+    }
+    if out is None:
+        return result
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feats_dir = out / "features"
+    feats_dir.mkdir(exist_ok=True)
+    for name, fs in {"real": real_fs, **fakes}.items():
+        np.savez_compressed(
+            feats_dir / f"{name}.npz", features=fs.features, labels=fs.labels, index=fs.index
+        )
+    blocks: list[str] = []
+    if resolved.note:
+        blocks.append(f'<div class="note">{R.html.escape(resolved.note)}</div>')
+    if table is None and len(reports) > 1:
+        table = R.comparison_table(reports)
+    if table is not None:
+        blocks.append(R.heading("Metric × strategy"))
+        blocks.append(comparison_html(table, list(reports)))
+    if umap:
+        from meddiff.evaluation.coverage import plot_umap, umap_embedding
+
+        emb = umap_embedding(
+            {"real": real_fs.features, **{n: f.features for n, f in fakes.items()}},
+            ev.umap,
+            seed,
+        )
+        png = plot_umap(emb, out / "umap.png", f"Coverage: 2-D UMAP of {resolved.network} features")
+        result["umap"] = str(png)
+        blocks.append(R.heading("Coverage"))
+        blocks.append(R.image_html(png, "Real vs synthetic features, one UMAP fitted on all sets"))
+    blocks += sample_grids(cfg, real_fs, fakes)
+    for name, rep in reports.items():
+        blocks += R.fidelity_blocks(name, rep)
+    blocks += extra_blocks or []
+    (out / "fidelity.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    result["report"] = str(R.write_html(out / "report.html", title, blocks))
+    return result
+
+
+def comparison_html(table: Mapping[str, Mapping[str, Any]], strategies: list[str]) -> str:
+    rows = [
+        [R.text_cell(metric), *[cells.get(s) for s in strategies]]
+        for metric, cells in table.items()
+    ]
+    return R.table_html(["metric", *strategies], rows)
+
+
+def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSet]) -> list[str]:
+    """A 5×5 grid of randomly chosen images of each set."""
+    from meddiff.data import pcam
+
+    ev = cfg.evaluation
+    rng = np.random.default_rng(cfg.runtime.seed)
+    blocks = [R.heading("Samples")]
+    for name, fs, split in [("real", real_fs, ev.real_split)] + [
+        (n, f, ev.split) for n, f in fakes.items()
+    ]:
+        opened = pcam.open_pcam(fs.source, split, patch_size=None)
+        pick = np.sort(rng.choice(opened.num_rows, min(25, opened.num_rows), replace=False))
+        images = np.stack([pcam.read_rows(opened, int(i), int(i) + 1)["image"][0] for i in pick])
+        grid = R.image_grid(images, cols=5)
+        blocks.append(R.image_html(R.encode_png(grid), f"{name}: {len(pick)} random images"))
+    return blocks
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def run_fidelity(
+    cfg: Config,
+    real: str | Path,
+    synthetic: Mapping[str, str | Path],
+    out: str | Path,
+    *,
+    real_prompts: str | Path | None = None,
+    use_ray: bool = True,
+    umap: bool = True,
+) -> dict[str, Any]:
+    """:func:`judge` recorded as an MLflow run (nested under an active one): the overall metrics
+    of each set, the JSON, the UMAP picture and the HTML report."""
+    import mlflow
+
+    from meddiff import runtime, tracking
+    from meddiff.evaluation.fidelity import flat_metrics
+
+    if use_ray:
+        runtime.connect(cfg.runtime)
+    with tracking.start_run(cfg, "eval-fidelity", nested=mlflow.active_run() is not None):
+        mlflow.log_params(
+            {"real": str(real), **{f"synthetic.{k}": str(v) for k, v in synthetic.items()}}
+        )
+        result = judge(
+            cfg, real, synthetic, out, real_prompts=real_prompts, use_ray=use_ray, umap=umap
+        )
+        mlflow.set_tag("meddiff.feature_network", result["network"])
+        for name, rep in result["sets"].items():
+            mlflow.log_metrics(flat_metrics(rep, prefix=f"{name}/"))
+        log_outputs(result)
+    return result
+
+
+def log_outputs(result: Mapping[str, Any]) -> None:
+    """Log a result's report, picture and JSON files as artifacts of the active run."""
+    import mlflow
+
+    for key in ("report", "umap", "roc"):
+        if result.get(key):
+            mlflow.log_artifact(str(result[key]))
+    report = result.get("report")
+    if report and (Path(report).parent / "fidelity.json").is_file():
+        mlflow.log_artifact(str(Path(report).parent / "fidelity.json"))

@@ -1,0 +1,129 @@
+"""``meddiff eval`` end to end on the shared Ray: fidelity report, classifier arms, reader study,
+and bad input as one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval_helpers import make_synthetic
+from meddiff.cli import main
+
+TINY = ["--preset", "tiny", "--set", "runtime.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def sets(sample_pcam_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("eval-sets")
+    return {
+        "baseline": make_synthetic(sample_pcam_dir, tmp / "baseline", shift=30, noise=6, seed=1),
+        "morphology": make_synthetic(sample_pcam_dir, tmp / "morph", shift=4, noise=2, seed=2),
+    }
+
+
+def test_fidelity_cli_writes_json_report_and_umap(sample_pcam_dir, sets, tmp_path: Path):
+    out, js = tmp_path / "fid", tmp_path / "fid.json"
+    rc = main(
+        [
+            "eval", "fidelity", "--real", str(sample_pcam_dir),
+            "--synthetic", f"baseline={sets['baseline']}",
+            "--synthetic", f"morphology={sets['morphology']}",
+            "--out", str(out), "--json", str(js), *TINY,
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(js.read_text())
+    assert result["network"] == "vit_tiny_patch16_224_random"
+    for name in ("baseline", "morphology"):
+        overall = result["sets"][name]["overall"]
+        assert "fid" not in overall  # a random ViT never makes an FID
+        fd = overall["fd_vit_tiny_patch16_224_random"]
+        assert fd["value"] > 0 and fd["ci"][0] <= fd["ci"][1]
+        assert set(result["sets"][name]["by_label"]) == {"0", "1"}
+    # The milder perturbation is closer to the real set.
+    key = "fd_vit_tiny_patch16_224_random"
+    assert (
+        result["sets"]["morphology"]["overall"][key]["value"]
+        < result["sets"]["baseline"]["overall"][key]["value"]
+    )
+    page = (out / "report.html").read_text()
+    assert "Metric × strategy" in page and "Coverage" in page
+    assert len(re.findall(r"data:image/png;base64,", page)) >= 4  # UMAP + 3 sample grids
+    assert (out / "umap.png").stat().st_size > 1000
+    assert np.load(out / "features" / "real.npz")["features"].shape == (128, 192)
+
+
+def test_fidelity_cli_bad_input_is_one_line_error(sample_pcam_dir, tmp_path: Path, capsys):
+    small = make_synthetic(sample_pcam_dir, tmp_path / "small", n=10, size=64)
+    rc = main(["eval", "fidelity", "--real", str(sample_pcam_dir), "--synthetic", str(small),
+               "--local", "--no-umap", *TINY])  # fmt: skip
+    assert rc == 2
+    assert "different sizes" in capsys.readouterr().err
+    few = make_synthetic(sample_pcam_dir, tmp_path / "few", n=3)
+    rc = main(["eval", "fidelity", "--real", str(sample_pcam_dir), "--synthetic", str(few),
+               "--local", "--no-umap", *TINY])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "synthetic set has 3 images" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_classifier_cli_three_arms_on_tiny_real_sample(sample_pcam_dir, sets, tmp_path: Path):
+    js = tmp_path / "clf.json"
+    rc = main(
+        ["eval", "classifier", "--real", str(sample_pcam_dir), "--synthetic",
+         str(sets["morphology"]), "--out", str(tmp_path / "clf"), "--json", str(js), *TINY]
+    )  # fmt: skip
+    assert rc == 0
+    arms = json.loads(js.read_text())["arms"]
+    assert list(arms) == ["real", "synthetic", "real+synthetic"]
+    for arm in arms.values():
+        assert 0.0 <= arm["auc"] <= 1.0 and 0.0 <= arm["accuracy"] <= 1.0
+        assert arm["steps"] == 60 and arm["n_test"] == 32
+    assert arms["real"]["n_train"] == 128 and arms["real+synthetic"]["n_train"] == 256
+    # The stain-based label is learnable from 128 real patches in 60 steps.
+    assert arms["real"]["auc"] > 0.7
+    assert (tmp_path / "clf" / "roc.png").stat().st_size > 1000
+    import torch
+
+    a = torch.load(arms["real"]["weights"], weights_only=True)
+    b = torch.load(arms["synthetic"]["weights"], weights_only=True)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # arms learnt different weights
+
+
+def test_classifier_cli_needs_synthetic_for_synthetic_arms(sample_pcam_dir, tmp_path, capsys):
+    rc = main(["eval", "classifier", "--real", str(sample_pcam_dir), "--out", str(tmp_path),
+               "--arms", "synthetic", *TINY])  # fmt: skip
+    assert rc == 2 and "need a synthetic set" in capsys.readouterr().err
+
+
+def test_reader_study_cli_export_and_score(sample_pcam_dir, sets, tmp_path: Path, capsys):
+    study = tmp_path / "study"
+    rc = main(["eval", "reader-study", "export", "--real", str(sample_pcam_dir), "--synthetic",
+               str(sets["baseline"]), "--out", str(study), "--num-real", "5",
+               "--num-synthetic", "5", *TINY])  # fmt: skip
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 10 and Path(info["page"]).is_file()
+    key = json.loads((study / "key.json").read_text())
+    files = []
+    for reader, flip in (("r1", 0), ("r2", 3)):
+        answers = {it["id"]: it["truth"] for it in key["items"]}
+        for it in key["items"][:flip]:
+            answers[it["id"]] = "real" if it["truth"] == "synthetic" else "synthetic"
+        path = tmp_path / f"{reader}.json"
+        path.write_text(json.dumps({"study_id": key["study_id"], "reader": reader,
+                                    "answers": answers}))  # fmt: skip
+        files.append(str(path))
+    rc = main(["eval", "reader-study", "score", "--key", str(study / "key.json"), *files])
+    assert rc == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["readers"]["r1"]["accuracy"] == 1.0
+    assert scored["readers"]["r2"]["accuracy"] == pytest.approx(0.7)
+    assert scored["kappa"]["all"]["pairs"]["r1 | r2"] < 1.0
+    rc = main(["eval", "reader-study", "score", "--key", str(study / "key.json"),
+               str(tmp_path / "missing.json")])  # fmt: skip
+    assert rc == 2 and "missing.json does not exist" in capsys.readouterr().err
