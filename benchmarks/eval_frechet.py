@@ -77,17 +77,20 @@ def bench_fd(rows: int, dim: int) -> None:
 def bench_extract(batch: int, reps: int) -> None:
     import torch
 
+    from meddiff.config.prompts import TINY as PROMPTS_TINY
+    from meddiff.config.prompts import EmbedConfig
     from meddiff.evaluation.features import DinoExtractor, InceptionExtractor
+
+    threads = torch.get_num_threads()
+    vit_b8 = EmbedConfig(weights=None, threads=threads)  # random weights: timing only
+    tiny_vit = EmbedConfig.model_validate({**PROMPTS_TINY["embed"], "threads": threads})
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 96, 96, 3), dtype=np.uint8)
     nets = [
         ("FID Inception-v3, 299 px", lambda: InceptionExtractor("random")),
-        ("DINO ViT-B/8, 224 px", lambda: DinoExtractor("vit_base_patch8_224", "random", 224)),
-        (
-            "tiny ViT (tiny preset), 96 px",
-            lambda: DinoExtractor("vit_tiny_patch16_224", "random", 96),
-        ),
+        ("DINO ViT-B/8, 224 px", lambda: DinoExtractor(vit_b8)),
+        ("tiny ViT (tiny preset), 64 px", lambda: DinoExtractor(tiny_vit)),
     ]
     print(f"\nFeature extraction on CPU ({torch.get_num_threads()} torch threads), batch {batch}")
     for name, build in nets:

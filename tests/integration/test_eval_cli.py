@@ -37,15 +37,15 @@ def test_fidelity_cli_writes_json_report_and_umap(sample_pcam_dir, sets, tmp_pat
     )  # fmt: skip
     assert rc == 0
     result = json.loads(js.read_text())
-    assert result["network"] == "vit_tiny_patch16_224_random"
+    assert result["network"] == "vit_base_patch8_224_dino_random"
     for name in ("baseline", "morphology"):
         overall = result["sets"][name]["overall"]
         assert "fid" not in overall  # a random ViT never makes an FID
-        fd = overall["fd_vit_tiny_patch16_224_random"]
+        fd = overall["fd_vit_base_patch8_224_dino_random"]
         assert fd["value"] > 0 and fd["ci"][0] <= fd["ci"][1]
         assert set(result["sets"][name]["by_label"]) == {"0", "1"}
     # The milder perturbation is closer to the real set.
-    key = "fd_vit_tiny_patch16_224_random"
+    key = "fd_vit_base_patch8_224_dino_random"
     assert (
         result["sets"]["morphology"]["overall"][key]["value"]
         < result["sets"]["baseline"]["overall"][key]["value"]
@@ -54,7 +54,7 @@ def test_fidelity_cli_writes_json_report_and_umap(sample_pcam_dir, sets, tmp_pat
     assert "Metric × strategy" in page and "Coverage" in page
     assert len(re.findall(r"data:image/png;base64,", page)) >= 4  # UMAP + 3 sample grids
     assert (out / "umap.png").stat().st_size > 1000
-    assert np.load(out / "features" / "real.npz")["features"].shape == (128, 192)
+    assert np.load(out / "features" / "real.npz")["features"].shape == (128, 128)
 
 
 def test_fidelity_cli_bad_input_is_one_line_error(sample_pcam_dir, tmp_path: Path, capsys):

@@ -102,7 +102,7 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
             *TINY, "--set", "evaluation.classifier.steps=20"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    fd = "fd_vit_tiny_patch16_224_random"
+    fd = "fd_vit_base_patch8_224_dino_random"
     table = result["table"]
     assert set(table[fd]) == {"baseline", "morphology"}
     assert table[fd]["morphology"] < table[fd]["baseline"]  # the milder stand-in is closer

@@ -9,6 +9,8 @@ import pytest
 
 from eval_helpers import make_synthetic
 from meddiff.config.evaluation import FeaturesConfig
+from meddiff.config.prompts import TINY as PROMPTS_TINY
+from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import DataError, ModelError
 from meddiff.evaluation.features import (
     DinoExtractor,
@@ -19,9 +21,8 @@ from meddiff.evaluation.features import (
     resolve_features,
 )
 
-TINY_DINO = dict(
-    network="dino", dino_model="vit_tiny_patch16_224", dino_weights="random", dino_image_size=96
-)
+TINY_VIT = EmbedConfig.model_validate(PROMPTS_TINY["embed"])  # the tiny embedding stage's ViT
+TINY_DINO = dict(network="dino", dino=TINY_VIT)
 
 
 def images(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
@@ -67,26 +68,32 @@ def test_inception_missing_file_falls_back_to_dino_and_says_so(tmp_path: Path):
         **{k: v for k, v in TINY_DINO.items() if k != "network"},
     )
     resolved = resolve_features(cfg)
-    assert resolved.network == "vit_tiny_patch16_224_random"
+    assert resolved.network == "vit_base_patch8_224_dino_random"
     assert "FID Inception weights unavailable" in resolved.note and "nope.pth" in resolved.note
     with pytest.raises(ModelError, match="nope.pth does not exist"):
         resolve_features(cfg.model_copy(update={"fallback": "error"}))
 
 
-def test_dino_extractor_shapes_and_names():
-    ex = DinoExtractor("vit_tiny_patch16_224", "random", image_size=64)
-    feats = ex(images(3))  # 96 px in, resized to 64
-    assert feats.shape == (3, 192) and np.isfinite(feats).all()
-    assert ex.name == "vit_tiny_patch16_224_random"
-    assert dino_name("vit_base_patch8_224.dino", "hub") == "dino"
-    assert dino_name("vit_base_patch8_224.dino", "/w/dino.pth") == "dino"
+def test_dino_extractor_is_the_embedding_stage_and_named_honestly():
+    from meddiff.morphology.embed import DinoEmbedder
+
+    ex = DinoExtractor(TINY_VIT)
+    x = images(3)  # 96 px in, resized to 64
+    feats = ex(x)
+    assert feats.shape == (3, 128) and np.isfinite(feats).all()
+    np.testing.assert_array_equal(feats, DinoEmbedder(TINY_VIT).embed(x))
+    assert ex.name == "vit_base_patch8_224_dino_random"
+    full = EmbedConfig()
+    assert dino_name(full) == "dino"
+    assert dino_name(full.model_copy(update={"weights": "/w/dino.pth"})) == "dino"
 
 
 def test_dino_missing_local_weights_and_unknown_model(tmp_path: Path):
-    with pytest.raises(ModelError, match="dino_weights.*does not exist"):
-        DinoExtractor("vit_tiny_patch16_224", str(tmp_path / "w.pth"))
-    with pytest.raises(ModelError, match="unknown timm model 'not_a_model'"):
-        DinoExtractor("not_a_model", "random")
+    missing = TINY_VIT.model_copy(update={"weights": str(tmp_path / "w.pth")})
+    with pytest.raises(ModelError, match=r"\(evaluation\.features\.dino\.weights\) does not exist"):
+        DinoExtractor(missing)
+    with pytest.raises(ModelError, match="evaluation.features.dino.model: unknown timm model"):
+        DinoExtractor(TINY_VIT.model_copy(update={"model": "not_a_model"}))
 
 
 def test_extract_features_locally_with_meta_and_subset(sample_pcam_dir: Path, tmp_path: Path):
@@ -95,7 +102,7 @@ def test_extract_features_locally_with_meta_and_subset(sample_pcam_dir: Path, tm
     fs = extract_features(
         synth, "train", resolved, max_images=25, seed=1, use_ray=False, progress=False
     )
-    assert fs.features.shape == (25, 192) and len(fs.labels) == 25
+    assert fs.features.shape == (25, 128) and len(fs.labels) == 25
     assert np.all(np.diff(fs.index) > 0) and fs.index.max() < 40
     assert fs.prompts is not None and fs.prompts[0].startswith("Histology image of")
     assert fs.meta["cluster"][0] in ("0", "1")
@@ -121,6 +128,5 @@ def test_sets_of_different_sizes_and_empty_sets(sample_pcam_dir: Path, tmp_path:
 def test_random_networks_are_the_same_in_every_process():
     # Ray actors build their own copy: random weights must not differ between them.
     x = images(2, seed=5)
-    a = DinoExtractor("vit_tiny_patch16_224", "random", image_size=64)
-    b = DinoExtractor("vit_tiny_patch16_224", "random", image_size=64)
+    a, b = DinoExtractor(TINY_VIT), DinoExtractor(TINY_VIT)
     np.testing.assert_array_equal(a(x), b(x))

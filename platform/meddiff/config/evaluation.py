@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from meddiff.config.base import Section
+from meddiff.config.prompts import TINY as PROMPTS_TINY
+from meddiff.config.prompts import EmbedConfig
 
 
 class FeaturesConfig(Section):
@@ -33,16 +35,11 @@ class FeaturesConfig(Section):
         description="What to do when the Inception weights cannot be loaded: use DINO features "
         "(metrics named fd_dino) or stop with an error.",
     )
-    dino_model: str = Field(
-        default="vit_base_patch8_224.dino",
-        description="timm model name of the DINO ViT (paper: ViT-B/8, CLS token).",
+    dino: EmbedConfig = Field(
+        default_factory=EmbedConfig,
+        description="The DINO ViT: the embedding stage's model (same section type as "
+        "prompts.embed; paper: ViT-B/8, CLS token).",
     )
-    dino_weights: str = Field(
-        default="hub",
-        description="'hub' (timm pretrained weights from the Hugging Face hub), a local weights "
-        "file (.pth/.safetensors), or 'random' (tests and the offline demo).",
-    )
-    dino_image_size: int = Field(default=224, ge=16, description="DINO input size in pixels.")
     batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
     concurrency: int = Field(default=1, ge=1, description="Ray Data actors extracting features.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per feature actor.")
@@ -132,9 +129,7 @@ class EvaluationConfig(Section):
 TINY: dict = {
     "features": {
         "network": "dino",
-        "dino_model": "vit_tiny_patch16_224",
-        "dino_weights": "random",
-        "dino_image_size": 96,
+        "dino": PROMPTS_TINY["embed"],
         "batch_size": 64,
     },
     "metrics": {

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from meddiff.config.evaluation import FeaturesConfig
+from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
@@ -175,83 +176,26 @@ def _patch(obj: Any, attr: str, value: Any):
 
 
 class DinoExtractor:
-    """A ViT's CLS token (DINO ViT-B/8 at full size), built through timm.
+    """The embedding stage's DINO ViT (:class:`~meddiff.morphology.embed.DinoEmbedder`): the CLS
+    token of each image, loaded and preprocessed exactly as the prompts stage does."""
 
-    ``weights``: ``"hub"`` (timm's pretrained weights), a local weights file, or ``"random"``.
-    Images are resized to ``image_size`` (bicubic) and normalised with the model's mean/std.
-    """
+    def __init__(self, cfg: EmbedConfig, key: str = "evaluation.features.dino"):
+        from meddiff.morphology.embed import DinoEmbedder
 
-    def __init__(
-        self, model: str, weights: str = "hub", image_size: int = 224, device: str = "cpu"
-    ):
-        self.device = device
-        self.image_size = image_size
-        self.model = build_dino(model, weights, image_size).to(device).eval()
-        self.dim = int(self.model.num_features)
-        cfg = self.model.pretrained_cfg
-        self.mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=np.float32)
-        self.std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), dtype=np.float32)
-        self.name = dino_name(model, weights)
+        self.embedder = DinoEmbedder(cfg, key=key)
+        self.dim = self.embedder.dim
+        self.name = dino_name(cfg)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
-        with torch.inference_mode():
-            x = _to_tensor(images).to(self.device)
-            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-                x = F.interpolate(
-                    x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False
-                )
-            mean = torch.as_tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.as_tensor(self.std, device=x.device).view(1, 3, 1, 1)
-            out = self.model((x - mean) / std)  # (n, dim): CLS token after the final norm
-        return out.float().cpu().numpy()
+        return self.embedder.embed(images)
 
 
-def dino_name(model: str, weights: str) -> str:
+def dino_name(cfg: EmbedConfig) -> str:
     """``dino`` for pretrained DINO weights; otherwise the model's own name (``..._random``)."""
-    base = re.sub(r"[^0-9a-zA-Z]+", "_", model).strip("_").lower()
-    if weights == "random":
+    base = re.sub(r"[^0-9a-zA-Z]+", "_", cfg.model).strip("_").lower()
+    if cfg.weights is None:
         return f"{base}_random"
-    return "dino" if "dino" in model.lower() else base
-
-
-def build_dino(model: str, weights: str, image_size: int):
-    """A timm ViT with no classifier head whose output is the CLS token."""
-    import timm
-
-    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
-    if image_size != 224:
-        kwargs["img_size"] = image_size
-    try:
-        if weights == "random":
-            with _seeded():
-                return timm.create_model(model, pretrained=False, **kwargs)
-        if weights == "hub":
-            return timm.create_model(model, pretrained=True, **kwargs)
-        path = Path(weights)
-        if not path.is_file():
-            raise ModelError(
-                f"evaluation.features.dino_weights: {path} does not exist; expected a weights "
-                "file, 'hub' or 'random'"
-            )
-        return timm.create_model(
-            model, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
-        )
-    except ModelError:
-        raise
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ModelError(
-                f"evaluation.features.dino_model: unknown timm model '{model}'"
-            ) from None
-        raise ModelError(f"cannot load DINO weights for {model} ({weights}): {err}") from None
-    except Exception as err:  # hub download failures come as many types (HTTP, OSError, ...)
-        raise ModelError(
-            f"cannot load DINO weights for {model} from {weights} ({type(err).__name__}: "
-            f"{str(err)[:200]}); set evaluation.features.dino_weights to a local file"
-        ) from None
+    return "dino" if "dino" in cfg.model.lower() else base
 
 
 def build_extractor(cfg: FeaturesConfig, device: str | None = None) -> FeatureExtractor:
@@ -259,7 +203,7 @@ def build_extractor(cfg: FeaturesConfig, device: str | None = None) -> FeatureEx
     device = device or _default_device()
     if cfg.network == "inception":
         return InceptionExtractor(cfg.inception_weights, device)
-    return DinoExtractor(cfg.dino_model, cfg.dino_weights, cfg.dino_image_size, device)
+    return DinoExtractor(cfg.dino)
 
 
 def _default_device() -> str:

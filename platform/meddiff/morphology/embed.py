@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def build_vit(cfg: EmbedConfig, seed: int = 0) -> torch.nn.Module:
+def build_vit(cfg: EmbedConfig, seed: int = 0, key: str = "prompts.embed") -> torch.nn.Module:
     """The ViT in eval mode with frozen weights, from the hub, a local file, or random (seeded).
+    ``key`` is where ``cfg`` sits in the config, for error messages.
 
     Raises:
         ModelError: the weights file does not exist, cannot be loaded into the architecture, or
@@ -57,7 +58,7 @@ def build_vit(cfg: EmbedConfig, seed: int = 0) -> torch.nn.Module:
             path = Path(weights).expanduser()
             if not path.is_file():
                 raise ModelError(
-                    f"DINO weights file {path} (prompts.embed.weights) does not exist; give a "
+                    f"DINO weights file {path} ({key}.weights) does not exist; give a "
                     "timm/DINO checkpoint (.safetensors, .pth, .bin) or hf-hub:ORG/NAME"
                 )
             model = timm.create_model(
@@ -66,6 +67,8 @@ def build_vit(cfg: EmbedConfig, seed: int = 0) -> torch.nn.Module:
     except ModelError:
         raise
     except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ModelError(f"{key}.model: unknown timm model '{cfg.model}'") from None
         if "size mismatch" in str(err) or "Missing key" in str(err):
             raise ModelError(
                 f"weights {weights} do not fit {cfg.model} with {kwargs}: {str(err)[:300]}"
@@ -75,13 +78,13 @@ def build_vit(cfg: EmbedConfig, seed: int = 0) -> torch.nn.Module:
         raise ModelError(
             f"cannot load DINO weights {weights!r} for {cfg.model} ({type(err).__name__}: "
             f"{str(err)[:300]}); where the hub is unreachable, download the checkpoint elsewhere "
-            "and set prompts.embed.weights to its local path"
+            f"and set {key}.weights to its local path"
         ) from None
     except Exception as err:  # huggingface_hub's offline/connection errors have no common base
         if type(err).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
             raise ModelError(
                 f"cannot download DINO weights {weights!r} ({type(err).__name__}); set "
-                "prompts.embed.weights to a local checkpoint"
+                f"{key}.weights to a local checkpoint"
             ) from None
         raise
     model.eval().requires_grad_(False)
@@ -108,9 +111,12 @@ class DinoEmbedder:
     Args:
         cfg: the ``prompts.embed`` section (object or its ``model_dump()``).
         seed: seed of the random weights when ``cfg.weights`` is None.
+        key: where ``cfg`` sits in the config, for error messages.
     """
 
-    def __init__(self, cfg: EmbedConfig | Mapping[str, Any], seed: int = 0):
+    def __init__(
+        self, cfg: EmbedConfig | Mapping[str, Any], seed: int = 0, key: str = "prompts.embed"
+    ):
         import torch
 
         self.cfg = cfg if isinstance(cfg, EmbedConfig) else EmbedConfig.model_validate(cfg)
@@ -119,7 +125,7 @@ class DinoEmbedder:
         if self.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS=1 in workers; a CPU actor should use the cores it holds.
             torch.set_num_threads(self.cfg.threads or max(1, math.ceil(self.cfg.num_cpus)))
-        self.model = build_vit(self.cfg, seed).to(self.device)
+        self.model = build_vit(self.cfg, seed, key).to(self.device)
         self.dim = int(self.model.num_features)
         self.mean = torch.tensor(self.cfg.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.cfg.std, device=self.device).view(1, 3, 1, 1)
