@@ -19,6 +19,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.config.evaluation import ClassifierConfig
 from meddiff.errors import ConfigError, DataError
+from meddiff.files import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -385,11 +386,7 @@ def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     ax.set_title(title or "ROC")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def run_classifier(

@@ -14,6 +14,7 @@ import numpy as np
 
 from meddiff.config.evaluation import UmapConfig
 from meddiff.errors import DataError
+from meddiff.files import save_figure
 
 # Paper A's colours: real blue, baseline red, morphology black; others follow matplotlib's cycle.
 COLOURS = {"real": "#1f77b4", "baseline": "#d62728", "morphology": "#111111"}
@@ -77,8 +78,4 @@ def plot_umap(embedding: Mapping[str, np.ndarray], path: str | Path, title: str 
     ax.set_title(title or "Real vs synthetic features (2-D UMAP)")
     ax.legend(markerscale=3, loc="best", frameon=True)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -31,8 +31,8 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.data import shards
 from meddiff.errors import DataError
+from meddiff.files import write_json
 from meddiff.synthesis import components as C
-from meddiff.synthesis.components import write_json
 
 log = logging.getLogger(__name__)
 

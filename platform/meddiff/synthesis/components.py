@@ -474,10 +474,3 @@ def image_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     unscaled. A cached posterior is sampled fresh each step, as on-the-fly encoding would be."""
     dist = vae.encode(pixels).latent_dist
     return dist.mean, dist.std
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name, then rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

@@ -27,6 +27,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.data.pcam import PCamWriter, pcam_filename
+from meddiff.files import write_json
 from meddiff.synthesis import components as C
 from meddiff.synthesis.grids import save_grid, slug
 from meddiff.synthesis.prompts import generation_plan, read_prompt_table
@@ -143,7 +144,7 @@ def generate(
         mlflow.log_metrics({"images": written, "images_per_s": written / max(seconds, 1e-9)})
         mlflow.log_artifacts(str(out / "grids"), "grids")
         mlflow.log_dict(summary, "summary.json")
-    C.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     log.info("generated %d images into %s; grids in %s", written, out, grids)
     return summary
 
@@ -192,5 +193,5 @@ def _write_grids(root: Path, firsts: dict[str, list[np.ndarray]], order: list[st
         save_grid(root / name, np.stack(firsts[prompt]), caption=prompt)
         index.append({"file": name, "prompt": prompt, "images": len(firsts[prompt])})
     root.mkdir(parents=True, exist_ok=True)
-    C.write_json(root / "index.json", {"grids": index})
+    write_json(root / "index.json", {"grids": index})
     return root

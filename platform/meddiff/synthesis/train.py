@@ -34,6 +34,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.errors import ConfigError, MeddiffError, ModelError
+from meddiff.files import copy_tree, write_json
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
 
@@ -109,7 +110,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         summary["seconds"] = round(time.perf_counter() - start, 2)
         mlflow.log_metrics({"train_seconds": summary["seconds"], "cache_seconds": cache_s})
         mlflow.log_dict(summary, "summary.json")
-    C.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -213,12 +214,7 @@ def export_model(checkpoint: Path, dst: Path) -> Path:
     """Copy the checkpoint's pipeline (``model/``) to ``dst``, all or nothing."""
     src = checkpoint / "model"
     C.check_model_dir(src)
-    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    copy_tree(src, dst)
     return dst
 
 
@@ -443,7 +439,7 @@ class _Worker:
                     "time": time.time(),
                 }
                 # Written last: a checkpoint without it was interrupted while being written.
-                C.write_json(tmp / CHECKPOINT_INFO, info)
+                write_json(tmp / CHECKPOINT_INFO, info)
             ray.train.report(
                 metrics,
                 checkpoint=Checkpoint.from_directory(str(tmp)),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,12 +140,3 @@ def metric_table(summary: Mapping[str, Any]) -> str:
     for note in summary.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-def copy_tree_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)

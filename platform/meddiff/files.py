@@ -1,0 +1,38 @@
+"""Outputs written all or nothing: to a temporary name beside the target, then renamed, so a
+reader (or a resumed job) never takes a half-written file or directory for a complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON at ``path``."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A copy of directory ``src`` at ``dst``, replacing what was there."""
+    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure as PNG at ``path``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
