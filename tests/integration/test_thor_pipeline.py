@@ -146,5 +146,6 @@ def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
     assert rc == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and "registered" not in summary
-    ckpts = sorted((out / "ray" / "thor-train").glob("checkpoint_*"))
+    # Ray also writes checkpoint_manager_snapshot.json there: keep the checkpoint folders only.
+    ckpts = sorted(p for p in (out / "ray" / "thor-train").glob("checkpoint_*") if p.is_dir())
     assert ckpts and (ckpts[-1] / "deepspeed").is_dir() and (ckpts[-1] / "model").is_dir()

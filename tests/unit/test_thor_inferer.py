@@ -152,3 +152,40 @@ def test_baselines_report_residual_maps_and_no_harmonization():
     assert plan["noise"] == "simplex" and plan["noise_level"] == 250
     assert plan["harmonization_steps"] == []
     assert "baseline" in plan["map_kind"]
+
+
+def test_lpips_switched_off_in_config_gives_residual_only_plan_and_maps():
+    from meddiff.config import load_config
+
+    assert load_config("tiny").thor.infer.lpips == "off"  # no weights can be had on the tiny path
+    inferer = ThorInferer.from_config(SCHEDULE, InferConfig(lpips="off"), SimplexConfig())
+    assert inferer.perceptual is None and inferer.residual_only
+    plan = inferer.describe()
+    assert plan["map_kind"] == "residual-only (LPIPS off)" and plan["residual_only"]
+    image, healthy, lesion = scene()
+    gens = [torch.Generator().manual_seed(5)]
+    eps = make_noise("gaussian", tuple(image.shape), 350, SimplexConfig(), gens)
+    net = ToyDenoiser(eps, healthy, lesion, 350)
+    det = inferer(net, image, seeds=[5], keep_step_maps=True)
+    # At T the toy's estimate is the healthy image blurred with σ = 3: the first map is its
+    # residual against the input over its own maximum, with no perceptual factor.
+    x0 = maps.gaussian_blur(torch.where(lesion, healthy, image) * 2 - 1, 3.0)
+    expected = maps.anomaly_map(((x0 + 1) / 2).clamp(0, 1), image, None)
+    torch.testing.assert_close(det.step_maps[350], expected, atol=1e-4, rtol=0)
+    random_lpips = ThorInferer.from_config(SCHEDULE, InferConfig(lpips="random"), SimplexConfig())
+    other = random_lpips(net, image, seeds=[5], keep_step_maps=True)
+    assert float((other.step_maps[350] - expected).abs().max()) > 0.05
+
+
+def test_missing_local_lpips_weights_is_a_model_error_naming_the_file(tmp_path):
+    from meddiff.errors import ModelError
+
+    missing = tmp_path / "squeezenet1_1.pth"
+    cfg = InferConfig(lpips=str(missing))
+    with pytest.raises(ModelError, match=rf"{missing}.*do not exist.*'off'"):
+        ThorInferer.from_config(SCHEDULE, cfg, SimplexConfig())
+    # The baselines' maps have no perceptual term, so they never load the weights.
+    base = ThorInferer.from_config(
+        SCHEDULE, cfg.model_copy(update={"method": "ddpm"}), SimplexConfig()
+    )
+    assert base.perceptual is None and "baseline" in base.describe()["map_kind"]

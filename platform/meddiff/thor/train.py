@@ -166,8 +166,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     schedule = DDPMSchedule(cfg.thor.schedule)
     unet = DiffusionUNet(cfg.thor.model).to(device)
-    if device.type == "cpu":
-        # mkldnn convolutions run markedly faster on channels-last tensors on CPU.
+    # mkldnn convolutions run markedly faster on channels-last tensors on CPU; DeepSpeed needs
+    # contiguous parameters (it views them as bytes to broadcast them).
+    channels_last = device.type == "cpu" and tc.strategy != "deepspeed"
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(unet.parameters(), lr=tc.lr)
 
@@ -218,7 +220,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 device
             )
             x_t = schedule.add_noise(x0, eps, t)
-            if device.type == "cpu":
+            if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             with autocast:
                 pred = model(x_t, t)
