@@ -94,6 +94,22 @@ def test_ddpm_step_posterior_mean_by_formula():
     torch.testing.assert_close(mean, expected, atol=1e-6, rtol=0)
 
 
+def test_ddim_with_eta_one_over_one_step_is_the_ddpm_posterior_step():
+    # Fast mode's stochastic variant: at eta 1 a DDIM step to t-1 draws from the same posterior
+    # (mean and variance) as the full schedule's DDPM step.
+    s = DDPMSchedule(ScheduleConfig())
+    x_t, eps, z = torch.randn(3, 1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for t in (5, 120, 349):
+        ddpm, _ = s.step(eps, t, x_t, noise=z)
+        ddim, _ = s.ddim_step(eps, t, t - 1, x_t, eta=1.0, noise=z)
+        torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=0)
+    # eta 0 ignores the draw; to "clean" there is no variance at any eta.
+    det, _ = s.ddim_step(eps, 200, 150, x_t)
+    torch.testing.assert_close(s.ddim_step(eps, 200, 150, x_t, eta=0.0, noise=z)[0], det)
+    clean, x0 = s.ddim_step(eps, 200, -1, x_t, eta=1.0, noise=z)
+    torch.testing.assert_close(clean, x0)
+
+
 def test_simplex_noise_is_smooth_unit_variance_and_seeded_per_image():
     cfg = SimplexConfig()
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]

@@ -188,6 +188,13 @@ class InferConfig(Section):
         description="1: the full stochastic DDPM schedule; >1: fast mode, deterministic DDIM "
         "updates every `stride` steps (harmonization and map steps are always visited).",
     )
+    eta: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Fast mode's DDIM eta: 0 deterministic updates, 1 the strided DDPM posterior "
+        "(stochastic, like the full schedule).",
+    )
     batch_size: int = Field(default=16, ge=1, description="Images denoised together.")
     lpips: str = Field(
         default="download",

@@ -125,7 +125,7 @@ class ThorInferer:
             "map_steps": list(self.map_steps) if self.method == "thor" else [],
             "schedule": "full DDPM"
             if self.cfg.stride == 1
-            else f"fast DDIM, stride {self.cfg.stride}",
+            else f"fast DDIM, stride {self.cfg.stride}, eta {self.cfg.eta:g}",
             "forwards_per_image": len(self.steps),
             "map_kind": self.map_kind,
             "residual_only": self.residual_only,
@@ -180,7 +180,10 @@ class ThorInferer:
                     z = make_noise(self.noise, shape, t, self.simplex, gens).to(device)
                 x_t, x0 = self.schedule.step(eps_hat, t, x_t, z)
             else:
-                x_t, x0 = self.schedule.ddim_step(eps_hat, t, t_next, x_t)
+                z = None
+                if self.cfg.eta > 0 and t_next >= 0:
+                    z = make_noise(self.noise, shape, t, self.simplex, gens).to(device)
+                x_t, x0 = self.schedule.ddim_step(eps_hat, t, t_next, x_t, self.cfg.eta, z)
             if t not in record:
                 continue
             x0_img = ((x0 + 1) / 2).clamp(0.0, 1.0)

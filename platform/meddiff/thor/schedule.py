@@ -89,9 +89,17 @@ class DDPMSchedule:
         return mean + variance**0.5 * z, x0
 
     def ddim_step(
-        self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor
+        self,
+        eps: torch.Tensor,
+        t: int,
+        t_prev: int,
+        x_t: torch.Tensor,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic DDIM update (η = 0) from step t to an earlier step ``t_prev`` (-1: clean).
+        """DDIM update from step t to an earlier step ``t_prev`` (-1: clean): deterministic at
+        ``eta`` = 0, the strided DDPM posterior at ``eta`` = 1 (``noise``: its standard normal
+        draw, drawn here if None).
 
         The noise direction is recomputed from the clipped x̂0 so that x_{t_prev} stays on the
         schedule's marginal. Returns (x_{t_prev}, x̂0).
@@ -99,4 +107,9 @@ class DDPMSchedule:
         x0 = self.predict_x0(eps, t, x_t)
         ab_t, ab_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         eps_hat = (x_t - ab_t**0.5 * x0) / (1.0 - ab_t) ** 0.5
-        return ab_prev**0.5 * x0 + (1.0 - ab_prev) ** 0.5 * eps_hat, x0
+        sigma = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)) ** 0.5
+        x_prev = ab_prev**0.5 * x0 + max(1.0 - ab_prev - sigma**2, 0.0) ** 0.5 * eps_hat
+        if sigma > 0:
+            z = torch.randn_like(x_t) if noise is None else noise.to(x_t.device, x_t.dtype)
+            x_prev = x_prev + sigma * z
+        return x_prev, x0
