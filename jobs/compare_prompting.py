@@ -1,7 +1,7 @@
 """Ray job: paper A's comparison of label-only (baseline) and morphology prompts, end to end
 (prompts → fine-tune → generate → evaluate), one metric × strategy table and an HTML report.
 
-    ray job submit --working-dir . -- python jobs/compare_prompting.py \
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/compare_prompting.py \
         --preset full --data /shared/pcam --out /shared/experiments/prompting
 
 Takes the arguments of ``meddiff eval compare-prompting``.

@@ -112,6 +112,16 @@ def test_single_reader_has_no_kappa(study: Path, tmp_path: Path):
     assert result["kappa"]["all"] is None
 
 
+def test_the_same_answer_file_twice_is_one_reader_not_two(study: Path, tmp_path: Path):
+    truth = {i["id"]: i["truth"] for i in _key(study)["items"]}
+    a = _answers(study, tmp_path / "a.json", "A", truth)
+    with pytest.raises(DataError, match="given twice"):
+        score_answers(study / "key.json", [a, tmp_path / "." / "a.json"])
+    # Two readers who typed the same name are kept apart by their files.
+    b = _answers(study, tmp_path / "b.json", "A", truth)
+    assert len(score_answers(study / "key.json", [a, b])["readers"]) == 2
+
+
 def test_answer_files_that_do_not_match_the_study(study: Path, tmp_path: Path):
     key = _key(study)
     ids = [i["id"] for i in key["items"]]

@@ -143,3 +143,20 @@ def test_model_directory_round_trip_and_errors(tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="cannot load weights"):
         load_model(out)
+
+
+def test_inference_refuses_a_noise_level_the_model_never_trained_on(tmp_path):
+    from meddiff.thor.detect import plan_for
+    from meddiff.thor.evaluate import method_config
+
+    out = save_model(
+        tmp_path / "m", DiffusionUNet(SMALL), SMALL, ScheduleConfig(), {"max_timestep": 300}
+    )
+    cfg = load_config("tiny", overrides=["thor.infer.lpips=off"])
+    with pytest.raises(ConfigError, match="T=350.*trained on timesteps below 300"):
+        plan_for(cfg, str(out))
+    # AnoDDPM keeps its own T (250) even where THOR's T was set: the baselines do not inherit it.
+    anoddpm = method_config(cfg.model_copy(), "anoddpm")
+    assert plan_for(anoddpm, str(out))["noise_level"] == 250
+    thor_at_350 = load_config("tiny", overrides=["thor.infer.noise_level=350"])
+    assert method_config(thor_at_350, "anoddpm").thor.infer.noise_level is None

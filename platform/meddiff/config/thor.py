@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from meddiff.config.base import Section
 
@@ -206,6 +206,18 @@ class InferConfig(Section):
         default=13, ge=1, description="Square closing/dilation size for the harmonization mask."
     )
     concurrency: int = Field(default=1, ge=1, description="Ray Data inference actors.")
+    num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per inference actor; None: 1 if the cluster has GPUs now, else 0 "
+        "(set it where GPU workers autoscale from zero).",
+    )
+
+    @field_validator("lpips", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: object) -> object:
+        # YAML (and so `--set thor.infer.lpips=off`) reads a bare off as the boolean False.
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check(self) -> InferConfig:

@@ -277,6 +277,7 @@ class FeatureSet:
     source: str
     prompts: list[str] | None = None
     meta: dict[str, list[str]] = field(default_factory=dict)
+    split: str = "train"  # the PCam split of ``source`` the rows come from
 
     def __len__(self) -> int:
         return len(self.features)
@@ -404,6 +405,7 @@ def _feature_set(root, split, n, feats, labels, index, resolved: Resolved) -> Fe
         source=str(root),
         prompts=meta.get("prompt"),
         meta=meta,
+        split=split,
     )
 
 

@@ -170,13 +170,10 @@ def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSe
     """A 5×5 grid of randomly chosen images of each set."""
     from meddiff.data import pcam
 
-    ev = cfg.evaluation
     rng = np.random.default_rng(cfg.runtime.seed)
     blocks = [R.heading("Samples")]
-    for name, fs, split in [("real", real_fs, ev.real_split)] + [
-        (n, f, ev.split) for n, f in fakes.items()
-    ]:
-        opened = pcam.open_pcam(fs.source, split, patch_size=None)
+    for name, fs in [("real", real_fs), *fakes.items()]:
+        opened = pcam.open_pcam(fs.source, fs.split, patch_size=None)
         pick = np.sort(rng.choice(opened.num_rows, min(25, opened.num_rows), replace=False))
         images = np.stack([pcam.read_rows(opened, int(i), int(i) + 1)["image"][0] for i in pick])
         grid = R.image_grid(images, cols=5)

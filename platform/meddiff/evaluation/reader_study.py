@@ -261,12 +261,16 @@ def score_answers(key_path: str | Path, answer_paths: Sequence[str | Path]) -> d
         raise DataError(f"{key_path}: the study needs both real and synthetic images")
     readers: dict[str, np.ndarray] = {}
     files: dict[str, str] = {}
+    seen: set[Path] = set()
     for path in answer_paths:
+        if Path(path).resolve() in seen:
+            raise DataError(f"{path}: the same answer file was given twice")
+        seen.add(Path(path).resolve())
         name, answers = load_answers(path, key)
-        if name in readers:
+        if name in readers:  # two readers who typed the same name: tell them apart by file
             name = f"{name} ({Path(path).name})"
         if name in readers:
-            raise DataError(f"{path}: the same answer file was given twice")
+            raise DataError(f"{path}: two answer files with the same reader name and file name")
         readers[name] = np.array([answers[i] == "synthetic" for i in ids])
         files[name] = str(path)
     per_reader = {}

@@ -74,6 +74,7 @@ def cache_key(cfg: Config, source: str, pairs: str | Path, manifest: dict[str, A
         "files": manifest["files"],
         "rows": manifest["rows"],
         "model": _model_identity(source),
+        "revision": cfg.synthesis.model.revision,
         "resolution": cfg.synthesis.model.resolution,
         "kind": "latents" if cfg.synthesis.train.cache_latents else "images",
     }

@@ -137,8 +137,8 @@ def run_folder(
     cfg: Config, model_ref: str, images_dir: str | Path, masks_dir: str | Path | None = None
 ) -> FolderResult:
     """Run detection on every PNG of ``images_dir`` through Ray Data; results in memory."""
+    import ray
     import ray.data
-    import torch
 
     from meddiff import runtime
 
@@ -152,7 +152,10 @@ def run_folder(
         for item, m in zip(items, masks, strict=True):
             item["mask_path"] = str(m)
     ic = cfg.thor.infer
-    gpus = 1 if torch.cuda.is_available() else 0
+    # Asked of the cluster, not the driver: on a cluster the head has no GPU, the workers do.
+    gpus = ic.num_gpus
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     start = time.perf_counter()
     ds = ray.data.from_items(items).map_batches(
         ThorStage,

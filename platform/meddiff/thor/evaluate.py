@@ -8,7 +8,6 @@ LPIPS is off.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from meddiff.config import Config
+from meddiff.files import write_json
 from meddiff.thor.detect import FolderResult, run_folder
 from meddiff.thor.metrics import evaluate_maps, summary_row
 
@@ -29,7 +29,9 @@ def method_config(cfg: Config, method: str, **infer: Any) -> Config:
     harmonization steps follow the method), ``infer`` overrides other inference fields."""
     update: dict[str, Any] = {"method": method, **infer}
     if method != "thor":
+        # Baselines take their own noise kind and T (250 for simplex), not THOR's settings.
         update.setdefault("noise", None)
+        update.setdefault("noise_level", None)
         update.setdefault("harmonization_steps", None)
     data = cfg.model_dump(mode="json")
     data["thor"]["infer"].update(update)
@@ -116,11 +118,12 @@ def _report(title, results, first: FolderResult, outputs, rows, notes) -> str:
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], html: str) -> None:
+    """The report, then ``metrics.json`` last: its presence marks the evaluation complete."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(summary, indent=2)), ("report.html", html)):
-        tmp = out / f".{name}.partial-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    tmp = out / f".report.html.partial-{os.getpid()}"
+    tmp.write_text(html)
+    os.replace(tmp, out / "report.html")
+    write_json(out / "metrics.json", summary)
 
 
 def metric_table(summary: Mapping[str, Any]) -> str:

@@ -155,7 +155,8 @@ class ThorInferer:
         self.check_images(images, cfg.in_channels, cfg.image_size)
         device = next(unet.parameters()).device
         x = images.to(device=device, dtype=torch.float32)
-        channels_last = next(unet.parameters()).is_contiguous(memory_format=torch.channels_last)
+        # The first 4-D weight tells whether the caller put the network in channels-last layout.
+        channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         if self.perceptual is not None:
             self.perceptual.to(device)
         gens = None

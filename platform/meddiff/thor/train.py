@@ -347,6 +347,8 @@ def _checkpoint(metrics, unet, optimizer, engine, cfg: Config, rank: int, save_m
                     "steps": metrics["step"],
                     "loss": metrics["loss"],
                     "train_noise": cfg.thor.train.noise,
+                    # Inference refuses a T the model never saw (see detect.plan_for).
+                    "max_timestep": cfg.thor.train.max_timestep,
                 },
             )
         has_files = engine is not None or rank == 0
