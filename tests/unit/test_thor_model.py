@@ -160,3 +160,17 @@ def test_inference_refuses_a_noise_level_the_model_never_trained_on(tmp_path):
     assert plan_for(anoddpm, str(out))["noise_level"] == 250
     thor_at_350 = load_config("tiny", overrides=["thor.infer.noise_level=350"])
     assert method_config(thor_at_350, "anoddpm").thor.infer.noise_level is None
+
+
+def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
+    from meddiff.thor.train import DS_TAG, STATE_FILE, _check_strategy
+
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "ddp" / STATE_FILE).write_bytes(b"")
+    (tmp_path / "ds" / DS_TAG).mkdir(parents=True)
+    _check_strategy(tmp_path / "ddp", "ddp")
+    _check_strategy(tmp_path / "ds", "deepspeed")
+    with pytest.raises(ConfigError, match="written with thor.train.strategy=ddp.*--fresh"):
+        _check_strategy(tmp_path / "ddp", "deepspeed")
+    with pytest.raises(ConfigError, match="strategy=deepspeed, this run uses ddp"):
+        _check_strategy(tmp_path / "ds", "ddp")

@@ -56,7 +56,7 @@ def read_prompt_table(path: str | Path) -> list[PromptRow]:
                 row = PromptRow(
                     rec["prompt"].strip(), int(rec["label"]), int(rec["cluster"]), int(rec["count"])
                 )
-            except (TypeError, ValueError):
+            except (AttributeError, TypeError, ValueError):  # a short row gives None fields
                 raise DataError(
                     f"{path}, line {line}: label, cluster and count must be integers, got "
                     f"{rec['label']!r}, {rec['cluster']!r}, {rec['count']!r}"

@@ -77,6 +77,10 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         t0 = time.perf_counter()
         info = cache_mod.build_cache(cfg, source, pairs, out / "cache")
         cache_s = time.perf_counter() - t0
+        # Checked here, not only in the workers: Ray Train would retry a worker's error.
+        cache_mod.batch_indices(
+            int(info["rows"]), 0, world=tcfg.num_workers, rank=0, batch=tcfg.batch_size, seed=0
+        )
         result = _fit(cfg, source, out, run.info.run_id, tracking.tracking_uri(cfg.tracking))
         if result.checkpoint is None:
             raise ModelError(f"training under {out / 'ray'} finished without a checkpoint")

@@ -180,12 +180,14 @@ def train_loop(config: dict[str, Any]) -> None:
         engine = _deepspeed_engine(unet, optimizer, cfg, world)
         if restored:
             with restored.as_directory() as d:
+                _check_strategy(Path(d), tc.strategy)
                 _, client = engine.load_checkpoint(d, tag=DS_TAG)
                 step = int(client["step"])
         model = engine
     else:
         if restored:
             with restored.as_directory() as d:
+                _check_strategy(Path(d), tc.strategy)
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             unet.load_state_dict(state["unet"])
             optimizer.load_state_dict(state["optimizer"])
@@ -354,6 +356,16 @@ def _checkpoint(metrics, unet, optimizer, engine, cfg: Config, rank: int, save_m
         has_files = engine is not None or rank == 0
         ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _check_strategy(checkpoint: Path, strategy: str) -> None:
+    """A checkpoint resumes only under the strategy that wrote it (different state layouts)."""
+    wrote = "deepspeed" if (checkpoint / DS_TAG).is_dir() else "ddp"
+    if wrote != strategy:
+        raise ConfigError(
+            f"the checkpoint {checkpoint.name} was written with thor.train.strategy={wrote}, "
+            f"this run uses {strategy}; resume with the same strategy or start over with --fresh"
+        )
 
 
 def _deepspeed_engine(unet: torch.nn.Module, optimizer, cfg: Config, world: int):
