@@ -155,8 +155,10 @@ class ThorInferer:
         self.check_images(images, cfg.in_channels, cfg.image_size)
         device = next(unet.parameters()).device
         x = images.to(device=device, dtype=torch.float32)
-        # The first 4-D weight tells whether the caller put the network in channels-last layout.
-        channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        # A 4-D (convolution) weight tells whether the caller put the network in channels-last
+        # layout; 1-D and 2-D parameters are contiguous in every layout.
+        conv = next((p for p in unet.parameters() if p.dim() == 4), None)
+        channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last)
         if self.perceptual is not None:
             self.perceptual.to(device)
         gens = None
