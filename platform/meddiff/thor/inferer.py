@@ -6,7 +6,8 @@ harmonization. The inferer owns the loop; the network and the schedule are passe
 Per visited step t (from T down to 0), with x the input in [0, 1] and ε the noise drawn once:
 
 1. ε̂ = UNet(x_t, t); x̂0 from ε̂ (clipped); x_{t'} from the DDPM step (full schedule, t' = t-1) or
-   the deterministic DDIM update (fast mode, t' = the next visited step).
+   the DDIM update (fast mode, t' = the next visited step; deterministic at ``eta`` 0, the
+   strided DDPM posterior at ``eta`` 1).
 2. At map steps (multiples of ``map_every`` and the harmonization steps) the anomaly map
    m_t = normmax(|x̂0 - x| · clip(blur₂(LPIPS(x̂0, x)), 0, 1)) is recorded.
 3. At harmonization steps m' = clip((dilate₁₃(close₁₃(m_t)) + m_t) / 2, 0, 1), the blend
