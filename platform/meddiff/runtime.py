@@ -56,6 +56,11 @@ def _configure_data(cfg: RuntimeConfig) -> None:
     # keep their type (a DataError naming the bad file) instead of a generic UserCodeException.
     ctx.max_errored_blocks = 0
     ctx.raise_original_map_exception = True
+    if cfg.data_memory_mb:
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(
+            object_store_memory=cfg.data_memory_mb * 2**20
+        )
 
 
 def shutdown() -> None:

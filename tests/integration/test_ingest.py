@@ -8,7 +8,7 @@ import pytest
 
 from meddiff.cli import find_user_error, user_message
 from meddiff.cli import main as cli_main
-from meddiff.config import Config
+from meddiff.config import Config, load_config
 from meddiff.data import pcam, shards
 from meddiff.data.datasets import patch_dataset
 from meddiff.data.ingest import ingest
@@ -39,6 +39,15 @@ def test_ingest_streams_pcam_into_shards(tiny_cfg: Config, sample_pcam_dir: Path
     )
     assert (runs["metrics.rows"] == 128).any()
     assert "params.data.pcam.rows_per_block" in runs.columns  # the resolved config is logged
+
+
+def test_pcam_blocks_arrive_whole(sample_pcam_dir: Path):
+    # Ray Data must not cut the reader's blocks into pieces (it does when left to choose the
+    # number of read tasks for a short file), so the consumer gets them without re-assembly.
+    cfg = load_config("tiny", overrides=["data.pcam.rows_per_block=64"])
+    ds = patch_dataset(sample_pcam_dir, cfg.data)
+    sizes = [len(b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sizes == [64, 64]
 
 
 def test_ingest_limit_and_refuses_to_clobber(

@@ -70,7 +70,7 @@ class Config(Section):
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "tiny": {
-        "runtime": {"num_cpus": 2, "object_store_memory_mb": 1024},
+        "runtime": {"num_cpus": 2, "object_store_memory_mb": 1024, "data_memory_mb": 128},
         "data": _data.TINY,
         "prompts": _prompts.TINY,
         "synthesis": _synthesis.TINY,

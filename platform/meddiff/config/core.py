@@ -23,6 +23,13 @@ class RuntimeConfig(Section):
     object_store_memory_mb: int | None = Field(
         default=None, ge=64, description="Embedded Ray only: object store size in MiB."
     )
+    data_memory_mb: int | None = Field(
+        default=None,
+        ge=16,
+        description="Ray Data's object-store budget for blocks in flight, in MiB (None: Ray's "
+        "default, a share of the object store). Read tasks wait when it is full, so memory stays "
+        "bounded whatever the input's length.",
+    )
     seed: int = Field(default=0, description="Seed for sampling, shuffles and initialisation.")
     progress: bool = Field(default=True, description="Show progress bars on long work.")
 

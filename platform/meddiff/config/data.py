@@ -110,6 +110,12 @@ class MriConfig(Section):
 
 
 class DataConfig(Section):
+    read_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Patch read tasks running at once (None: as many as Ray schedules). On a "
+        "small machine 1 leaves the other cores to the consumer.",
+    )
     pcam: PCamConfig = PCamConfig()
     shards: ShardConfig = ShardConfig()
     wsi: WsiConfig = WsiConfig()
@@ -117,6 +123,7 @@ class DataConfig(Section):
 
 
 TINY: dict = {
+    "read_concurrency": 1,
     "pcam": {"rows_per_block": 256},
     "shards": {"rows_per_file": 1024},
     "mri": {"image_size": 64},

@@ -22,6 +22,8 @@ from meddiff.config import DataConfig
 from meddiff.data import pcam, shards, wsi
 from meddiff.errors import DataError
 
+MAX_READ_TASKS = 1000  # Ray warns above a few thousand tasks; each task yields many blocks then
+
 
 def patch_dataset(
     path: str | Path, cfg: DataConfig, split: str = "train", limit: int | None = None
@@ -50,7 +52,13 @@ def pcam_dataset(
     """Validate one PCam split on the driver, then read it in Ray tasks."""
     opened = pcam.open_pcam(root, split, cfg.pcam.patch_size, cfg.pcam.cache_dir)
     source = PCamDatasource(opened, cfg.pcam.rows_per_block, limit)
-    return ray.data.read_datasource(source)
+    # Ask for as many read tasks as there are blocks (capped). Left to itself Ray Data aims at 200
+    # blocks, counts one per task, and so cuts every block of a shorter file into pieces that the
+    # consumer glues back together (measured on 50,000 patches: about a quarter slower).
+    tasks = min(source.num_blocks, MAX_READ_TASKS)
+    return ray.data.read_datasource(
+        source, override_num_blocks=tasks, concurrency=cfg.read_concurrency
+    )
 
 
 def _pcam_block(split: pcam.PCamSplit, start: int, stop: int, rows: int):
@@ -68,6 +76,7 @@ class PCamDatasource(Datasource):
         self.rows_per_block = rows_per_block
         self.num_rows = min(split.num_rows, limit) if limit else split.num_rows
         self.row_bytes = split.patch_size * split.patch_size * 3 + 5 * 8
+        self.num_blocks = max(1, -(-self.num_rows // rows_per_block))
 
     def get_name(self) -> str:
         return "ReadPCam"
@@ -76,7 +85,7 @@ class PCamDatasource(Datasource):
         return self.num_rows * self.row_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        blocks = -(-self.num_rows // self.rows_per_block)
+        blocks = self.num_blocks
         parallelism = max(1, min(parallelism, blocks))
         # Task boundaries fall on block boundaries so every block but the last is full.
         bounds = np.linspace(0, blocks, parallelism + 1).round().astype(int) * self.rows_per_block
@@ -110,7 +119,9 @@ def slide_dataset(path: str | Path, cfg: DataConfig, limit: int | None = None) -
     labels = wsi.slide_labels(path, slides, cfg.wsi)
     plans = [wsi.plan_slide(p, cfg.wsi, labels.get(p.name, -1)) for p in slides]
     source = SlideDatasource(plans, cfg.wsi.tiles_per_task, cfg.pcam.rows_per_block)
-    ds = ray.data.read_datasource(source)
+    ds = ray.data.read_datasource(
+        source, override_num_blocks=source.num_tasks, concurrency=cfg.read_concurrency
+    )
     return ds.limit(limit) if limit else ds
 
 
@@ -122,6 +133,7 @@ class SlideDatasource(Datasource):
         self.plans = plans
         self.tiles_per_task = tiles_per_task
         self.rows_per_block = min(rows_per_block, tiles_per_task)
+        self.num_tasks = sum(-(-len(p.tiles) // tiles_per_task) for p in plans)
 
     def get_name(self) -> str:
         return "ReadSlides"
