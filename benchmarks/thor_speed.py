@@ -2,7 +2,8 @@
 
 - THOR with the full schedule (stochastic DDPM, every step from T to 0),
 - THOR fast mode (DDIM updates every ``--stride`` steps; harmonization and map steps kept),
-  deterministic (eta 0) and stochastic (eta 1, the strided DDPM posterior),
+  deterministic (eta 0) and stochastic (eta 1, the strided DDPM posterior), and deterministic
+  with the map averaged over ``--draws`` independent noise draws (``thor.infer.draws``),
 - the plain DDPM reconstruction baseline (full schedule).
 
 Methods are run batch by batch in turn (batch 1 for every method, then batch 2, ...), so load from
@@ -32,6 +33,8 @@ from meddiff.thor.inferer import ThorInferer
 from meddiff.thor.metrics import evaluate_maps, summary_row
 from meddiff.thor.model import resolve_model
 
+FAST = ("thor_fast", "thor_fast_eta1", "thor_fast_draws")
+
 
 def subset(masks: np.ndarray, limit: int | None) -> np.ndarray:
     """Up to ``limit`` images keeping the lesion/lesion-free mix and the spread of sizes."""
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", required=True, type=Path)
     parser.add_argument("--masks", required=True, type=Path)
     parser.add_argument("--stride", type=int, default=25, help="fast mode stride")
+    parser.add_argument(
+        "--draws", type=int, default=3, help="noise draws averaged in the fast-mode ensemble row"
+    )
     parser.add_argument("--limit", type=int, help="use at most this many images")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "thor_full": method_config(cfg, "thor", stride=1),
         "thor_fast": method_config(cfg, "thor", stride=args.stride, eta=0.0),
         "thor_fast_eta1": method_config(cfg, "thor", stride=args.stride, eta=1.0),
+        "thor_fast_draws": method_config(
+            cfg, "thor", stride=args.stride, eta=0.0, draws=args.draws
+        ),
         "ddpm_full": method_config(cfg, "ddpm", stride=1),
     }
     inferers = {
@@ -116,25 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     full = results["thor_full"]
     comparison = {
         "thor_minus_ddpm_auprc": full["pixel_auprc"] - results["ddpm_full"]["pixel_auprc"],
-        "target": "fast mode >= 5x the full schedule's images/s with AUPRC within 0.02",
+        "target": "fast mode >= 5x the full schedule's images/s with AUPRC no more than 0.02 "
+        "below it (a fast mode that is more accurate meets it too)",
     }
-    for key in ("thor_fast", "thor_fast_eta1"):
+    for key in FAST:
         speedup = results[key]["images_per_s"] / full["images_per_s"]
         change = results[key]["pixel_auprc"] - full["pixel_auprc"]
-        met = bool(speedup >= 5 and abs(change) <= 0.02)
+        met = bool(speedup >= 5 and change >= -0.02)
         comparison[key] = {"speedup": speedup, "auprc_change": change, "target_met": met}
 
     cols = ["forwards_per_image", "images_per_s", "pixel_auprc", "pixel_auroc", "best_dice",
             "image_auroc"]  # fmt: skip
-    print(f"\n{'method':<14} {'schedule':<30} " + " ".join(f"{c:>18}" for c in cols))
+    print(f"\n{'method':<16} {'schedule':<44} " + " ".join(f"{c:>18}" for c in cols))
     for key, r in results.items():
         vals = " ".join(
             f"{r[c]:>18.4f}" if isinstance(r[c], float) else f"{r[c]!s:>18}" for c in cols
         )
-        print(f"{key:<14} {r['schedule']:<30} {vals}")
+        print(f"{key:<16} {r['schedule']:<44} {vals}")
     print(f"map: {full['map_kind']}")
     print(f"THOR - DDPM AUPRC {comparison['thor_minus_ddpm_auprc']:+.4f}")
-    for key in ("thor_fast", "thor_fast_eta1"):
+    for key in FAST:
         c = comparison[key]
         print(
             f"{key}: {c['speedup']:.1f}x the full schedule's images/s, AUPRC change "

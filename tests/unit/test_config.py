@@ -57,6 +57,19 @@ def test_bad_value_names_key_and_value():
         load_config(overrides=["data.pcam.rows_per_block=many"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("thor.schedule.beta_start=0.05", r"thor\.schedule: .*beta_start 0\.05 must be below"),
+        ("thor.augment.scale=[1.1,0.9]", r"thor\.augment\.scale: .*0 < low <= high"),
+        ("thor.eval.size_strata=[3,570,71]", r"thor\.eval\.size_strata: .*must be increasing"),
+    ],
+)
+def test_inconsistent_values_are_refused(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
 def test_bad_override_syntax_and_unknown_preset():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(overrides=["runtime.seed"])

@@ -11,7 +11,7 @@ from torch import nn
 from meddiff.config.thor import InferConfig, ScheduleConfig, SimplexConfig, UNetConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.thor import maps
-from meddiff.thor.inferer import ThorInferer
+from meddiff.thor.inferer import ThorInferer, draw_seed
 from meddiff.thor.noise import make_noise
 from meddiff.thor.schedule import DDPMSchedule
 from meddiff.thor.unet import DiffusionUNet
@@ -126,6 +126,26 @@ def test_results_do_not_depend_on_batching():
     together = inferer(unet, images, seeds=[7, 8, 9])
     alone = inferer(unet, images[1:2], seeds=[8])
     torch.testing.assert_close(together.anomaly_map[1:2], alone.anomaly_map, atol=1e-5, rtol=0)
+
+
+def test_draws_average_the_maps_of_independent_noise_draws():
+    cfg = UNetConfig(image_size=16, channels=(8, 16), attention_levels=(False, True),
+                     norm_groups=8, num_head_channels=16)  # fmt: skip
+    torch.manual_seed(0)
+    unet = DiffusionUNet(cfg).eval()
+    for p in unet.parameters():
+        nn.init.normal_(p, std=0.05)
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    one = ThorInferer(SCHEDULE, InferConfig(stride=50, lpips="off"), SimplexConfig())
+    three = ThorInferer(SCHEDULE, InferConfig(stride=50, lpips="off", draws=3), SimplexConfig())
+    det = three(unet, images, seeds=[7, 8])
+    singles = [one(unet, images, seeds=[draw_seed(s, k) for s in (7, 8)]) for k in range(3)]
+    assert not torch.allclose(singles[0].anomaly_map, singles[1].anomaly_map)  # draws differ
+    mean = torch.stack([d.anomaly_map for d in singles]).mean(dim=0)
+    torch.testing.assert_close(det.anomaly_map, mean)
+    torch.testing.assert_close(det.score, mean.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(det.reconstruction, singles[0].reconstruction)
+    assert three.describe()["forwards_per_image"] == 3 * len(three.steps)
 
 
 def test_noise_level_above_the_schedule_is_an_error():

@@ -79,6 +79,15 @@ class ScheduleConfig(Section):
     beta_schedule: Literal["linear", "scaled_linear"] = "linear"
     clip_sample: bool = Field(default=True, description="Clip predicted x0 to [-1, 1].")
 
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        if self.beta_start >= self.beta_end:
+            raise ValueError(
+                f"beta_start {self.beta_start} must be below beta_end {self.beta_end} "
+                "(noise grows with t)"
+            )
+        return self
+
 
 class SimplexConfig(Section):
     """AnoDDPM's octave simplex noise (6 octaves, persistence 0.8, first octave at frequency 64)."""
@@ -102,6 +111,14 @@ class AugmentConfig(Section):
     translate: float = Field(default=0.1, ge=0, lt=1, description="± fraction of the image size.")
     scale: tuple[float, float] = Field(default=(0.9, 1.1), description="Uniform zoom range.")
     hflip: bool = Field(default=True, description="Left-right flip with probability 0.5.")
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale {list(value)} must be (low, high) with 0 < low <= high")
+        return value
 
 
 class TrainConfig(Section):
@@ -195,6 +212,12 @@ class InferConfig(Section):
         description="Fast mode's DDIM eta: 0 deterministic updates, 1 the strided DDPM posterior "
         "(stochastic, like the full schedule).",
     )
+    draws: int = Field(
+        default=1,
+        ge=1,
+        description="Independent noise draws per image; the anomaly map and score are their "
+        "mean (each draw costs one pass of the schedule).",
+    )
     batch_size: int = Field(default=16, ge=1, description="Images denoised together.")
     lpips: str = Field(
         default="download",
@@ -269,6 +292,14 @@ class ThorEvalConfig(Section):
         default=0.1, gt=0, le=1, description="A box is found when more than this share is above."
     )
     report_rows: int = Field(default=8, ge=1, description="Example rows in the HTML report.")
+
+    @field_validator("size_strata")
+    @classmethod
+    def _check_strata(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        a, b, c = value
+        if not 0 <= a < b < c:
+            raise ValueError(f"size_strata {list(value)} must be increasing: 0 <= a < b < c")
+        return value
 
 
 class ThorConfig(Section):

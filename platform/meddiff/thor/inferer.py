@@ -50,6 +50,11 @@ class Detection:
     step_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # t → (B, 1, H, W)
 
 
+def draw_seed(seed: int, k: int) -> int:
+    """The seed of an image's ``k``-th noise draw (draw 0 uses the image's own seed)."""
+    return seed if k == 0 else (seed * 1_000_003 + k * 7_919) & 0x7FFFFFFF
+
+
 class ThorInferer:
     """Anomaly detection by THOR (or a baseline) with a fixed plan of visited steps.
 
@@ -118,16 +123,20 @@ class ThorInferer:
 
     def describe(self) -> dict[str, Any]:
         """The plan in plain values, for logs, CSV headers, JSON and reports."""
+        schedule = "full DDPM"
+        if self.cfg.stride > 1:
+            schedule = f"fast DDIM, stride {self.cfg.stride}, eta {self.cfg.eta:g}"
+        if self.cfg.draws > 1:
+            schedule += f", mean of {self.cfg.draws} draws"
         return {
             "method": self.method,
             "noise": self.noise,
             "noise_level": self.level,
             "harmonization_steps": list(self.harmonization),
             "map_steps": list(self.map_steps) if self.method == "thor" else [],
-            "schedule": "full DDPM"
-            if self.cfg.stride == 1
-            else f"fast DDIM, stride {self.cfg.stride}, eta {self.cfg.eta:g}",
-            "forwards_per_image": len(self.steps),
+            "schedule": schedule,
+            "draws": self.cfg.draws,
+            "forwards_per_image": len(self.steps) * self.cfg.draws,
             "map_kind": self.map_kind,
             "residual_only": self.residual_only,
         }
@@ -150,21 +159,41 @@ class ThorInferer:
         """Detect anomalies in ``images`` (B, C, H, W) in [0, 1].
 
         ``seeds`` (one per image) make each image's noise, and so its result, independent of the
-        batch it is in; None draws from torch's global generator.
+        batch it is in; None draws from torch's global generator. With ``draws`` > 1 the map and
+        score are the mean over that many independent noise draws; the reconstruction and step
+        maps are the first draw's.
         """
         cfg = unet.cfg
         self.check_images(images, cfg.in_channels, cfg.image_size)
         device = next(unet.parameters()).device
         x = images.to(device=device, dtype=torch.float32)
+        if self.perceptual is not None:
+            self.perceptual.to(device)
+        results = []
+        for k in range(self.cfg.draws):
+            gens = None
+            if seeds is not None:
+                gens = [torch.Generator().manual_seed(draw_seed(int(s), k)) for s in seeds]
+            results.append(self._detect(unet, x, gens, keep_step_maps and k == 0))
+        first = results[0]
+        if len(results) == 1:
+            return first
+        amap = torch.stack([r.anomaly_map for r in results]).mean(dim=0)
+        return Detection(amap, amap.mean(dim=(1, 2, 3)), first.reconstruction, first.step_maps)
+
+    def _detect(
+        self,
+        unet: torch.nn.Module,
+        x: torch.Tensor,
+        gens: list[torch.Generator] | None,
+        keep_step_maps: bool,
+    ) -> Detection:
+        """One noise draw: the loop of the module docstring."""
+        device = x.device
         # A 4-D (convolution) weight tells whether the caller put the network in channels-last
         # layout; 1-D and 2-D parameters are contiguous in every layout.
         conv = next((p for p in unet.parameters() if p.dim() == 4), None)
         channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last)
-        if self.perceptual is not None:
-            self.perceptual.to(device)
-        gens = None
-        if seeds is not None:
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         shape = tuple(x.shape)
         eps = make_noise(self.noise, shape, self.level, self.simplex, gens).to(device)
         x_t = self.schedule.add_noise(x * 2 - 1, eps, self.level)
