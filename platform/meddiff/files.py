@@ -17,6 +17,24 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_format_json(path: Path, fmt: str, error: type[Exception], missing: str) -> dict[str, Any]:
+    """The JSON object at ``path``, which must say ``"format": fmt``.
+
+    Raises ``error``: with the message ``missing`` when there is no such file (callers say what
+    the directory should have been), or naming the file when it is corrupt or of another format.
+    """
+    if not path.is_file():
+        raise error(missing)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: corrupt JSON ({err})") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != fmt:
+        raise error(f"{path}: format {found!r}, expected {fmt!r}")
+    return data
+
+
 def copy_tree(src: Path, dst: Path) -> None:
     """A copy of directory ``src`` at ``dst``, replacing what was there."""
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")

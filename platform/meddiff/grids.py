@@ -1,4 +1,4 @@
-"""PNG grids of image patches, with the prompt written above them (for people to look at)."""
+"""PNG grids of image patches, with an optional caption above them (for people to look at)."""
 
 from __future__ import annotations
 

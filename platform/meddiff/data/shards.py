@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from meddiff.errors import DataError
+from meddiff.files import read_format_json
 
 if TYPE_CHECKING:
     import ray.data
@@ -157,19 +158,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"shard directory {root} does not exist")
-    manifest = root / MANIFEST
-    if not manifest.is_file():
-        raise DataError(
-            f"{root} is not a complete meddiff shard directory (no {MANIFEST}; "
-            "was the write interrupted?)"
-        )
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{manifest}: corrupt manifest ({err})") from None
-    if data.get("format") != FORMAT:
-        raise DataError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
-    return data
+    missing = (
+        f"{root} is not a complete meddiff shard directory (no {MANIFEST}; was the write "
+        "interrupted?)"
+    )
+    return read_format_json(root / MANIFEST, FORMAT, DataError, missing)
 
 
 def is_shard_dir(path: str | Path) -> bool:

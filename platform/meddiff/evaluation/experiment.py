@@ -289,10 +289,13 @@ def evaluate_strategies(
     paper = [
         R.heading("Paper A, for context"),
         R.paragraph(
-            "Reported with SD 1.5 at 512 px on PCam, Inception FID: FID 178.8 (label prompts) → "
-            "90.2 (morphology prompts); classifier trained on synthetic data only AUC 0.805; "
-            "pathologists' median sensitivity/specificity 0.55/0.55. Figures here come from "
-            f"this run's data, models and feature network ({resolved.network}).",
+            "Reported with SD 1.5 at 512 px on PCam, Inception FID: FID "
+            f"{PAPER['fid']['baseline']} (label prompts) → {PAPER['fid']['morphology']} "
+            "(morphology prompts); classifier trained on synthetic data only AUC "
+            f"{PAPER['classifier_synthetic_auc']['morphology']}; pathologists' median "
+            f"sensitivity/specificity {PAPER['reader_median_sensitivity']}/"
+            f"{PAPER['reader_median_specificity']}. Figures here come from this run's data, "
+            f"models and feature network ({resolved.network}).",
             "small",
         ),
         R.heading("Reader study kits"),

@@ -168,6 +168,7 @@ def comparison_html(table: Mapping[str, Mapping[str, Any]], strategies: list[str
 
 def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSet]) -> list[str]:
     """A 5×5 grid of randomly chosen images of each set."""
+    from meddiff import grids
     from meddiff.data import pcam
 
     rng = np.random.default_rng(cfg.runtime.seed)
@@ -176,7 +177,7 @@ def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSe
         opened = pcam.open_pcam(fs.source, fs.split, patch_size=None)
         pick = np.sort(rng.choice(opened.num_rows, min(25, opened.num_rows), replace=False))
         images = np.stack([pcam.read_rows(opened, int(i), int(i) + 1)["image"][0] for i in pick])
-        grid = R.image_grid(images, cols=5)
+        grid = np.asarray(grids.grid(images, cols=5))
         blocks.append(R.image_html(R.encode_png(grid), f"{name}: {len(pick)} random images"))
     return blocks
 

@@ -111,21 +111,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def image_grid(images: np.ndarray, cols: int = 5, pad: int = 2) -> np.ndarray:
-    """uint8 (n, H, W, 3) → one uint8 mosaic with ``cols`` columns and white gaps."""
-    images = np.asarray(images, dtype=np.uint8)
-    n, h, w, c = images.shape
-    rows = max(1, -(-n // cols))
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[
-            pad + r * (h + pad) : pad + r * (h + pad) + h,
-            pad + q * (w + pad) : pad + q * (w + pad) + w,
-        ] = img
-    return grid
-
-
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}

@@ -26,6 +26,7 @@ import numpy as np
 
 from meddiff.config.prompts import ClusterConfig
 from meddiff.errors import DataError, ModelError
+from meddiff.files import read_format_json
 
 MODEL_FILE = "morphology.json"
 ARRAYS_FILE = "morphology.npz"
@@ -111,13 +112,12 @@ class MorphologyModel:
         """Raises ModelError when ``path`` is not a saved morphology model."""
         root = Path(path)
         meta_path, arrays_path = root / MODEL_FILE, root / ARRAYS_FILE
-        if not meta_path.is_file() or not arrays_path.is_file():
-            raise ModelError(
-                f"{root} is not a morphology model directory (needs {MODEL_FILE} and {ARRAYS_FILE})"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ModelError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        missing = (
+            f"{root} is not a morphology model directory (needs {MODEL_FILE} and {ARRAYS_FILE})"
+        )
+        if not arrays_path.is_file():
+            raise ModelError(missing)
+        meta = read_format_json(meta_path, FORMAT, ModelError, missing)
         with np.load(arrays_path) as arrays:
             model = cls(arrays["centroids"], arrays["low"], arrays["high"])
         model.info = {k: v for k, v in meta.items() if k not in ("format", "k", "dim")}

@@ -31,7 +31,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.data import shards
 from meddiff.errors import DataError
-from meddiff.files import write_json
+from meddiff.files import read_format_json, write_json
 from meddiff.synthesis import components as C
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,8 @@ class TrainingSet:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        path = self.root / INFO
-        if not path.is_file():
-            raise DataError(f"{self.root} is not a complete training cache (no {INFO})")
-        self.info = json.loads(path.read_text())
-        if self.info.get("format") != FORMAT:
-            raise DataError(f"{path}: format {self.info.get('format')!r}, expected {FORMAT!r}")
+        missing = f"{self.root} is not a complete training cache (no {INFO})"
+        self.info = read_format_json(self.root / INFO, FORMAT, DataError, missing)
         self.kind: str = self.info["kind"]
         self.prompts: list[str] = self.info["prompts"]
         self.prompt_ids = np.load(self.root / "prompt_ids.npy", mmap_mode="r")

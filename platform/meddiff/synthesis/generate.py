@@ -28,8 +28,8 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.data.pcam import PCamWriter, pcam_filename
 from meddiff.files import write_json
+from meddiff.grids import save_grid, slug
 from meddiff.synthesis import components as C
-from meddiff.synthesis.grids import save_grid, slug
 from meddiff.synthesis.prompts import generation_plan, read_prompt_table
 
 log = logging.getLogger(__name__)

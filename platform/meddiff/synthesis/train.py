@@ -405,7 +405,7 @@ class _Worker:
                     "resumed_from_step": start_step,
                 }
                 loss_sum.zero_()
-                loss_n, t_last, step_last = 0, time.perf_counter(), done
+                loss_n, step_last = 0, done
                 if self.logger:
                     self.logger.log_metrics(
                         {k: metrics[k] for k in ("loss", "lr", "samples_per_s")}, step=done
@@ -418,6 +418,9 @@ class _Worker:
             if self.rank == 0 and sample_due and self.logger:
                 # The other ranks wait in the next step's collective meanwhile.
                 self._log_samples(done)
+            if step_last == done:
+                # samples_per_s times training steps only, not checkpoints or sample grids.
+                t_last = time.perf_counter()
         return {"rank": self.rank, "start_step": start_step, **metrics}
 
     # checkpoints ----------------------------------------------------------------------------
@@ -526,7 +529,7 @@ class _Worker:
     def _log_samples(self, step: int) -> None:
         import torch
 
-        from meddiff.synthesis.grids import grid
+        from meddiff.grids import grid
         from meddiff.synthesis.stages import to_uint8
 
         t, g = self.t, self.cfg.synthesis.generate

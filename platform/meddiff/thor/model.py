@@ -22,6 +22,7 @@ import torch
 
 from meddiff.config.thor import ScheduleConfig, UNetConfig
 from meddiff.errors import ModelError
+from meddiff.files import read_format_json
 from meddiff.thor.schedule import DDPMSchedule
 from meddiff.thor.unet import DiffusionUNet
 
@@ -76,17 +77,11 @@ def save_model(
 def read_model_config(model_dir: str | Path) -> tuple[UNetConfig, ScheduleConfig, dict[str, Any]]:
     """The UNet and schedule configs and info stored in a model directory."""
     path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ModelError(
-            f"{model_dir} is not a THOR model directory (no {CONFIG_FILE}; expected the output "
-            "of `meddiff thor train` or a registered THOR model)"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: corrupt model config ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = (
+        f"{model_dir} is not a THOR model directory (no {CONFIG_FILE}; expected the output of "
+        "`meddiff thor train` or a registered THOR model)"
+    )
+    meta = read_format_json(path, FORMAT, ModelError, missing)
     try:
         return (
             UNetConfig.model_validate(meta["unet"]),

@@ -247,7 +247,6 @@ def train_loop(config: dict[str, Any]) -> None:
                     },
                     step,
                 )
-                tick = time.perf_counter()
             if limit_s is not None and step % tc.log_every == 0:
                 stop = _agree(time.perf_counter() - started > limit_s, world, device)
             last = step >= tc.steps or stop
@@ -256,6 +255,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
                 _checkpoint(metrics, unet, optimizer, engine, cfg, rank, save_model)
+            if step % tc.log_every == 0:
+                tick = time.perf_counter()  # images_per_s times training steps, not saving
             if last:
                 if stop:
                     log.info("time limit of %s min reached at step %d", tc.time_limit_min, step)
