@@ -54,7 +54,7 @@ def pcam_dataset(
     source = PCamDatasource(opened, cfg.pcam.rows_per_block, limit)
     # Ask for as many read tasks as there are blocks (capped). Left to itself Ray Data aims at 200
     # blocks, counts one per task, and so cuts every block of a shorter file into pieces that the
-    # consumer glues back together (measured on 50,000 patches: about a quarter slower).
+    # consumer glues back together (measured on 50,000 patches: about a fifth slower).
     tasks = min(source.num_blocks, MAX_READ_TASKS)
     return ray.data.read_datasource(
         source, override_num_blocks=tasks, concurrency=cfg.read_concurrency

@@ -15,6 +15,8 @@ Per visited step t (from T down to 0), with x the input in [0, 1] and ε the noi
 
 THOR's map is the per-pixel harmonic mean of the recorded (unrefined) maps, clipped to
 [0, 0.999]; the image score is its mean. The baselines' map is |x̂ - x| of the final reconstruction.
+With ``draws`` > 1 the whole loop runs once per independent noise draw and the final maps are
+averaged (one draw's residual map is noisy in healthy tissue; the draws agree on the lesion).
 
 One deliberate difference from the reference code: it re-noises the blended image to level t and
 then denoises it as if it were at t-1; here it is noised to t', the level the next step expects
