@@ -117,3 +117,22 @@ def test_lpips_off_random_and_local_weights(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ModelError, match="not squeezenet1_1 weights"):
         load_perceptual(str(tmp_path / "bad.pth"))
+
+
+def test_metric_table_keeps_columns_aligned_for_long_schedules():
+    from meddiff.thor.evaluate import metric_table
+
+    plans = {"thor": "fast DDIM, stride 25, eta 0, mean of 3 draws", "ddpm": "full DDPM"}
+    summary = {
+        "methods": {
+            k: {
+                "metrics": {"image_auroc": 0.6, "strata": {}},
+                "plan": {"schedule": s},
+                "images_per_s": 0.5,
+            }
+            for k, s in plans.items()
+        }
+    }
+    head, rule, *rows = metric_table(summary).splitlines()
+    assert len({len(head), len(rule), *map(len, rows)}) == 1
+    assert all(row.index("0.600") == rows[0].index("0.600") for row in rows)

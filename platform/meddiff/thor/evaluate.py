@@ -130,8 +130,12 @@ def metric_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of the headline metrics, one row per method."""
     cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc", "small_auprc",
             "medium_auprc", "large_auprc"]  # fmt: skip
+    # The schedule column is as wide as its longest entry, so the numbers stay aligned.
+    width = max([8, *(len(r["plan"]["schedule"]) for r in summary["methods"].values())])
     head = (
-        f"{'method':<12} {'schedule':<22} " + " ".join(f"{c:>12}" for c in cols) + f" {'img/s':>8}"
+        f"{'method':<12} {'schedule':<{width}} "
+        + " ".join(f"{c:>12}" for c in cols)
+        + f" {'img/s':>8}"
     )
     lines = [head, "-" * len(head)]
     for label, r in summary["methods"].items():
@@ -139,7 +143,8 @@ def metric_table(summary: Mapping[str, Any]) -> str:
         vals = " ".join(
             f"{row[c]:>12.3f}" if row.get(c) is not None else f"{'-':>12}" for c in cols
         )
-        lines.append(f"{label:<12} {r['plan']['schedule']:<22} {vals} {r['images_per_s']:>8.3f}")
+        schedule = r["plan"]["schedule"]
+        lines.append(f"{label:<12} {schedule:<{width}} {vals} {r['images_per_s']:>8.3f}")
     for note in summary.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
