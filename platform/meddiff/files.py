@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any
 
 
+def write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) at ``path``."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON at ``path``."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def read_format_json(path: Path, fmt: str, error: type[Exception], missing: str) -> dict[str, Any]:

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from meddiff.errors import DataError
-from meddiff.files import copy_tree, read_format_json, save_figure, write_json
+from meddiff.files import copy_tree, read_format_json, save_figure, write_json, write_text
 
 
 def test_write_json_and_copy_tree_replace_and_leave_no_temporaries(tmp_path: Path):
     write_json(tmp_path / "a.json", {"x": 1, "p": tmp_path})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1, "p": str(tmp_path)}
+    write_text(tmp_path / "a.json", "FID 178.8 → 90.2")
+    assert (tmp_path / "a.json").read_text(encoding="utf-8") == "FID 178.8 → 90.2"
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "f.txt").write_text("new")

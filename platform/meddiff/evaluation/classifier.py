@@ -19,7 +19,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.config.evaluation import ClassifierConfig
 from meddiff.errors import ConfigError, DataError
-from meddiff.files import save_figure
+from meddiff.files import save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,6 @@ def run_classifier(
 ) -> dict[str, Any]:
     """:func:`train_arms` recorded as an MLflow run (nested under an active one); also writes
     ``classifier.json``. Returns ``{"arms": {arm: metrics}, "roc": png, "json": path}``."""
-    import json
 
     import mlflow
 
@@ -418,9 +417,7 @@ def run_classifier(
             "roc": str(out / "roc.png"),
             "json": str(out / "classifier.json"),
         }
-        tmp = out / "classifier.json.partial"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / "classifier.json")
+        write_json(out / "classifier.json", summary)
         mlflow.log_artifact(str(out / "roc.png"))
         mlflow.log_artifact(str(out / "classifier.json"))
     return summary

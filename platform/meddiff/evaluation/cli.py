@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from meddiff.files import write_text
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meddiff.cli import add_config_arguments
@@ -97,9 +99,7 @@ def _emit(args: argparse.Namespace, payload: Any) -> None:
     text = json.dumps(payload, indent=2, default=str)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".partial")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+        write_text(args.json, text + "\n")
     else:
         print(text)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.errors import ConfigError, DataError
+from meddiff.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ def _step(marker: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return json.loads(marker.read_text())
     summary = run()
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".partial")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(marker)
+    write_json(marker, summary)
     return summary
 
 
@@ -411,7 +410,5 @@ def evaluate_demo(
         "metrics": {m: cells.get("synthetic") for m, cells in result["table"].items()},
         "reader_study": result["reader_studies"].get("synthetic"),
     }
-    tmp = marker.with_name(marker.name + ".partial")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(marker)
+    write_json(marker, summary)
     return summary

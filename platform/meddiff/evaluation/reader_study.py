@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from meddiff.errors import DataError
+from meddiff.files import write_json, write_text
 
 KEY_FORMAT = "meddiff-reader-study/1"
 ANSWER_FORMAT = "meddiff-reader-answers/1"
@@ -103,10 +104,8 @@ def export_study(
     out.mkdir(parents=True, exist_ok=True)
     images = [(item["id"], encode_png(item["image"])) for item in items]
     page = study_html(study_id, images, title=title, display_size=display_size)
-    for name, text in (("key.json", json.dumps(key, indent=2)), ("study.html", page)):
-        tmp = out / f"{name}.partial"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+    write_json(out / "key.json", key)
+    write_text(out / "study.html", page)
     return key
 
 

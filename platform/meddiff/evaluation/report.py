@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from meddiff.files import write_text
+
 METRIC_ORDER = ("precision", "recall", "density", "coverage")
 
 
@@ -136,9 +138,7 @@ def write_html(path: str | Path, title: str, blocks: Sequence[str]) -> Path:
     """Write the page to a temporary name and rename it (never a half-written report)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(html_page(title, blocks), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, html_page(title, blocks))
     return path
 
 

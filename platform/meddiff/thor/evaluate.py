@@ -9,7 +9,6 @@ LPIPS is off.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from meddiff.config import Config
-from meddiff.files import write_json
+from meddiff.files import write_json, write_text
 from meddiff.thor.detect import FolderResult, run_folder
 from meddiff.thor.metrics import evaluate_maps, summary_row
 
@@ -120,9 +119,7 @@ def _report(title, results, first: FolderResult, outputs, rows, notes) -> str:
 def _write_outputs(out: Path, summary: dict[str, Any], html: str) -> None:
     """The report, then ``metrics.json`` last: its presence marks the evaluation complete."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".report.html.partial-{os.getpid()}"
-    tmp.write_text(html)
-    os.replace(tmp, out / "report.html")
+    write_text(out / "report.html", html)
     write_json(out / "metrics.json", summary)
 
 
