@@ -43,12 +43,12 @@ def test_66_distinct_prompts_for_33_clusters_and_two_labels():
     clusters = np.tile(np.arange(33), 20)
     rng.shuffle(clusters)
     table = prompt_table(labels, clusters, cfg)
-    assert len(table) == 66 == len({row["prompt"] for row in table})
-    assert sum(row["count"] for row in table) == 660
+    assert len(table) == 66 == len({row.prompt for row in table})
+    assert sum(row.count for row in table) == 660
     texts = prompts_for(labels, clusters, cfg)
     assert texts[0] == prompt_for(labels[0], clusters[0], cfg)
     base = load_config(overrides=["prompts.strategy=baseline"]).prompts
-    assert [r["prompt"] for r in prompt_table(labels, clusters, base)] == [
+    assert [r.prompt for r in prompt_table(labels, clusters, base)] == [
         "Histology image of healthy tissue",
         "Histology image of cancer tissue",
     ]

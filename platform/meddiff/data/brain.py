@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -36,6 +37,8 @@ from meddiff.config.data import MriConfig
 from meddiff.data.images import write_png
 from meddiff.data.mri import volume_to_slices
 from meddiff.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "meddiff-brain-sample/1"
 MANIFEST = "sample_brain.json"
@@ -123,9 +126,11 @@ def sample_brain(
             if stratum(int(lesion_mask.sum()), size) == target:
                 break
         name = f"lesion_{n:03d}_z{sl.z[i]:03d}.png"
+        area_px = int(lesion_mask.sum())
+        if stratum(area_px, size) != target:  # kept: lesions.csv records both strata
+            log.warning("%s: no %s lesion in 50 draws; kept one of %d px", name, target, area_px)
         write_png(tmp / "test" / "images" / name, image, bits)
         write_png(tmp / "test" / "masks" / name, lesion_mask)
-        area_px = int(lesion_mask.sum())
         rows.append(
             {"name": name, "kind": "lesion", "z": int(sl.z[i]), "area": area_px,
              "stratum": stratum(area_px, size), **info}

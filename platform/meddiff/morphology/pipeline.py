@@ -19,7 +19,6 @@ named ``out`` is always complete.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -37,6 +36,8 @@ from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
+from meddiff.morphology.prompts import prompt_table, prompts_for
+from meddiff.synthesis.prompts import read_prompt_table, write_prompt_table
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ def _build_prompts(
         start = time.perf_counter()
         pairs_manifest = write_pairs(cfg, checked, partial / PAIRS, model)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
-        table = prompt_rows(labels, clusters, pcfg)
-        _write_prompts_csv(partial / PROMPTS_CSV, table)
+        table = prompt_table(labels, clusters, pcfg)
+        write_prompt_table(partial / PROMPTS_CSV, table)
         sizes = cluster_sizes(labels, clusters)
         seconds["write"] = time.perf_counter() - start
 
@@ -469,8 +470,6 @@ class AssignPrompts:
         self.model = model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from meddiff.morphology.prompts import prompts_for
-
         keep = np.asarray([r == "" for r in batch["reject"]], dtype=bool)
         out = {k: np.asarray(v)[keep] for k, v in batch.items() if k not in ("reject", "embedding")}
         n = int(keep.sum())
@@ -517,12 +516,6 @@ def _columns(shard_dir: Path, names: list[str]) -> list[np.ndarray]:
     return out
 
 
-def prompt_rows(labels: np.ndarray, clusters: np.ndarray, pcfg: PromptsConfig) -> list[dict]:
-    from meddiff.morphology.prompts import prompt_table
-
-    return prompt_table(labels, clusters, pcfg)
-
-
 def cluster_sizes(labels: np.ndarray, clusters: np.ndarray) -> dict[str, dict[str, int]]:
     """{cluster: {label: count, "total": count}} (JSON keys are strings)."""
     sizes: dict[str, dict[str, int]] = {}
@@ -532,13 +525,6 @@ def cluster_sizes(labels: np.ndarray, clusters: np.ndarray) -> dict[str, dict[st
         cell[str(lab)] = n
         cell["total"] += n
     return sizes
-
-
-def _write_prompts_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["prompt", "label", "cluster", "count"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def sample_images(
@@ -599,10 +585,7 @@ def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str
             if lab != "total":
                 counts[(int(c), int(lab))] = n
     labels = sorted({lab for _, lab in counts})
-    prompts = {}
-    with open(partial / PROMPTS_CSV, newline="") as f:
-        for row in csv.DictReader(f):
-            prompts[(int(row["cluster"]), int(row["label"]))] = row["prompt"]
+    prompts = {(r.cluster, r.label): r.prompt for r in read_prompt_table(partial / PROMPTS_CSV)}
     rejected = {}
     if summary["removed"]["total"]:
         picked = sample_images(checked, ["reject"], g.examples, g.seed)

@@ -13,6 +13,7 @@ import numpy as np
 
 from meddiff.config.prompts import PromptsConfig
 from meddiff.errors import DataError
+from meddiff.synthesis.prompts import PromptRow
 
 _ONES = [
     "zero",
@@ -96,8 +97,8 @@ def prompts_for(labels: Sequence[int], clusters: Sequence[int], cfg: PromptsConf
 
 def prompt_table(
     labels: Iterable[int], clusters: Iterable[int], cfg: PromptsConfig
-) -> list[dict[str, object]]:
-    """One row per distinct prompt: prompt, label, cluster, count (sorted by label, cluster)."""
+) -> list[PromptRow]:
+    """One row per distinct prompt with its pair count, sorted by label then cluster."""
     labels = np.asarray(list(labels), dtype=np.int64)
     clusters = np.asarray(list(clusters), dtype=np.int64)
     if cfg.strategy == "baseline":
@@ -106,11 +107,6 @@ def prompt_table(
         return []
     pairs, counts = np.unique(np.stack([labels, clusters], axis=1), axis=0, return_counts=True)
     return [
-        {
-            "prompt": prompt_for(int(lab), int(clu), cfg),
-            "label": int(lab),
-            "cluster": int(clu),
-            "count": int(count),
-        }
+        PromptRow(prompt_for(int(lab), int(clu), cfg), int(lab), int(clu), int(count))
         for (lab, clu), count in zip(pairs, counts, strict=True)
     ]

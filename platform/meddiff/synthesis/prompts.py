@@ -79,7 +79,7 @@ def read_prompt_table(path: str | Path) -> list[PromptRow]:
 
 
 def write_prompt_table(path: str | Path, rows: list[PromptRow]) -> Path:
-    """Write ``prompts.csv`` (used for label-only tables and tests)."""
+    """Write ``prompts.csv`` (the morphology-prompts stage's table, label-only tables)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
