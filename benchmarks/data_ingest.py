@@ -6,13 +6,24 @@ Prints patches/s and peak memory side by side for two file lengths, in one run:
     python benchmarks/data_ingest.py --rows 100000 20000
 
 Both readers hand the consumer the same batches (uint8 (B, 96, 96, 3) plus labels) and the consumer
-does the same work a training loop starts with: convert to float in [0, 1] and reduce. Each
-measurement runs in a fresh subprocess; peak memory is the largest proportional set size (PSS)
+does the same work a training loop starts with: convert to float in [0, 1] and reduce. The consumer
+runs with each of two torch thread counts (``--threads``):
+
+- 1: the consumer holds one core and the reader has the rest. This is how meddiff lays out its own
+  consumers (an embedding actor or a Ray Train worker holds its CPUs; read tasks use the others),
+  and it is what a streaming reader is for: reading overlaps the consumer's work.
+- all cores: the consumer takes every core, so any reading off the consumer's thread competes with
+  it for CPU. On 2 cores this measures how much CPU Ray's reader costs (its own process, the copy
+  into the object store, the scheduler), not how well it overlaps.
+
+Each measurement runs in a fresh subprocess; peak memory is the largest proportional set size (PSS)
 summed over the process and all its children (Ray's raylet, workers and object store included),
 sampled every 50 ms, so shared memory is counted once. Start-up is not timed, for either reader:
 each first streams ``WARM_BATCHES`` batches through the same consumer (torch's import and first
 allocations, Ray's worker processes and the first touch of its object store: a long-lived cluster
-pays these once, not per dataset), then the whole file is timed. The peak covers both passes.
+pays these once, not per dataset), then the whole file is timed with no sampler running, then
+the peak is taken over a second whole pass (sampling PSS is expensive enough to slow the reader
+it watches, and Ray's reader, with a dozen processes to sample, far more than the plain loop).
 Targets: Ray at ≥ 0.8× the plain loop's patches/s, peak memory under 2 GiB and independent of
 the file's length.
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,6 +62,12 @@ def make_file(root: Path, rows: int) -> Path:
             n = min(2048, rows - start)
             writer.write(base["image"][:n], base["label"][:n])
     return root
+
+
+def set_consumer_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def consume(images: np.ndarray, labels: np.ndarray) -> float:
@@ -97,6 +115,38 @@ class PeakMemory:
         self.peak = max(self.peak, self._sample())
 
 
+def timed_and_sampled(stream) -> dict:
+    """Warm up, time one whole pass with nothing else running, then measure the peak memory of
+    another whole pass. Sampling PSS walks every page table of every process (Ray has a dozen),
+    which kept the sampler busy most of the time on 2 cores; timing under it slowed Ray's reader
+    far more than the single-process loop."""
+    with PeakMemory() as warm:
+        stream(WARM_BATCHES * BATCH)
+    cpu_before, start = cpu_seconds(), time.perf_counter()
+    rows = stream(None)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_before
+    with PeakMemory() as sampled:
+        stream(None)
+    peak = max(warm.peak, sampled.peak)
+    return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its descendants (Ray's workers, raylet and
+    actors live for the whole run, so the difference over a pass is that pass's CPU cost)."""
+    import psutil
+
+    root = psutil.Process()
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
 def run_plain(root: Path) -> dict:
     import h5py
 
@@ -114,12 +164,7 @@ def run_plain(root: Path) -> dict:
                 rows += len(images)
         return rows
 
-    with PeakMemory() as mem:
-        stream(WARM_BATCHES * BATCH)
-        start = time.perf_counter()
-        rows = stream(None)
-        seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds, "peak_bytes": mem.peak}
+    return timed_and_sampled(stream)
 
 
 def run_ray(root: Path, overrides: list[str]) -> dict:
@@ -136,24 +181,20 @@ def run_ray(root: Path, overrides: list[str]) -> dict:
     def stream(limit: int | None) -> int:
         rows = 0
         ds = pcam_dataset(root, "train", cfg.data, limit=limit)
-        for batch in ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=2):
+        for batch in ds.iter_batches(batch_size=BATCH, batch_format="numpy"):
             consume(batch["image"], batch["label"])
             rows += len(batch["label"])
         return rows
 
-    with PeakMemory() as mem:
-        stream(WARM_BATCHES * BATCH)
-        start = time.perf_counter()
-        rows = stream(None)
-        seconds = time.perf_counter() - start
+    result = timed_and_sampled(stream)
     runtime.shutdown()
-    return {"rows": rows, "seconds": seconds, "peak_bytes": mem.peak}
+    return result
 
 
-def measure(mode: str, root: Path, overrides: list[str]) -> dict:
+def measure(mode: str, root: Path, threads: int, overrides: list[str]) -> dict:
     sets = [a for o in overrides for a in ("--set", o)]
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(root), *sets],
+        [sys.executable, __file__, "--child", mode, str(root), "--threads", str(threads), *sets],
         capture_output=True,
         text=True,
     )
@@ -168,7 +209,7 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "meddiff-bench"
     )
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per reader")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per reader")
     parser.add_argument(
         "--set",
         action="append",
@@ -176,36 +217,59 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="config override for the Ray reader (tiny preset), e.g. runtime.data_memory_mb=256",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
+        help="consumer torch thread counts to measure (default: 1 and all cores)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, root = args.child
+        set_consumer_threads(args.threads[0])
         result = run_plain(Path(root)) if mode == "plain" else run_ray(Path(root), args.set)
         print(json.dumps(result))
         return
 
     if args.set:
         print("Ray reader config overrides: " + " ".join(args.set))
-    rows_hdr = f"{'patches':>8} {'reader':>10} {'patches/s':>10} {'peak MiB':>9} {'ratio':>6}"
-    print(rows_hdr)
-    print("-" * len(rows_hdr))
+    header = (
+        f"{'patches':>8} {'threads':>7} {'reader':>10} {'patches/s':>10} {'CPU s':>6} "
+        f"{'peak MiB':>9} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
     for rows in args.rows:
         root = make_file(args.workdir / f"pcam-{rows}", rows)
-        best: dict[str, dict] = {}
-        for _ in range(args.repeats):  # alternate so machine noise hits both readers alike
-            for mode in ("plain", "ray"):
-                result = measure(mode, root, args.set)
-                rate = result["rows"] / result["seconds"]
-                if mode not in best or rate > best[mode]["rate"]:
-                    best[mode] = {**result, "rate": rate}
-        plain_rate = best["plain"]["rate"]
-        for mode, label in (("plain", "h5py loop"), ("ray", "Ray Data")):
-            r = best[mode]
-            ratio = r["rate"] / plain_rate
-            print(
-                f"{rows:>8} {label:>10} {r['rate']:>10.0f} {r['peak_bytes'] / 2**20:>9.0f} {ratio:>6.2f}"
-            )
-    print("\nratio = patches/s relative to the plain h5py loop (best of the alternating runs).")
+        for threads in args.threads:
+            best = best_of(root, threads, args.repeats, args.set)
+            plain_rate = best["plain"]["rate"]
+            for mode, label in (("plain", "h5py loop"), ("ray", "Ray Data")):
+                r = best[mode]
+                print(
+                    f"{rows:>8} {threads:>7} {label:>10} {r['rate']:>10.0f} "
+                    f"{r['cpu_seconds']:>6.1f} {r['peak_bytes'] / 2**20:>9.0f} "
+                    f"{r['rate'] / plain_rate:>6.2f}"
+                )
+    print(
+        "\nthreads = the consumer's torch threads; CPU s = CPU time of the timed pass, all "
+        "processes;\nratio = patches/s relative to the plain h5py loop with the same consumer "
+        "(best of the\nalternating runs)."
+    )
+
+
+def best_of(root: Path, threads: int, repeats: int, overrides: list[str]) -> dict[str, dict]:
+    """The fastest of ``repeats`` runs per reader, alternating so machine noise hits both alike."""
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for mode in ("plain", "ray"):
+            result = measure(mode, root, threads, overrides)
+            rate = result["rows"] / result["seconds"]
+            if mode not in best or rate > best[mode]["rate"]:
+                best[mode] = {**result, "rate": rate}
+    return best
 
 
 if __name__ == "__main__":
