@@ -399,7 +399,6 @@ def run_classifier(
 ) -> dict[str, Any]:
     """:func:`train_arms` recorded as an MLflow run (nested under an active one); also writes
     ``classifier.json``. Returns ``{"arms": {arm: metrics}, "roc": png, "json": path}``."""
-
     import mlflow
 
     from meddiff import tracking

@@ -18,6 +18,7 @@ interrupted experiment resumes (training itself resumes from its checkpoints).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.errors import ConfigError, DataError
-from meddiff.files import write_json
+from meddiff.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -359,22 +360,17 @@ def write_table(
     """``comparison.json`` (values and CIs) and ``comparison.csv`` (metric × strategy values)."""
     out.mkdir(parents=True, exist_ok=True)
     js, cs = out / "comparison.json", out / "comparison.csv"
-    tmp = js.with_name(js.name + ".partial")
-    tmp.write_text(json.dumps(table, indent=2, default=float))
-    tmp.replace(js)
-    tmp = cs.with_name(cs.name + ".partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["metric", *strategies])
-        for metric, cells in table.items():
-            row = [metric]
-            for s in strategies:
-                v = _value(cells.get(s))
-                row.append(
-                    "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.6g}"
-                )
-            writer.writerow(row)
-    tmp.replace(cs)
+    write_text(js, json.dumps(table, indent=2, default=float))  # numbers stay numbers
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["metric", *strategies])
+    for metric, cells in table.items():
+        row = [metric]
+        for s in strategies:
+            v = _value(cells.get(s))
+            row.append("" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.6g}")
+        writer.writerow(row)
+    write_text(cs, rows.getvalue())
     return js, cs
 
 
