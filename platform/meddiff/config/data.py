@@ -10,7 +10,7 @@ from meddiff.config.base import Section
 
 
 class PCamConfig(Section):
-    """Reading PCam-format HDF5 (DESIGN.md: x uint8 (N, 96, 96, 3), y uint8 (N, 1, 1, 1))."""
+    """Reading PCam-format HDF5 (README, Data: x uint8 (N, 96, 96, 3), y uint8 (N, 1, 1, 1))."""
 
     patch_size: int = Field(default=96, ge=8, description="Expected patch height and width.")
     rows_per_block: int = Field(
@@ -31,8 +31,9 @@ class ShardConfig(Section):
 class WsiConfig(Section):
     """Cutting tiles from whole-slide images (pyramidal TIFF: SVS, generic tiled TIFF, ...).
 
-    A slide's magnification comes from its objective power, else from its pixel size
-    (10 µm / mpp: 0.25 mpp is 40x), else from ``base_magnification``. Tiles are cut on a grid at
+    A slide's magnification is ``base_magnification`` when set (an explicit setting wins over
+    the file's metadata), else its objective power, else its pixel size (10 µm / mpp: 0.25 mpp is
+    40x); metadata outside what scanners produce is refused with this override named. Tiles are cut on a grid at
     ``magnification`` from the nearest pyramid level at or above it (resized when no level matches)
     and kept when at least ``min_tissue_fraction`` of their area is tissue on a low-resolution mask.
     """
@@ -44,7 +45,8 @@ class WsiConfig(Section):
     base_magnification: float | None = Field(
         default=None,
         gt=0,
-        description="Level-0 magnification for slides without objective power or mpp metadata.",
+        description="Level-0 magnification of every slide; when set it wins over the slides' "
+        "objective power and mpp metadata (null: read them from the metadata).",
     )
     magnification_tolerance: float = Field(
         default=0.05, ge=0, lt=1, description="Relative slack when matching a pyramid level."

@@ -1,6 +1,6 @@
 """Folders of grayscale PNG images, and same-named masks, as anomaly detection reads them.
 
-The format (DESIGN.md), kept exact because other tools write it:
+The format (README, section Data; docs/thor.md), kept exact because other tools write it:
 
 - an image folder holds ``*.png`` files, 8- or 16-bit grayscale, one image each; intensities are
   read as floats in [0, 1] (divided by 255 or 65535);
