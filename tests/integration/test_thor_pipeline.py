@@ -63,6 +63,7 @@ def test_training_checkpoints_resumes_and_registers(trained):
     assert (out / "model" / "thor_model.json").is_file()
     info = json.loads((out / "model" / "thor_model.json").read_text())["info"]
     assert info["steps"] == 4
+    assert info["intensity"] == {"scaling": "significant_bits", "significant_bits": None}
     client = mlflow.MlflowClient()
     resumed = client.get_metric_history(second["run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [2.0]
@@ -85,6 +86,7 @@ def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_p
     assert all(float(r["score"]) >= 0 for r in rows)
     summary = json.loads(capsys.readouterr().out)
     assert summary["residual_only"] is True and summary["forwards_per_image"] == 8
+    assert summary["intensity"]["read_as"] == {"type: 16-bit / 65535": len(names)}
 
 
 def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, capsys):
@@ -103,6 +105,7 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     assert any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
     assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert "scaled by data.images.scaling=significant_bits" in html
     assert json.loads((out / "metrics.json").read_text())["methods"].keys() == {"thor", "ddpm"}
 
 
@@ -135,6 +138,9 @@ def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
     err = run("--images", str(images), "--masks", str(masks),
               "--set", "thor.infer.harmonization_steps=[400, 50]")  # fmt: skip
     assert "step 400, above the noise level T=350" in err
+    err = run("--images", str(images), "--masks", str(masks),
+              "--set", "data.images.scaling=percentiles")  # fmt: skip
+    assert "trained on images read with" in err and "data.images.scaling=significant_bits" in err
 
 
 @pytest.mark.slow

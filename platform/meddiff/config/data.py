@@ -111,6 +111,59 @@ class MriConfig(Section):
         return self
 
 
+class ImageConfig(Section):
+    """How grayscale PNGs (anomaly detection: training slices and test images alike) map to [0, 1].
+
+    ``scaling``:
+
+    - ``significant_bits`` (default): value / (2**b - 1), where b is ``significant_bits`` when set
+      (an explicit setting wins over the file), else the PNG's sBIT chunk, else the type's depth
+      (8 or 16). Scanners store 12-bit data unscaled in 16-bit PNGs; with sBIT = 12 (or
+      ``significant_bits: 12``) they read over 0..4095, not as near-black. Data left-shifted to
+      the full depth, as the PNG standard asks, are shifted back first.
+    - ``type_range``: value / 255 or / 65535, whatever the file says.
+    - ``observed_range``: each image's own minimum..maximum to 0..1.
+    - ``percentiles``: each image's ``percentiles`` to 0 and 1, clipped.
+    """
+
+    scaling: Literal["significant_bits", "type_range", "observed_range", "percentiles"] = Field(
+        default="significant_bits", description="How stored values map to [0, 1] (see above)."
+    )
+    significant_bits: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Bits that hold data (e.g. 12 for a 12-bit scanner); wins over the PNG's "
+        "sBIT chunk. null: sBIT when present, else the type's depth.",
+    )
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5), description="Per-image window for scaling=percentiles."
+    )
+    low_range_warning: float = Field(
+        default=0.125,
+        ge=0,
+        le=1,
+        description="Warn when an image's largest value is below this share of the range it is "
+        "divided by (12-bit data read as 16-bit use 1/16 of it).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        return self
+
+    def reading(self) -> dict:
+        """The settings that decide pixel values (what training and detection must share)."""
+        out: dict = {"scaling": self.scaling}
+        if self.scaling == "significant_bits":
+            out["significant_bits"] = self.significant_bits
+        if self.scaling == "percentiles":
+            out["percentiles"] = list(self.percentiles)
+        return out
+
+
 class DataConfig(Section):
     read_concurrency: int | None = Field(
         default=None,
@@ -122,6 +175,7 @@ class DataConfig(Section):
     shards: ShardConfig = ShardConfig()
     wsi: WsiConfig = WsiConfig()
     mri: MriConfig = MriConfig()
+    images: ImageConfig = ImageConfig()
 
 
 TINY: dict = {
