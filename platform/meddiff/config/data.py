@@ -102,12 +102,24 @@ class MriConfig(Section):
         default=0.0, description="Without a mask, voxels above this are brain (skull-stripped)."
     )
     png_bits: Literal[8, 16] = Field(default=16, description="Bit depth of written PNG slices.")
+    resample: bool = Field(
+        default=True,
+        description="Resample axial slices to isotropic in-plane spacing when the header's voxel "
+        "sizes differ in the axial plane; false: refuse such volumes.",
+    )
+    voxel_size: tuple[float, float, float] | None = Field(
+        default=None,
+        description="Voxel sizes in mm along the file's own axes (i, j, k); when set, wins over "
+        "the header's (null: read them from the header).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MriConfig:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        if self.voxel_size is not None and min(self.voxel_size) <= 0:
+            raise ValueError(f"voxel_size {self.voxel_size} must be positive (mm)")
         return self
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from meddiff.config.data import ImageConfig, MriConfig
 from meddiff.config.thor import AugmentConfig
 from meddiff.data.images import intensity_summary, list_pngs, read_png
-from meddiff.data.mri import NiftiSlicer, is_nifti
+from meddiff.data.mri import NiftiSlicer, check_volume, is_nifti
 from meddiff.errors import DataError
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ def healthy_dataset(
     items = [{"path": str(f)} for f in files]
     ds = ray.data.from_items(items)
     if kind == "nifti":
+        # Header checks here, on the driver: a bad volume is one line, not a failed Ray task.
+        for f in files:
+            check_volume(f, mri.voxel_size)
         slicer_cfg = mri.model_copy(update={"image_size": image_size})
         return ds.flat_map(NiftiSlicer(slicer_cfg)).select_columns(["image"])
     images = images or ImageConfig()
