@@ -47,9 +47,37 @@ def connect(cfg: RuntimeConfig) -> None:
     _configure_data(cfg)
 
 
+class UserErrorFilter(logging.Filter):
+    """Drops console records about a :class:`~meddiff.errors.MeddiffError` (bad input named by
+    the error itself): Ray Data logs the failing stage's traceback, twice, before re-raising it,
+    and the CLI then prints the one line that matters. The log file keeps the records.
+
+    The exception is the record's own, else the one being handled: Ray Data logs from inside
+    its ``except`` blocks, on the thread that caught it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        from meddiff.errors import find_user_error
+
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or find_user_error(exc) is None
+
+
+def quiet_user_errors() -> None:
+    """Install :class:`UserErrorFilter` on Ray Data's console handlers (idempotent)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console" and not any(
+            isinstance(f, UserErrorFilter) for f in handler.filters
+        ):
+            handler.addFilter(UserErrorFilter())
+
+
 def _configure_data(cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
+    quiet_user_errors()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     # Errors in user data should stop the job with the first message, not after retries, and

@@ -155,3 +155,21 @@ def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
     # Ray also writes checkpoint_manager_snapshot.json there: keep the checkpoint folders only.
     ckpts = sorted(p for p in (out / "ray" / "thor-train").glob("checkpoint_*") if p.is_dir())
     assert ckpts and (ckpts[-1] / "deepspeed").is_dir() and (ckpts[-1] / "model").is_dir()
+
+
+def test_an_error_inside_a_ray_data_stage_prints_once(trained, brain, tmp_path, capfd):
+    """A PNG whose header is fine but whose pixels are cut off fails inside the detection stage
+    (a Ray Data actor); the terminal shows meddiff's one line and no traceback."""
+    images = tmp_path / "images"
+    shutil.copytree(brain / "test" / "images", images)
+    broken = sorted(images.glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:120])  # header intact, image data truncated
+    capfd.readouterr()
+    rc = main(["thor", "detect", "--model", str(trained[0] / "model"), "--images", str(images),
+               "--out", str(tmp_path / "out"), *FAST, *SMALL])  # fmt: skip
+    err = capfd.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    assert err.count(f"{broken.name}: not a readable PNG") == 1
+    assert err.strip().splitlines()[-1].startswith("meddiff: error: ")
+    assert not (tmp_path / "out").exists()

@@ -227,3 +227,54 @@ def test_detection_refuses_to_read_images_unlike_training(tmp_path):
         "tiny", overrides=["thor.infer.lpips=off", "data.images.significant_bits=12"]
     )
     assert plan_for(same, str(out))["image_size"] == 16
+
+
+def test_rgba_png_error_is_said_once(tmp_path):
+    """One message naming the file once, not wrapped again as 'not a readable PNG'."""
+    Image.fromarray(np.zeros((4, 4, 4), dtype=np.uint8), mode="RGBA").save(tmp_path / "rgba.png")
+    for read in (read_png, lambda p: check_headers([p])):
+        with pytest.raises(DataError) as err:
+            read(tmp_path / "rgba.png")
+        msg = str(err.value)
+        assert msg.count("rgba.png") == 1 and "not a readable PNG" not in msg
+        assert "4 channels (mode RGBA)" in msg
+
+
+def test_a_4d_volume_is_refused_on_the_driver_before_ray(tmp_path):
+    import nibabel as nib
+    import ray
+
+    from meddiff.config.data import MriConfig
+    from meddiff.thor.data import healthy_dataset
+
+    nib.save(
+        nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(tmp_path / "4d.nii")
+    )
+    with pytest.raises(DataError, match=r"4d\.nii: volume has shape \(8, 8, 8, 3\); expected a 3D"):
+        healthy_dataset(tmp_path / "4d.nii", 16, MriConfig())
+    assert not ray.is_initialized()  # failed before any Ray work (no worker tracebacks)
+
+
+def test_ray_data_console_drops_records_about_user_errors():
+    import logging
+    import sys
+
+    from meddiff.runtime import UserErrorFilter
+
+    class Wrapped(Exception):  # how Ray re-raises a stage's error: the original as cause
+        pass
+
+    def record(exc: BaseException | None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("ray.data.x", logging.ERROR, __file__, 1, "failed", (), info)
+
+    wrapped = Wrapped("task failed")
+    wrapped.__cause__ = DataError("bad.png: not a readable PNG")
+    keep = UserErrorFilter()
+    assert not keep.filter(record(wrapped))
+    assert keep.filter(record(RuntimeError("a bug in Ray")))
+    assert keep.filter(record(None))
+    try:  # a plain error() call inside the except block that caught a user error
+        raise wrapped
+    except Wrapped:
+        assert sys.exc_info()[1] is wrapped and not keep.filter(record(None))

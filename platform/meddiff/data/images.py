@@ -249,6 +249,8 @@ def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
                     "grayscale (8- or 16-bit)"
                 )
             return img.height, img.width
+    except DataError:
+        raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable PNG ({err})") from None
 
@@ -302,6 +304,8 @@ def _read_gray(path: Path, what: str) -> np.ndarray:
                     "grayscale (8- or 16-bit)"
                 )
             arr = np.asarray(img)
+    except DataError:
+        raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable PNG ({err})") from None
     if arr.ndim != 2:

@@ -138,16 +138,17 @@ def healthy_dataset(
     import ray.data
 
     kind, files = find_inputs(path)
-    items = [{"path": str(f)} for f in files]
-    ds = ray.data.from_items(items)
+    images = images or ImageConfig()
+    # Checks here, on the driver: a bad volume or image is one line, not a failed Ray task.
     if kind == "nifti":
-        # Header checks here, on the driver: a bad volume is one line, not a failed Ray task.
         for f in files:
             check_volume(f, mri.voxel_size)
+    else:
+        intensity_summary(files, images)
+    ds = ray.data.from_items([{"path": str(f)} for f in files])
+    if kind == "nifti":
         slicer_cfg = mri.model_copy(update={"image_size": image_size})
         return ds.flat_map(NiftiSlicer(slicer_cfg)).select_columns(["image"])
-    images = images or ImageConfig()
-    intensity_summary(files, images)
     return ds.map_batches(ReadPng(image_size, images), batch_size=64).select_columns(["image"])
 
 
