@@ -21,6 +21,10 @@ class ModelError(MeddiffError, ValueError):
     """A model directory, weights file or registry reference cannot be used."""
 
 
+class ClusterError(MeddiffError, RuntimeError):
+    """Ray could not be started or joined (a loaded machine, a cluster that does not answer)."""
+
+
 def find_user_error(err: BaseException | None) -> MeddiffError | None:
     """The :class:`MeddiffError` behind ``err``, also when it was raised inside a Ray task or
     Ray Data stage (Ray re-raises those wrapped, with the original as cause)."""
