@@ -114,11 +114,16 @@ def read_scaled(path: str | Path, cfg: ImageConfig) -> tuple[np.ndarray, Scaling
     peak = int(values.max(initial=0))
     warning = None
     if 0 < peak < cfg.low_range_warning * top:
+        bits_hint = max(peak.bit_length(), 8)
+        fix = (
+            f"if it holds {bits_hint}-bit data set data.images.significant_bits={bits_hint} (or "
+            "data.images.scaling=percentiles)"
+            if bits_hint < bits
+            else "set data.images.scaling=percentiles or observed_range to stretch it"
+        )
         warning = (
             f"{path}: largest value {peak} is {peak / top:.1%} of the {top} it is divided by "
-            f"({how}), so it reads nearly black; if it holds {max(peak.bit_length(), 8)}-bit "
-            f"data set data.images.significant_bits={max(peak.bit_length(), 8)} (or "
-            "data.images.scaling=percentiles)"
+            f"({how}), so it reads nearly black; {fix}"
         )
     return out, Scaling(how, warning)
 
@@ -370,11 +375,15 @@ def mask_paths(image_files: Sequence[Path], mask_folder: str | Path) -> list[Pat
 
 
 def load_folder(
-    images: str | Path, masks: str | Path | None = None, size: int | None = None
+    images: str | Path,
+    masks: str | Path | None = None,
+    size: int | None = None,
+    cfg: ImageConfig | None = None,
 ) -> ImageSet:
-    """Read a whole image folder (and its masks) into memory; small sets, tests, reports."""
+    """Read a whole image folder (and its masks) into memory, scaled by ``cfg`` (``data.images``);
+    small sets, tests, reports."""
     files = list_pngs(images)
-    read = [read_png(f, size) for f in files]
+    read = [read_png(f, size, cfg) for f in files]
     for f, a in zip(files, read, strict=True):
         if a.shape != read[0].shape:
             raise DataError(
