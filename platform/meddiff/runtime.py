@@ -89,7 +89,7 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
         except Exception as err:  # Ray raises bare Exception on a startup timeout
             ray.shutdown()
             _stop_children(_child_pids() - before)
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
             elapsed = time.monotonic() - start
             if elapsed + delay > cfg.start_timeout_s:
                 raise ClusterError(
