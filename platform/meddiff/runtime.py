@@ -52,7 +52,8 @@ def connect(cfg: RuntimeConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         start_embedded(cfg)
-    _export_address(_gcs_address())
+    if not (address or "").startswith("ray://"):  # a Ray Client keeps its own address
+        _export_address(_gcs_address())
     _configure_data(cfg)
 
 
@@ -89,6 +90,8 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
         except Exception as err:  # Ray raises bare Exception on a startup timeout
             ray.shutdown()
             _stop_children(_child_pids() - before)
+            if isinstance(err, (TypeError, ValueError)):
+                raise  # wrong arguments: no retry fixes them
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
             elapsed = time.monotonic() - start
             if elapsed + delay > cfg.start_timeout_s:
