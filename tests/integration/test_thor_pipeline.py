@@ -103,6 +103,8 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     assert any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
     assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert model in html and "meddiff thor evaluate --model" in html  # what made the page
+    assert 'href="report.html"' in (out / "index.html").read_text()
     assert json.loads((out / "metrics.json").read_text())["methods"].keys() == {"thor", "ddpm"}
 
 

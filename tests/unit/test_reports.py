@@ -212,3 +212,46 @@ def test_write_index_links_absolute_paths_too(tmp_path: Path):
     target.write_text("x")
     index = write_index(tmp_path, "t", [P.IndexStep("s", links={"r": target})])
     assert Page(index.read_text()).links == ["sub%20dir/r.html"]
+
+
+def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cfg):
+    import json
+
+    from meddiff.demo_index import write_demo_index
+
+    thor = P.thor_inputs()
+    report = P.thor_page(tmp_path)
+    methods = {m: {"metrics": r["metrics"], "plan": r["plan"]} for m, r in thor["results"].items()}
+    (report.parent / "metrics.json").write_text(json.dumps({"methods": methods}))
+    gallery = P.gallery_page(tmp_path)
+    results = {
+        "sample-data": {"pcam": str(tmp_path / "data")},
+        "prompts": {"prompts": 8, "kept": 100, "removed": 3, "k": 4, "gallery": str(gallery)},
+        "thor": {"report": str(report), "train_steps": 120, "note": "brief demo training"},
+        "evaluate": {
+            "network": P.FD.removeprefix("fd_"),
+            "report": str(tmp_path / "evaluation" / "report.html"),
+            "metrics": {
+                P.FD: 123.4,
+                "precision": 0.6,
+                "classifier_synthetic_auc": 0.71,
+                "classifier_real+synthetic_auc": 0.83,
+            },  # fmt: skip
+        },
+    }
+    names = ["sample-data", "prompts", "thor", "evaluate", "after"]
+    records = {n: {"status": "done", "seconds": 1.5} for n in names[:3]}
+    records["evaluate"] = {"status": "failed", "seconds": 2.0, "error": "DataError: bad"}
+    page = Page(write_demo_index(tiny_cfg, tmp_path, names, results, records).read_text())
+    words = page.words
+    assert "prompts found: 8" in words and "morphology types (k): 4" in words
+    assert f"FD ({P.FD.removeprefix('fd_')}): 123.4" in words
+    assert "classifier AUC, trained on synthetic: 0.71" in words
+    assert "classifier AUC, trained on real+synthetic: 0.83" in words
+    assert page.links == ["prompts/gallery.html", "thor/report.html"]
+    assert "evaluation report (missing)" in words and "not run" in page.cells
+    # THOR vs DDPM, one row per method, from the THOR step's metrics.json.
+    assert "THOR vs DDPM (lesion benchmark)" in words
+    at = page.cells.index("thor", page.cells.index("method", 5))
+    assert page.cells[at + 2 : at + 4] == ["0.4321", "0.9012"] and "ddpm" in page.cells
+    assert "Synthetic set vs real (evaluate step)" in words and "brief demo training" in words

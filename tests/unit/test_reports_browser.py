@@ -4,6 +4,7 @@ is fetched from the network."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ WIDTHS = (1280, 390)
 def browser():
     binary = find_chromium()
     if binary is None:
-        pytest.skip("no chromium (apt-get install chromium; .ci/run installs it)")
+        why = "no chromium (apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("MEDDIFF_REQUIRE_BROWSER"):
+            pytest.fail(why)
+        pytest.skip(why)
     b = Browser(binary)
     yield b
     b.close()
