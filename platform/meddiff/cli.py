@@ -95,15 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
         return 2
+    finally:
+        _set_command(None)
 
 
-def _set_command(words: list[str]) -> None:
-    """Name this command in every page it writes (the report kit's provenance header)."""
+def _set_command(words: list[str] | None) -> None:
+    """Name this command in every page it writes (the report kit's provenance header); None
+    when it is over (a process may run several: tests, jobs)."""
     import shlex
 
     from meddiff.reports import kit
 
-    kit.COMMAND = shlex.join(["meddiff", *words])
+    kit.COMMAND = None if words is None else shlex.join(["meddiff", *words])
 
 
 def index_output(args: argparse.Namespace, words: list[str], seconds: float, start: float) -> None:

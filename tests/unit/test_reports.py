@@ -255,3 +255,25 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
     at = page.cells.index("thor", page.cells.index("method", 5))
     assert page.cells[at + 2 : at + 4] == ["0.4321", "0.9012"] and "ddpm" in page.cells
     assert "Synthetic set vs real (evaluate step)" in words and "brief demo training" in words
+
+
+def test_a_command_names_itself_on_its_pages_and_indexes_its_out_folder(
+    sample_pcam_dir: Path, tmp_path: Path, capsys
+):
+    from eval_helpers import make_synthetic
+    from meddiff.cli import main
+    from meddiff.reports import kit
+
+    synth = make_synthetic(sample_pcam_dir, tmp_path / "synth", shift=8, n=12)
+    out = tmp_path / "study"
+    argv = ["eval", "reader-study", "export", "--real", str(sample_pcam_dir), "--synthetic",
+            str(synth), "--out", str(out), "--num-real", "3", "--num-synthetic", "3",
+            "--preset", "tiny"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    study = Page((out / "study.html").read_text())
+    assert f"meddiff eval reader-study export --real {sample_pcam_dir}" in study.words
+    assert len(study.imgs) == 6
+    index = Page((out / "index.html").read_text())
+    assert index.links == ["study.html"] and "meddiff eval reader-study export" in index.cells
+    assert kit.COMMAND is None  # the next page this process makes is not credited to it
