@@ -23,13 +23,17 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meddiff.config import Config
 from meddiff.errors import ConfigError, DataError
 from meddiff.files import write_json, write_text
+
+if TYPE_CHECKING:
+    from meddiff.evaluation.features import FeatureSet, Resolved
+    from meddiff.reports import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +240,9 @@ def evaluate_strategies(
     }
 
 
-def extract_features(cfg: Config, data: Path, synth: dict[str, tuple[Path, str]]):
+def extract_features(
+    cfg: Config, data: Path, synth: dict[str, tuple[Path, str]]
+) -> tuple[Resolved, dict[str, FeatureSet]]:
     """Step 1: the feature network (resolved from config) and the features of the real set and
     of each synthetic set, ``{"real": FeatureSet, name: FeatureSet}``; DataError when the sets'
     image sizes differ."""
@@ -257,7 +263,14 @@ def extract_features(cfg: Config, data: Path, synth: dict[str, tuple[Path, str]]
     return resolved, feats
 
 
-def compute_fidelity(cfg, data, resolved, feats, synth, pairs) -> dict[str, dict[str, Any]]:
+def compute_fidelity(
+    cfg: Config,
+    data: Path,
+    resolved: Resolved,
+    feats: dict[str, FeatureSet],
+    synth: dict[str, tuple[Path, str]],
+    pairs: dict[str, Path | None],
+) -> dict[str, dict[str, Any]]:
     """Step 2: a fidelity report per synthetic set against the real one; with the real prompts
     from that strategy's ``pairs`` shards, also per prompt."""
     from meddiff.data import pcam
@@ -277,7 +290,9 @@ def compute_fidelity(cfg, data, resolved, feats, synth, pairs) -> dict[str, dict
     return fidelity
 
 
-def train_classifier_arms(cfg, data, synth, eval_dir):
+def train_classifier_arms(
+    cfg: Config, data: Path, synth: dict[str, tuple[Path, str]], eval_dir: Path
+) -> tuple[dict[str, dict[str, Any]], str, list[dict[str, Any]]]:
     """Step 3: the downstream classifier's arms (real, per strategy synthetic and real +
     synthetic, as ``evaluation.classifier.arms`` says) in one Ray Train run; returns
     ``({strategy or "real": {arm kind: result}}, roc.png path, report blocks)``."""
@@ -312,7 +327,13 @@ def train_classifier_arms(cfg, data, synth, eval_dir):
     return clf, roc, blocks
 
 
-def export_reader_studies(cfg, data, synth, eval_dir, prov) -> dict[str, str]:
+def export_reader_studies(
+    cfg: Config,
+    data: Path,
+    synth: dict[str, tuple[Path, str]],
+    eval_dir: Path,
+    prov: Provenance | None,
+) -> dict[str, str]:
     """Step 4: a blinded reader-study kit per strategy; returns ``{strategy: study.html}``."""
     from meddiff.data import pcam
     from meddiff.evaluation.reader_study import export_study
@@ -341,7 +362,9 @@ def export_reader_studies(cfg, data, synth, eval_dir, prov) -> dict[str, str]:
     return studies
 
 
-def strategy_table(fidelity, clf, runs: list[str]) -> dict[str, dict[str, Any]]:
+def strategy_table(
+    fidelity: dict[str, dict[str, Any]], clf: dict[str, dict[str, Any]], runs: list[str]
+) -> dict[str, dict[str, Any]]:
     """Step 5: the metric × strategy table; the real-only classifier (one arm shared by every
     strategy) fills its rows for each."""
     from meddiff.evaluation import report as R
@@ -353,7 +376,7 @@ def strategy_table(fidelity, clf, runs: list[str]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def context_blocks(resolved, studies: dict[str, str]) -> list[dict[str, Any]]:
+def context_blocks(resolved: Resolved, studies: dict[str, str]) -> list[dict[str, Any]]:
     """Report blocks: paper A's figures for context, and where the reader-study kits are."""
     from meddiff.evaluation import report as R
 
@@ -379,7 +402,16 @@ def context_blocks(resolved, studies: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
-def render_evaluation(cfg, resolved, feats, fidelity, table, eval_dir, blocks, title):
+def render_evaluation(
+    cfg: Config,
+    resolved: Resolved,
+    feats: dict[str, FeatureSet],
+    fidelity: dict[str, dict[str, Any]],
+    table: dict[str, dict[str, Any]],
+    eval_dir: Path,
+    blocks: list[dict[str, Any]],
+    title: str,
+) -> dict[str, Any]:
     """Step 6: features saved, UMAP drawn, ``report.html`` written (see
     :func:`meddiff.evaluation.judge.judge_features`); returns its result."""
     from meddiff.evaluation.judge import judge_features
