@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from meddiff.errors import find_user_error, user_message
 
@@ -81,14 +83,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    words = list(sys.argv[1:] if argv is None else argv)
+    start = time.time()
     try:
-        return int(args.handler(args) or 0)
+        _set_command(words)
+        rc = int(args.handler(args) or 0)
+        if rc == 0:
+            index_output(args, words, time.time() - start, start)
+        return rc
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:
             raise
         print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
         return 2
+    finally:
+        _set_command(None)
+
+
+def _set_command(words: list[str] | None) -> None:
+    """Name this command in every page it writes (the report kit's provenance header); None
+    when it is over (a process may run several: tests, jobs)."""
+    import shlex
+
+    from meddiff.reports import kit
+
+    kit.COMMAND = None if words is None else shlex.join(["meddiff", *words])
+
+
+def index_output(args: argparse.Namespace, words: list[str], seconds: float, start: float) -> None:
+    """Give the job's ``--out`` folder an ``index.html`` linking its pages, unless the job wrote
+    its own there (the demo's lists every step)."""
+    out = getattr(args, "out", None)
+    if not isinstance(out, Path) or not out.is_dir():
+        return
+    own = out / "index.html"
+    if own.is_file() and own.stat().st_mtime >= start:
+        return
+    from meddiff.reports import index_folder
+
+    lead = []  # the subcommand words, before the first option
+    for w in words:
+        if w.startswith("-"):
+            break
+        lead.append(w)
+    job = " ".join(["meddiff", *lead[:3]])
+    index_folder(out, job, seconds=seconds, figures=_summary_figures(out))
+
+
+def _summary_figures(out: Path) -> dict[str, float]:
+    """The plain numbers at the top of the job's ``summary.json``, if it wrote one."""
+    import json
+
+    try:
+        data = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 if __name__ == "__main__":

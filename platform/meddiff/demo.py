@@ -224,6 +224,8 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
     import mlflow
 
     from meddiff import runtime, tracking
+    from meddiff.demo_index import write_demo_index
+    from meddiff.files import write_json
 
     out = Path(out)
     if fresh and out.exists():
@@ -231,16 +233,27 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(cfg, out)
     runtime.connect(cfg.runtime)
+    names = [name for name, _ in STEPS]
+    records: dict[str, dict[str, Any]] = {}
     with tracking.start_run(cfg, "demo"):
         for name, step in STEPS:
             start = time.perf_counter()
             log.info("demo step %s ...", name)
-            demo.results[name] = step(demo)
+            try:
+                demo.results[name] = step(demo)
+            except BaseException as err:  # the index shows how far the run got, then it fails
+                seconds = time.perf_counter() - start
+                records[name] = {"status": "failed", "seconds": seconds, "error": str(err)[:300]}
+                write_demo_index(cfg, out, names, demo.results, records)
+                raise
             seconds = time.perf_counter() - start
+            records[name] = {"status": "done", "seconds": seconds}
+            write_demo_index(cfg, out, names, demo.results, records)
             mlflow.log_metric(f"seconds_{name.replace('-', '_')}", seconds)
             log.info("demo step %s done in %.1f s", name, seconds)
-        (out / "summary.json").write_text(json.dumps(demo.results, indent=2))
+        write_json(out / "summary.json", demo.results)
         mlflow.log_dict(demo.results, "summary.json")
+        mlflow.log_artifact(str(out / "index.html"))
     return demo.results
 
 
@@ -263,20 +276,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.preset is None and args.config is None:
         args.preset = "tiny"
     cfg = config_from_args(args)
-    results = run_demo(cfg, args.out, fresh=args.fresh)
-    print(json.dumps(results, indent=2))
-    print(f"\nOutputs under {args.out.resolve()}; summary in {args.out / 'summary.json'}")
-    where = {
-        "Morphology gallery": results.get("prompts", {}).get("gallery"),
-        "Synthetic patches (PCam layout)": results.get("synthesis", {}).get("synthetic"),
-        "PNG grid per prompt": results.get("synthesis", {}).get("grids"),
-        "THOR report": results.get("thor", {}).get("report"),
-        "Evaluation report": results.get("evaluate", {}).get("report"),
-    }
-    for what, path in where.items():
-        if path:
-            print(f"{what}: {Path(path).resolve()}")
+    run_demo(cfg, args.out, fresh=args.fresh)
+    print(f"\nStep summaries: {(args.out / 'summary.json').resolve()}")
     print(
         f"MLflow store: {tracking_uri(cfg.tracking)}  (browse: mlflow ui --backend-store-uri <it>)"
     )
+    # Last line: the one page to open (every step, its figures, links to each report).
+    print(f"Open: {(args.out / 'index.html').resolve()}")
     return 0

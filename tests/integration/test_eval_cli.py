@@ -108,6 +108,9 @@ def test_reader_study_cli_export_and_score(sample_pcam_dir, sets, tmp_path: Path
     assert rc == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 10 and Path(info["page"]).is_file()
+    index = (study / "index.html").read_text()  # every job's --out folder gets an index
+    assert 'href="study.html"' in index and "meddiff eval reader-study export" in index
+    assert "meddiff eval reader-study export --real" in Path(info["page"]).read_text()
     key = json.loads((study / "key.json").read_text())
     files = []
     for reader, flip in (("r1", 0), ("r2", 3)):

@@ -107,7 +107,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     assert json.loads((again / "summary.json").read_text())["mode"] == "reused"
 
     page = (out / "gallery.html").read_text()
-    images = re.findall(r"src='(gallery/[^']+)'", page)
+    images = re.findall(r"src=[\"'](gallery/[^\"']+)[\"']", page)
     assert len(images) >= len(table) and all((out / p).is_file() for p in images)
 
     runs = mlflow.search_runs(

@@ -106,6 +106,8 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     html = (out / "report.html").read_text()
     assert "residual-only" in html and html.count("<img") >= 4 * 6
     assert "scaled by data.images.scaling=significant_bits" in html
+    assert model in html and "meddiff thor evaluate --model" in html  # what made the page
+    assert 'href="report.html"' in (out / "index.html").read_text()
     assert json.loads((out / "metrics.json").read_text())["methods"].keys() == {"thor", "ddpm"}
 
 

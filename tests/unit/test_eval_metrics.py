@@ -227,7 +227,7 @@ def test_frechet_distance_on_fewer_samples_than_dimensions_is_flagged(caplog):
     assert few["fd_dino"]["reliable"] is False
     assert "30 samples of 64-dimensional features" in few["fd_dino"]["warning"]
     assert "unreliable" in caplog.text
-    from meddiff.evaluation.report import fmt
+    from meddiff.reports import fmt
 
     assert "(unreliable: fewer samples than feature dimensions)" in fmt(few["fd_dino"])
     enough = compute_metrics(gaussian(40, 4), gaussian(30, 4, seed=1), cfg, "dino")

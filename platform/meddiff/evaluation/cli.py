@@ -167,6 +167,7 @@ def _classifier(args: argparse.Namespace) -> int:
 def _rs_export(args: argparse.Namespace) -> int:
     from meddiff.cli import config_from_args
     from meddiff.evaluation.reader_study import export_study
+    from meddiff.reports import provenance
 
     cfg = config_from_args(args)
     rs = cfg.evaluation.reader_study
@@ -180,6 +181,7 @@ def _rs_export(args: argparse.Namespace) -> int:
         synthetic_split=cfg.evaluation.split,
         seed=cfg.runtime.seed,
         display_size=rs.display_size,
+        provenance=provenance(cfg),
     )
     _emit(
         args,

@@ -23,13 +23,17 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meddiff.config import Config
 from meddiff.errors import ConfigError, DataError
 from meddiff.files import write_json, write_text
+
+if TYPE_CHECKING:
+    from meddiff.evaluation.features import FeatureSet, Resolved
+    from meddiff.reports import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +176,12 @@ def compare_prompting(
             result = evaluate_strategies(
                 cfg, data, out / "evaluation", synthetic, pairs, classifier=classifier
             )
-            for strategy, cells in result["flat"].items():
-                mlflow.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
             for name in ("report", "umap", "roc", "table_csv", "table_json"):
                 if result.get(name):
                     mlflow.log_artifact(result[name])
+        # Once, on the parent run: the table compares strategies, so it belongs to the experiment.
         for strategy, cells in result["flat"].items():
             mlflow.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
-        mlflow.log_artifact(result["report"])
     return {k: v for k, v in result.items() if k != "flat"}
 
 
@@ -195,20 +197,59 @@ def evaluate_strategies(
 ) -> dict[str, Any]:
     """Judge each named synthetic set ``{name: (dir, split)}`` against the real ``data``: fidelity
     (per prompt too, with the real prompts from ``pairs[name]`` when given), classifier arms,
-    reader-study kits, one table and one report under ``eval_dir``."""
-    from meddiff.data import pcam
-    from meddiff.evaluation import report as R
-    from meddiff.evaluation.features import extract_sets, resolve_features
-    from meddiff.evaluation.fidelity import evaluate_sets
-    from meddiff.evaluation.judge import judge_features
+    reader-study kits, one table and one report under ``eval_dir``. Each step is a function below,
+    called in this order."""
+    from meddiff.reports import provenance
+
+    synth = {s: (Path(d), split) for s, (d, split) in synthetic.items()}
+    resolved, feats = extract_features(cfg, data, synth)
+    fidelity = compute_fidelity(cfg, data, resolved, feats, synth, pairs or {})
+    clf, roc, blocks = {}, None, []
+    if classifier:
+        clf, roc, blocks = train_classifier_arms(cfg, data, synth, eval_dir)
+    prov = provenance(cfg, model=resolved.network)
+    studies = export_reader_studies(cfg, data, synth, eval_dir, prov)
+    table = strategy_table(fidelity, clf, list(synth))
+    table_json, table_csv = write_table(table, list(synth), eval_dir)
+    report = render_evaluation(
+        cfg,
+        resolved,
+        feats,
+        fidelity,
+        table,
+        eval_dir,
+        blocks + context_blocks(resolved, studies),
+        title,
+    )
+    return {
+        "network": resolved.network,
+        "note": resolved.note,
+        "table": {m: {s: _value(c) for s, c in cells.items()} for m, cells in table.items()},
+        "report": report["report"],
+        "umap": report.get("umap"),
+        "roc": roc,
+        "table_csv": str(table_csv),
+        "table_json": str(table_json),
+        "reader_studies": studies,
+        "classifier": {
+            group: {k: {kk: vv for kk, vv in r.items() if kk != "roc"} for k, r in arms.items()}
+            for group, arms in clf.items()
+        },
+        "synthetic": {s: str(p) for s, (p, _) in synth.items()},
+        "flat": flat_table(table, list(synth)),
+    }
+
+
+def extract_features(
+    cfg: Config, data: Path, synth: dict[str, tuple[Path, str]]
+) -> tuple[Resolved, dict[str, FeatureSet]]:
+    """Step 1: the feature network (resolved from config) and the features of the real set and
+    of each synthetic set, ``{"real": FeatureSet, name: FeatureSet}``; DataError when the sets'
+    image sizes differ."""
+    from meddiff.evaluation.features import check_same_size, extract_sets, resolve_features
 
     ev = cfg.evaluation
-    runs = list(synthetic)
-    synth = {s: Path(synthetic[s][0]) for s in runs}
-    split = {s: synthetic[s][1] for s in runs}
-    sets = {"real": (data, ev.real_split), **{s: (synth[s], split[s]) for s in runs}}
-    from meddiff.evaluation.features import check_same_size
-
+    sets = {"real": (data, ev.real_split), **synth}
     check_same_size(sets)
     resolved = resolve_features(ev.features)
     feats = extract_sets(
@@ -219,74 +260,127 @@ def evaluate_strategies(
         data_cfg=cfg.data,
         progress=cfg.runtime.progress,
     )
+    return resolved, feats
+
+
+def compute_fidelity(
+    cfg: Config,
+    data: Path,
+    resolved: Resolved,
+    feats: dict[str, FeatureSet],
+    synth: dict[str, tuple[Path, str]],
+    pairs: dict[str, Path | None],
+) -> dict[str, dict[str, Any]]:
+    """Step 2: a fidelity report per synthetic set against the real one; with the real prompts
+    from that strategy's ``pairs`` shards, also per prompt."""
+    from meddiff.data import pcam
+    from meddiff.evaluation.fidelity import evaluate_sets
+
+    ev = cfg.evaluation
     real = feats["real"]
     n_real = pcam.open_pcam(data, ev.real_split, patch_size=None).num_rows
     fidelity = {}
-    for s in runs:
-        pair_dir = (pairs or {}).get(s)
+    for s in synth:
+        pair_dir = pairs.get(s)
         real_s = real
         if pair_dir is not None and Path(pair_dir).exists():
             prompts = real_prompts_from_pairs(Path(pair_dir), n_real)
             real_s = _with_prompts(real, [prompts[int(i)] for i in real.index])
         fidelity[s] = evaluate_sets(real_s, feats[s], ev.metrics, cfg.runtime.seed, resolved.note)
+    return fidelity
 
+
+def train_classifier_arms(
+    cfg: Config, data: Path, synth: dict[str, tuple[Path, str]], eval_dir: Path
+) -> tuple[dict[str, dict[str, Any]], str, list[dict[str, Any]]]:
+    """Step 3: the downstream classifier's arms (real, per strategy synthetic and real +
+    synthetic, as ``evaluation.classifier.arms`` says) in one Ray Train run; returns
+    ``({strategy or "real": {arm kind: result}}, roc.png path, report blocks)``."""
+    from meddiff.evaluation import report as R
+    from meddiff.evaluation.classifier import plot_roc, train_plan
+
+    ccfg = cfg.evaluation.classifier
+    real_train = (data, ccfg.train_split)
+    plan: dict[str, list] = {}
+    if "real" in ccfg.arms:
+        plan["real"] = [real_train]
+    for s, pair in synth.items():
+        if "synthetic" in ccfg.arms:
+            plan[f"{s}/synthetic"] = [pair]
+        if "real+synthetic" in ccfg.arms:
+            plan[f"{s}/real+synthetic"] = [real_train, pair]
+    results = train_plan(cfg, plan, data, eval_dir / "classifier", name="compare-prompting")
+    roc = str(plot_roc(results, eval_dir / "roc.png", f"ROC on the real {ccfg.test_split} split"))
     clf: dict[str, dict[str, Any]] = {}
-    extra: list[str] = []
-    roc = None
-    if classifier:
-        from meddiff.evaluation.classifier import plot_roc, train_plan
+    for arm, res in results.items():
+        strategy, _, kind = arm.rpartition("/")
+        clf.setdefault(strategy or "real", {})[kind] = res
+    rows = [
+        [arm, res["auc"], res["accuracy"], res["n_train"], res["steps"]]
+        for arm, res in results.items()
+    ]
+    blocks = [
+        R.heading("Downstream classifier"),
+        R.figure(roc, "ROC of every arm"),
+        R.table(["arm", "AUC", "accuracy", "training images", "steps"], rows),
+    ]
+    return clf, roc, blocks
 
-        ccfg = ev.classifier
-        real_train = (data, ccfg.train_split)
-        plan: dict[str, list] = {}
-        if "real" in ccfg.arms:
-            plan["real"] = [real_train]
-        for s in runs:
-            if "synthetic" in ccfg.arms:
-                plan[f"{s}/synthetic"] = [(synth[s], split[s])]
-            if "real+synthetic" in ccfg.arms:
-                plan[f"{s}/real+synthetic"] = [real_train, (synth[s], split[s])]
-        results = train_plan(cfg, plan, data, eval_dir / "classifier", name="compare-prompting")
-        roc = str(
-            plot_roc(results, eval_dir / "roc.png", f"ROC on the real {ccfg.test_split} split")
-        )
-        for arm, res in results.items():
-            strategy, _, kind = arm.rpartition("/")
-            clf.setdefault(strategy or "real", {})[kind] = res
-        extra += [R.heading("Downstream classifier"), R.image_html(roc, "ROC of every arm")]
-        rows = [
-            [R.text_cell(arm), res["auc"], res["accuracy"], res["n_train"], res["steps"]]
-            for arm, res in results.items()
-        ]
-        extra.append(R.table_html(["arm", "AUC", "accuracy", "training images", "steps"], rows))
 
-    studies = {}
-    rs = ev.reader_study
+def export_reader_studies(
+    cfg: Config,
+    data: Path,
+    synth: dict[str, tuple[Path, str]],
+    eval_dir: Path,
+    prov: Provenance | None,
+) -> dict[str, str]:
+    """Step 4: a blinded reader-study kit per strategy; returns ``{strategy: study.html}``."""
+    from meddiff.data import pcam
     from meddiff.evaluation.reader_study import export_study
 
-    for s in runs:
-        n_syn = pcam.open_pcam(synth[s], split[s], patch_size=None).num_rows
+    ev = cfg.evaluation
+    rs = ev.reader_study
+    n_real = pcam.open_pcam(data, ev.real_split, patch_size=None).num_rows
+    studies = {}
+    for s, (path, split) in synth.items():
+        n_syn = pcam.open_pcam(path, split, patch_size=None).num_rows
         key = export_study(
             data,
-            synth[s],
+            path,
             eval_dir / "reader_study" / s,
             num_real=min(rs.num_real, n_real),
             num_synthetic=min(rs.num_synthetic, n_syn),
             real_split=ev.real_split,
-            synthetic_split=split[s],
+            synthetic_split=split,
             seed=cfg.runtime.seed,
             display_size=rs.display_size,
             title=f"Real or synthetic? ({s} prompts)",
+            provenance=prov,
         )
         studies[s] = str(eval_dir / "reader_study" / s / "study.html")
         log.info("reader study for %s: %s (%d images)", s, studies[s], len(key["items"]))
+    return studies
+
+
+def strategy_table(
+    fidelity: dict[str, dict[str, Any]], clf: dict[str, dict[str, Any]], runs: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Step 5: the metric × strategy table; the real-only classifier (one arm shared by every
+    strategy) fills its rows for each."""
+    from meddiff.evaluation import report as R
 
     table = R.comparison_table(fidelity, {s: clf[s] for s in runs if s in clf})
     if "real" in clf:
         for key in ("auc", "accuracy"):
             table[f"classifier_real_{key}"] = dict.fromkeys(runs, clf["real"]["real"][key])
-    table_json, table_csv = write_table(table, list(runs), eval_dir)
-    paper = [
+    return table
+
+
+def context_blocks(resolved: Resolved, studies: dict[str, str]) -> list[dict[str, Any]]:
+    """Report blocks: paper A's figures for context, and where the reader-study kits are."""
+    from meddiff.evaluation import report as R
+
+    return [
         R.heading("Paper A, for context"),
         R.paragraph(
             "Reported with SD 1.5 at 512 px on PCam, Inception FID: FID "
@@ -306,41 +400,39 @@ def evaluate_strategies(
             "small",
         ),
     ]
-    result = judge_features(
+
+
+def render_evaluation(
+    cfg: Config,
+    resolved: Resolved,
+    feats: dict[str, FeatureSet],
+    fidelity: dict[str, dict[str, Any]],
+    table: dict[str, dict[str, Any]],
+    eval_dir: Path,
+    blocks: list[dict[str, Any]],
+    title: str,
+) -> dict[str, Any]:
+    """Step 6: features saved, UMAP drawn, ``report.html`` written (see
+    :func:`meddiff.evaluation.judge.judge_features`); returns its result."""
+    from meddiff.evaluation.judge import judge_features
+
+    return judge_features(
         cfg,
         resolved,
-        real,
-        {s: feats[s] for s in runs},
+        feats["real"],
+        {s: feats[s] for s in fidelity},
         eval_dir,
-        extra_blocks=extra + paper,
+        extra_blocks=blocks,
         title=title,
         precomputed=fidelity,
         table=table,
     )
-    flat = {
-        s: {
-            m: float(v[s]["value"] if isinstance(v[s], dict) else v[s])
-            for m, v in table.items()
-            if s in v
-        }
-        for s in runs
-    }
+
+
+def flat_table(table: dict[str, dict[str, Any]], runs: list[str]) -> dict[str, dict[str, float]]:
+    """``{strategy: {metric: value}}`` of the table, for MLflow."""
     return {
-        "network": resolved.network,
-        "note": resolved.note,
-        "table": {m: {s: _value(c) for s, c in cells.items()} for m, cells in table.items()},
-        "report": result["report"],
-        "umap": result.get("umap"),
-        "roc": roc,
-        "table_csv": str(table_csv),
-        "table_json": str(table_json),
-        "reader_studies": studies,
-        "classifier": {
-            arm_group: {k: {kk: vv for kk, vv in r.items() if kk != "roc"} for k, r in arms.items()}
-            for arm_group, arms in clf.items()
-        },
-        "synthetic": {s: str(p) for s, p in synth.items()},
-        "flat": flat,
+        s: {m: float(_value(cells[s])) for m, cells in table.items() if s in cells} for s in runs
     }
 
 

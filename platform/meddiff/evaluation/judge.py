@@ -26,6 +26,8 @@ from meddiff.evaluation.features import (
     resolve_features,
 )
 from meddiff.evaluation.fidelity import evaluate_sets, read_prompts_csv
+from meddiff.files import write_text
+from meddiff.reports import provenance
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def judge_features(
     out: str | Path | None = None,
     *,
     umap: bool = True,
-    extra_blocks: list[str] | None = None,
+    extra_blocks: list[R.Block] | None = None,
     title: str = "meddiff: judging synthetic data",
     precomputed: Mapping[str, dict[str, Any]] | None = None,
     table: Mapping[str, Mapping[str, Any]] | None = None,
@@ -129,9 +131,9 @@ def judge_features(
         np.savez_compressed(
             feats_dir / f"{name}.npz", features=fs.features, labels=fs.labels, index=fs.index
         )
-    blocks: list[str] = []
+    blocks: list[R.Block] = []
     if resolved.note:
-        blocks.append(f'<div class="note">{R.html.escape(resolved.note)}</div>')
+        blocks.append(R.note(resolved.note))
     if table is None and len(reports) > 1:
         table = R.comparison_table(reports)
     if table is not None:
@@ -148,25 +150,26 @@ def judge_features(
         png = plot_umap(emb, out / "umap.png", f"Coverage: 2-D UMAP of {resolved.network} features")
         result["umap"] = str(png)
         blocks.append(R.heading("Coverage"))
-        blocks.append(R.image_html(png, "Real vs synthetic features, one UMAP fitted on all sets"))
+        blocks.append(R.figure(png, "Real vs synthetic features, one UMAP fitted on all sets"))
     blocks += sample_grids(cfg, real_fs, fakes)
     for name, rep in reports.items():
         blocks += R.fidelity_blocks(name, rep)
     blocks += extra_blocks or []
-    (out / "fidelity.json").write_text(json.dumps(result, indent=2, default=_json_default))
-    result["report"] = str(R.write_html(out / "report.html", title, blocks))
+    write_text(out / "fidelity.json", json.dumps(result, indent=2, default=_json_default))
+    prov = provenance(cfg, model=resolved.network)
+    result["report"] = str(R.write_html(out / "report.html", title, blocks, prov))
     return result
 
 
-def comparison_html(table: Mapping[str, Mapping[str, Any]], strategies: list[str]) -> str:
-    rows = [
-        [R.text_cell(metric), *[cells.get(s) for s in strategies]]
-        for metric, cells in table.items()
-    ]
-    return R.table_html(["metric", *strategies], rows)
+def comparison_html(table: Mapping[str, Mapping[str, Any]], strategies: list[str]) -> R.Block:
+    """The metric × strategy table as a report block."""
+    rows = [[metric, *[cells.get(s) for s in strategies]] for metric, cells in table.items()]
+    return R.table(["metric", *strategies], rows)
 
 
-def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSet]) -> list[str]:
+def sample_grids(
+    cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSet]
+) -> list[R.Block]:
     """A 5×5 grid of randomly chosen images of each set."""
     from meddiff import grids
     from meddiff.data import pcam
@@ -178,7 +181,7 @@ def sample_grids(cfg: Config, real_fs: FeatureSet, fakes: Mapping[str, FeatureSe
         pick = np.sort(rng.choice(opened.num_rows, min(25, opened.num_rows), replace=False))
         images = np.stack([pcam.read_rows(opened, int(i), int(i) + 1)["image"][0] for i in pick])
         grid = np.asarray(grids.grid(images, cols=5))
-        blocks.append(R.image_html(R.encode_png(grid), f"{name}: {len(pick)} random images"))
+        blocks.append(R.figure(grid, f"{name}: {len(pick)} random images"))
     return blocks
 
 

@@ -15,7 +15,6 @@ and over synthetic images (paper A, Fig. 5c).
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import statistics
@@ -29,6 +28,7 @@ import numpy as np
 
 from meddiff.errors import DataError
 from meddiff.files import write_json, write_text
+from meddiff.reports import Provenance, encode_png, png_data_uri, render
 
 KEY_FORMAT = "meddiff-reader-study/1"
 ANSWER_FORMAT = "meddiff-reader-answers/1"
@@ -47,6 +47,7 @@ def export_study(
     seed: int = 0,
     display_size: int = 288,
     title: str = "Real or synthetic?",
+    provenance: Provenance | None = None,
 ) -> dict[str, Any]:
     """Write ``study.html`` and ``key.json`` under ``out``; returns the key.
 
@@ -56,7 +57,6 @@ def export_study(
     """
     from meddiff.data import pcam
     from meddiff.evaluation.features import check_same_size
-    from meddiff.evaluation.report import encode_png
 
     check_same_size({"real": (real, real_split), "synthetic": (synthetic, synthetic_split)})
     rng = np.random.default_rng(seed)
@@ -103,90 +103,36 @@ def export_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = [(item["id"], encode_png(item["image"])) for item in items]
-    page = study_html(study_id, images, title=title, display_size=display_size)
+    page = study_html(
+        study_id, images, title=title, display_size=display_size, provenance=provenance
+    )
     write_json(out / "key.json", key)
     write_text(out / "study.html", page)
     return key
 
 
 def study_html(
-    study_id: str, images: Sequence[tuple[str, bytes]], *, title: str, display_size: int
+    study_id: str,
+    images: Sequence[tuple[str, bytes]],
+    *,
+    title: str,
+    display_size: int,
+    provenance: Provenance | None = None,
 ) -> str:
     """The blinded reading page: images in order, two choices each, answers downloaded as JSON.
 
     Answers are kept in the browser's localStorage under the study id, so a reload keeps them.
     """
-    import base64
-
-    cards = []
-    for item_id, png in images:
-        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        cards.append(
-            f'<div class="card" data-id="{item_id}"><img src="{uri}" alt="{item_id}" '
-            f'width="{display_size}" height="{display_size}"><div class="id">{item_id}</div>'
-            f'<div class="choices"><button data-v="real">Real</button>'
-            f'<button data-v="synthetic">Synthetic</button></div></div>'
-        )
-    config = json.dumps({"study": study_id, "format": ANSWER_FORMAT, "n": len(images)})
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
-header{{position:sticky;top:0;background:#fff;padding:.6em 0;border-bottom:1px solid #ddd;z-index:1}}
-.grid{{display:flex;flex-wrap:wrap;gap:14px;margin-top:1em}}
-.card{{border:2px solid #ddd;border-radius:6px;padding:6px;text-align:center}}
-.card.done{{border-color:#7a7}}.id{{font-size:.8em;color:#666}}
-.choices button{{margin:4px;padding:.35em .9em;font-size:1em;cursor:pointer}}
-.choices button.on{{background:#335;color:#fff}}
-</style></head><body>
-<header><h1 style="margin:.1em 0">{html.escape(title)}</h1>
-<p>Mark every image as <b>real</b> or <b>synthetic</b>, then download your answers and send
-the file back. Study <code>{study_id}</code>, {len(images)} images.</p>
-<label>Your name or initials: <input id="reader" size="18"></label>
-<span id="progress"></span>
-<button id="download">Download answers</button></header>
-<div class="grid">
-{"".join(cards)}
-</div>
-<script>
-const CFG = {config};
-const store = "meddiff-study-" + CFG.study;
-let saved = {{}};
-try {{ saved = JSON.parse(localStorage.getItem(store) || "{{}}"); }} catch (e) {{ saved = {{}}; }}
-const answers = saved.answers || {{}};
-const reader = document.getElementById("reader");
-reader.value = saved.reader || "";
-function persist() {{
-  try {{ localStorage.setItem(store, JSON.stringify({{reader: reader.value, answers}})); }} catch (e) {{}}
-}}
-function refresh() {{
-  document.querySelectorAll(".card").forEach(card => {{
-    const v = answers[card.dataset.id];
-    card.classList.toggle("done", !!v);
-    card.querySelectorAll("button").forEach(b => b.classList.toggle("on", b.dataset.v === v));
-  }});
-  const n = Object.keys(answers).length;
-  document.getElementById("progress").textContent = n + " of " + CFG.n + " answered";
-}}
-document.querySelectorAll(".card button").forEach(b => b.addEventListener("click", () => {{
-  answers[b.closest(".card").dataset.id] = b.dataset.v; persist(); refresh();
-}}));
-reader.addEventListener("input", persist);
-document.getElementById("download").addEventListener("click", () => {{
-  const n = Object.keys(answers).length;
-  if (!reader.value.trim()) {{ alert("Please enter your name or initials first."); return; }}
-  if (n < CFG.n && !confirm((CFG.n - n) + " images are not answered yet. Download anyway?")) return;
-  const doc = {{format: CFG.format, study_id: CFG.study, reader: reader.value.trim(),
-               saved: new Date().toISOString(), answers}};
-  const blob = new Blob([JSON.stringify(doc, null, 2)], {{type: "application/json"}});
-  const a = document.createElement("a");
-  a.href = URL.createObjectURL(blob);
-  a.download = "answers-" + reader.value.trim().replace(/[^A-Za-z0-9_-]+/g, "_") + ".json";
-  a.click();
-}});
-refresh();
-</script></body></html>
-"""
+    config = {"study": study_id, "format": ANSWER_FORMAT, "n": len(images)}
+    return render(
+        "reader_study.html",
+        title=title,
+        provenance=provenance,
+        study_id=study_id,
+        images=[(item_id, png_data_uri(png)) for item_id, png in images],
+        display_size=display_size,
+        config=config,
+    )
 
 
 def load_key(path: str | Path) -> dict[str, Any]:

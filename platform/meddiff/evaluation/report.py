@@ -1,49 +1,25 @@
-"""Self-contained HTML reports (pictures inlined as base64 PNG) and the metric × strategy table.
+"""The evaluation report's content and the metric × strategy table.
 
 Nothing here computes a metric: it lays out what :mod:`fidelity`, :mod:`classifier` and
-:mod:`coverage` produced, so a person can open one file and see the whole comparison.
+:mod:`coverage` produced, so a person can open one file and see the whole comparison. A page is a
+list of blocks (headings, paragraphs, notes, tables, figures: plain dicts built by the functions
+below) that the report kit's ``evaluation.html`` template renders; pictures are inlined as PNG
+data URIs, so the file opens offline and can be attached to an MLflow run.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from meddiff.files import write_text
+from meddiff.reports import Provenance, png_data_uri, write_page
 
 METRIC_ORDER = ("precision", "recall", "density", "coverage")
 
-
-def fmt(item: Any, digits: int = 4) -> str:
-    """``value [lo, hi]`` for a metric dict, a plain number, or '–'."""
-    if item is None:
-        return "–"
-    if isinstance(item, Mapping):
-        if "value" not in item:
-            return html.escape(str(item.get("skipped", "–")))
-        text = _num(item["value"], digits)
-        if item.get("ci"):
-            lo, hi = item["ci"]
-            text += f" [{_num(lo, digits)}, {_num(hi, digits)}]"
-        if item.get("reliable") is False:
-            text += " (unreliable: fewer samples than feature dimensions)"
-        return text
-    return _num(item, digits)
-
-
-def _num(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{float(value):.{digits}g}"
+Block = dict[str, Any]
 
 
 def metric_rows(report: Mapping[str, Any]) -> list[str]:
@@ -72,88 +48,38 @@ def comparison_table(
     return table
 
 
-def table_html(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else fmt(c)}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def heading(text: str, level: int = 2) -> Block:
+    return {"kind": "heading", "text": text, "level": level}
 
 
-class _Raw(str):
-    """Text already escaped for HTML."""
+def paragraph(text: str, cls: str = "") -> Block:
+    return {"kind": "paragraph", "text": text, "cls": cls}
 
 
-def raw(text: str) -> _Raw:
-    return _Raw(text)
+def note(text: str) -> Block:
+    """A highlighted remark a reader must not miss (e.g. the feature network is not FID's)."""
+    return {"kind": "note", "text": text}
 
 
-def text_cell(text: str) -> _Raw:
-    return _Raw(html.escape(text))
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Block:
+    """A table; the first cell of each row heads it, the others are values for
+    :func:`meddiff.reports.fmt` (metric dicts show ``value [lo, hi]``)."""
+    return {"kind": "table", "headers": list(headers), "rows": [list(r) for r in rows]}
 
 
-def png_data_uri(png: bytes | str | Path) -> str:
-    data = Path(png).read_bytes() if isinstance(png, (str, Path)) else png
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+def figure(png: np.ndarray | bytes | str | Path, caption: str = "") -> Block:
+    """A picture (uint8 array, PNG bytes or PNG file), inlined, with its caption."""
+    return {"kind": "figure", "src": png_data_uri(png), "caption": caption}
 
 
-def image_html(png: bytes | str | Path, caption: str = "", width: int | None = None) -> str:
-    style = f' style="max-width:{width}px"' if width else ""
-    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return (
-        f'<figure><img src="{png_data_uri(png)}"{style} alt="{html.escape(caption)}">{cap}</figure>'
-    )
+def write_html(
+    path: str | Path, title: str, blocks: Sequence[Block], provenance: Provenance | None = None
+) -> Path:
+    """The page at ``path``, written all or nothing (never a half-written report)."""
+    return write_page(path, "evaluation.html", title=title, blocks=blocks, provenance=provenance)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) → PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.note{background:#fff6d6;border:1px solid #e8d48a;padding:.6em;margin:.8em 0}
-figure{display:inline-block;margin:.5em 1em .5em 0}figcaption{font-size:.85em;color:#555}
-img{max-width:100%;image-rendering:pixelated}.small{color:#666;font-size:.85em}
-"""
-
-
-def html_page(title: str, blocks: Sequence[str]) -> str:
-    body = "\n".join(blocks)
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
-    )
-
-
-def write_html(path: str | Path, title: str, blocks: Sequence[str]) -> Path:
-    """Write the page to a temporary name and rename it (never a half-written report)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, html_page(title, blocks))
-    return path
-
-
-def heading(text: str, level: int = 2) -> str:
-    return f"<h{level}>{html.escape(text)}</h{level}>"
-
-
-def paragraph(text: str, cls: str = "") -> str:
-    klass = f' class="{cls}"' if cls else ""
-    return f"<p{klass}>{html.escape(text)}</p>"
-
-
-def strata_block(report: Mapping[str, Any], key: str, title: str) -> list[str]:
+def strata_block(report: Mapping[str, Any], key: str, title: str) -> list[Block]:
     """A table of one stratification (``by_label`` / ``by_prompt``) of a fidelity report."""
     strata = report.get(key)
     if strata is None:
@@ -166,24 +92,28 @@ def strata_block(report: Mapping[str, Any], key: str, title: str) -> list[str]:
         cells = [item.get(m) if "skipped" not in item else None for m in metrics]
         if "skipped" in item:
             cells[0] = {"skipped": item["skipped"]}
-        rows.append([text_cell(name), item.get("n_real"), item.get("n_synthetic"), *cells])
-    return [heading(title, 3), table_html(["stratum", "n real", "n synthetic", *metrics], rows)]
+        rows.append([name, item.get("n_real"), item.get("n_synthetic"), *cells])
+    return [heading(title, 3), table(["stratum", "n real", "n synthetic", *metrics], rows)]
 
 
-def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[str]:
+def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[Block]:
     """Overall and stratified tables of one fidelity report."""
     overall = report["overall"]
     metrics = metric_rows(report)
+    kind = (
+        "FID Inception-v3"
+        if report["is_fid"]
+        else "not the FID Inception: distances are named after this network"
+    )
     blocks = [
         heading(f"Fidelity and diversity: {name}"),
         paragraph(
-            f"Features: {report['network']} ({'FID Inception-v3' if report['is_fid'] else 'not the FID Inception: distances are named after this network'}). "
-            f"Real set {report['real']} ({overall['n_real']} images), synthetic set "
-            f"{report['synthetic']} ({overall['n_synthetic']} images). Brackets: bootstrap "
-            "confidence intervals.",
+            f"Features: {report['network']} ({kind}). Real set {report['real']} "
+            f"({overall['n_real']} images), synthetic set {report['synthetic']} "
+            f"({overall['n_synthetic']} images). Brackets: bootstrap confidence intervals.",
             "small",
         ),
-        table_html(["metric", "value [CI]"], [[text_cell(m), overall[m]] for m in metrics]),
+        table(["metric", "value [CI]"], [[m, overall[m]] for m in metrics]),
     ]
     blocks += [
         paragraph(item["warning"], "note")

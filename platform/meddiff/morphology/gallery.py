@@ -2,17 +2,19 @@
 
 One row per morphology type (cluster), one column per label, each cell a strip of example patches
 with its count and prompt; then a row per quality-filter reason with examples of removed patches.
-Images are written beside the page (``gallery/``) so the page stays small and opens offline.
+Images are written beside the page (``gallery/``) so the page stays small and opens offline;
+the page is the report kit's ``gallery.html`` template.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from meddiff.reports import Provenance, write_page
 
 
 def strip(images: np.ndarray, thumb: int) -> np.ndarray:
@@ -41,6 +43,7 @@ def write_gallery(
     rejected: Mapping[str, np.ndarray],
     rejected_counts: Mapping[str, int],
     thumb: int = 96,
+    provenance: Provenance | None = None,
 ) -> Path:
     """Write ``gallery.html`` and ``gallery/*.png`` under ``out_dir``; returns the page's path.
 
@@ -59,58 +62,47 @@ def write_gallery(
         Image.fromarray(strip(images, thumb)).save(img_dir / name, optimize=True)
         return f"gallery/{name}"
 
-    head = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}"
-        "th{background:#f4f4f4}.p{font-size:85%;color:#444}.n{font-weight:bold}"
-        "img{image-rendering:pixelated;display:block;margin-top:4px}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<table>",
-        *(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-            for k, v in stats.items()
-        ),
-        "</table>",
-        "<h2>Morphology types</h2><table><tr><th>type</th>",
-        *(f"<th>{html.escape(label_names[lab])} (label {lab})</th>" for lab in labels),
-        "</tr>",
-    ]
-    body = []
+    rows = []
     for c in clusters:
-        total = sum(counts.get((c, lab), 0) for lab in labels)
-        name = "all patches" if c < 0 else f"type {c}"
-        body.append(f"<tr><th>{html.escape(name)}<br><span class='p'>{total} patches</span></th>")
+        row_cells = []
         for lab in labels:
             n = counts.get((c, lab), 0)
-            if n == 0:
-                body.append("<td class='p'>none</td>")
-                continue
-            src = save(f"c{c}_l{lab}.png", cells[(c, lab)])
-            body.append(
-                f"<td><span class='n'>{n}</span> "
-                f"<span class='p'>{html.escape(prompts.get((c, lab), ''))}</span>"
-                f"<img src='{src}' alt='type {c}, label {lab}'></td>"
-            )
-        body.append("</tr>")
-    body.append("</table>")
-    if rejected_counts:
-        body.append("<h2>Removed by the quality filter</h2><table>")
-        for reason, n in sorted(rejected_counts.items()):
-            images = rejected.get(reason)
-            img = (
-                f"<img src='{save(f'rejected_{reason}.png', images)}' alt='{reason}'>"
-                if images is not None and len(images)
-                else ""
-            )
-            body.append(
-                f"<tr><th>{html.escape(reason)}</th><td><span class='n'>{n}</span>{img}</td></tr>"
-            )
-        body.append("</table>")
-    page = out / "gallery.html"
-    page.write_text("\n".join([*head, *body, "</body></html>"]))
-    return page
+            cell = {
+                "count": n,
+                "prompt": prompts.get((c, lab), ""),
+                "alt": f"type {c}, label {lab}",
+            }
+            if n:
+                cell["src"] = save(f"c{c}_l{lab}.png", cells[(c, lab)])
+            row_cells.append(cell)
+        rows.append(
+            {
+                "name": "all patches" if c < 0 else f"type {c}",
+                "total": sum(counts.get((c, lab), 0) for lab in labels),
+                "cells": row_cells,
+            }
+        )
+    removed = []
+    for reason, n in sorted(rejected_counts.items()):
+        images = rejected.get(reason)
+        has = images is not None and len(images) > 0
+        removed.append(
+            {
+                "reason": reason,
+                "count": n,
+                "src": save(f"rejected_{reason}.png", images) if has else "",
+            }
+        )
+    return write_page(
+        out / "gallery.html",
+        "gallery.html",
+        title=title,
+        provenance=provenance,
+        stats=[(str(k), _fmt(v)) for k, v in stats.items()],
+        labels=[{"id": lab, "name": label_names[lab]} for lab in labels],
+        rows=rows,
+        rejected=removed,
+    )
 
 
 def _fmt(value: Any) -> str:

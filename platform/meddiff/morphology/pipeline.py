@@ -574,6 +574,7 @@ def sample_images(
 def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str, Any]) -> Path:
     from meddiff.morphology.gallery import write_gallery
     from meddiff.morphology.prompts import label_word
+    from meddiff.reports import provenance
 
     pcfg = cfg.prompts
     g = pcfg.gallery
@@ -612,6 +613,9 @@ def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str
         rejected=rejected,
         rejected_counts=summary["removed"]["by_reason"],
         thumb=g.thumb_size,
+        provenance=provenance(
+            cfg, model=summary.get("registered_model") or summary.get("embedder")
+        ),
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from meddiff.config import Config
 from meddiff.files import write_json, write_text
+from meddiff.reports import provenance
 from meddiff.thor.detect import FolderResult, run_folder
 from meddiff.thor.metrics import evaluate_maps, summary_row
 
@@ -89,7 +90,8 @@ def evaluate_folder(
         }
         mlflow.log_dict(summary, "metrics.json")
         if out_dir is not None and first is not None:
-            html = _report(title, results, first, outputs, cfg.thor.eval.report_rows, notes)
+            prov = provenance(cfg, model=model_ref)
+            html = _report(title, results, first, outputs, cfg.thor.eval.report_rows, notes, prov)
             _write_outputs(Path(out_dir), summary, html)
             mlflow.log_artifact(str(Path(out_dir) / "report.html"))
     return summary
@@ -108,11 +110,19 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     return notes
 
 
-def _report(title, results, first: FolderResult, outputs, rows, notes) -> str:
+def _report(title, results, first: FolderResult, outputs, rows, notes, prov) -> str:
     from meddiff.thor.report import render_report
 
     return render_report(
-        title, results, first.names, first.images, first.masks, outputs, rows=rows, notes=notes
+        title,
+        results,
+        first.names,
+        first.images,
+        first.masks,
+        outputs,
+        rows=rows,
+        notes=notes,
+        provenance=prov,
     )
 
 

@@ -5,32 +5,26 @@ Images are embedded as PNG data URIs so the file can be mailed or attached to an
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from meddiff.reports import Provenance, png_data_uri, render
 from meddiff.thor.metrics import STRATA, summary_row
 
+# Shown at twice their size (pixels kept by the kit's CSS): 32-128 px slices are small on screen.
+SCALE = 2
 
-def _png_uri(img: np.ndarray, cmap: str | None = None, vmax: float = 1.0, scale: int = 2) -> str:
-    from PIL import Image
 
+def to_rgb(img: np.ndarray, cmap: str | None = None, vmax: float = 1.0) -> np.ndarray:
+    """float (H, W) on [0, vmax] → uint8 (H, W) grey, or (H, W, 3) through matplotlib's ``cmap``."""
     a = np.clip(np.asarray(img, dtype=np.float32) / max(vmax, 1e-8), 0, 1)
     if cmap:
         import matplotlib
 
-        rgb = (matplotlib.colormaps[cmap](a)[..., :3] * 255).round().astype(np.uint8)
-        pil = Image.fromarray(rgb)
-    else:
-        pil = Image.fromarray((a * 255).round().astype(np.uint8))
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return (matplotlib.colormaps[cmap](a)[..., :3] * 255).round().astype(np.uint8)
+    return (a * 255).round().astype(np.uint8)
 
 
 def pick_examples(masks: np.ndarray, n: int) -> list[int]:
@@ -59,15 +53,11 @@ def _intensity(plan: Mapping[str, Any]) -> str:
     text = f". Images scaled by data.images.scaling={info['scaling']}: {read_as}"
     if info.get("warning"):
         text += f". Warning: {info['warning']}"
-    return html.escape(text)
+    return text
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return html.escape(str(v))
+def _cell(v: Any) -> Any:
+    return f"{v:.3f}" if isinstance(v, float) else v
 
 
 def render_report(
@@ -79,65 +69,59 @@ def render_report(
     outputs: Mapping[str, Mapping[str, np.ndarray]],
     rows: int = 8,
     notes: Sequence[str] = (),
+    provenance: Provenance | None = None,
 ) -> str:
     """HTML text. ``results[method]`` holds ``metrics`` and ``plan``; ``outputs[method]`` holds
     ``maps`` and ``reconstructions`` (N, H, W) in the order of ``names``."""
     cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc"]
     cols += [f"{s}_{m}" for s in STRATA for m in ("auprc", "dice")]
-    has_box = any("box" in r["metrics"] for r in results.values())
-    if has_box:
+    if any("box" in r["metrics"] for r in results.values()):
         cols += ["box_precision", "box_recall", "box_f1"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th{background:#f0f0f0}.ex td{text-align:center;border:none;padding:2px}"
-        ".note{background:#fff4d6;padding:6px 10px;border-left:4px solid #e0a000}</style>",
-        f"</head><body><h1>{html.escape(title)}</h1>",
-    ]
-    for note in notes:
-        parts.append(f"<p class='note'>{html.escape(note)}</p>")
-    parts.append("<h2>Metrics</h2><table><tr><th>method</th><th>schedule</th><th>map</th>")
-    parts += [f"<th>{c}</th>" for c in cols] + ["<th>images/s</th></tr>"]
+    metric_rows = []
     for method, r in results.items():
         row = summary_row(r["metrics"])
-        plan = r["plan"]
-        parts.append(
-            f"<tr><th>{html.escape(method)}</th><td>{html.escape(plan['schedule'])}</td>"
-            f"<td>{html.escape(plan['map_kind'])}</td>"
+        metric_rows.append(
+            [method, r["plan"]["schedule"], r["plan"]["map_kind"]]
+            + [_cell(row.get(c)) for c in cols]
+            + [_cell(r.get("images_per_s"))]
         )
-        parts += [f"<td>{_fmt(row.get(c))}</td>" for c in cols]
-        parts.append(f"<td>{_fmt(r.get('images_per_s'))}</td></tr>")
-    parts.append("</table>")
-    parts.append(
-        "<p>Strata: lesion pixel counts small/medium/large as in THOR at 128x128, scaled by area; "
-        "pixel metrics over lesion images; image AUROC: lesion vs lesion-free slices.</p>"
-    )
     picks = pick_examples(masks, rows)
+    width = int(images.shape[-1]) * SCALE
+    methods = []
     for method, out in outputs.items():
         plan = results[method]["plan"]
         vmax = float(np.quantile(out["maps"], 0.999)) or 1.0
-        parts.append(
-            f"<h2>{html.escape(method)}</h2><p>{html.escape(plan['schedule'])}, T = "
-            f"{plan['noise_level']}, {html.escape(plan['noise'])} noise, harmonization at "
-            f"{plan['harmonization_steps'] or 'none'}; map: {html.escape(plan['map_kind'])} "
-            f"(shown on [0, {vmax:.3f}]){_intensity(plan)}</p>"
+        examples = [
+            {
+                "name": names[i],
+                "input": png_data_uri(to_rgb(images[i])),
+                "reconstruction": png_data_uri(to_rgb(out["reconstructions"][i])),
+                "map": png_data_uri(to_rgb(out["maps"][i], "inferno", vmax)),
+                "mask": png_data_uri(to_rgb(masks[i].astype(np.float32))),
+                "score": float(out["scores"][i]),
+            }
+            for i in picks
+        ]
+        methods.append(
+            {
+                "name": method,
+                "schedule": plan["schedule"],
+                "noise_level": plan["noise_level"],
+                "noise": plan["noise"],
+                "harmonization": plan["harmonization_steps"] or "none",
+                "map_kind": plan["map_kind"],
+                "intensity": _intensity(plan),
+                "vmax": vmax,
+                "width": width,
+                "examples": examples,
+            }
         )
-        parts.append(
-            "<table class='ex'><tr><th>image</th><th>input</th><th>pseudo-healthy</th>"
-            "<th>anomaly map</th><th>ground truth</th><th>score</th></tr>"
-        )
-        for i in picks:
-            score = float(out["scores"][i])
-            parts.append(
-                f"<tr><td>{html.escape(names[i])}</td>"
-                f"<td><img src='{_png_uri(images[i])}'></td>"
-                f"<td><img src='{_png_uri(out['reconstructions'][i])}'></td>"
-                f"<td><img src='{_png_uri(out['maps'][i], 'inferno', vmax)}'></td>"
-                f"<td><img src='{_png_uri(masks[i].astype(np.float32))}'></td>"
-                f"<td>{score:.4f}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return render(
+        "thor.html",
+        title=title,
+        provenance=provenance,
+        notes=list(notes),
+        headers=["method", "schedule", "map", *cols, "images/s"],
+        metric_rows=metric_rows,
+        methods=methods,
+    )
