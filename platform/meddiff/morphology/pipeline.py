@@ -36,8 +36,7 @@ from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
-from meddiff.morphology.prompts import prompt_table, prompts_for
-from meddiff.synthesis.prompts import read_prompt_table, write_prompt_table
+from meddiff.prompts import prompt_table, prompts_for, read_prompt_table, write_prompt_table
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def _build_prompts(
         pairs_manifest = write_pairs(cfg, checked, partial / PAIRS, model)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
-        write_prompt_table(partial / PROMPTS_CSV, table)
+        write_prompt_table(partial / PROMPTS_CSV, table, pcfg)
         sizes = cluster_sizes(labels, clusters)
         seconds["write"] = time.perf_counter() - start
 
@@ -573,7 +572,7 @@ def sample_images(
 
 def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str, Any]) -> Path:
     from meddiff.morphology.gallery import write_gallery
-    from meddiff.morphology.prompts import label_word
+    from meddiff.prompts import label_word
 
     pcfg = cfg.prompts
     g = pcfg.gallery
@@ -585,7 +584,9 @@ def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str
             if lab != "total":
                 counts[(int(c), int(lab))] = n
     labels = sorted({lab for _, lab in counts})
-    prompts = {(r.cluster, r.label): r.prompt for r in read_prompt_table(partial / PROMPTS_CSV)}
+    prompts = {
+        (r.cluster, r.label): r.prompt for r in read_prompt_table(partial / PROMPTS_CSV, pcfg)
+    }
     rejected = {}
     if summary["removed"]["total"]:
         picked = sample_images(checked, ["reject"], g.examples, g.seed)
