@@ -404,11 +404,16 @@ def fit_model(
         model.info["inertia"] = inertia
         labels = model.nearest(z)
     sil = cluster.silhouette(z, labels, ccfg.silhouette_sample, ccfg.seed)
-    model.info.update({"k": ccfg.k, "n_init": ccfg.n_init, "cluster_seed": ccfg.seed})
+    model.info.update({"k": model.k, "n_init": ccfg.n_init, "cluster_seed": ccfg.seed})
     stats = {
         "mode": mode,
         "inertia": round(float(inertia), 4),
         "silhouette": None if sil is None else round(sil, 4),
+        **{
+            key: model.info[key]
+            for key in ("distinct_embeddings", "duplicate_patches", "k_requested")
+            if key in model.info
+        },
     }
     model.info["silhouette"] = stats["silhouette"]
     return model, stats
@@ -629,7 +634,7 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
         **{f"removed_{k}": v for k, v in summary["removed"]["by_reason"].items()},
         **{f"seconds_{k}": v for k, v in summary["seconds"].items()},
     }
-    for key in ("silhouette", "inertia", "patches_per_s"):
+    for key in ("silhouette", "inertia", "patches_per_s", "duplicate_patches"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
     mlflow.log_metrics(metrics)
