@@ -34,11 +34,15 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meddiff.config.prompts import PromptsConfig
-from meddiff.errors import DataError
+from meddiff.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from meddiff.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +318,89 @@ def write_prompt_table(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, buf.getvalue())
     return path
+
+
+# --- length in tokens -----------------------------------------------------------------------
+
+
+def check_token_lengths(prompts: Iterable[str], tokenizer: Any, where: str) -> dict[str, int]:
+    """Check ``prompts`` against the text encoder's limit, ``tokenizer.model_max_length`` tokens
+    (start and end tokens included), as training truncates them.
+
+    Returns ``{"max_tokens", "limit", "shortened", "token_sequences"}``; logs a warning naming a
+    shortened prompt when any is longer than the limit.
+
+    Raises:
+        DataError: distinct prompts become the same token sequence (truncation cut off what told
+            them apart, e.g. the morphology type; or the tokenizer's normalisation merged them).
+    """
+    prompts = sorted({str(p) for p in prompts})
+    limit = int(tokenizer.model_max_length)
+    full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"] if prompts else []
+    cut = (
+        tokenizer(prompts, truncation=True, max_length=limit, verbose=False)["input_ids"]
+        if prompts
+        else []
+    )
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for prompt, ids in zip(prompts, cut, strict=True):
+        groups.setdefault(tuple(ids), []).append(prompt)
+    shortened = [p for p, ids in zip(prompts, full, strict=True) if len(ids) > limit]
+    merged = [g for g in groups.values() if len(g) > 1]
+    if merged:
+        a, b = merged[0][:2]
+        truncated = a in shortened or b in shortened
+        cause = f"are cut to the text encoder's {limit} tokens" if truncated else "tokenize alike"
+        raise DataError(
+            f"{where}: {len(prompts)} distinct prompts {cause} and become {len(groups)} token "
+            f"sequences, e.g. {a!r} and {b!r}; shorten prompts.template (or prompts.label_words) "
+            "so what tells prompts apart fits"
+            + (", or raise synthesis.model.arch.max_length" if truncated else "")
+        )
+    if shortened:
+        log.warning(
+            "%s: %d of %d prompts are longer than the text encoder's %d tokens and are cut, "
+            "e.g. %r (%d tokens); they stay distinct",
+            where,
+            len(shortened),
+            len(prompts),
+            limit,
+            shortened[0],
+            len(full[prompts.index(shortened[0])]),
+        )
+    return {
+        "max_tokens": max((len(ids) for ids in full), default=0),
+        "limit": limit,
+        "shortened": len(shortened),
+        "token_sequences": len(groups),
+    }
+
+
+def check_table_tokens(cfg: Config, prompts: Sequence[str], where: str) -> dict[str, int] | None:
+    """:func:`check_token_lengths` with the tokenizer ``cfg.synthesis.model`` will train with, when
+    the prompt table is built; None (and a log line) when that tokenizer is not at hand offline
+    (a hub model not downloaded yet): training checks again."""
+    from meddiff.synthesis.components import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.synthesis.model, prompts, local_files_only=True)
+    except ModelError as err:
+        log.info("prompt lengths not checked now (%s); training checks them", err)
+        return None
+    return check_token_lengths(prompts, tokenizer, where)
+
+
+def check_training_prompts(cfg: Config, pairs: str | Path, source: str | Path) -> dict[str, int]:
+    """:func:`check_token_lengths` on the distinct prompts of the pairs directory ``pairs`` with
+    the tokenizer of the model to fine-tune (``source``), on the driver before training.
+
+    Raises:
+        DataError: truncation merges distinct prompts.
+        ModelError: the tokenizer cannot be loaded.
+    """
+    from meddiff.synthesis.cache import pair_prompts
+    from meddiff.synthesis.components import load_tokenizer
+
+    prompts = pair_prompts(pairs)
+    tokenizer = load_tokenizer(cfg.synthesis.model, prompts, source=source)
+    return check_token_lengths(prompts, tokenizer, str(pairs))

@@ -36,7 +36,13 @@ from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
-from meddiff.prompts import prompt_table, prompts_for, read_prompt_table, write_prompt_table
+from meddiff.prompts import (
+    check_table_tokens,
+    prompt_table,
+    prompts_for,
+    read_prompt_table,
+    write_prompt_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,8 @@ def _build_prompts(
         pairs_manifest = write_pairs(cfg, checked, partial / PAIRS, model)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
+        # Before anything is named complete: a template too long for the text encoder fails here.
+        tokens = check_table_tokens(cfg, [r.prompt for r in table], str(out / PROMPTS_CSV))
         write_prompt_table(partial / PROMPTS_CSV, table, pcfg)
         sizes = cluster_sizes(labels, clusters)
         seconds["write"] = time.perf_counter() - start
@@ -180,6 +188,7 @@ def _build_prompts(
             "kept": int(kept),
             "removed": {"total": int(removed), "by_reason": reasons},
             "prompts": len(table),
+            "tokens": tokens,
             "cluster_sizes": sizes,
             "pairs": {"rows": pairs_manifest["rows"], "files": len(pairs_manifest["files"])},
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
