@@ -141,12 +141,11 @@ def prompts_for(labels: Sequence[int], clusters: Sequence[int], cfg: PromptsConf
     return texts[inverse.reshape(-1)]
 
 
-def _clusters(labels: np.ndarray, clusters: Iterable[int], cfg: PromptsConfig) -> np.ndarray:
+def _clusters(labels: np.ndarray, clusters: Sequence[int], cfg: PromptsConfig) -> np.ndarray:
+    """The cluster column as prompts use it: -1 throughout for the label-only baseline."""
     if cfg.strategy == "baseline":
         return np.full_like(labels, -1)
-    return np.asarray(list(clusters) if not isinstance(clusters, np.ndarray) else clusters).astype(
-        np.int64
-    )
+    return np.asarray(clusters, dtype=np.int64)
 
 
 # --- the table ------------------------------------------------------------------------------
