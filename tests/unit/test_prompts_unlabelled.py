@@ -119,3 +119,17 @@ def test_gallery_names_the_unlabelled_column(cfg, tmp_path):
     text = page.read_text()
     assert "unlabelled (label -1)" in text
     assert "Histology image of unlabelled tissue, morphology type zero" in text
+
+
+def test_only_shards_of_one_kind_combine(tmp_path):
+    import json
+
+    from meddiff.data.shards import FORMAT, MANIFEST, concat_shards
+
+    for name, columns in (("pairs", ["image", "label", "prompt"]), ("tiles", ["image", "label"])):
+        (tmp_path / name).mkdir()
+        manifest = {"format": FORMAT, "rows": 1, "files": [], "columns": columns}
+        (tmp_path / name / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"tiles: columns \['image', 'label'\] differ"):
+        concat_shards([tmp_path / "pairs", tmp_path / "tiles"], tmp_path / "out", rows_per_file=8)
+    assert not (tmp_path / "out").exists()
