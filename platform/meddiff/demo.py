@@ -92,16 +92,70 @@ def _prompts(demo: Demo) -> dict[str, Any]:
     }
 
 
-def _synthesis(demo: Demo) -> dict[str, Any]:
-    """Fine-tune the tiny Stable Diffusion briefly on the prompts step's (image, prompt) pairs,
-    register it, and generate a few patches per prompt from the registry."""
+# Slide tiles captioned per demo: enough to carry unlabelled prompts through training, cheap.
+DEMO_WSI_TILES = 64
+
+
+def _prompts_wsi(demo: Demo) -> dict[str, Any]:
+    """Caption a few whole-slide tiles (label -1: unknown) with the prompts step's morphology
+    model (no refit), so slide tiles go through prompts into synthesis on every demo."""
+    from meddiff.config import Config
+    from meddiff.morphology.pipeline import MODEL_DIR, SUMMARY, build_prompts
+
+    out = demo.path("prompts", "wsi")
+    if (out / SUMMARY).is_file():
+        summary = json.loads((out / SUMMARY).read_text())
+    else:
+        dump = demo.cfg.model_dump(mode="json")
+        model = Path(demo.results["prompts"]["out"]) / MODEL_DIR
+        if model.is_dir():  # the baseline strategy fits no model: label-only prompts
+            dump["prompts"]["cluster"]["model"] = str(model)
+        summary = build_prompts(
+            Config.model_validate(dump),
+            demo.path("shards", "wsi-tiles"),
+            out,
+            overwrite=True,
+            limit=DEMO_WSI_TILES,
+        )
+    return {
+        "out": str(out),
+        "tiles": summary["rows_in"],
+        "kept": summary["kept"],
+        "prompts": summary["prompts"],
+        "gallery": str(out / "gallery.html"),
+    }
+
+
+def _training_set(demo: Demo) -> tuple[Path, Path]:
+    """The synthesis step's pairs and prompt table: the PCam pairs and the slide-tile pairs
+    together (the tiles' unlabelled prompts are trained; generation leaves them out)."""
+    from meddiff.data.shards import concat_shards, is_shard_dir
     from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV
+    from meddiff.prompts import merge_tables, read_prompt_table, write_prompt_table
+
+    parts = [Path(demo.results[s]["out"]) for s in ("prompts", "prompts-wsi")]
+    out = demo.path("prompts", "combined")
+    if not is_shard_dir(out / PAIRS):
+        concat_shards(
+            [p / PAIRS for p in parts],
+            out / PAIRS,
+            rows_per_file=demo.cfg.data.shards.rows_per_file,
+            info={"stage": "prompts", "combined": [str(p) for p in parts]},
+            overwrite=True,
+        )
+    pcfg = demo.cfg.prompts
+    table = merge_tables(*(read_prompt_table(p / PROMPTS_CSV, pcfg) for p in parts))
+    return out / PAIRS, write_prompt_table(out / PROMPTS_CSV, table, pcfg)
+
+
+def _synthesis(demo: Demo) -> dict[str, Any]:
+    """Fine-tune the tiny Stable Diffusion briefly on the prompted PCam patches and slide tiles,
+    register it, and generate a few patches per labelled prompt from the registry."""
     from meddiff.synthesis.generate import generate
     from meddiff.synthesis.train import train_synthesis
 
     root = demo.path("synthesis")
-    prompts = Path(demo.results["prompts"]["out"])
-    pairs, table = prompts / PAIRS, prompts / PROMPTS_CSV
+    pairs, table = _training_set(demo)
     done = root / "train" / "summary.json"  # written last: present means training finished
     train = (
         json.loads(done.read_text())
@@ -124,6 +178,7 @@ def _synthesis(demo: Demo) -> dict[str, Any]:
         "split": gen["split"],
         "x": gen["x"],
         "images": gen["images"],
+        "unlabelled_prompts_left_out": gen.get("unlabelled_prompts_left_out", 0),
         "grids": gen["grids"],
     }
 
@@ -213,6 +268,7 @@ STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("ingest", _ingest),
     ("ingest-wsi", _ingest_wsi),
     ("prompts", _prompts),
+    ("prompts-wsi", _prompts_wsi),
     ("synthesis", _synthesis),
     ("thor", _thor),
     ("evaluate", _evaluate),  # keep last: judges the synthetic set the steps before it made

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from meddiff.config import load_config
+from meddiff.prompts import PromptRow, write_prompt_table
 from meddiff.synthesis import components as C
 from meddiff.synthesis.generate import generate
-from meddiff.synthesis.prompts import PromptRow, write_prompt_table
 from meddiff.synthesis.stages import ImageGenerator
 from meddiff.synthesis.train import train_synthesis
 

@@ -63,7 +63,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     }
     assert len(pairs["image"]) == summary["kept"] and pairs["image"].shape[1:] == (96, 96, 3)
     assert pairs["cluster"].min() >= 0 and pairs["cluster"].max() < 33
-    from meddiff.morphology.prompts import number_to_words
+    from meddiff.prompts import number_to_words
 
     for label, cluster, prompt in zip(
         pairs["label"], pairs["cluster"], pairs["prompt"], strict=True
@@ -201,3 +201,28 @@ def test_slides_to_shards_to_prompts(tmp_path):
     with pytest.raises(DataError, match="magnification 40x is not available"):
         build_prompts(_cfg("data.wsi.magnification=40"), slides, tmp_path / "p40")
     assert not Path(tmp_path / "p40").exists()
+
+
+def test_unlabelled_slide_tiles_get_prompts_that_read_back(tmp_path):
+    """Tiles of a slide without labels.csv have label -1: the stage's table must read back, the
+    gallery names the column, and generation refuses a table with no labelled prompt (issue 12)."""
+    from meddiff.data.samples import sample_wsi
+    from meddiff.prompts import read_prompt_table
+    from meddiff.synthesis.generate import generation_plan
+
+    slides = tmp_path / "slides"
+    sample_wsi(slides, width=2048, height=1536, seed=1)
+    cfg = _cfg("prompts.cluster.k=3", "data.wsi.tiles_per_task=16")
+    out = tmp_path / "prompts"
+    summary = build_prompts(cfg, slides, out, limit=48)
+    assert set(summary["cluster_sizes"]["0"]) == {"-1", "total"}
+    table = read_prompt_table(out / "prompts.csv", cfg.prompts)
+    assert {r.label for r in table} == {-1} and len(table) == summary["prompts"] <= 3
+    assert all(
+        r.prompt.startswith("Histology image of unlabelled tissue, morphology type") for r in table
+    )
+    pairs = load_shards(out / "pairs")
+    assert set(pairs["prompt"].tolist()) == {r.prompt for r in table}
+    assert "unlabelled (label -1)" in (out / "gallery.html").read_text()
+    with pytest.raises(DataError, match="every prompt is unlabelled"):
+        generation_plan(table, cfg.synthesis.generate, cfg.prompts)

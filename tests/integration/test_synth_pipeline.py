@@ -19,9 +19,9 @@ from meddiff.config import load_config
 from meddiff.data.datasets import patch_dataset
 from meddiff.data.pcam import open_pcam, read_meta, read_rows
 from meddiff.data.shards import load_shards, write_shards
+from meddiff.prompts import read_prompt_table, table_from_pairs, write_prompt_table
 from meddiff.synthesis import components as C
 from meddiff.synthesis.generate import generate
-from meddiff.synthesis.prompts import read_prompt_table, table_from_pairs, write_prompt_table
 from meddiff.synthesis.train import FAULT_MARKER, read_checkpoint_info, train_synthesis
 
 TRAIN = [

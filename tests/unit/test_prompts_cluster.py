@@ -83,3 +83,75 @@ def test_mode_choice_and_silhouette(blobs):
     score = cluster.silhouette(model.normalise(blobs), labels, 300, 0)
     assert 0.5 < score <= 1.0  # well-separated blobs
     assert cluster.silhouette(blobs[:3], np.zeros(3, int), 10, 0) is None
+
+
+# --- fewer distinct embeddings than k (issue 12, item 5) --------------------------------------
+
+
+@pytest.fixture()
+def copies():
+    """48 patches that are copies of 6 images (8 each), shuffled."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 16)).astype(np.float32)
+    which = rng.permutation(np.repeat(np.arange(6), 8))
+    return base[which], which
+
+
+def test_fewer_distinct_embeddings_than_k_is_refused_by_default(copies):
+    x, _ = copies
+    cfg = ClusterConfig(k=33, n_init=2)
+    with pytest.raises(
+        DataError, match=r"k = 33 but the 48 patches .* only 6 distinct .*few_distinct"
+    ):
+        cluster.fit_exact(x, cfg)
+    scale = cluster.MinMax()
+    scale.update(x)
+    with pytest.raises(DataError, match="only 6 distinct"):
+        cluster.fit_streaming(
+            [x[:20], x[20:]], cfg.model_copy(update={"mode": "streaming"}), 48, scale
+        )
+
+
+@pytest.mark.parametrize("mode", ["exact", "streaming"])
+def test_lower_k_gives_distinct_centroids_and_one_type_per_image(copies, mode, caplog):
+    x, which = copies
+    cfg = ClusterConfig(k=33, n_init=2, few_distinct="lower_k", batch_size=16, init_size=48)
+    with caplog.at_level("WARNING"):
+        if mode == "exact":
+            model, _, _ = cluster.fit_exact(x, cfg)
+        else:
+            scale = cluster.MinMax()
+            scale.update(x)
+            model, _ = cluster.fit_streaming([x[:20], x[20:]], cfg, 48, scale)
+    assert "fitting k = 6 instead" in caplog.text and "42 of 48 patches duplicate" in caplog.text
+    assert model.k == 6 == len(np.unique(model.centroids, axis=0))
+    assert model.info["k_requested"] == 33
+    assert model.info["distinct_embeddings"] == 6 and model.info["duplicate_patches"] == 42
+    types = model.assign(x)
+    for image in range(6):  # every copy of an image has one type, and images have their own
+        assert len(set(types[which == image].tolist())) == 1
+    assert len(set(types.tolist())) == 6
+
+
+def test_duplicates_are_reported_when_k_fits(copies):
+    x, _ = copies
+    model, _, _ = cluster.fit_exact(x, ClusterConfig(k=4, n_init=2))
+    assert model.k == 4 == len(np.unique(model.centroids, axis=0))
+    assert model.info["duplicate_patches"] == 42 and "k_requested" not in model.info
+
+
+def test_identical_rows_get_one_type_even_on_a_tie():
+    # Two coincident centroids: a tie that rounding used to break differently row by row.
+    model = cluster.MorphologyModel(
+        np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], np.float32), np.zeros(2), np.ones(2)
+    )
+    z = np.tile(np.array([[0.7, 0.2]], np.float32), (1000, 1))
+    z = np.concatenate([np.random.default_rng(0).random((37, 2), dtype=np.float32), z])
+    assert len(set(model.nearest(z)[37:].tolist())) == 1
+
+
+def test_count_distinct_over_batches():
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    nan = np.full((1, 3), np.nan, np.float32)
+    assert cluster.count_distinct([a, a[:2], nan]) == (4, 6)
+    assert cluster.count_distinct([]) == (0, 0)

@@ -7,7 +7,7 @@ import pytest
 
 from meddiff.config import ConfigError, load_config
 from meddiff.errors import DataError
-from meddiff.morphology.prompts import number_to_words, prompt_for, prompt_table, prompts_for
+from meddiff.prompts import number_to_words, prompt_for, prompt_table, prompts_for
 
 
 def test_number_words():

@@ -7,13 +7,8 @@ import pytest
 
 from meddiff.config import load_config
 from meddiff.errors import DataError
-from meddiff.synthesis.prompts import (
-    PromptRow,
-    generation_plan,
-    read_prompt_table,
-    table_from_pairs,
-    write_prompt_table,
-)
+from meddiff.prompts import PromptRow, read_prompt_table, table_from_pairs, write_prompt_table
+from meddiff.synthesis.generate import generation_plan
 
 ROWS = [
     PromptRow("Histology image of healthy tissue, morphology type one", 0, 1, 30),

@@ -11,10 +11,10 @@ import torch
 
 from meddiff.config import load_config
 from meddiff.errors import DataError, ModelError
+from meddiff.prompts import PromptRow, write_prompt_table
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
 from meddiff.synthesis.diffusion import CachedBatches, OnlineBatches, diffusion_loss, step_generator
-from meddiff.synthesis.prompts import PromptRow, write_prompt_table
 from meddiff.synthesis.train import read_checkpoint_info
 
 PROMPTS = ["Histology image of cancer tissue", "Histology image of healthy tissue"]

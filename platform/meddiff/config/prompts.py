@@ -122,6 +122,11 @@ class ClusterConfig(Section):
         default=20000, ge=16, description="Streaming: sampled rows that seed the centroids."
     )
     silhouette_sample: int = Field(default=10000, ge=16, description="Rows for the silhouette.")
+    few_distinct: Literal["error", "lower_k"] = Field(
+        default="error",
+        description="When the patches hold fewer distinct embeddings than k (duplicated "
+        "images): error, or lower k to that number with a warning.",
+    )
     model: str | None = Field(
         default=None,
         description="A fitted morphology model to reuse instead of fitting (directory or "

@@ -120,6 +120,36 @@ def write_shards(
     return manifest
 
 
+def concat_shards(
+    dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    rows_per_file: int,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """One shard directory with the rows of every directory in ``dirs`` (e.g. PCam pairs and
+    slide-tile pairs to train on together), written like :func:`write_shards`.
+
+    Raises:
+        DataError: a directory is incomplete, or its columns differ from the first one's.
+    """
+    manifests = [read_manifest(d) for d in dirs]
+    if not manifests:
+        raise DataError("concat_shards needs at least one shard directory")
+    want = sorted(manifests[0]["columns"])
+    for d, m in zip(dirs[1:], manifests[1:], strict=True):
+        if sorted(m["columns"]) != want:
+            raise DataError(
+                f"{d}: columns {sorted(m['columns'])} differ from {dirs[0]}'s {want}; "
+                "only shards of the same kind can be combined"
+            )
+    ds = read_shards(dirs[0])
+    if len(dirs) > 1:
+        ds = ds.union(*(read_shards(d) for d in dirs[1:]))
+    return write_shards(ds, out_dir, rows_per_file=rows_per_file, info=info, overwrite=overwrite)
+
+
 def _describe(
     root: Path, files: list[str], info: Mapping[str, Any] | None, seconds: float
 ) -> dict[str, Any]:

@@ -12,11 +12,18 @@ Two fitting modes give the same kind of model:
 - streaming: for embeddings that do not fit (millions of slide tiles), centroids are seeded by
   K-means (n_init restarts) on a uniform sample, then refined by ``MiniBatchKMeans.partial_fit``
   over the stream of batches for a few epochs. The stream order is fixed, so a seed gives one fit.
+
+Duplicate patches (copies of one image) have identical embeddings. K-means cannot place more
+distinct centroids than there are distinct points, so k is checked against the number of
+distinct embeddings (:func:`count_distinct`), not of patches: ``cluster.few_distinct`` either
+refuses or lowers k to it, and a fit never keeps duplicate centroids. Identical embeddings always
+get the same type (:meth:`MorphologyModel.nearest` decides each distinct row once).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,8 @@ import numpy as np
 from meddiff.config.prompts import ClusterConfig
 from meddiff.errors import DataError, ModelError
 from meddiff.files import read_format_json
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "morphology.json"
 ARRAYS_FILE = "morphology.npz"
@@ -93,11 +102,15 @@ class MorphologyModel:
         return self.nearest(self.normalise(embeddings))
 
     def nearest(self, z: np.ndarray) -> np.ndarray:
-        """Nearest centroid int64 (n,) of normalised embeddings float32 (n, D)."""
-        c = self.centroids
+        """Nearest centroid int64 (n,) of normalised embeddings float32 (n, D); identical rows
+        get the same centroid (each distinct row is decided once, in float64)."""
+        if len(z) == 0:
+            return np.empty(0, dtype=np.int64)
+        rows, inverse = np.unique(z, axis=0, return_inverse=True)
+        c = self.centroids.astype(np.float64)
         # |z - c|^2 = |z|^2 - 2 z.c + |c|^2; |z|^2 is the same for every centroid.
-        dist = (c * c).sum(axis=1)[None, :] - 2.0 * z @ c.T
-        return dist.argmin(axis=1).astype(np.int64)
+        dist = (c * c).sum(axis=1)[None, :] - 2.0 * rows.astype(np.float64) @ c.T
+        return dist.argmin(axis=1).astype(np.int64)[inverse.reshape(-1)]
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
@@ -139,6 +152,78 @@ def check_k(cfg: ClusterConfig, n: int) -> None:
         )
 
 
+def count_distinct(batches: Iterable[np.ndarray]) -> tuple[int, int]:
+    """(distinct rows, rows) over batches of embeddings float (b, D), NaN rows ignored.
+
+    Rows are compared by a 64-bit hash of their float32 bytes (8 bytes per row held, so millions
+    of rows fit; two distinct rows share a hash with probability about 2**-64).
+    """
+    hashes, total, mult = [], 0, None
+    for batch in batches:
+        batch = np.ascontiguousarray(batch[~np.isnan(batch).any(axis=1)], dtype=np.float32)
+        if not len(batch):
+            continue
+        if mult is None:  # odd 64-bit multipliers, one per 32-bit word: a linear hash mod 2**64
+            rng = np.random.default_rng(0x5EED)
+            mult = rng.integers(0, 2**63, batch.shape[1], dtype=np.uint64) * 2 + 1
+        words = batch.view(np.uint32).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            hashes.append(np.unique((words * mult).sum(axis=1, dtype=np.uint64)))
+        total += len(batch)
+    distinct = len(np.unique(np.concatenate(hashes))) if hashes else 0
+    return distinct, total
+
+
+def resolve_k(
+    cfg: ClusterConfig, distinct: int, total: int
+) -> tuple[ClusterConfig, dict[str, Any]]:
+    """The cluster config to fit with, given ``distinct`` distinct embeddings among ``total``,
+    and what to report: ``distinct_embeddings``, ``duplicate_patches`` and (when k was lowered)
+    ``k_requested``.
+
+    Raises:
+        DataError: more patches than k are needed (``k > total``), or fewer distinct embeddings
+            than k with ``few_distinct = error``.
+    """
+    check_k(cfg, total)
+    info: dict[str, Any] = {"distinct_embeddings": distinct, "duplicate_patches": total - distinct}
+    if total > distinct:
+        log.warning(
+            "%d of %d patches duplicate another patch's embedding (%d distinct); duplicates "
+            "share a morphology type and weigh more in K-means",
+            total - distinct,
+            total,
+            distinct,
+        )
+    if distinct >= cfg.k:
+        return cfg, info
+    why = (
+        f"prompts.cluster.k = {cfg.k} but the {total} patches to cluster hold only {distinct} "
+        f"distinct embeddings ({total - distinct} are duplicates)"
+    )
+    if cfg.few_distinct == "error":
+        raise DataError(
+            f"{why}; lower k, remove the duplicates, or set prompts.cluster.few_distinct=lower_k"
+        )
+    log.warning("%s: fitting k = %d instead (prompts.cluster.few_distinct=lower_k)", why, distinct)
+    info["k_requested"] = cfg.k
+    return cfg.model_copy(update={"k": distinct}), info
+
+
+def check_distinct_centroids(centroids: np.ndarray) -> None:
+    """Refuse a fit whose centroids coincide (two morphology types for one point).
+
+    Raises:
+        DataError: naming the count and the way out.
+    """
+    distinct = len(np.unique(centroids, axis=0))
+    if distinct < len(centroids):
+        raise DataError(
+            f"K-means gave {len(centroids) - distinct} duplicate centroid(s) of {len(centroids)}; "
+            "the embeddings have too few distinct values for prompts.cluster.k (lower k)"
+        )
+
+
 def fit_exact(x: np.ndarray, cfg: ClusterConfig) -> tuple[MorphologyModel, np.ndarray, float]:
     """K-means on all raw embeddings float (n, D) in memory.
 
@@ -148,12 +233,13 @@ def fit_exact(x: np.ndarray, cfg: ClusterConfig) -> tuple[MorphologyModel, np.nd
     from sklearn.cluster import KMeans
 
     x = np.asarray(x, dtype=np.float32)
-    check_k(cfg, len(x))
+    cfg, counts = resolve_k(cfg, *count_distinct([x]))
     low, high = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
     z = minmax_scale(x, low, high)
     km = KMeans(n_clusters=cfg.k, n_init=cfg.n_init, random_state=cfg.seed).fit(z)
+    check_distinct_centroids(km.cluster_centers_.astype(np.float32))
     model = MorphologyModel(km.cluster_centers_.astype(np.float32), low, high)
-    model.info.update({"mode": "exact", "n_fit": len(x), "inertia": float(km.inertia_)})
+    model.info.update({"mode": "exact", "n_fit": len(x), "inertia": float(km.inertia_), **counts})
     return model, km.labels_.astype(np.int64), float(km.inertia_)
 
 
@@ -175,6 +261,7 @@ def fit_streaming(
     if scale.low is None or scale.high is None:
         raise DataError("no embeddings to cluster")
     low, high = scale.low, scale.high
+    cfg, counts = resolve_k(cfg, *count_distinct(batches() if callable(batches) else batches))
 
     def stream() -> Iterator[np.ndarray]:
         for batch in batches() if callable(batches) else batches:
@@ -187,8 +274,12 @@ def fit_streaming(
     rate = min(1.0, max(cfg.init_size, cfg.k) / n)
     picked = [b[rng.random(len(b)) < rate] for b in stream()]
     sample = np.concatenate(picked) if picked else np.empty((0, len(low)), np.float32)
-    if len(sample) < cfg.k:
-        raise DataError(f"only {len(sample)} sampled rows to seed {cfg.k} centroids")
+    seeds, _ = count_distinct([sample])
+    if seeds < cfg.k:
+        raise DataError(
+            f"only {seeds} distinct embeddings among the {len(sample)} sampled rows to seed "
+            f"{cfg.k} centroids; raise prompts.cluster.init_size or lower k"
+        )
     seed_fit = KMeans(n_clusters=cfg.k, n_init=cfg.n_init, random_state=cfg.seed).fit(sample)
     mbk = MiniBatchKMeans(
         n_clusters=cfg.k,
@@ -201,8 +292,9 @@ def fit_streaming(
     for _ in range(cfg.epochs):
         for chunk in _rechunk(stream(), cfg.batch_size):
             mbk.partial_fit(chunk)
+    check_distinct_centroids(mbk.cluster_centers_.astype(np.float32))
     model = MorphologyModel(mbk.cluster_centers_.astype(np.float32), low, high)
-    model.info.update({"mode": "streaming", "n_fit": n, "epochs": cfg.epochs})
+    model.info.update({"mode": "streaming", "n_fit": n, "epochs": cfg.epochs, **counts})
     return model, sample
 
 

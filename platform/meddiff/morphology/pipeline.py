@@ -36,8 +36,13 @@ from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
-from meddiff.morphology.prompts import prompt_table, prompts_for
-from meddiff.synthesis.prompts import read_prompt_table, write_prompt_table
+from meddiff.prompts import (
+    check_table_tokens,
+    prompt_table,
+    prompts_for,
+    read_prompt_table,
+    write_prompt_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +172,9 @@ def _build_prompts(
         pairs_manifest = write_pairs(cfg, checked, partial / PAIRS, model)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
-        write_prompt_table(partial / PROMPTS_CSV, table)
+        # Before anything is named complete: a template too long for the text encoder fails here.
+        tokens = check_table_tokens(cfg, [r.prompt for r in table], str(out / PROMPTS_CSV))
+        write_prompt_table(partial / PROMPTS_CSV, table, pcfg)
         sizes = cluster_sizes(labels, clusters)
         seconds["write"] = time.perf_counter() - start
 
@@ -181,6 +188,7 @@ def _build_prompts(
             "kept": int(kept),
             "removed": {"total": int(removed), "by_reason": reasons},
             "prompts": len(table),
+            "tokens": tokens,
             "cluster_sizes": sizes,
             "pairs": {"rows": pairs_manifest["rows"], "files": len(pairs_manifest["files"])},
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -405,11 +413,16 @@ def fit_model(
         model.info["inertia"] = inertia
         labels = model.nearest(z)
     sil = cluster.silhouette(z, labels, ccfg.silhouette_sample, ccfg.seed)
-    model.info.update({"k": ccfg.k, "n_init": ccfg.n_init, "cluster_seed": ccfg.seed})
+    model.info.update({"k": model.k, "n_init": ccfg.n_init, "cluster_seed": ccfg.seed})
     stats = {
         "mode": mode,
         "inertia": round(float(inertia), 4),
         "silhouette": None if sil is None else round(sil, 4),
+        **{
+            key: model.info[key]
+            for key in ("distinct_embeddings", "duplicate_patches", "k_requested")
+            if key in model.info
+        },
     }
     model.info["silhouette"] = stats["silhouette"]
     return model, stats
@@ -573,7 +586,7 @@ def sample_images(
 
 def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str, Any]) -> Path:
     from meddiff.morphology.gallery import write_gallery
-    from meddiff.morphology.prompts import label_word
+    from meddiff.prompts import label_word
     from meddiff.reports import provenance
 
     pcfg = cfg.prompts
@@ -586,7 +599,9 @@ def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str
             if lab != "total":
                 counts[(int(c), int(lab))] = n
     labels = sorted({lab for _, lab in counts})
-    prompts = {(r.cluster, r.label): r.prompt for r in read_prompt_table(partial / PROMPTS_CSV)}
+    prompts = {
+        (r.cluster, r.label): r.prompt for r in read_prompt_table(partial / PROMPTS_CSV, pcfg)
+    }
     rejected = {}
     if summary["removed"]["total"]:
         picked = sample_images(checked, ["reject"], g.examples, g.seed)
@@ -632,7 +647,7 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
         **{f"removed_{k}": v for k, v in summary["removed"]["by_reason"].items()},
         **{f"seconds_{k}": v for k, v in summary["seconds"].items()},
     }
-    for key in ("silhouette", "inertia", "patches_per_s"):
+    for key in ("silhouette", "inertia", "patches_per_s", "duplicate_patches"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
     mlflow.log_metrics(metrics)

@@ -247,6 +247,41 @@ def inference_scheduler(name: str, config: Any):
     return classes[name].from_config(config, **extra)
 
 
+def load_tokenizer(
+    mcfg: ModelConfig,
+    prompts: Iterable[str],
+    *,
+    source: str | Path | None = None,
+    local_files_only: bool = False,
+):
+    """The tokenizer training uses: that of ``source`` (default ``mcfg.source``: a directory or
+    hub id), or for a model built from config (source None) the word-level one over ``prompts``
+    with ``arch.max_length``. ``model_max_length`` is the text encoder's limit.
+
+    Raises:
+        ModelError: the tokenizer cannot be loaded (with ``local_files_only``: a hub tokenizer
+            not in the local cache).
+    """
+    source = mcfg.source if source is None else source
+    if source is None:
+        return build_tokenizer(prompts, mcfg.arch.max_length)
+    from transformers import AutoTokenizer
+
+    if is_local_source(source):
+        source = check_model_dir(source)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(source),
+            subfolder="tokenizer",
+            revision=mcfg.revision,
+            local_files_only=local_files_only,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load the tokenizer of {source}: {str(err).splitlines()[0]}"
+        ) from None
+
+
 # --- building small components from config -------------------------------------------------
 
 

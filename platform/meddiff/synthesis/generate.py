@@ -26,11 +26,14 @@ from typing import Any
 import numpy as np
 
 from meddiff.config import Config
+from meddiff.config.prompts import PromptsConfig
+from meddiff.config.synthesis import GenerateConfig
 from meddiff.data.pcam import PCamWriter, pcam_filename
+from meddiff.errors import DataError
 from meddiff.files import write_json
 from meddiff.grids import save_grid, slug
+from meddiff.prompts import PromptRow, label_only_table, labelled_rows, read_prompt_table
 from meddiff.synthesis import components as C
-from meddiff.synthesis.prompts import generation_plan, read_prompt_table
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,63 @@ def resolve_model(cfg: Config, model: str | Path, out: Path) -> Path:
     return C.check_model_dir(local).resolve()
 
 
+def generation_plan(
+    rows: list[PromptRow],
+    cfg: GenerateConfig,
+    prompts: PromptsConfig | None = None,
+    where: str = "the prompt table",
+) -> dict[str, np.ndarray]:
+    """One entry per image to generate, grouped by prompt in table order: ``index``, ``prompt``,
+    ``label``, ``cluster`` and ``seed`` (``cfg.seed + index``, so any image can be regenerated
+    alone).
+
+    ``per_prompt``: ``images_per_prompt`` images for every prompt (balanced over the table).
+    ``proportional``: ``total_images`` split by the ``count`` column (largest remainders), so the
+    synthetic set has the real set's prompt mix. ``label_only`` first replaces the table by one
+    label-only prompt per label (the paper's baseline). Rows with label -1 (unknown) are left out
+    with a warning: the synthetic set is labelled (the PCam layout holds labels 0 and 1).
+
+    Raises:
+        DataError: every row is unlabelled, or ``proportional`` with no positive count.
+    """
+    if cfg.label_only:
+        rows = label_only_table(rows, prompts or PromptsConfig())
+    rows, unknown = labelled_rows(rows)
+    if unknown and not rows:
+        raise DataError(
+            f"{where}: every prompt is unlabelled (label -1), and the synthetic set needs labels "
+            "(PCam layout: 0 or 1); build prompts from labelled patches (for slides: a "
+            "labels.csv beside them, data.wsi.labels_csv)"
+        )
+    if unknown:
+        log.warning(
+            "%s: %d unlabelled prompt(s) (label -1) left out of generation, e.g. %r; the "
+            "synthetic set holds labelled images only",
+            where,
+            len(unknown),
+            unknown[0].prompt,
+        )
+    if cfg.plan == "per_prompt":
+        per = np.full(len(rows), cfg.images_per_prompt, dtype=np.int64)
+    else:
+        counts = np.array([r.count for r in rows], dtype=np.float64)
+        if counts.sum() <= 0:
+            raise DataError("plan=proportional needs positive counts in the prompt table")
+        share = counts / counts.sum() * int(cfg.total_images or 0)
+        per = np.floor(share).astype(np.int64)
+        rest = int(cfg.total_images or 0) - int(per.sum())
+        per[np.argsort(-(share - per), kind="stable")[:rest]] += 1
+    which = np.repeat(np.arange(len(rows)), per)
+    index = np.arange(len(which), dtype=np.int64)
+    return {
+        "index": index,
+        "prompt": np.array([rows[i].prompt for i in which], dtype=object),
+        "label": np.array([rows[i].label for i in which], dtype=np.int64),
+        "cluster": np.array([rows[i].cluster for i in which], dtype=np.int64),
+        "seed": cfg.seed + index,
+    }
+
+
 def generate(
     cfg: Config, model: str | Path, prompts: str | Path, out: str | Path
 ) -> dict[str, Any]:
@@ -75,8 +135,8 @@ def generate(
 
     g = cfg.synthesis.generate
     out = Path(out).resolve()
-    rows = read_prompt_table(prompts)  # bad input fails before anything starts
-    plan = generation_plan(rows, g, cfg.prompts)
+    rows = read_prompt_table(prompts, cfg.prompts)  # bad input fails before anything starts
+    plan = generation_plan(rows, g, cfg.prompts, where=str(prompts))
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(cfg, model, out)
     runtime.connect(cfg.runtime)
@@ -124,7 +184,7 @@ def generate(
                     if len(keep) < g.grid_images:
                         keep.append(img)
             written = writer.num_rows
-        grids = _write_grids(out / "grids", firsts, [r.prompt for r in _table_rows(plan)])
+        grids = _write_grids(out / "grids", firsts, list(dict.fromkeys(plan["prompt"].tolist())))
         seconds = time.perf_counter() - start
         summary = {
             "out": str(out),
@@ -133,6 +193,7 @@ def generate(
             "images": written,
             "prompts": len(firsts),
             "grids": str(out / "grids"),
+            "unlabelled_prompts_left_out": len(labelled_rows(rows)[1]),
             "model": str(model),
             "model_dir": str(model_dir),
             "scheduler": g.scheduler,
@@ -162,16 +223,6 @@ def _in_order(ds, batch_size: int):
             yield {k: v[order] for k, v in batch.items()}
     finally:
         ctx.execution_options.preserve_order = old
-
-
-def _table_rows(plan: dict[str, np.ndarray]):
-    from meddiff.synthesis.prompts import PromptRow
-
-    seen: dict[str, PromptRow] = {}
-    for p, lab, c in zip(plan["prompt"], plan["label"], plan["cluster"], strict=True):
-        if p not in seen:
-            seen[str(p)] = PromptRow(str(p), int(lab), int(c), 0)
-    return list(seen.values())
 
 
 def _write_plan(path: Path, plan: dict[str, np.ndarray]) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.errors import ConfigError, MeddiffError, ModelError
 from meddiff.files import copy_tree, write_json
+from meddiff.prompts import check_training_prompts
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
 
@@ -74,6 +75,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     with tracking.start_run(cfg, "synthesis-train") as run:
         mlflow.log_params({"pairs": str(pairs), "out": str(out)})
         source = prepare_base_model(cfg, pairs, out / "base")
+        check_training_prompts(cfg, pairs, source)  # truncation must not merge prompts
         t0 = time.perf_counter()
         info = cache_mod.build_cache(cfg, source, pairs, out / "cache")
         cache_s = time.perf_counter() - t0
