@@ -186,10 +186,10 @@ def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys):
     run_dir = out / "ray" / "thor-train"
     capsys.readouterr()
 
-    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.model.channels=[16, 16]"])
+    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.model.channels=[16, 64]"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("meddiff: error: checkpoint")
-    assert "thor.model.channels=[16, 32] (this run: [16, 16])" in err and "--fresh" in err
+    assert "thor.model.channels=[16, 32] (this run: [16, 64])" in err and "--fresh" in err
     assert WorkerContext.starts(run_dir) == 1  # no worker started
 
     rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.train.strategy=deepspeed"])

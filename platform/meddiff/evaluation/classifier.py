@@ -103,7 +103,6 @@ def train_loop(config: dict[str, Any]) -> None:
     ``checkpoint_every`` steps and after each arm) hold the finished arms' weights and the
     current arm's training state; the final one holds a weights file per arm.
     """
-
     cfg = ClassifierConfig.model_validate(config["classifier"])
     ctx = training.WorkerContext.from_ray(
         use_gpu=cfg.use_gpu,
@@ -123,7 +122,6 @@ class _ArmsRun:
     (arm i's step s is ``i * steps + s``: checkpoints and the fault drill count in it)."""
 
     def __init__(self, cfg: ClassifierConfig, ctx, config: dict[str, Any]):
-
         self.cfg, self.ctx = cfg, ctx
         self.arms: list[str] = list(config["arms"])
         self.sizes: dict[str, int] = config["sizes"]
