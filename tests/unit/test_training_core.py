@@ -128,6 +128,30 @@ def test_worker_errors_are_found_through_every_ray_wrapper():
     assert worker_user_error(WorkerGroupError("oom", {0: MemoryError()})) is None
 
 
+def test_the_controller_callback_stops_on_user_errors_only():
+    """Raised in Ray Train's controller, the error becomes a ControllerError, which the failure
+    policy never retries; a crash passes through (and is retried up to max_failures)."""
+    import ray.cloudpickle
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from meddiff.training.driver import _stop_callback
+
+    callback = ray.cloudpickle.loads(ray.cloudpickle.dumps(_stop_callback()))  # as shipped
+    bad = DataError("shard-00003.parquet: truncated")
+    with pytest.raises(DataError, match="shard-00003"):
+        callback.after_exception(None, {1: UserExceptionWithTraceback(bad, "Traceback ...")})
+    callback.after_exception(None, {0: MemoryError()})
+    # What the core relies on in Ray Train: a controller error of that kind is raised, not retried.
+    from ray.train import ControllerError, FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import (
+        FailureDecision,
+        create_failure_policy,
+    )
+
+    policy = create_failure_policy(FailureConfig(max_failures=3))
+    assert policy.make_decision(ControllerError(bad)) == FailureDecision.RAISE
+
+
 # --- strategies on CPU ------------------------------------------------------------------------
 
 
