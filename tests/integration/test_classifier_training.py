@@ -27,6 +27,7 @@ def _run(sample_pcam_dir, out, *sets: str) -> int:
     return main(args)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(sample_pcam_dir, tmp_path):
     out = tmp_path / "killed"
     assert _run(sample_pcam_dir, out, "evaluation.classifier.fail_at_step=10") == 0
@@ -43,6 +44,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(sample_pcam_dir, tmp_pat
     assert sorted(m.value for m in hist) == [0.0, 8.0]
 
 
+@pytest.mark.slow
 def test_resume_errors_are_one_line_and_never_retried(sample_pcam_dir, tmp_path, capsys):
     out = tmp_path / "broken"
     # Killed before step 10 with no restarts allowed: the run fails with the step-8 checkpoint.

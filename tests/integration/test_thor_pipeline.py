@@ -151,6 +151,7 @@ def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
     assert ckpts and (ckpts[-1] / "deepspeed").is_dir() and (ckpts[-1] / "model").is_dir()
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path):
     """The worker is killed (SIGKILL) before step 3; Ray Train restarts it from the step-2
     checkpoint, losing at most one checkpoint interval, and the run ends at step 4."""
@@ -174,6 +175,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys):
     """A changed architecture is refused on the driver; a checkpoint whose state is missing is
     refused inside the worker, once (no Ray Train retry), as the same kind of one-line error."""
