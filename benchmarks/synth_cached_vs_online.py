@@ -228,7 +228,7 @@ def gpu_benchmark(args: argparse.Namespace) -> None:
 
     from meddiff.config import load_config
     from meddiff.synthesis import components as C
-    from meddiff.synthesis.train import deepspeed_config
+    from meddiff.training import deepspeed_config
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
@@ -249,7 +249,13 @@ def gpu_benchmark(args: argparse.Namespace) -> None:
     engine, *_ = deepspeed.initialize(
         model=unet,
         optimizer=opt,
-        config=deepspeed_config(tcfg, bf16=True, cuda=True),
+        config=deepspeed_config(
+            micro_batch=tcfg.batch_size,
+            zero_stage=tcfg.zero_stage,
+            precision="bf16",
+            grad_clip=tcfg.max_grad_norm,
+            cuda=True,
+        ),
         dist_init_required=False,
     )
     sched = DDPMScheduler.from_config(C.SD_SCHEDULE)

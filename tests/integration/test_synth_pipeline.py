@@ -182,3 +182,31 @@ def test_generate_from_directory_and_from_registry(deepspeed_run, pairs, tmp_pat
     other = read_rows(open_pcam(tmp_path / "from-registry", "train"), 0, b["images"])
     # The registered model is the saved one: same seeds, same images.
     assert np.array_equal(other["image"], rows["image"])
+
+
+def test_resume_errors_are_one_line_and_never_retried(deepspeed_run, pairs, capsys):
+    """Runs last: it breaks the run's newest checkpoint. Another architecture is refused on the
+    driver before any worker starts; a checkpoint without its DeepSpeed state is refused inside
+    the workers once (no Ray Train retry); both as one-line errors with exit code 2."""
+    from meddiff.cli import main
+    from meddiff.training import WorkerContext
+
+    summary, out = deepspeed_run
+    run_dir = out / "ray" / "train"
+    starts = WorkerContext.starts(run_dir)
+    args = ["synth", "train", "--pairs", str(pairs[0]), "--out", str(out), "--preset", "tiny"]
+    for s in (*TRAIN, "synthesis.train.max_steps=8"):
+        args += ["--set", s]
+    capsys.readouterr()
+
+    assert main([*args, "--set", "synthesis.model.arch.unet_layers_per_block=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("meddiff: error: checkpoint") and "unet_layers_per_block" in err
+    assert f"delete {out / 'ray'} to start fresh" in err
+    assert WorkerContext.starts(run_dir) == starts
+
+    shutil.rmtree(Path(summary["checkpoint"]) / "deepspeed")  # a checkpoint copied in part
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("meddiff: error: checkpoint") and "no DeepSpeed state" in err
+    assert WorkerContext.starts(run_dir) == starts + 1

@@ -175,3 +175,59 @@ def test_an_error_inside_a_ray_data_stage_prints_once(trained, brain, tmp_path, 
     assert err.count(f"{broken.name}: not a readable PNG") == 1
     assert err.strip().splitlines()[-1].startswith("meddiff: error: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path):
+    """The worker is killed (SIGKILL) before step 3; Ray Train restarts it from the step-2
+    checkpoint, losing at most one checkpoint interval, and the run ends at step 4."""
+    from meddiff.training import WorkerContext
+    from meddiff.training.context import FAULT_MARKER
+
+    out = tmp_path / "killed"
+    rc = main(["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
+               "--set", "thor.train.steps=4", "--set", "thor.train.fail_at_step=3",
+               "--set", "thor.train.register_as=null"])  # fmt: skip
+    assert rc == 0
+    run_dir = out / "ray" / "thor-train"
+    assert json.loads((run_dir / FAULT_MARKER).read_text())["step"] == 3  # the kill happened
+    assert WorkerContext.starts(run_dir) == 2
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4
+    client = mlflow.MlflowClient()
+    resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
+    assert resumed == [0.0, 2.0]  # restarted at the step-2 checkpoint: 3 - 2 <= one interval
+    steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], "loss"))
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys):
+    """A changed architecture is refused on the driver; a checkpoint whose state is missing is
+    refused inside the worker, once (no Ray Train retry), as the same kind of one-line error."""
+    from meddiff.training import WorkerContext
+
+    out = tmp_path / "resume"
+    args = ["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
+            "--set", "thor.train.register_as=null"]  # fmt: skip
+    assert main([*args, "--set", "thor.train.steps=2"]) == 0
+    run_dir = out / "ray" / "thor-train"
+    capsys.readouterr()
+
+    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.model.channels=[16, 64]"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("meddiff: error: checkpoint")
+    assert "thor.model.channels=[16, 32] (this run: [16, 64])" in err and "--fresh" in err
+    assert WorkerContext.starts(run_dir) == 1  # no worker started
+
+    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.train.strategy=deepspeed"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "strategy=ddp, this run uses deepspeed" in err
+
+    ckpt = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    (ckpt / "trainer_state.pt").unlink()  # a checkpoint copied in part
+    rc = main([*args, "--set", "thor.train.steps=4"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("meddiff: error: checkpoint")
+    assert "has no trainer_state.pt" in err
+    assert WorkerContext.starts(run_dir) == 2  # one more start, no retries (max_failures=2)

@@ -161,7 +161,7 @@ def test_bad_input_inside_a_worker_reaches_the_cli():
     from ray.train import WorkerGroupError
 
     from meddiff.errors import ConfigError
-    from meddiff.synthesis.train import _worker_user_error
+    from meddiff.training.driver import worker_user_error as _worker_user_error
 
     wrapped = WorkerGroupError("rank 1 failed", {1: ConfigError("resume with num_workers=2")})
     found = _worker_user_error(wrapped)

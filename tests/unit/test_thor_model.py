@@ -163,14 +163,32 @@ def test_inference_refuses_a_noise_level_the_model_never_trained_on(tmp_path):
 
 
 def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
-    from meddiff.thor.train import DS_TAG, STATE_FILE, _check_strategy
+    from meddiff.training import check_resume, marker_info
+    from meddiff.training.checkpoints import MARKER
 
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "ddp" / STATE_FILE).write_bytes(b"")
-    (tmp_path / "ds" / DS_TAG).mkdir(parents=True)
-    _check_strategy(tmp_path / "ddp", "ddp")
-    _check_strategy(tmp_path / "ds", "deepspeed")
+    def run(strategy: str):
+        return load_config("tiny", overrides=[f"thor.train.strategy={strategy}"])
+
+    def written_by(strategy: str):
+        cfg = run(strategy)
+        d = tmp_path / strategy / "checkpoint_00000002"
+        d.mkdir(parents=True)
+        info = marker_info(
+            cfg.thor.train, world=1, precision="fp32", model_config=cfg.thor.model.model_dump()
+        )
+        (d / MARKER).write_text(json.dumps({**info, "step": 2}))
+        return d.parent
+
+    def check(run_dir, strategy: str):
+        cfg = run(strategy)
+        return check_resume(run_dir, cfg.thor.train, section="thor.train",
+                            model_section="thor.model", model_config=cfg.thor.model.model_dump(),
+                            world=1, precision="fp32", fresh="rerun with --fresh to start over")  # fmt: skip
+
+    ddp, ds = written_by("ddp"), written_by("deepspeed")
+    assert check(ddp, "ddp").name == "checkpoint_00000002"
+    assert check(ds, "deepspeed").name == "checkpoint_00000002"
     with pytest.raises(ConfigError, match="written with thor.train.strategy=ddp.*--fresh"):
-        _check_strategy(tmp_path / "ddp", "deepspeed")
+        check(ddp, "deepspeed")
     with pytest.raises(ConfigError, match="strategy=deepspeed, this run uses ddp"):
-        _check_strategy(tmp_path / "ds", "ddp")
+        check(ds, "ddp")

@@ -10,6 +10,7 @@ from pydantic import Field
 from meddiff.config.base import Section
 from meddiff.config.prompts import TINY as PROMPTS_TINY
 from meddiff.config.prompts import EmbedConfig
+from meddiff.config.training import TrainingSection
 
 
 class FeaturesConfig(Section):
@@ -79,7 +80,7 @@ class UmapConfig(Section):
     max_points: int = Field(default=5000, ge=10, description="Points per set in the picture.")
 
 
-class ClassifierConfig(Section):
+class ClassifierConfig(TrainingSection):
     """Downstream patch classifier trained with Ray Train on real, synthetic or both."""
 
     model: str = Field(
@@ -101,6 +102,9 @@ class ClassifierConfig(Section):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(default=True, description="One GPU per Ray Train worker.")
     eval_batch_size: int = Field(default=256, ge=1)
+    checkpoint_every: int = Field(
+        default=500, ge=1, description="Optimizer steps between checkpoints (within an arm)."
+    )
     train_split: str = Field(default="train", description="Real split the real arms train on.")
     test_split: str = Field(default="test", description="Real split every arm is tested on.")
 

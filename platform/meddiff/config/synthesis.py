@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meddiff.config.base import Section
+from meddiff.config.training import Precision, TrainingSection
 
 SCHEDULERS = ("ddim", "dpm-solver", "pndm", "euler")
 
@@ -108,20 +109,12 @@ class ModelConfig(Section):
         return self
 
 
-class TrainConfig(Section):
+class TrainConfig(TrainingSection):
     """Fine-tuning the UNet with Ray Train (VAE and text encoder frozen)."""
 
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    zero_stage: int = Field(
-        default=2,
-        ge=0,
-        le=2,
-        description="DeepSpeed ZeRO stage 0-2 (ZeRO-3 would shard the UNet itself, which the "
-        "per-step EMA and the sample grids read whole).",
-    )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 on GPU, fp32 on CPU."
-    )
+    zero_stage: int = Field(default=2, ge=0, le=2, description="DeepSpeed ZeRO stage 0-2.")
+    precision: Precision = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
     num_workers: int = Field(default=4, ge=1, description="Ray Train workers (one per GPU).")
     use_gpu: bool = True
     cpus_per_worker: float = Field(default=4.0, gt=0)
@@ -160,7 +153,6 @@ class TrainConfig(Section):
     encode_batch_size: int = Field(default=32, ge=1)
     encode_concurrency: int = Field(default=1, ge=1, description="Encoder actors (Ray Data).")
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=50, ge=1)
     sample_every: int = Field(
         default=2500,
@@ -179,18 +171,7 @@ class TrainConfig(Section):
         default="meddiff-sd-histology",
         description="MLflow registered model name for the final model; None skips registration.",
     )
-    fail_at_step: int | None = Field(
-        default=None,
-        ge=1,
-        description="Fault drill: the rank fail_rank worker process is killed (SIGKILL) when it "
-        "reaches this step, once per run directory, to exercise restart from checkpoint.",
-    )
-    fail_in_checkpoint: bool = Field(
-        default=False,
-        description="Fault drill: kill inside the checkpoint write at fail_at_step instead (the "
-        "step must be a checkpoint step), leaving a half-written checkpoint behind.",
-    )
-    fail_rank: int = Field(default=1, ge=0)
+    fail_rank: int = Field(default=1, ge=0, description="Fault drill: the rank that is killed.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -199,8 +180,6 @@ class TrainConfig(Section):
                 "augment=true needs cache_latents=false: cached latents were encoded from "
                 "unaugmented images"
             )
-        if self.fail_in_checkpoint and self.fail_at_step is None:
-            raise ValueError("fail_in_checkpoint needs fail_at_step")
         return self
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from meddiff.config.base import Section
+from meddiff.config.training import TrainingSection
 
 NoiseKind = Literal["gaussian", "simplex"]
 Method = Literal["thor", "ddpm", "anoddpm"]
@@ -121,7 +122,7 @@ class AugmentConfig(Section):
         return value
 
 
-class TrainConfig(Section):
+class TrainConfig(TrainingSection):
     """DDPM training on healthy slices with Ray Train."""
 
     steps: int = Field(default=100_000, ge=1, description="Optimizer steps (global batches).")
@@ -141,13 +142,6 @@ class TrainConfig(Section):
         "T <= 350, so a small compute budget is better spent below that; the model then cannot "
         "sample from pure noise.",
     )
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = Field(
-        default=1, ge=0, le=2, description="DeepSpeed ZeRO stage (weights stay whole up to 2)."
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="Autocast precision (fp16 needs a GPU)."
-    )
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool | None = Field(
         default=None, description="One GPU per worker; None uses GPUs when the cluster has them."
@@ -164,8 +158,6 @@ class TrainConfig(Section):
     )
     log_every: int = Field(default=50, ge=1, description="Steps between loss logs.")
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=2, ge=0, description="Worker failures to recover from.")
     sample_every: int = Field(
         default=5000, ge=0, description="Steps between logged sample reconstructions (0: never)."
     )

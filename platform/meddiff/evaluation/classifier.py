@@ -9,13 +9,14 @@ loop, the Ray Data stage that scores the test split and the metrics are separate
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from meddiff import training
 from meddiff.config import Config
 from meddiff.config.evaluation import ClassifierConfig
 from meddiff.errors import ConfigError, DataError
@@ -77,98 +78,175 @@ def to_input(images, device=None):
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def _augment(x):
-    """Random 90° rotations and flips per batch: tissue has no canonical orientation."""
+def _augment(x, generator=None):
+    """Random 90° rotations and flips per batch (drawn from ``generator``): tissue has no
+    canonical orientation."""
     import torch
 
-    k = int(torch.randint(0, 4, (1,)))
+    k = int(torch.randint(0, 4, (1,), generator=generator))
     x = torch.rot90(x, k, dims=(2, 3))
-    if bool(torch.randint(0, 2, (1,))):
+    if bool(torch.randint(0, 2, (1,), generator=generator)):
         x = torch.flip(x, dims=(3,))
     return x
+
+
+def model_config(cfg: ClassifierConfig) -> dict[str, Any]:
+    """The settings that fix the classifier's architecture (checked when resuming)."""
+    return {"model": cfg.model, "channels": list(cfg.channels)}
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: for each arm in turn, a fresh model trained for ``steps``
     optimizer steps over this worker's shard of that arm's dataset (same seed for every arm).
 
-    One Ray Train run serves all arms, so the workers start once; the final report carries one
-    checkpoint with a weights file per arm.
+    One Ray Train run serves all arms, so the workers start once. Checkpoints (every
+    ``checkpoint_every`` steps and after each arm) hold the finished arms' weights and the
+    current arm's training state; the final one holds a weights file per arm.
     """
-    import ray.train
-    import torch
-
     cfg = ClassifierConfig.model_validate(config["classifier"])
-    seed = int(config["seed"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    metrics: dict[str, float] = {}
-    states = {}
-    for arm in config["arms"]:
-        shard = ray.train.get_dataset_shard(arm)
-        model, arm_metrics = _train_arm(cfg, seed, shard, ctx, config["sizes"][arm])
-        states[arm] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        metrics.update({f"{arm}/{k}": v for k, v in arm_metrics.items()})
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            for arm, state in states.items():
-                torch.save(state, Path(tmp) / f"{_slug(arm)}.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    ctx = training.WorkerContext.from_ray(
+        use_gpu=cfg.use_gpu,
+        run_dir=config["run_dir"],
+        seed=int(config["seed"]),
+        tracking=config.get("tracking"),
+    )
+    run = _ArmsRun(cfg, ctx, config)
+    with training.restored() as d:
+        run.restore(d)
+        # The first arm's state is read while the restored folder is at hand.
+        run.train_all(d)
+
+
+class _ArmsRun:
+    """The arms of one Ray Train run, trained one after another with a global step count
+    (arm i's step s is ``i * steps + s``: checkpoints and the fault drill count in it)."""
+
+    def __init__(self, cfg: ClassifierConfig, ctx, config: dict[str, Any]):
+        self.cfg, self.ctx = cfg, ctx
+        self.arms: list[str] = list(config["arms"])
+        self.sizes: dict[str, int] = config["sizes"]
+        self.plan = config["plan"]
+        self.precision = training.resolve_precision(cfg.precision, ctx.device.type == "cuda")
+        self.weights: dict[str, Any] = {}  # finished arm → fp32 state dict
+        self.metrics: dict[str, float] = {}
+        self.arm_index, self.arm_step = 0, 0
+
+    def restore(self, d: Path | None) -> None:
+        import torch
+
+        start = 0
+        if d is not None:
+            info = training.read_marker(d)
+            self.arm_index, self.arm_step = int(info["arm_index"]), int(info["arm_step"])
+            self.metrics = dict(info["arm_metrics"])
+            for arm in self.arms[: self.arm_index]:
+                self.weights[arm] = torch.load(d / f"{arm}.pt", weights_only=True)
+            start = int(info["step"])
+        self.ctx.log_metrics({"resumed_from_step": start}, start)
+
+    def train_all(self, resume: Path | None) -> None:
+        import ray.train
+
+        for i in range(self.arm_index, len(self.arms)):
+            arm = self.arms[i]
+            shard = ray.train.get_dataset_shard(arm)
+            self._train_arm(i, arm, shard, resume if self.arm_step else None)
+            self.arm_index, self.arm_step, resume = i + 1, 0, None
+        if self.arm_index == len(self.arms) and not self.weights.keys() >= set(self.arms):
+            raise RuntimeError("classifier run ended without every arm's weights")
+        self._checkpoint(None, final=True)
+
+    def _train_arm(self, i: int, arm: str, shard, resume: Path | None) -> None:
+        import torch
+
+        cfg, ctx = self.cfg, self.ctx
+        # Same initial weights for every arm and worker; augmentation and shuffling differ per
+        # worker and step (the step generator) but not per arm.
+        torch.manual_seed(ctx.seed)
+        model = build_classifier(cfg).to(ctx.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+        per_worker = max(1, cfg.batch_size // ctx.world)
+        strategy = training.make_strategy(
+            cfg, ctx, model, opt, sched, micro_batch=per_worker, grad_clip=None
+        )
+        if resume is not None:
+            strategy.load(resume)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        n_train = self.sizes[arm]
+        # Full batches only, unless a worker's share is smaller than two batches (a tiny
+        # synthetic set): then the short last batch is kept rather than leaving nothing.
+        drop_last = n_train // ctx.world >= 2 * per_worker
+        base, step, epoch, losses = i * cfg.steps, self.arm_step, 0, []
+        model.train()
+        while step < cfg.steps:
+            batches = shard.iter_torch_batches(
+                batch_size=per_worker,
+                local_shuffle_buffer_size=max(4 * per_worker, 256),
+                local_shuffle_seed=ctx.seed + epoch,
+                drop_last=drop_last,
+            )
+            seen = 0
+            for batch in batches:
+                ctx.fault_drill(cfg, base + step + 1, in_checkpoint=False)
+                x = _augment(to_input(batch["image"], ctx.device), ctx.generator(base + step))
+                y = batch["label"].to(ctx.device).float()
+                with strategy.autocast():
+                    logits = strategy.model(x)
+                loss = loss_fn(logits.float(), y)
+                strategy.step(loss)
+                losses.append(float(loss.detach()))
+                step += 1
+                seen += 1
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    self.arm_step = step
+                    self._checkpoint(strategy, loss=float(np.mean(losses[-20:])))
+                if step >= cfg.steps:
+                    break
+            if seen == 0:
+                raise DataError(f"a classifier worker got no training images ({n_train} in all)")
+            epoch += 1
+        self.weights[arm] = strategy.fp32_state_dict()
+        self.metrics.update(
+            {
+                f"{arm}/loss": float(np.mean(losses[-20:])),
+                f"{arm}/steps": step,
+                f"{arm}/epochs": epoch,
+            }
+        )
+
+    def _checkpoint(self, strategy, *, loss: float | None = None, final: bool = False) -> None:
+        import torch
+
+        cfg, ctx = self.cfg, self.ctx
+        step = self.arm_index * cfg.steps + self.arm_step
+
+        def write(tmp: Path) -> None:
+            if strategy is not None:
+                strategy.save(tmp, ctx.rank)
+            if ctx.rank == 0:
+                for arm, state in self.weights.items():
+                    torch.save(state, tmp / f"{arm}.pt")
+
+        info = training.marker_info(
+            cfg, world=ctx.world, precision=self.precision, model_config=model_config(cfg)
+        )
+        info.update(
+            plan=self.plan,
+            arms=self.arms,
+            arm_index=self.arm_index,
+            arm_step=self.arm_step,
+            arm_metrics=self.metrics,
+        )
+        metrics = dict(self.metrics) if final else {"step": step, "loss": loss}
+        if loss is not None:
+            ctx.log_metrics({"loss": loss}, step)
+        training.save_and_report(ctx, step, metrics, write, info, drill=cfg)
 
 
 def _slug(arm: str) -> str:
     """A file- and metric-safe arm name: 'baseline/real+synthetic' → 'baseline-real-synthetic'."""
     return arm.replace("+", "-").replace("/", "-").replace(" ", "_")
-
-
-def _train_arm(cfg: ClassifierConfig, seed: int, shard, ctx, n_train: int):
-    import torch
-    from ray.train.torch import prepare_model
-
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    # Same initial weights for every arm and worker (DDP broadcasts rank 0's anyway); augmentation
-    # and shuffling differ per worker but not per arm.
-    torch.manual_seed(seed)
-    model = prepare_model(build_classifier(cfg))
-    torch.manual_seed(seed + 1000 * rank)
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    per_worker = max(1, cfg.batch_size // world)
-    # Full batches only, unless a worker's share is smaller than two batches (a tiny synthetic
-    # set): then the short last batch is kept rather than leaving nothing to train on.
-    drop_last = n_train // world >= 2 * per_worker
-    step, epoch, losses = 0, 0, []
-    model.train()
-    while step < cfg.steps:
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker,
-            local_shuffle_buffer_size=max(4 * per_worker, 256),
-            local_shuffle_seed=seed + epoch,
-            drop_last=drop_last,
-        )
-        seen = 0
-        for batch in batches:
-            x = _augment(to_input(batch["image"], device))
-            y = batch["label"].to(device).float()
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss))
-            step += 1
-            seen += 1
-            if step >= cfg.steps:
-                break
-        if seen == 0:
-            raise DataError(f"a classifier worker got no training images ({n_train} in all)")
-        epoch += 1
-    module = getattr(model, "module", model)
-    return module, {"loss": float(np.mean(losses[-20:])), "steps": step, "epochs": epoch}
 
 
 class ScoreStage:
@@ -269,9 +347,6 @@ def train_plan(
     """Train one classifier per named arm on the union of its ``(root, split)`` sets, all arms in
     one Ray Train run (same seed and budget each), and test every arm on ``real``'s test split.
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from meddiff import runtime
     from meddiff.evaluation.features import check_same_size
 
@@ -296,34 +371,21 @@ def train_plan(
         datasets[_slug(arm)] = dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
         n_train[arm] = int(datasets[_slug(arm)].count())
     log.info("classifier arms %s: training images %s, %d steps each", arms, n_train, ccfg.steps)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "classifier": ccfg.model_dump(),
-            "seed": cfg.runtime.seed,
-            "arms": [_slug(a) for a in arms],
-            "sizes": {_slug(a): n for a, n in n_train.items()},
-        },
-        scaling_config=ScalingConfig(num_workers=ccfg.num_workers, use_gpu=ccfg.use_gpu),
-        run_config=RunConfig(name=name, storage_path=str(out / "ray_train")),
-        datasets=datasets,
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("classifier training reported no checkpoint")
+    ckpt = _train(cfg, plan, n_train, datasets, out / "ray_train", name)
+    info = training.read_marker(ckpt)
     weights = {}
-    with result.checkpoint.as_directory() as ckpt:
-        for arm in arms:
-            weights[arm] = out / f"{_slug(arm)}.pt"
-            tmp = weights[arm].with_name(weights[arm].name + ".partial")
-            tmp.write_bytes((Path(ckpt) / f"{_slug(arm)}.pt").read_bytes())
-            tmp.replace(weights[arm])
+    for arm in arms:
+        weights[arm] = out / f"{_slug(arm)}.pt"
+        tmp = weights[arm].with_name(weights[arm].name + ".partial")
+        tmp.write_bytes((ckpt / f"{_slug(arm)}.pt").read_bytes())
+        tmp.replace(weights[arm])
+    done = info["arm_metrics"]
     results = score_split(test, ccfg, weights)
     for arm, metrics in results.items():
         metrics.update(
             n_train=n_train[arm],
-            steps=int(result.metrics.get(f"{_slug(arm)}/steps", ccfg.steps)),
-            train_loss=float(result.metrics.get(f"{_slug(arm)}/loss", float("nan"))),
+            steps=int(done.get(f"{_slug(arm)}/steps", ccfg.steps)),
+            train_loss=float(done.get(f"{_slug(arm)}/loss", float("nan"))),
             weights=str(weights[arm]),
         )
         log.info(
@@ -331,6 +393,80 @@ def train_plan(
         )
     plot_roc(results, out / "roc.png", title=f"ROC on the real {ccfg.test_split} split")
     return results
+
+
+def _train(
+    cfg: Config,
+    plan: Mapping[str, list[tuple[str | Path, str]]],
+    n_train: dict[str, int],
+    datasets: dict[str, Any],
+    storage: Path,
+    name: str,
+) -> Path:
+    """Train every arm of ``plan`` (or resume the run under ``storage/name``); returns the final
+    checkpoint (one weights file per arm).
+
+    A rerun of the same plan (arms, data, sizes) resumes the run, after the architecture was
+    checked; a different plan starts over, as its old checkpoints trained on other data.
+    """
+    import mlflow
+
+    from meddiff import tracking
+
+    ccfg = cfg.evaluation.classifier
+    run_dir = storage / name
+    key = {
+        "arms": {_slug(a): [[str(Path(r).resolve()), s] for r, s in p] for a, p in plan.items()},
+        "sizes": {_slug(a): n for a, n in n_train.items()},
+        "steps": ccfg.steps,
+        "batch_size": ccfg.batch_size,
+        "seed": cfg.runtime.seed,
+    }
+    precision = training.check_training(ccfg, use_gpu=ccfg.use_gpu, section="evaluation.classifier")
+    last = training.latest_checkpoint(run_dir)
+    if last is not None and training.read_marker(last).get("plan") != key:
+        log.info("classifier run %s trained another plan: starting over", run_dir)
+        shutil.rmtree(run_dir)
+        last = None
+    training.check_resume(
+        run_dir,
+        ccfg,
+        section="evaluation.classifier",
+        model_section="evaluation.classifier",
+        model_config=model_config(ccfg),
+        world=ccfg.num_workers,
+        precision=precision,
+        fresh=f"delete {run_dir} to start fresh",
+    )
+    if last is not None and training.read_marker(last)["arm_index"] == len(plan):
+        return last  # every arm finished in an earlier run
+    run = mlflow.active_run()
+    result = training.fit(
+        train_loop,
+        {
+            "classifier": ccfg.model_dump(),
+            "seed": cfg.runtime.seed,
+            "arms": [_slug(a) for a in plan],
+            "sizes": key["sizes"],
+            "plan": key,
+            "run_dir": str(run_dir),
+            "tracking": (
+                {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id}
+                if run
+                else None
+            ),
+        },
+        ccfg,
+        num_workers=ccfg.num_workers,
+        use_gpu=ccfg.use_gpu,
+        cpus_per_worker=1,
+        storage=storage,
+        name=name,
+        datasets=datasets,
+    )
+    if result.checkpoint is None:
+        raise RuntimeError("classifier training reported no checkpoint")
+    return Path(result.checkpoint.path)
 
 
 def score_split(test, ccfg: ClassifierConfig, weights: dict[str, Path]) -> dict[str, dict]:

@@ -18,20 +18,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meddiff.synthesis import components as C
+from meddiff.training.context import step_generator
+
+__all__ = ["CachedBatches", "OnlineBatches", "diffusion_loss", "step_generator"]
 
 if TYPE_CHECKING:
     import torch
 
     from meddiff.synthesis.cache import TrainingSet
-
-
-def step_generator(seed: int, rank: int, step: int):
-    """A CPU generator for one rank's step (noise, timesteps, prompt dropout)."""
-    import torch
-
-    return torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-    )
 
 
 def diffusion_loss(

@@ -7,11 +7,12 @@ Driver (:func:`train_synthesis`), in ``out``:
    tokenizer over the pairs' prompts and saved here once.
 2. ``cache/``: latents and text embeddings of the pairs (or the images, for on-the-fly encoding),
    built once by Ray Data stages (:mod:`meddiff.synthesis.cache`).
-3. ``ray/train/``: Ray Train's run (``TorchTrainer``, DeepSpeed ZeRO or DDP); its checkpoints
-   ``checkpoint_<step>/`` hold the pipeline in diffusers' ``save_pretrained`` layout (``model/``,
-   UNet with EMA weights) plus what resuming needs (optimizer, LR schedule, EMA step, DeepSpeed
-   partitions). A failed worker group is restarted from the last checkpoint Ray Train committed
-   (``FailureConfig``); running the same command again continues the same run.
+3. ``ray/train/``: Ray Train's run through the training core (:mod:`meddiff.training`: DeepSpeed
+   ZeRO or DDP, fp32/bf16/fp16); its checkpoints ``checkpoint_<step>/`` hold the pipeline in
+   diffusers' ``save_pretrained`` layout (``model/``, UNet with EMA weights) plus the strategy's
+   state and the core's marker (with the EMA step). A failed worker group is restarted from the
+   last checkpoint Ray Train committed; running the same command again continues the same run,
+   after the driver checked that the checkpoint fits (strategy, ZeRO layout, model settings).
 4. ``model/``: the final pipeline, registered in the MLflow model registry.
 
 Every rank's randomness (batch rows, noise, timesteps, prompt dropout) is a function of
@@ -22,9 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +30,21 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import training
 from meddiff.config import Config
-from meddiff.errors import ConfigError, MeddiffError, ModelError
+from meddiff.errors import ConfigError, ModelError
 from meddiff.files import copy_tree, write_json
 from meddiff.prompts import check_training_prompts
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
+from meddiff.training.checkpoints import MARKER as CHECKPOINT_INFO
+from meddiff.training.context import FAULT_MARKER
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_INFO = "meddiff_checkpoint.json"
+__all__ = ["CHECKPOINT_INFO", "FAULT_MARKER", "train_synthesis"]
+
 RUN_NAME = "train"
-FAULT_MARKER = "fault_drill.done"
 ATTEMPTS = "attempts.jsonl"
 
 
@@ -68,6 +69,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     out = Path(out).resolve()
     pairs = Path(pairs).resolve()
     cache_mod.check_pairs(pairs)
+    _check_run(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     runtime.connect(cfg.runtime)
     tcfg = cfg.synthesis.train
@@ -97,6 +99,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
             "attempts": read_attempts(out),
             "strategy": tcfg.strategy,
             "zero_stage": tcfg.zero_stage if tcfg.strategy == "deepspeed" else None,
+            "precision": training.resolve_precision(tcfg.precision, tcfg.use_gpu),
             "workers": tcfg.num_workers,
             "cache": {"dir": str(out / "cache"), "kind": info["kind"], "rows": info["rows"]},
             "cache_seconds": round(cache_s, 2),
@@ -168,52 +171,40 @@ def sample_pair_images(pairs: Path, n: int) -> np.ndarray:
 
 
 def _fit(cfg: Config, source: str, out: Path, run_id: str, uri: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     tcfg = cfg.synthesis.train
-    resources: dict[str, float] = {"CPU": tcfg.cpus_per_worker}
-    if tcfg.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+    config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "source": source,
+        "cache": str(out / "cache"),
+        "run_dir": str(out / "ray" / RUN_NAME),
+        "tracking": {"uri": uri, "run_id": run_id},
+    }
+    return training.fit(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "source": source,
-            "cache": str(out / "cache"),
-            "run_dir": str(out / "ray" / RUN_NAME),
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-        },
-        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=str(out / "ray"),
-            failure_config=FailureConfig(max_failures=tcfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-        ),
+        config,
+        tcfg,
+        num_workers=tcfg.num_workers,
+        use_gpu=tcfg.use_gpu,
+        cpus_per_worker=tcfg.cpus_per_worker,
+        storage=out / "ray",
+        name=RUN_NAME,
     )
-    try:
-        return trainer.fit()
-    except Exception as err:
-        user = _worker_user_error(err)
-        if user is not None:
-            raise user from None
-        raise
 
 
-def _worker_user_error(err: BaseException) -> MeddiffError | None:
-    """A bad-input error raised inside a training worker (Ray Train wraps them per rank)."""
-    from meddiff.cli import find_user_error
-
-    for failure in (getattr(err, "worker_failures", None) or {}).values():
-        found = find_user_error(failure)
-        if found is not None:
-            return found
-    return find_user_error(err)
+def _check_run(cfg: Config, out: Path) -> None:
+    """Settings and an existing checkpoint checked on the driver, before any worker starts."""
+    tcfg = cfg.synthesis.train
+    precision = training.check_training(tcfg, use_gpu=tcfg.use_gpu, section="synthesis.train")
+    training.check_resume(
+        out / "ray" / RUN_NAME,
+        tcfg,
+        section="synthesis.train",
+        model_section="synthesis.model",
+        model_config=cfg.synthesis.model.model_dump(mode="json"),
+        world=tcfg.num_workers,
+        precision=precision,
+        fresh=f"delete {out / 'ray'} to start fresh",
+    )
 
 
 def export_model(checkpoint: Path, dst: Path) -> Path:
@@ -225,21 +216,8 @@ def export_model(checkpoint: Path, dst: Path) -> Path:
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The step and layout of a complete checkpoint.
-
-    Raises:
-        ModelError: no ``meddiff_checkpoint.json`` (it is written last, so the checkpoint was not
-            finished) or an unreadable one.
-    """
-    marker = Path(path) / CHECKPOINT_INFO
-    if not marker.is_file():
-        raise ModelError(
-            f"checkpoint {path} is incomplete (no {CHECKPOINT_INFO}); it was not finished writing"
-        )
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{marker}: corrupt ({err})") from None
+    """The marker of a complete checkpoint (:func:`meddiff.training.read_marker`)."""
+    return training.read_marker(path)
 
 
 def read_attempts(out: str | Path) -> list[int]:
@@ -260,31 +238,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 class _Worker:
     def __init__(self, config: dict[str, Any]):
-        import ray.train
-        import torch
-
         self.cfg = Config.model_validate(config["cfg"])
         self.t = self.cfg.synthesis.train
         self.source: str = config["source"]
-        self.run_dir = Path(config["run_dir"])
         self.cache_dir = Path(config["cache"])
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        if self.t.use_gpu and torch.cuda.is_available():
-            import ray.train.torch
-
-            self.device = ray.train.torch.get_device()
-        else:
-            self.device = torch.device("cpu")
-        self.bf16 = self.t.precision == "bf16" or (
-            self.t.precision == "auto" and self.device.type == "cuda"
+        self.ctx = training.WorkerContext.from_ray(
+            use_gpu=self.t.use_gpu,
+            run_dir=config["run_dir"],
+            seed=self.cfg.runtime.seed,
+            tracking=config.get("tracking"),
         )
-        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.logger = None
-        if self.rank == 0 and config.get("mlflow_run_id"):
-            from meddiff.tracking import RunLogger
-
-            self.logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"])
+        self.rank, self.world, self.device = self.ctx.rank, self.ctx.world, self.ctx.device
+        self.precision = training.resolve_precision(self.t.precision, self.device.type == "cuda")
         self._frozen: C.Components | None = None
         self._eval_unet = None
 
@@ -307,7 +272,6 @@ class _Worker:
         unet.train()
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.unet = unet
         self.ema = None
         if t.ema:
             self.ema = EMAModel(
@@ -319,8 +283,8 @@ class _Worker:
                 model_cls=type(unet),
                 model_config=unet.config,
             )
-            # The average lives in fp32 even when training in bf16: updates of (1 - 0.9999)·Δ are
-            # far below bf16's resolution and would vanish.
+            # The average lives in fp32 whatever the training precision: updates of
+            # (1 - 0.9999)·Δ are far below bf16's resolution and would vanish.
             self.ema.to(device=self.device, dtype=torch.float32)
         optimizer = torch.optim.AdamW(
             unet.parameters(),
@@ -336,14 +300,22 @@ class _Worker:
             num_warmup_steps=t.warmup_steps,
             num_training_steps=t.max_steps,
         )
-        if t.strategy == "deepspeed":
-            self.strategy: _Strategy = _DeepSpeed(self, unet, optimizer, lr_scheduler)
-        else:
-            self.strategy = _DDP(self, unet, optimizer, lr_scheduler)
+        self.strategy = training.make_strategy(
+            t,
+            self.ctx,
+            unet,
+            optimizer,
+            lr_scheduler,
+            micro_batch=t.batch_size,
+            grad_clip=t.max_grad_norm,
+        )
         if online:
-            vae = comp.vae.to(self.dtype)
-            text_encoder = comp.text_encoder.to(self.dtype)
-            self.batches: Any = _online(self, vae, text_encoder, comp.tokenizer)
+            # The frozen encoders run in bf16 when training does; batches reach the strategy in
+            # fp32, which autocasts (DDP) or casts them to the engine's dtype (DeepSpeed).
+            enc = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.batches: Any = _online(
+                self, comp.vae.to(enc), comp.text_encoder.to(enc), comp.tokenizer
+            )
             self._frozen = comp
         else:
             scale = vae_scaling_factor(self.source, self.cfg.synthesis.model.revision)
@@ -352,30 +324,28 @@ class _Worker:
     # loop -----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        import ray.train
         import torch
-        import torch.distributed as dist
 
-        t = self.t
+        from meddiff.synthesis.diffusion import diffusion_loss
+
+        t, ctx = self.t, self.ctx
         self._build()
         start_step = 0
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                start_step = self._load(Path(d))
+        with training.restored() as d:
+            if d is not None:
+                start_step = self._load(d)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / ATTEMPTS, "a") as f:
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(ctx.run_dir / ATTEMPTS, "a") as f:
                 f.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
-            if self.logger:
-                self.logger.log_metrics({"resumed_from_step": start_step}, step=start_step)
+            ctx.log_metrics({"resumed_from_step": start_step}, step=start_step)
         # Summed on the device: reading the loss every step would stall a GPU on each step.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_n, t_last, step_last = 0, time.perf_counter(), start_step
         metrics: dict[str, Any] = {}
         for step in range(start_step, t.max_steps):
-            self._fault_drill(step + 1, in_checkpoint=False)
-            gen = _step_generator(self.cfg.runtime.seed, self.rank, step)
+            ctx.fault_drill(t, step + 1, in_checkpoint=False)
+            gen = ctx.generator(step)
             idx = cache_mod.batch_indices(
                 len(self.data),
                 step,
@@ -385,22 +355,20 @@ class _Worker:
                 seed=self.cfg.runtime.seed,
             )
             latents, emb = self.batches(idx, gen)
-            loss = self.strategy.step(latents, emb, gen)
+            with self.strategy.autocast():
+                loss = diffusion_loss(self.strategy.model, self.noise_scheduler, latents, emb, gen)
+            self.strategy.step(loss)
             if self.ema is not None:
                 self.ema.step(self.strategy.module.parameters())
-            loss_sum += loss.double()
+            loss_sum += loss.detach().double()
             loss_n += 1
             done = step + 1
             is_ckpt = done % t.checkpoint_every == 0 or done == t.max_steps
             if done % t.log_every == 0 or is_ckpt:
-                mean = loss_sum / loss_n  # on the device: NCCL reduces GPU tensors only
-                if dist.is_initialized():
-                    dist.all_reduce(mean)
-                    mean /= self.world
                 seconds = time.perf_counter() - t_last
                 metrics = {
                     "step": done,
-                    "loss": float(mean),
+                    "loss": ctx.mean(loss_sum / loss_n),
                     "lr": self.strategy.lr(),
                     "samples_per_s": (done - step_last) * t.batch_size * self.world / seconds,
                     "epoch": step * t.batch_size * self.world // len(self.data),
@@ -408,16 +376,15 @@ class _Worker:
                 }
                 loss_sum.zero_()
                 loss_n, step_last = 0, done
-                if self.logger:
-                    self.logger.log_metrics(
-                        {k: metrics[k] for k in ("loss", "lr", "samples_per_s")}, step=done
-                    )
+                ctx.log_metrics({k: metrics[k] for k in ("loss", "lr", "samples_per_s")}, done)
                 if is_ckpt:
                     self._save_and_report(done, metrics)
                 else:
+                    import ray.train
+
                     ray.train.report(metrics)
             sample_due = done == t.max_steps or (t.sample_every and done % t.sample_every == 0)
-            if self.rank == 0 and sample_due and self.logger:
+            if sample_due and ctx.logger is not None:
                 # The other ranks wait in the next step's collective meanwhile.
                 self._log_samples(done)
             if step_last == done:
@@ -428,53 +395,25 @@ class _Worker:
     # checkpoints ----------------------------------------------------------------------------
 
     def _save_and_report(self, step: int, metrics: dict[str, Any]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"meddiff-ckpt-{step}-r{self.rank}-"))
-        try:
+        def write(tmp: Path) -> None:
             if self.rank == 0:
                 C.save_pipeline(self._frozen_components(), tmp / "model", unet=self._ema_unet())
-            self.strategy.save(tmp)
-            self._fault_drill(step, in_checkpoint=True)
-            if self.rank == 0:
-                info = {
-                    "step": step,
-                    "strategy": self.t.strategy,
-                    "zero_stage": self.t.zero_stage,
-                    "world_size": self.world,
-                    "ema": self.ema is not None,
-                    "ema_state": self._ema_scalars(),
-                    "time": time.time(),
-                }
-                # Written last: a checkpoint without it was interrupted while being written.
-                write_json(tmp / CHECKPOINT_INFO, info)
-            ray.train.report(
-                metrics,
-                checkpoint=Checkpoint.from_directory(str(tmp)),
-                checkpoint_dir_name=f"checkpoint_{step:08d}",
-            )
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.strategy.save(tmp, self.rank)
+
+        info = training.marker_info(
+            self.t,
+            world=self.world,
+            precision=self.precision,
+            model_config=self.cfg.synthesis.model.model_dump(mode="json"),
+        )
+        info.update(ema=self.ema is not None, ema_state=self._ema_scalars())
+        training.save_and_report(self.ctx, step, metrics, write, info, drill=self.t)
 
     def _load(self, d: Path) -> int:
         """Restore the training state from a committed checkpoint; returns its step."""
         import torch
 
         info = read_checkpoint_info(d)
-        if info["strategy"] != self.t.strategy:
-            raise ConfigError(
-                f"checkpoint {d} was written with train.strategy={info['strategy']}; "
-                f"resume with the same strategy (now {self.t.strategy})"
-            )
-        if self.t.strategy == "deepspeed" and (
-            info["world_size"] != self.world or info["zero_stage"] != self.t.zero_stage
-        ):
-            raise ConfigError(
-                f"checkpoint {d} holds ZeRO-{info['zero_stage']} optimizer partitions of "
-                f"{info['world_size']} workers; resume with train.num_workers={info['world_size']} "
-                f"and train.zero_stage={info['zero_stage']}"
-            )
         self.strategy.load(d)
         if self.ema is not None:
             if not info.get("ema"):
@@ -514,7 +453,8 @@ class _Worker:
         if self._eval_unet is None:
             from diffusers import UNet2DConditionModel
 
-            self._eval_unet = UNet2DConditionModel.from_config(self.unet.config).to(self.device)
+            config = self.strategy.module.config
+            self._eval_unet = UNet2DConditionModel.from_config(config).to(self.device)
             self._eval_unet.eval().requires_grad_(False)
         if self.ema is not None:
             self.ema.copy_to(self._eval_unet.parameters())
@@ -535,7 +475,15 @@ class _Worker:
         from meddiff.synthesis.stages import to_uint8
 
         t, g = self.t, self.cfg.synthesis.generate
-        pipe = C.pipeline(self._frozen_components(), unet=self._ema_unet())
+        frozen = self._frozen_components()
+        if frozen.vae.dtype != torch.float32:  # encoders in bf16 for training: sample in fp32
+            frozen = self._frozen = C.load_components(
+                self.source,
+                revision=self.cfg.synthesis.model.revision,
+                parts=("vae", "text_encoder", "tokenizer"),
+                device=self.device,
+            )
+        pipe = C.pipeline(frozen, unet=self._ema_unet())
         pipe.scheduler = C.inference_scheduler(g.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         res = self.cfg.synthesis.model.resolution
@@ -567,45 +515,20 @@ class _Worker:
 
             path = Path(d) / f"samples_step_{step:08d}.png"
             Image.fromarray(sheet).save(path)
-            self.logger.log_artifact(path, "samples")
-
-    # fault drill ----------------------------------------------------------------------------
-
-    def _fault_drill(self, step: int, *, in_checkpoint: bool) -> None:
-        """Kill this worker process (SIGKILL: no cleanup, no exception) once per run directory,
-        when train.fail_at_step says so; FailureConfig then restarts the worker group."""
-        t = self.t
-        if t.fail_at_step != step or t.fail_in_checkpoint != in_checkpoint:
-            return
-        if self.rank != t.fail_rank:
-            return
-        marker = self.run_dir / FAULT_MARKER
-        if marker.exists():
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(
-            json.dumps({"step": step, "rank": self.rank, "in_checkpoint": in_checkpoint})
-        )
-        where = "while writing the checkpoint of" if in_checkpoint else "before"
-        log.warning(
-            "fault drill: killing rank %d (pid %d) %s step %d", self.rank, os.getpid(), where, step
-        )
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _step_generator(seed: int, rank: int, step: int):
-    from meddiff.synthesis.diffusion import step_generator
-
-    return step_generator(seed, rank, step)
+            self.ctx.logger.log_artifact(path, "samples")
 
 
 def _cached(w: _Worker, scale: float):
+    import torch
+
     from meddiff.synthesis.diffusion import CachedBatches
 
-    return CachedBatches(w.data, scale, w.t.prompt_dropout, w.device, w.dtype)
+    return CachedBatches(w.data, scale, w.t.prompt_dropout, w.device, torch.float32)
 
 
 def _online(w: _Worker, vae, text_encoder, tokenizer):
+    import torch
+
     from meddiff.synthesis.diffusion import OnlineBatches
 
     return OnlineBatches(
@@ -617,7 +540,7 @@ def _online(w: _Worker, vae, text_encoder, tokenizer):
         prompt_dropout=w.t.prompt_dropout,
         augment=w.t.augment,
         device=w.device,
-        dtype=w.dtype,
+        dtype=torch.float32,
     )
 
 
@@ -627,151 +550,3 @@ def vae_scaling_factor(source: str, revision: str | None = None) -> float:
 
     config = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
     return float(config["scaling_factor"])
-
-
-# --- distribution strategies ------------------------------------------------------------------
-
-
-def deepspeed_config(t, *, bf16: bool, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed config of a :class:`~meddiff.config.synthesis.TrainConfig`."""
-    return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {
-            "stage": t.zero_stage,
-            # Overlapping the gradient reduction with backward needs CUDA streams.
-            "overlap_comm": cuda,
-            "contiguous_gradients": True,
-        },
-        "bf16": {"enabled": bf16},
-        # The optimizer is torch's AdamW (fused on GPU), which DeepSpeed's ZeRO handles fine.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-class _Strategy:
-    """One optimisation step over the wrapped UNet, and its part of a checkpoint."""
-
-    module: Any
-
-    def step(self, latents, emb, gen):  # returns the (local) loss
-        raise NotImplementedError
-
-    def lr(self) -> float:
-        raise NotImplementedError
-
-    def save(self, d: Path) -> None:
-        raise NotImplementedError
-
-    def load(self, d: Path) -> None:
-        raise NotImplementedError
-
-
-class _DDP(_Strategy):
-    """PyTorch DDP (gloo on CPU, NCCL on GPU); bf16 by autocast over fp32 weights."""
-
-    def __init__(self, w: _Worker, unet, optimizer, lr_scheduler):
-        import torch
-        import torch.distributed as dist
-
-        self.w, self.module, self.optimizer, self.lr_scheduler = w, unet, optimizer, lr_scheduler
-        self.model = unet
-        if dist.is_initialized() and w.world > 1:
-            ids = [w.device.index] if w.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
-
-    def step(self, latents, emb, gen):
-        import torch
-
-        from meddiff.synthesis.diffusion import diffusion_loss
-
-        w = self.w
-        with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.bf16):
-            loss = diffusion_loss(self.model, w.noise_scheduler, latents, emb, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), w.t.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def lr(self) -> float:
-        return float(self.lr_scheduler.get_last_lr()[0])
-
-    def save(self, d: Path) -> None:
-        import torch
-
-        if self.w.rank != 0:
-            return
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-        }
-        torch.save(state, d / "trainer_state.pt")
-        if self.w.ema is not None:  # model/unet holds the EMA weights; keep the raw ones too
-            self.module.save_pretrained(str(d / "unet"), safe_serialization=True)
-
-    def load(self, d: Path) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        raw = d / "unet" if (d / "unet").is_dir() else d / "model" / "unet"
-        weights = load_file(
-            str(raw / "diffusion_pytorch_model.safetensors"), device=str(self.w.device)
-        )
-        self.module.load_state_dict(weights)
-        state = torch.load(d / "trainer_state.pt", map_location=self.w.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-
-
-class _DeepSpeed(_Strategy):
-    """DeepSpeed ZeRO stage 0-2 over the process group Ray Train set up (gloo on CPU, NCCL on
-    GPU); bf16 weights with fp32 master copies on GPU, fp32 on CPU."""
-
-    def __init__(self, w: _Worker, unet, optimizer, lr_scheduler):
-        import deepspeed
-
-        if w.device.type == "cpu":
-            # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel when its
-            # comm backend starts (minutes with a C++ toolchain, a failure without one). It serves
-            # only inference all-reduce, never training, so it is switched off; gloo does the rest.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        config = deepspeed_config(w.t, bf16=w.bf16, cuda=w.device.type == "cuda")
-        self.w = w
-        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=unet,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            config=config,
-            dist_init_required=False,
-        )
-        self.module = self.engine.module
-
-    def step(self, latents, emb, gen):
-        from meddiff.synthesis.diffusion import diffusion_loss
-
-        loss = diffusion_loss(self.engine, self.w.noise_scheduler, latents, emb, gen)
-        self.engine.backward(loss)
-        self.engine.step()  # clips, steps the optimizer and the LR schedule, zeroes gradients
-        return loss.detach()
-
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
-
-    def save(self, d: Path) -> None:
-        # Every rank writes its ZeRO partition; Ray Train merges the ranks' folders.
-        self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", save_latest=False)
-
-    def load(self, d: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(d / "deepspeed"),
-            tag="state",
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if path is None:
-            raise ModelError(f"checkpoint {d} has no DeepSpeed state under deepspeed/state")

@@ -1,22 +1,24 @@
 """Train THOR's DDPM on healthy slices with Ray Train (DDP or DeepSpeed), tracked in MLflow.
 
-The driver (``train_thor``) builds the Ray Data pipeline (read → slice → repeat → augment), starts a
-``TorchTrainer`` and, when it finishes, writes the final model directory and registers it. Each
-worker (``train_loop``) runs the ε-prediction loop: x0 in [-1, 1], t ~ U{0..999}, x_t = q(x0, ε, t),
-loss = ‖UNet(x_t, t) - ε‖². Rank 0 logs the loss, checkpoints and sample reconstructions.
+The driver (``train_thor``) checks the run (precision, DeepSpeed, an existing checkpoint's
+strategy and architecture), builds the Ray Data pipeline (read → slice → repeat → augment), starts
+the workers through the training core (:mod:`meddiff.training`) and, when they finish, writes the
+final model directory and registers it. Each worker (``train_loop``) runs the ε-prediction loop:
+x0 in [-1, 1], t ~ U{0..T-1}, x_t = q(x0, ε, t), loss = ‖UNet(x_t, t) - ε‖², with t and ε drawn
+from the step's generator. Rank 0 logs the loss, checkpoints and sample reconstructions.
 
-Recovery: checkpoints (weights, optimizer, step) go to ``OUT/ray/thor-train`` every
-``checkpoint_every`` steps. A failed worker is restarted from the latest one (``max_failures``), and
-running the same command again with the same ``--out`` resumes from it (Ray Train restores the
-run's checkpoint state from storage).
+Recovery: checkpoints (the core's format: strategy state, the model directory, a marker written
+last) go to ``OUT/ray/thor-train`` every ``checkpoint_every`` steps. A failed worker is restarted
+from the latest one (``max_failures``), and running the same command again with the same ``--out``
+resumes from it (Ray Train restores the run's checkpoint state from storage).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from meddiff import training
 from meddiff.config import Config
 from meddiff.errors import ConfigError, DataError, ModelError
+from meddiff.files import copy_tree
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "thor-train"
-STATE_FILE = "train_state.pt"
 MODEL_DIR = "model"
-DS_TAG = "deepspeed"
+FRESH = "rerun with --fresh to start over"
 
 
 def train_thor(
@@ -42,12 +45,11 @@ def train_thor(
 
     Raises:
         DataError: the training data cannot be read (named file).
-        ConfigError: impossible settings (fp16 without GPUs, DeepSpeed without its package, ...).
+        ConfigError: impossible settings (fp16 without GPUs, DeepSpeed without its package, ...);
+            a checkpoint in ``out`` written with another strategy or architecture.
     """
     import mlflow
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from meddiff import runtime, tracking
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
@@ -61,13 +63,22 @@ def train_thor(
     use_gpu = tc.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    if tc.precision == "fp16" and not use_gpu:
-        raise ConfigError("thor.train.precision=fp16 needs GPUs; use fp32 or bf16 on CPU")
+    precision = training.check_training(tc, use_gpu=use_gpu, section="thor.train")
     if tc.batch_size % tc.num_workers:
         raise ConfigError(
             f"thor.train.batch_size={tc.batch_size} must be divisible by "
             f"thor.train.num_workers={tc.num_workers}"
         )
+    training.check_resume(
+        out / "ray" / RUN_NAME,
+        tc,
+        section="thor.train",
+        model_section="thor.model",
+        model_config=cfg.thor.model.model_dump(mode="json"),
+        world=tc.num_workers,
+        precision=precision,
+        fresh=FRESH,
+    )
 
     with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
@@ -92,41 +103,31 @@ def train_thor(
         log.info(
             "training on %s: %d slices per epoch (repeated), %d steps", data, epoch_rows, tc.steps
         )
-        trainer = TorchTrainer(
+        start = time.perf_counter()
+        result = training.fit(
             train_loop,
-            train_loop_config={
+            {
                 "cfg": cfg.model_dump(mode="json"),
-                "run_id": run.info.run_id,
-                "tracking_uri": tracking.tracking_uri(cfg.tracking),
+                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id},
+                "run_dir": str(out / "ray" / RUN_NAME),
+                "use_gpu": use_gpu,
                 "samples": samples,
                 "epoch_rows": epoch_rows,
             },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=tc.num_workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-            ),
-            run_config=ray.train.RunConfig(
-                name=RUN_NAME,
-                storage_path=str(out / "ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            ),
+            tc,
+            num_workers=tc.num_workers,
+            use_gpu=use_gpu,
+            cpus_per_worker=tc.cpus_per_worker,
+            storage=out / "ray",
+            name=RUN_NAME,
             datasets={"train": ds},
         )
-        start = time.perf_counter()
-        result = trainer.fit()
         seconds = time.perf_counter() - start
         if result.checkpoint is None:
             raise ModelError(f"training in {out} finished without a checkpoint")
         model_dir = out / MODEL_DIR
         with result.checkpoint.as_directory() as ckpt:
-            tmp = out / f".{MODEL_DIR}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
-            if model_dir.exists():
-                shutil.rmtree(model_dir)
-            tmp.rename(model_dir)
+            copy_tree(Path(ckpt) / MODEL_DIR, model_dir)
         metrics = dict(result.metrics or {})
         summary: dict[str, Any] = {
             "model": str(model_dir),
@@ -134,6 +135,7 @@ def train_thor(
             "loss": metrics.get("loss"),
             "seconds": round(seconds, 1),
             "epoch_rows": epoch_rows,
+            "precision": precision,
             "run_id": run.info.run_id,
         }
         mlflow.log_metric("train_seconds", seconds)
@@ -147,24 +149,26 @@ def train_thor(
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker. ``config``: cfg (model_dump), run_id, tracking_uri, samples."""
+    """One Ray Train worker. ``config``: cfg (model_dump), tracking (uri, run_id), run_dir,
+    use_gpu, samples (reconstruction-grid slices), epoch_rows."""
     import ray.train
-    import ray.train.torch
 
-    from meddiff.thor.model import save_model
     from meddiff.thor.noise import make_noise
     from meddiff.thor.schedule import DDPMSchedule
     from meddiff.thor.unet import DiffusionUNet
 
     cfg = Config.model_validate(config["cfg"])
     tc = cfg.thor.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if tc.torch_threads:
-        torch.set_num_threads(tc.torch_threads)
-    torch.manual_seed(cfg.runtime.seed * 1000 + rank)
-    device = ray.train.torch.get_device()
+    ctx = training.WorkerContext.from_ray(
+        use_gpu=config["use_gpu"],
+        run_dir=config["run_dir"],
+        seed=cfg.runtime.seed,
+        tracking=config["tracking"],
+        torch_threads=tc.torch_threads,
+    )
+    device = ctx.device
     schedule = DDPMSchedule(cfg.thor.schedule)
+    torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
     unet = DiffusionUNet(cfg.thor.model).to(device)
     # mkldnn convolutions run markedly faster on channels-last tensors on CPU; DeepSpeed needs
     # contiguous parameters (it views them as bytes to broadcast them).
@@ -172,37 +176,27 @@ def train_loop(config: dict[str, Any]) -> None:
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(unet.parameters(), lr=tc.lr)
+    per_worker = tc.batch_size // ctx.world
+    strategy = training.make_strategy(
+        tc, ctx, unet, optimizer, micro_batch=per_worker, grad_clip=tc.grad_clip
+    )
+    precision = training.resolve_precision(tc.precision, device.type == "cuda")
+    info = training.marker_info(
+        tc,
+        world=ctx.world,
+        precision=precision,
+        model_config=cfg.thor.model.model_dump(mode="json"),
+    )
 
     step = 0
-    restored = ray.train.get_checkpoint()
-    engine = None
-    if tc.strategy == "deepspeed":
-        engine = _deepspeed_engine(unet, optimizer, cfg, world)
-        if restored:
-            with restored.as_directory() as d:
-                _check_strategy(Path(d), tc.strategy)
-                _, client = engine.load_checkpoint(d, tag=DS_TAG)
-                step = int(client["step"])
-        model = engine
-    else:
-        if restored:
-            with restored.as_directory() as d:
-                _check_strategy(Path(d), tc.strategy)
-                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            unet.load_state_dict(state["unet"])
-            optimizer.load_state_dict(state["optimizer"])
-            step = int(state["step"])
-        model = ray.train.torch.prepare_model(unet) if world > 1 else unet
-    if restored:
-        log.info("rank %d resumed at step %d", rank, step)
-
-    logger = _RankZeroLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
-    if logger:
-        logger.metrics({"resumed_from_step": step}, step)
-    autocast = _autocast(tc.precision, device, deepspeed=engine is not None)
+    with training.restored() as d:
+        if d is not None:
+            strategy.load(d)
+            step = int(training.read_marker(d)["step"])
+            log.info("rank %d resumed at step %d", ctx.rank, step)
+    ctx.log_metrics({"resumed_from_step": step}, step)
     t_max = min(tc.max_timestep or schedule.num_steps, schedule.num_steps)
     shard = ray.train.get_dataset_shard("train")
-    per_worker = tc.batch_size // world
     losses: list[float] = []
     tick = started = time.perf_counter()
     limit_s = tc.time_limit_min * 60 if tc.time_limit_min else None
@@ -216,31 +210,25 @@ def train_loop(config: dict[str, Any]) -> None:
             dtypes=torch.float32,
             device=device,
         ):
+            ctx.fault_drill(tc, step + 1, in_checkpoint=False)
+            gen = ctx.generator(step)
             x0 = batch["image"][:, None] * 2 - 1
-            t = torch.randint(0, t_max, (x0.shape[0],), device=device)
-            eps = make_noise(tc.noise, tuple(x0.shape), schedule.num_steps, cfg.thor.simplex).to(
-                device
-            )
+            t = torch.randint(0, t_max, (x0.shape[0],), generator=gen).to(device)
+            eps = make_noise(
+                tc.noise, tuple(x0.shape), schedule.num_steps, cfg.thor.simplex, gen
+            ).to(device)
             x_t = schedule.add_noise(x0, eps, t)
             if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                pred = model(x_t, t)
+            with strategy.autocast():
+                pred = strategy.model(x_t, t)
             loss = torch.nn.functional.mse_loss(pred.float(), eps)
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip)
-                optimizer.step()
+            strategy.step(loss)
             step += 1
             losses.append(float(loss.detach()))
-            if logger and step % tc.log_every == 0:
+            if step % tc.log_every == 0:
                 elapsed = time.perf_counter() - tick
-                logger.metrics(
+                ctx.log_metrics(
                     {
                         "loss": float(np.mean(losses[-tc.log_every :])),
                         "images_per_s": tc.log_every * tc.batch_size / max(elapsed, 1e-9),
@@ -248,13 +236,14 @@ def train_loop(config: dict[str, Any]) -> None:
                     step,
                 )
             if limit_s is not None and step % tc.log_every == 0:
-                stop = _agree(time.perf_counter() - started > limit_s, world, device)
+                stop = ctx.agree(time.perf_counter() - started > limit_s)
             last = step >= tc.steps or stop
-            if logger and tc.sample_every and (step % tc.sample_every == 0 or last):
-                logger.image(_sample_grid(unet, schedule, cfg, config["samples"]), step)
+            if ctx.logger and tc.sample_every and (step % tc.sample_every == 0 or last):
+                grid = _sample_grid(_fp32(strategy.module), schedule, cfg, config["samples"])
+                ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
             if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
-                _checkpoint(metrics, unet, optimizer, engine, cfg, rank, save_model)
+                _checkpoint(ctx, strategy, cfg, step, metrics, info)
             if step % tc.log_every == 0:
                 tick = time.perf_counter()  # images_per_s times training steps, not saving
             if last:
@@ -268,36 +257,12 @@ def train_loop(config: dict[str, Any]) -> None:
             )
 
 
-def _agree(flag: bool, world: int, device: torch.device) -> bool:
-    """Rank 0's decision, on every rank (workers must stop at the same step)."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
-class _RankZeroLogger:
-    """MLflow logging from inside a Ray worker, into the driver's run (by id)."""
-
-    def __init__(self, run_id: str, uri: str):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
-        )
-
-    def image(self, grid: np.ndarray, step: int) -> None:
-        self.client.log_image(self.run_id, grid, artifact_file=f"samples/step_{step:07d}.png")
+def _fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself when its weights are fp32, else an fp32 copy (a bf16/fp16 DeepSpeed
+    module): sampling and the saved model always use fp32 weights."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
 
 
 def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarray) -> np.ndarray:
@@ -325,29 +290,19 @@ def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarr
     return (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def _checkpoint(metrics, unet, optimizer, engine, cfg: Config, rank: int, save_model) -> None:
-    import ray.train
+def _checkpoint(ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict) -> None:
+    from meddiff.thor.model import save_model
 
-    with tempfile.TemporaryDirectory() as d:
-        if engine is not None:
-            engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": metrics["step"]})
-        if rank == 0:
-            if engine is None:
-                torch.save(
-                    {
-                        "unet": unet.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": metrics["step"],
-                    },
-                    Path(d) / STATE_FILE,
-                )
+    def write(tmp: Path) -> None:
+        strategy.save(tmp, ctx.rank)
+        if ctx.rank == 0:
             save_model(
-                Path(d) / MODEL_DIR,
-                unet,
+                tmp / MODEL_DIR,
+                _fp32(strategy.module),
                 cfg.thor.model,
                 cfg.thor.schedule,
                 {
-                    "steps": metrics["step"],
+                    "steps": step,
                     "loss": metrics["loss"],
                     "train_noise": cfg.thor.train.noise,
                     # Inference refuses a T the model never saw (see detect.plan_for).
@@ -355,48 +310,5 @@ def _checkpoint(metrics, unet, optimizer, engine, cfg: Config, rank: int, save_m
                     "intensity": cfg.data.images.reading(),  # detection must read the same way
                 },
             )
-        has_files = engine is not None or rank == 0
-        ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
-        ray.train.report(metrics, checkpoint=ckpt)
 
-
-def _check_strategy(checkpoint: Path, strategy: str) -> None:
-    """A checkpoint resumes only under the strategy that wrote it (different state layouts)."""
-    wrote = "deepspeed" if (checkpoint / DS_TAG).is_dir() else "ddp"
-    if wrote != strategy:
-        raise ConfigError(
-            f"the checkpoint {checkpoint.name} was written with thor.train.strategy={wrote}, "
-            f"this run uses {strategy}; resume with the same strategy or start over with --fresh"
-        )
-
-
-def _deepspeed_engine(unet: torch.nn.Module, optimizer, cfg: Config, world: int):
-    try:
-        import deepspeed
-    except ImportError as err:
-        raise ConfigError(
-            f"thor.train.strategy=deepspeed but deepspeed cannot be imported ({err})"
-        ) from None
-    tc = cfg.thor.train
-    ds_config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": tc.batch_size // world,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": tc.zero_stage},
-        "bf16": {"enabled": tc.precision == "bf16"},
-        "fp16": {"enabled": tc.precision == "fp16"},
-    }
-    if tc.grad_clip:
-        ds_config["gradient_clipping"] = tc.grad_clip
-    engine, *_ = deepspeed.initialize(
-        model=unet, optimizer=optimizer, config=ds_config, dist_init_required=False
-    )
-    return engine
-
-
-def _autocast(precision: str, device: torch.device, deepspeed: bool):
-    import contextlib
-
-    if precision == "fp32" or deepspeed:  # DeepSpeed casts the model itself
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    training.save_and_report(ctx, step, metrics, write, info, drill=cfg.thor.train)

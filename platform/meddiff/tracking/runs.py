@@ -140,3 +140,7 @@ class RunLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """A uint8 image array (H, W) or (H, W, C) as a PNG artifact at ``artifact_file``."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)

@@ -1,0 +1,35 @@
+"""The one training core under every Ray Train loop (synthesis, THOR, the evaluation classifier).
+
+- :mod:`~meddiff.training.context`: the worker's rank, world size, device, rank-0 MLflow logger,
+  the seeding rule (a generator per (seed, rank, step)) and the fault drill;
+- :mod:`~meddiff.training.strategy`: DDP and DeepSpeed behind one interface, precision
+  fp32/bf16/fp16, the DeepSpeed config;
+- :mod:`~meddiff.training.checkpoints`: the checkpoint format (state + a marker written last);
+- :mod:`~meddiff.training.driver`: checks before workers start (precision, DeepSpeed, resuming a
+  checkpoint of another strategy or architecture), the ``TorchTrainer`` and the mapping of
+  worker errors to meddiff's one-line errors without retries.
+
+Each loop keeps only what is its own: the model, the batch, the loss, the samples it logs.
+Nothing here imports a model family.
+"""
+
+from meddiff.training.checkpoints import latest_checkpoint, read_marker, restored, save_and_report
+from meddiff.training.context import WorkerContext, step_generator
+from meddiff.training.driver import check_resume, check_training, fit, marker_info
+from meddiff.training.strategy import deepspeed_config, make_strategy, resolve_precision
+
+__all__ = [
+    "WorkerContext",
+    "check_resume",
+    "check_training",
+    "deepspeed_config",
+    "fit",
+    "latest_checkpoint",
+    "make_strategy",
+    "marker_info",
+    "read_marker",
+    "resolve_precision",
+    "restored",
+    "save_and_report",
+    "step_generator",
+]

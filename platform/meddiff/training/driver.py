@@ -1,0 +1,204 @@
+"""The driver side of every training loop: checks before any worker starts, the ``TorchTrainer``,
+and one mapping of worker exceptions.
+
+A meddiff error raised inside a worker (bad data, a checkpoint that does not fit the run) is a
+fault in the input, not a crash: retrying it would fail the same way. :class:`StopOnUserError`
+(a Ray Train callback in the controller) turns it into a controller error, which Ray Train never
+retries, and :func:`fit` re-raises it on the driver as the same one-line error (exit code 2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from meddiff.errors import ConfigError, MeddiffError
+from meddiff.training.checkpoints import latest_checkpoint, read_marker
+from meddiff.training.strategy import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def check_training(t, *, use_gpu: bool, section: str) -> str:
+    """Refuse impossible settings of the training section ``t`` (named ``section`` in messages,
+    e.g. ``thor.train``) before any worker starts; returns the precision resolved for the
+    device (fp32/bf16/fp16).
+
+    Raises:
+        ConfigError: fp16 without GPUs; DeepSpeed without the deepspeed package.
+    """
+    precision = resolve_precision(t.precision, use_gpu)
+    if precision == "fp16" and not use_gpu:
+        raise ConfigError(
+            f"{section}.precision=fp16 needs GPUs (fp16 autocast and loss scaling run on CUDA); "
+            "use fp32 or bf16 on CPU"
+        )
+    if t.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"{section}.strategy=deepspeed but the deepspeed package is not installed; "
+            f"install it or set {section}.strategy=ddp"
+        )
+    return precision
+
+
+def marker_info(t, *, world: int, precision: str, model_config: dict[str, Any]) -> dict:
+    """What a checkpoint records about the run that wrote it (checked by :func:`check_resume`)."""
+    return {
+        "strategy": t.strategy,
+        "zero_stage": t.zero_stage if t.strategy == "deepspeed" else None,
+        "precision": precision,
+        "world_size": world,
+        "model_config": model_config,
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [f"{prefix}={old!r} (this run: {new!r})"]
+
+
+def check_resume(
+    run_dir: str | Path,
+    t,
+    *,
+    section: str,
+    model_section: str,
+    model_config: dict[str, Any],
+    world: int,
+    precision: str,
+    fresh: str,
+) -> Path | None:
+    """Compare the newest complete checkpoint under ``run_dir`` (the one a rerun resumes from)
+    with this run, on the driver, before any worker starts; returns it (None: a fresh start).
+
+    ``model_config`` is this run's model section as JSON (``model_section`` names it);
+    ``fresh`` says how to start over instead (``"rerun with --fresh"``).
+
+    Raises:
+        ConfigError: the checkpoint was written with another strategy, another ZeRO layout
+            (stage, workers, precision) or another architecture, naming the settings that differ.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    info = read_marker(ckpt)
+    if info.get("strategy") != t.strategy:
+        raise ConfigError(
+            f"checkpoint {ckpt} was written with {section}.strategy={info.get('strategy')}, "
+            f"this run uses {t.strategy}; resume with the same strategy, or {fresh}"
+        )
+    if t.strategy == "deepspeed":
+        wrote = (info.get("zero_stage"), info.get("world_size"), info.get("precision"))
+        if wrote != (t.zero_stage, world, precision):
+            raise ConfigError(
+                f"checkpoint {ckpt} holds ZeRO-{wrote[0]} {wrote[2]} partitions of {wrote[1]} "
+                f"workers; resume with {section}.zero_stage={wrote[0]}, {wrote[1]} workers and "
+                f"precision {wrote[2]} (this run: ZeRO-{t.zero_stage}, {world}, {precision}), "
+                f"or {fresh}"
+            )
+    # Through JSON, as the marker was: tuples and lists compare equal.
+    diff = _differences(
+        info.get("model_config"), json.loads(json.dumps(model_config)), model_section
+    )
+    if diff:
+        raise ConfigError(
+            f"checkpoint {ckpt} holds another architecture: {'; '.join(diff[:3])}; resume with "
+            f"the checkpoint's model settings, or {fresh}"
+        )
+    return ckpt
+
+
+def worker_user_error(err: BaseException) -> MeddiffError | None:
+    """The meddiff error behind a Ray Train failure (the controller's, a worker group's, or one
+    worker's wrapped exception), or None for a genuine crash."""
+    seen: set[int] = set()
+    todo: list[Any] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MeddiffError):
+            cause = getattr(e, "cause", None)  # RayTaskError(DataError) carries the original
+            return cause if isinstance(cause, MeddiffError) else e
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        todo += [
+            getattr(e, name, None)
+            for name in ("controller_failure", "_base_exc", "cause", "__cause__", "__context__")
+        ]
+    return None
+
+
+def _stop_callback():
+    from ray.train import UserCallback
+
+    class StopOnUserError(UserCallback):
+        """Raised in the controller, a worker's meddiff error becomes a controller error, which
+        Ray Train's failure policy raises at once instead of restarting the worker group."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            for exc in worker_exceptions.values():
+                found = worker_user_error(exc)
+                if found is not None:
+                    raise found
+
+    return StopOnUserError()
+
+
+def fit(
+    loop,
+    config: dict[str, Any],
+    t,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    storage: Path,
+    name: str,
+    datasets: dict[str, Any] | None = None,
+):
+    """Run ``loop(config)`` on ``num_workers`` Ray Train workers and return the ``Result``.
+
+    Checkpoints go to ``storage/name``; Ray Train keeps ``t.keep_checkpoints`` of them and
+    restarts a crashed worker group up to ``t.max_failures`` times from the newest one.
+
+    Raises:
+        MeddiffError: the one a worker raised (bad data, a checkpoint that does not fit), never
+            retried.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=[_stop_callback()],
+        ),
+        datasets=datasets,
+    )
+    try:
+        return trainer.fit()
+    except Exception as err:
+        user = worker_user_error(err)
+        if user is not None:
+            raise user from None
+        raise

@@ -1,0 +1,70 @@
+"""The evaluation classifier on the training core: a killed worker resumes from the last
+checkpoint; resuming with another architecture, or from a checkpoint whose state is missing, is a
+one-line error (exit 2) that Ray Train never retries."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from ray.train import TrainingFailedError
+
+from meddiff.cli import main
+from meddiff.training import WorkerContext
+from meddiff.training.context import FAULT_MARKER
+
+BASE = ["--preset", "tiny", "--set", "runtime.progress=false",
+        "--set", "evaluation.classifier.steps=16",
+        "--set", "evaluation.classifier.checkpoint_every=4"]  # fmt: skip
+
+
+def _run(sample_pcam_dir, out, *sets: str) -> int:
+    args = ["eval", "classifier", "--real", str(sample_pcam_dir), "--arms", "real",
+            "--out", str(out), "--json", str(out / "result.json"), *BASE]  # fmt: skip
+    for s in sets:
+        args += ["--set", s]
+    return main(args)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(sample_pcam_dir, tmp_path):
+    out = tmp_path / "killed"
+    assert _run(sample_pcam_dir, out, "evaluation.classifier.fail_at_step=10") == 0
+    run_dir = out / "ray_train" / "classifier"
+    assert json.loads((run_dir / FAULT_MARKER).read_text())["step"] == 10
+    assert WorkerContext.starts(run_dir) == 2
+    arm = json.loads((out / "result.json").read_text())["arms"]["real"]
+    assert arm["steps"] == 16 and 0.0 <= arm["auc"] <= 1.0
+    runs = mlflow.search_runs(
+        filter_string="tags.`meddiff.job` = 'eval-classifier'", order_by=["start_time DESC"]
+    )
+    hist = mlflow.MlflowClient().get_metric_history(runs.iloc[0].run_id, "resumed_from_step")
+    # Killed before step 10: restarted at the step-8 checkpoint, less than one interval lost.
+    assert sorted(m.value for m in hist) == [0.0, 8.0]
+
+
+@pytest.mark.slow
+def test_resume_errors_are_one_line_and_never_retried(sample_pcam_dir, tmp_path, capsys):
+    out = tmp_path / "broken"
+    # Killed before step 10 with no restarts allowed: the run fails with the step-8 checkpoint.
+    with pytest.raises(TrainingFailedError):  # a crash, not bad input: Ray's own error
+        _run(sample_pcam_dir, out, "evaluation.classifier.fail_at_step=10",
+             "evaluation.classifier.max_failures=0")  # fmt: skip
+    run_dir = out / "ray_train" / "classifier"
+    assert WorkerContext.starts(run_dir) == 1
+    capsys.readouterr()
+
+    rc = _run(sample_pcam_dir, out, "evaluation.classifier.channels=[8, 16]")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("meddiff: error: checkpoint")
+    assert "evaluation.classifier.channels=[8, 16, 32] (this run: [8, 16])" in err
+    assert WorkerContext.starts(run_dir) == 1  # refused before any worker started
+
+    ckpt = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    (ckpt / "trainer_state.pt").unlink()  # a checkpoint copied in part
+    rc = _run(sample_pcam_dir, out)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("meddiff: error: checkpoint")
+    assert "has no trainer_state.pt" in err
+    assert WorkerContext.starts(run_dir) == 2  # one start, no retries (max_failures=2)
