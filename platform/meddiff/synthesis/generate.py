@@ -54,6 +54,17 @@ def resolve_model(cfg: Config, model: str | Path, out: Path) -> Path:
     return C.check_model_dir(local).resolve()
 
 
+def _version_ref(cfg: Config, ref: str) -> str | None:
+    """``models:/NAME/VERSION`` for a registry reference (an alias resolved now, so a report
+    names the version it judged even after the alias moves on); None for a directory."""
+    if not ref.startswith("models:/"):
+        return None
+    from meddiff.tracking.lineage import resolve_version
+
+    mv = resolve_version(ref, cfg.tracking)
+    return f"models:/{mv.name}/{mv.version}"
+
+
 def generate(
     cfg: Config, model: str | Path, prompts: str | Path, out: str | Path
 ) -> dict[str, Any]:
@@ -134,6 +145,7 @@ def generate(
             "prompts": len(firsts),
             "grids": str(out / "grids"),
             "model": str(model),
+            "model_version": _version_ref(cfg, str(model)),
             "model_dir": str(model_dir),
             "scheduler": g.scheduler,
             "steps": g.steps,

@@ -73,6 +73,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     start = time.perf_counter()
     with tracking.start_run(cfg, "synthesis-train") as run:
         mlflow.log_params({"pairs": str(pairs), "out": str(out)})
+        tracking.log_input(pairs, context="training")
         source = prepare_base_model(cfg, pairs, out / "base")
         t0 = time.perf_counter()
         info = cache_mod.build_cache(cfg, source, pairs, out / "cache")
