@@ -197,7 +197,8 @@ def postgres(root: Path) -> Iterator[str]:
         )
     try:
         isready = [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
-        _wait(lambda: subprocess.run(isready).returncode == 0, "PostgreSQL", 60, proc, log)
+        ready = lambda: subprocess.run(isready, capture_output=True).returncode == 0  # noqa: E731
+        _wait(ready, "PostgreSQL", 60, proc, log)
         subprocess.run(
             [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
             check=True,

@@ -156,3 +156,27 @@ def test_directory_outputs_upload_with_marker_last(store, tmp_path):
     store.client().delete_object(Bucket=BUCKET, Key=f"outputs/report/{storage.COMPLETE}")
     with pytest.raises(DataError, match="incomplete"):
         storage.local_input(uri, cache=tmp_path / "cache")
+
+
+def test_prompt_pairs_on_s3_feed_the_synthesis_readers(store, tmp_path):
+    import ray.data
+
+    from meddiff.data.shards import provenance, write_shards
+    from meddiff.synthesis.cache import check_pairs, pair_prompts
+    from meddiff.synthesis.train import sample_pair_images
+
+    _cfg(store)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    prompts = np.array([f"type {i % 3}" for i in range(12)], dtype=object)
+    batch = {"image": images, "label": np.zeros(12, np.int64), "prompt": prompts}
+    batch.update(provenance("synthetic", np.arange(12)))
+    pairs = f"s3://{BUCKET}/prompts/pairs"
+    write_shards(
+        ray.data.from_items([{"b": 0}]).map_batches(lambda _: batch), pairs, rows_per_file=5
+    )
+    assert check_pairs(pairs)["rows"] == 12
+    assert pair_prompts(pairs) == ["type 0", "type 1", "type 2"]
+    got = sample_pair_images(pairs, 12)
+    assert got.shape == (12, 16, 16, 3)
+    assert sorted(map(bytes, got)) == sorted(map(bytes, images))

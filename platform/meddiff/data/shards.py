@@ -249,6 +249,18 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.
     return ds.map_batches(decode_batch, batch_format="numpy", zero_copy_batch=True)
 
 
+def read_file(path: str | Path, name: str, columns: list[str] | None = None):
+    """One shard file of a directory or object prefix as a pyarrow Table (``columns`` only)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.filesystem(path)
+    target = f"{inner}/{name}"
+    return storage.retry(
+        str(storage.join(path, name)),
+        lambda: pq.read_table(target, columns=columns, filesystem=fs),
+    )
+
+
 def load_shards(path: str | Path) -> dict[str, np.ndarray]:
     """Read a whole shard directory into memory without Ray (small sets, tests, tools)."""
     import pyarrow.parquet as pq

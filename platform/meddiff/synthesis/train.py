@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config import Config
 from meddiff.errors import ConfigError, MeddiffError, ModelError
 from meddiff.files import copy_tree, write_json
@@ -65,7 +66,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     from meddiff import runtime, tracking
 
     out = Path(out).resolve()
-    pairs = Path(pairs).resolve()
+    pairs = pairs if storage.is_uri(pairs) else Path(pairs).resolve()  # s3://: read in place
     cache_mod.check_pairs(pairs)
     out.mkdir(parents=True, exist_ok=True)
     runtime.connect(cfg.runtime)
@@ -119,7 +120,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     return summary
 
 
-def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
+def prepare_base_model(cfg: Config, pairs: str | Path, out: Path) -> str:
     """The model to fine-tune: ``model.source``, or for ``source: null`` a pipeline built from
     config and saved in ``out`` (reused when it was built for the same config and prompts)."""
     mcfg = cfg.synthesis.model
@@ -148,16 +149,14 @@ def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
     return str(out)
 
 
-def sample_pair_images(pairs: Path, n: int) -> np.ndarray:
+def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:
     """Up to ``n`` images from the first shard files (for fitting a from-scratch VAE)."""
-    import pyarrow.parquet as pq
-
     from meddiff.data import shards
 
     manifest = shards.read_manifest(pairs)
     batches, have = [], 0
     for name in manifest["files"]:
-        table = pq.read_table(pairs / name, columns=["image", "height", "width", "channels"])
+        table = shards.read_file(pairs, name, columns=["image", "height", "width", "channels"])
         cols = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         batches.append(shards.decode_batch(cols)["image"])
         have += len(batches[-1])

@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, default=2, help="server worker processes")
+    server.add_argument(
+        "--allowed-hosts",
+        help="Host names clients may use (MLflow answers only localhost by default), e.g. "
+        "'mlflow.internal,mlflow.internal:5000'",
+    )
     server.add_argument("--log", metavar="FILE", help="append the server's output to FILE")
     server.add_argument(
         "--wait-s", type=float, default=180.0, help="how long to wait for /health at start"
@@ -58,6 +63,7 @@ def _server(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        allowed_hosts=args.allowed_hosts,
         endpoint_url=cfg.storage.endpoint_url,
         log_path=args.log,
         timeout_s=args.wait_s,

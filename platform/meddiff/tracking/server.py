@@ -32,8 +32,12 @@ def server_command(
     host: str = "127.0.0.1",
     port: int = 5000,
     workers: int = 2,
+    allowed_hosts: str | None = None,
 ) -> list[str]:
-    """The ``mlflow server`` command line for a proxied-artifact server."""
+    """The ``mlflow server`` command line for a proxied-artifact server.
+
+    MLflow answers only requests addressed to localhost unless ``allowed_hosts`` lists the names
+    the nodes use (e.g. ``mlflow.internal,mlflow.internal:5000``)."""
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     return [
         mlflow,
@@ -49,6 +53,7 @@ def server_command(
         str(port),
         "--workers",
         str(workers),
+        *(["--allowed-hosts", allowed_hosts] if allowed_hosts else []),
     ]
 
 
@@ -96,6 +101,7 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 5000,
     workers: int = 2,
+    allowed_hosts: str | None = None,
     endpoint_url: str | None = None,
     log_path: str | Path | None = None,
     timeout_s: float = 120.0,
@@ -109,7 +115,9 @@ def start_server(
     """
     backend = check_backend(backend_store_uri)
     artifacts = artifacts_location(artifacts_destination)
-    cmd = server_command(backend, artifacts, host=host, port=port, workers=workers)
+    cmd = server_command(
+        backend, artifacts, host=host, port=port, workers=workers, allowed_hosts=allowed_hosts
+    )
     env = {**server_env(artifacts, endpoint_url), **(extra_env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (kept open)
     # Its own session, so the server and its workers can be stopped together (os.killpg).
