@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 from meddiff import storage
 from meddiff.config import TrackingConfig
-from meddiff.errors import ModelError
+from meddiff.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
 
 # Inputs up to this size are hashed byte for byte; larger ones by file names and sizes (hashing
 # terabytes of slides on every run would cost more than the run).
@@ -40,7 +43,7 @@ def dataset_digest(path: str | Path) -> tuple[str, str]:
     else:
         names = storage.list_files(path)
         if not names:
-            raise storage.DataError(f"{path} does not exist or is empty")
+            raise DataError(f"{path} does not exist or is empty")
         infos = storage.retry(str(path), lambda: fs.get_file_info([f"{inner}/{n}" for n in names]))
         entries = [(n, i.path, i.size) for n, i in zip(names, infos, strict=True)]
     total = sum(size for _, _, size in entries)
@@ -67,7 +70,12 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
     from mlflow.data.meta_dataset import MetaDataset
 
     uri = str(path) if storage.is_uri(path) else str(Path(path).absolute())
-    digest, kind = dataset_digest(path)
+    try:
+        digest, kind = dataset_digest(path)
+    except DataError as err:
+        # The job validates its input itself and says what is wrong with it in its own words.
+        log.warning("not recording %s as a dataset input: %s", uri, err)
+        return {}
     tags = {"meddiff.uri": uri, "meddiff.digest": digest, "meddiff.digest_kind": kind}
     with contextlib.suppress(Exception):  # not a shard directory: no producing run to follow
         from meddiff.data.shards import read_manifest
