@@ -57,6 +57,7 @@ def pcam_uri(store, sample_pcam_dir):
     return f"s3://{BUCKET}/pcam"
 
 
+@pytest.mark.slow
 def test_ingest_pcam_from_s3_into_s3_shards_matches_local(
     store, pcam_uri, sample_pcam_dir, tmp_path
 ):
