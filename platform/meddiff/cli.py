@@ -28,6 +28,7 @@ GROUPS = (
     "meddiff.synthesis.cli",
     "meddiff.thor.cli",
     "meddiff.evaluation.cli",
+    "meddiff.tracking.cli",
 )
 
 
@@ -58,7 +59,11 @@ def config_from_args(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"runtime.address={args.address}")
-    return load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides)
+    from meddiff import storage
+
+    storage.configure(cfg.storage)
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from meddiff.config import prompts as _prompts
 from meddiff.config import synthesis as _synthesis
 from meddiff.config import thor as _thor
 from meddiff.config.base import Section
-from meddiff.config.core import RuntimeConfig, TrackingConfig
+from meddiff.config.core import RuntimeConfig, StorageConfig, TrackingConfig
 from meddiff.config.data import DataConfig
 from meddiff.config.evaluation import EvaluationConfig
 from meddiff.config.prompts import PromptsConfig
@@ -46,6 +46,7 @@ __all__ = [
     "PromptsConfig",
     "RuntimeConfig",
     "Section",
+    "StorageConfig",
     "SynthesisConfig",
     "ThorConfig",
     "TrackingConfig",
@@ -58,6 +59,7 @@ class Config(Section):
 
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     prompts: PromptsConfig = PromptsConfig()
     synthesis: SynthesisConfig = SynthesisConfig()

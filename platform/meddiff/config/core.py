@@ -49,3 +49,26 @@ class TrackingConfig(Section):
         "store ./mlruns.db with artifacts under ./mlartifacts.",
     )
     experiment: str = Field(default="meddiff", min_length=1)
+
+
+class StorageConfig(Section):
+    """Object storage for paths given as URIs (``s3://``, ``gs://``, ``abfs://``).
+
+    Credentials are never config: they come from the usual AWS sources (environment variables
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, an instance role).
+    """
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint, e.g. 'http://127.0.0.1:8333' (SeaweedFS, MinIO); "
+        "None uses AWS_ENDPOINT_URL, else AWS itself.",
+    )
+    region: str | None = Field(
+        default=None, description="S3 region; None uses AWS_REGION, else us-east-1."
+    )
+    retries: int = Field(
+        default=4, ge=1, le=20, description="Attempts for a transient object-store error."
+    )
+    timeout_s: float = Field(
+        default=20.0, gt=0, description="Connect and request timeout of one attempt, seconds."
+    )

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from meddiff.storage import path_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meddiff.cli import add_config_arguments
@@ -63,9 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "shards (Ray Data; slides are tiled at data.wsi.magnification)",
     )
     ingest.add_argument(
-        "--input", required=True, type=Path, help="PCam dir, shards, slide or slide dir"
+        "--input",
+        required=True,
+        type=path_arg,
+        help="PCam dir, shards, slide or slide dir (local, or s3:// gs:// abfs:// for PCam/shards)",
     )
-    ingest.add_argument("--out", required=True, type=Path, help="shard directory to create")
+    ingest.add_argument(
+        "--out", required=True, type=path_arg, help="shard directory or s3:// prefix to create"
+    )
     ingest.add_argument("--split", default="train", help="PCam split to read (train/valid/test)")
     ingest.add_argument("--limit", type=int, help="read at most this many patches")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -75,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     inspect = cmds.add_parser(
         "inspect", help="summarise a PCam directory, shard directory, slide or slide directory"
     )
-    inspect.add_argument("path", type=Path)
+    inspect.add_argument("path", type=path_arg)
     add_config_arguments(inspect)
     inspect.set_defaults(handler=_inspect)
 
@@ -147,6 +154,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.data import pcam, shards, wsi
     from meddiff.errors import DataError
@@ -154,12 +162,12 @@ def _inspect(args: argparse.Namespace) -> int:
     wsi_cfg = config_from_args(args).data.wsi
     if shards.is_shard_dir(args.path):
         summary = shards.read_manifest(args.path)
-    elif wsi.is_slide_input(args.path, wsi_cfg):
+    elif not storage.is_uri(args.path) and wsi.is_slide_input(args.path, wsi_cfg):
         summary = {
             str(p): wsi.plan_slide(p, wsi_cfg).summary()
             for p in wsi.slide_files(args.path, wsi_cfg)
         }
-    elif args.path.is_dir() and pcam.available_splits(args.path):
+    elif storage.is_dir(args.path) and pcam.available_splits(args.path):
         summary = {}
         for split in pcam.available_splits(args.path):
             opened = pcam.open_pcam(args.path, split, patch_size=None)

@@ -18,6 +18,7 @@ from ray.data import Datasource
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import ReadTask
 
+from meddiff import storage
 from meddiff.config import DataConfig
 from meddiff.data import pcam, shards, wsi
 from meddiff.errors import DataError
@@ -30,6 +31,19 @@ def patch_dataset(
 ) -> ray.data.Dataset:
     """A dataset of patch batches from a PCam directory (its ``split``), a shard directory, a
     whole-slide image or a directory of slides (``split`` does not apply to the last three)."""
+    if storage.is_uri(path):
+        # Object storage: shard prefixes and PCam prefixes (slides are read from local paths).
+        if shards.is_shard_dir(path):
+            ds = shards.read_shards(path)
+            return ds.limit(limit) if limit else ds
+        if pcam.available_splits(path):
+            return pcam_dataset(path, split, cfg, limit=limit)
+        if not storage.exists(path):
+            raise DataError(f"input {path} does not exist")
+        raise DataError(
+            f"{path}: neither a PCam prefix (camelyonpatch_level_2_split_*_x.h5) nor a complete "
+            f"meddiff shard prefix ({shards.MANIFEST})"
+        )
     path = Path(path)
     if shards.is_shard_dir(path):
         ds = shards.read_shards(path)
@@ -63,7 +77,7 @@ def pcam_dataset(
 
 def _pcam_block(split: pcam.PCamSplit, start: int, stop: int, rows: int):
     for block in pcam.iter_blocks(split, start, stop, rows):
-        block.update(shards.provenance(str(split.x_source), block.pop("index")))
+        block.update(shards.provenance(split.source, block.pop("index")))
         yield BlockAccessor.batch_to_block(block)
 
 
@@ -97,7 +111,7 @@ class PCamDatasource(Datasource):
                 num_rows=int(hi - lo),
                 size_bytes=int(hi - lo) * self.row_bytes,
                 exec_stats=None,
-                input_files=(str(self.split.x_source),),
+                input_files=(self.split.source,),
             )
             read = _bind(self.split, int(lo), int(hi), self.rows_per_block)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))

@@ -33,6 +33,7 @@ def ingest(
     runtime.connect(cfg.runtime)
     with tracking.start_run(cfg, "ingest"):
         mlflow.log_params({"input": str(source), "split": split, "out": str(out), "limit": limit})
+        tracking.log_input(source, context="source")
         start = time.perf_counter()
         ds = patch_dataset(source, cfg.data, split=split, limit=limit)
         manifest = write_shards(

@@ -19,10 +19,12 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
+from meddiff import storage
 from meddiff.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -46,15 +48,38 @@ class PCamSplit:
     split: str
     x_path: Path
     y_path: Path
-    x_source: Path
+    x_source: Path | str
     num_rows: int
     patch_size: int
+    # For a split in object storage: the objects and the filesystem that reads them (pickled into
+    # Ray read tasks, which fetch their own node-local copy; see storage.cached_file).
+    x_uri: str | None = None
+    y_uri: str | None = None
+    fs: Any = None
+    cache_dir: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The x file as the user named it (a URI for object storage), for provenance."""
+        return self.x_uri or str(self.x_source)
+
+    def local_paths(self) -> tuple[Path, Path]:
+        """Readable local x and y files (fetched and decompressed once per node if remote)."""
+        if not self.x_uri:
+            return self.x_path, self.y_path
+        return tuple(
+            materialize(storage.cached_file(u, fs=self.fs), self.cache_dir)
+            for u in (self.x_uri, self.y_uri)
+        )
 
 
-def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
+def find_split_files(root: Path | str, split: str) -> tuple[Path | str, Path | str]:
     """The x and y files of ``split`` under ``root`` (``.h5`` preferred over ``.h5.gz``)."""
     if split not in SPLITS:
         raise DataError(f"unknown PCam split '{split}'; expected one of {', '.join(SPLITS)}")
+    if storage.is_uri(root):
+        return _find_remote(str(root), split)
+    root = Path(root)
     if not root.is_dir():
         raise DataError(f"PCam directory {root} does not exist")
     found = []
@@ -70,8 +95,28 @@ def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
-def available_splits(root: Path) -> list[str]:
-    """Splits of ``root`` whose x file exists."""
+def _find_remote(root: str, split: str) -> tuple[str, str]:
+    names = set(storage.list_files(root, recursive=False))
+    if not names:
+        raise DataError(f"PCam directory {root} does not exist")
+    found = []
+    for kind in ("x", "y"):
+        plain = pcam_filename(split, kind)
+        for name in (plain, plain + ".gz"):
+            if name in names:
+                found.append(storage.join(root, name))
+                break
+        else:
+            raise DataError(f"{root}: missing {plain} (or {plain}.gz) for split '{split}'")
+    return found[0], found[1]
+
+
+def available_splits(root: Path | str) -> list[str]:
+    """Splits of ``root`` (a directory or an object-store prefix) whose x file exists."""
+    if storage.is_uri(root):
+        names = set(storage.list_files(root, recursive=False))
+        return [s for s in SPLITS if {pcam_filename(s, "x"), pcam_filename(s, "x") + ".gz"} & names]
+    root = Path(root)
     return [
         s
         for s in SPLITS
@@ -91,9 +136,14 @@ def open_pcam(
     (N, S, S, 3) with S = ``patch_size`` (any S if None), ``y`` is uint8 (N, 1, 1, 1) with values
     in {0, 1}, and the two lengths agree. Every error names the file and the problem.
     """
-    x_src, y_src = find_split_files(Path(root), split)
-    x_path = materialize(x_src, cache_dir)
-    y_path = materialize(y_src, cache_dir)
+    x_src, y_src = find_split_files(root, split)
+    remote: dict[str, Any] = {}
+    if storage.is_uri(root):
+        fs, _ = storage.filesystem(str(root))
+        cache = str(cache_dir) if cache_dir else None
+        remote = {"x_uri": str(x_src), "y_uri": str(y_src), "fs": fs, "cache_dir": cache}
+    x_path = materialize(storage.cached_file(x_src), cache_dir)
+    y_path = materialize(storage.cached_file(y_src), cache_dir)
     with _open_h5(x_path, x_src) as fx, _open_h5(y_path, y_src) as fy:
         x = _dataset(fx, "x", x_src)
         y = _dataset(fy, "y", y_src)
@@ -101,7 +151,8 @@ def open_pcam(
         _check_y(y, y_src)
         if x.shape[0] != y.shape[0]:
             raise DataError(
-                f"{x_src.name} has {x.shape[0]} patches but {y_src.name} has {y.shape[0]} labels"
+                f"{storage.name(x_src)} has {x.shape[0]} patches but {storage.name(y_src)} has "
+                f"{y.shape[0]} labels"
             )
         _check_complete(x, x_src)
         labels = _read(y, 0, y.shape[0], y_src)
@@ -110,7 +161,7 @@ def open_pcam(
             raise DataError(
                 f"{y_src}: label {int(labels.flat[bad[0]])} at row {int(bad[0])}; labels must be 0 or 1"
             )
-        return PCamSplit(split, x_path, y_path, x_src, int(x.shape[0]), int(x.shape[1]))
+        return PCamSplit(split, x_path, y_path, x_src, int(x.shape[0]), int(x.shape[1]), **remote)
 
 
 def read_rows(split: PCamSplit, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -124,7 +175,8 @@ def iter_blocks(
     """Rows ``[start, stop)`` in blocks of at most ``rows``: ``image`` uint8 (n, S, S, 3), ``label``
     int64 (n,) and the row ``index``. One open file handle serves the whole range (reopening per
     block costs more than the read)."""
-    with _open_h5(split.x_path, split.x_source) as fx, _open_h5(split.y_path, split.y_path) as fy:
+    x_path, y_path = split.local_paths()
+    with _open_h5(x_path, split.x_source) as fx, _open_h5(y_path, split.y_path) as fy:
         for lo in range(start, stop, rows):
             hi = min(lo + rows, stop)
             yield {

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.errors import DataError
 from meddiff.files import read_format_json
 
@@ -100,6 +101,9 @@ def write_shards(
     Raises:
         DataError: ``out_dir`` already holds shards and ``overwrite`` is False.
     """
+    info = {**(info or {}), **_producer()}
+    if storage.is_uri(out_dir):
+        return _write_remote(ds, str(out_dir), rows_per_file, info, overwrite)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -150,22 +154,59 @@ def concat_shards(
     return write_shards(ds, out_dir, rows_per_file=rows_per_file, info=info, overwrite=overwrite)
 
 
+def _producer() -> dict[str, str]:
+    """The MLflow run writing these shards, if any: lineage follows it from a dataset back to the
+    run (and through that run's own inputs, to the source files)."""
+    try:
+        import mlflow
+    except ImportError:
+        return {}
+    run = mlflow.active_run()
+    return {"mlflow_run_id": run.info.run_id} if run else {}
+
+
+def _write_remote(
+    ds: ray.data.Dataset, out: str, rows_per_file: int, info: Mapping[str, Any], overwrite: bool
+) -> dict[str, Any]:
+    """Object storage has no directory rename: write straight under the prefix with Ray Data's
+    native Parquet writer and put the manifest last. Until then a reader refuses the prefix as
+    incomplete; a rewrite deletes the old manifest first, so it never vouches for new files."""
+    if storage.exists(out):
+        if is_shard_dir(out) and not overwrite:
+            raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+        storage.delete_dir(out)  # leftovers of an interrupted write, or what --overwrite replaces
+    fs, inner = storage.filesystem(out)
+    start = time.perf_counter()
+    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
+    encoded.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_file)
+    files = [n for n in storage.list_files(out, recursive=False) if n.endswith(".parquet")]
+    if not files:
+        storage.delete_dir(out)
+        raise DataError(f"nothing to write to {out}: the input produced no patches")
+    manifest = _describe(out, files, info, time.perf_counter() - start)
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
 def _describe(
-    root: Path, files: list[str], info: Mapping[str, Any] | None, seconds: float
+    root: Path | str, files: list[str], info: Mapping[str, Any] | None, seconds: float
 ) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
+    fs, inner = storage.filesystem(root)
     rows = 0
     schema = None
     labels: dict[str, int] = {}
     for name in files:
-        meta = pq.read_metadata(root / name)
+        path = f"{inner}/{name}"
+        meta = storage.retry(path, lambda p=path: pq.read_metadata(p, filesystem=fs))
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
         if "label" in schema.names:
-            values, counts = np.unique(
-                pq.read_table(root / name, columns=["label"])["label"], return_counts=True
+            table = storage.retry(
+                path, lambda p=path: pq.read_table(p, columns=["label"], filesystem=fs)
             )
+            values, counts = np.unique(table["label"], return_counts=True)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
                 labels[str(value)] = labels.get(str(value), 0) + count
     return {
@@ -185,6 +226,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     Raises:
         DataError: not a directory, or no manifest (never written, or the write was interrupted).
     """
+    if storage.is_uri(path):
+        return _read_remote_manifest(str(path))
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"shard directory {root} does not exist")
@@ -195,8 +238,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return read_format_json(root / MANIFEST, FORMAT, DataError, missing)
 
 
+def _read_remote_manifest(uri: str) -> dict[str, Any]:
+    target = storage.join(uri, MANIFEST)
+    if not storage.is_file(target):
+        if not storage.is_dir(uri):
+            raise DataError(f"shard prefix {uri} does not exist")
+        raise DataError(
+            f"{uri} is not a complete meddiff shard prefix (no {MANIFEST}; was the write "
+            "interrupted?)"
+        )
+    try:
+        data = json.loads(storage.read_text(target))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{target}: corrupt JSON ({err})") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != FORMAT:
+        raise DataError(f"{target}: format {found!r}, expected {FORMAT!r}")
+    return data
+
+
 def is_shard_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return storage.is_file(storage.join(path, MANIFEST))
 
 
 def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
@@ -211,9 +273,22 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.
                 f"{path}: shards have no column(s) {missing}; have {manifest['columns']}"
             )
         columns = sorted({*columns, "image", "height", "width", "channels"})
-    files = [str(Path(path) / name) for name in manifest["files"]]
-    ds = ray.data.read_parquet(files, columns=columns)
+    fs, inner = storage.filesystem(path)
+    files = [f"{inner}/{name}" for name in manifest["files"]]
+    ds = ray.data.read_parquet(files, columns=columns, filesystem=fs)
     return ds.map_batches(decode_batch, batch_format="numpy", zero_copy_batch=True)
+
+
+def read_file(path: str | Path, name: str, columns: list[str] | None = None):
+    """One shard file of a directory or object prefix as a pyarrow Table (``columns`` only)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.filesystem(path)
+    target = f"{inner}/{name}"
+    return storage.retry(
+        str(storage.join(path, name)),
+        lambda: pq.read_table(target, columns=columns, filesystem=fs),
+    )
 
 
 def load_shards(path: str | Path) -> dict[str, np.ndarray]:
@@ -221,7 +296,9 @@ def load_shards(path: str | Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     manifest = read_manifest(path)
-    table = pq.read_table([str(Path(path) / name) for name in manifest["files"]])
+    fs, inner = storage.filesystem(path)
+    files = [f"{inner}/{name}" for name in manifest["files"]]
+    table = storage.retry(str(path), lambda: pq.read_table(files, filesystem=fs))
     return decode_batch(
         {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     )

@@ -124,6 +124,7 @@ def evaluate_sets(
         "note": note,
         "real": real.source,
         "synthetic": fake.source,
+        "model": generator_model(fake.source),
         "overall": compute_metrics(real.features, fake.features, cfg, real.network, seed),
     }
     if "label" in cfg.stratify:
@@ -196,3 +197,18 @@ def flat_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
                 out[f"{prefix}{name}_ci_low"] = float(item["ci"][0])
                 out[f"{prefix}{name}_ci_high"] = float(item["ci"][1])
     return out
+
+
+def generator_model(synthetic: str) -> str | None:
+    """The model version that generated the synthetic set at ``synthetic``, as its generation
+    summary (``summary.json``, written by ``meddiff synth generate``) names it: a registry
+    reference ``models:/NAME/VERSION`` (an alias resolved at generation time) or a directory."""
+    import json
+    from pathlib import Path
+
+    path = Path(synthetic) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("model_version") or summary.get("model")

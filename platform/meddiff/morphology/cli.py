@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from meddiff.storage import path_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meddiff.cli import add_config_arguments
@@ -45,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input", required=True, type=Path, help="PCam dir, shard dir, slide or slide dir"
+        "--input",
+        required=True,
+        type=path_arg,
+        help="PCam dir, shard dir, slide or slide dir (PCam/shards also as s3:// gs:// abfs://)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory to create")
     parser.add_argument("--split", default="train", help="PCam split to read (train/valid/test)")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config import Config, PromptsConfig
 from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ConfigError, DataError
@@ -118,6 +119,7 @@ def _build_prompts(
     runtime.connect(cfg.runtime)
     with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}):
         mlflow.log_params({"input": str(source), "split": split, "out": str(out), "limit": limit})
+        tracking.log_input(source, context="input")
         reused = _load_reused_model(cfg) if morphology and pcfg.cluster.model else None
         embed_cfg = _embedder_config(pcfg, reused)
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
@@ -308,8 +310,8 @@ def fingerprint(
     and filter settings, and the embedder (not its scheduling: batch size, GPUs, actors)."""
     scheduling = {"batch_size", "num_gpus", "num_cpus", "threads", "concurrency", "max_concurrency"}
     parts = {
-        "source": str(Path(source).resolve()),
-        "stamp": _stamp(Path(source)),
+        "source": str(source) if storage.is_uri(source) else str(Path(source).resolve()),
+        "stamp": _stamp(source),
         "split": split,
         "limit": limit,
         "data": cfg.data.model_dump(mode="json"),
@@ -321,7 +323,13 @@ def fingerprint(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stamp(path: Path) -> list[Any]:
+def _stamp(path: str | Path) -> list[Any]:
+    if storage.is_uri(path):
+        fs, inner = storage.filesystem(path)
+        names = storage.list_files(path, recursive=False)
+        infos = storage.retry(str(path), lambda: fs.get_file_info([f"{inner}/{n}" for n in names]))
+        return sorted([n, i.size, i.mtime_ns] for n, i in zip(names, infos, strict=True))
+    path = Path(path)
     if path.is_file():
         st = path.stat()
         return [path.name, st.st_size, st.st_mtime_ns]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config import Config
 from meddiff.data import shards
 from meddiff.errors import DataError
@@ -57,12 +58,10 @@ def check_pairs(pairs: str | Path) -> dict[str, Any]:
 
 def pair_prompts(pairs: str | Path) -> list[str]:
     """The distinct prompts of a pairs directory (reads only the prompt column)."""
-    import pyarrow.parquet as pq
-
     manifest = shards.read_manifest(pairs)
     values: set[str] = set()
     for name in manifest["files"]:
-        col = pq.read_table(Path(pairs) / name, columns=["prompt"])["prompt"]
+        col = shards.read_file(pairs, name, columns=["prompt"])["prompt"]
         values.update(str(v) for v in col.to_pylist())
     return sorted(values)
 
@@ -70,7 +69,7 @@ def pair_prompts(pairs: str | Path) -> list[str]:
 def cache_key(cfg: Config, source: str, pairs: str | Path, manifest: dict[str, Any]) -> str:
     """What the cache depends on: the pairs, the model, the resolution and the cache kind."""
     parts = {
-        "pairs": str(Path(pairs).resolve()),
+        "pairs": str(pairs) if storage.is_uri(pairs) else str(Path(pairs).resolve()),
         "files": manifest["files"],
         "rows": manifest["rows"],
         "model": _model_identity(source),

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from meddiff.storage import path_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from meddiff.cli import add_config_arguments
@@ -20,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUT/model (final pipeline) and registers it in MLflow. Running the same command again "
         "resumes from the last checkpoint.",
     )
-    train.add_argument("--pairs", required=True, type=Path, help="(image, prompt) shard directory")
+    train.add_argument(
+        "--pairs",
+        required=True,
+        type=path_arg,
+        help="(image, prompt) shard directory or s3:// prefix",
+    )
     train.add_argument("--out", required=True, type=Path, help="output directory")
     add_config_arguments(train)
     train.set_defaults(handler=_train)

@@ -114,6 +114,17 @@ def generation_plan(
     }
 
 
+def _version_ref(cfg: Config, ref: str) -> str | None:
+    """``models:/NAME/VERSION`` for a registry reference (an alias resolved now, so a report
+    names the version it judged even after the alias moves on); None for a directory."""
+    if not ref.startswith("models:/"):
+        return None
+    from meddiff.tracking.lineage import resolve_version
+
+    mv = resolve_version(ref, cfg.tracking)
+    return f"models:/{mv.name}/{mv.version}"
+
+
 def generate(
     cfg: Config, model: str | Path, prompts: str | Path, out: str | Path
 ) -> dict[str, Any]:
@@ -195,6 +206,7 @@ def generate(
             "grids": str(out / "grids"),
             "unlabelled_prompts_left_out": len(labelled_rows(rows)[1]),
             "model": str(model),
+            "model_version": _version_ref(cfg, str(model)),
             "model_dir": str(model_dir),
             "scheduler": g.scheduler,
             "steps": g.steps,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff import training
+from meddiff import storage, training
 from meddiff.config import Config
 from meddiff.errors import ConfigError, ModelError
 from meddiff.files import copy_tree, write_json
@@ -67,7 +67,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     from meddiff import runtime, tracking
 
     out = Path(out).resolve()
-    pairs = Path(pairs).resolve()
+    pairs = pairs if storage.is_uri(pairs) else Path(pairs).resolve()  # s3://: read in place
     cache_mod.check_pairs(pairs)
     _check_run(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +76,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     start = time.perf_counter()
     with tracking.start_run(cfg, "synthesis-train") as run:
         mlflow.log_params({"pairs": str(pairs), "out": str(out)})
+        tracking.log_input(pairs, context="training")
         source = prepare_base_model(cfg, pairs, out / "base")
         check_training_prompts(cfg, pairs, source)  # truncation must not merge prompts
         t0 = time.perf_counter()
@@ -123,7 +124,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     return summary
 
 
-def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
+def prepare_base_model(cfg: Config, pairs: str | Path, out: Path) -> str:
     """The model to fine-tune: ``model.source``, or for ``source: null`` a pipeline built from
     config and saved in ``out`` (reused when it was built for the same config and prompts)."""
     mcfg = cfg.synthesis.model
@@ -152,16 +153,14 @@ def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
     return str(out)
 
 
-def sample_pair_images(pairs: Path, n: int) -> np.ndarray:
+def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:
     """Up to ``n`` images from the first shard files (for fitting a from-scratch VAE)."""
-    import pyarrow.parquet as pq
-
     from meddiff.data import shards
 
     manifest = shards.read_manifest(pairs)
     batches, have = [], 0
     for name in manifest["files"]:
-        table = pq.read_table(pairs / name, columns=["image", "height", "width", "channels"])
+        table = shards.read_file(pairs, name, columns=["image", "height", "width", "channels"])
         cols = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         batches.append(shards.decode_batch(cols)["image"])
         have += len(batches[-1])

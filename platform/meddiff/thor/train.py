@@ -82,6 +82,7 @@ def train_thor(
 
     with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
+        tracking.log_input(data, context="training")
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
         if epoch_rows < tc.batch_size:

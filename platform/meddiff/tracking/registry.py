@@ -35,8 +35,17 @@ def register_model(
     client = mlflow.MlflowClient()
     with contextlib.suppress(mlflow.exceptions.MlflowException):
         client.create_registered_model(name)  # fails when already registered: add a version
+    # Lineage starts here: the version names its training run, whose tags and dataset inputs
+    # lead back to the source files (meddiff lineage models:/NAME/VERSION).
+    run_tags = client.get_run(run.info.run_id).data.tags
+    tags = {
+        "meddiff.training_run": run.info.run_id,
+        "meddiff.job": run_tags.get("meddiff.job", ""),
+        "meddiff.code_version": run_tags.get("meddiff.code_version", ""),
+        "meddiff.config": f"runs:/{run.info.run_id}/config.yaml",
+    }
     version = client.create_model_version(
-        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id
+        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id, tags=tags
     )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)

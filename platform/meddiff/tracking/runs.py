@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import meddiff
 from meddiff.config import Config, TrackingConfig, config_to_yaml
+from meddiff.tracking.server import check_reachable
 
 if TYPE_CHECKING:
     import mlflow
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+_checked: set[str] = set()  # server URIs already found reachable in this process
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -38,6 +40,9 @@ def configure(cfg: TrackingConfig) -> str:
     # No usage telemetry leaves the machine (these machines reach no network anyway).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri(cfg)
+    if uri not in _checked:
+        check_reachable(uri)  # one line in seconds, not MLflow's minutes of silent retries
+        _checked.add(uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = None
@@ -67,6 +72,9 @@ def start_run(
     """
     import mlflow
 
+    from meddiff import storage
+
+    storage.configure(cfg.storage)
     configure(cfg.tracking)
     all_tags = {"meddiff.job": job, "meddiff.code_version": code_version(), **(tags or {})}
     # A job started inside another (a demo step, an experiment calling build_prompts) becomes a

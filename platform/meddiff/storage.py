@@ -1,0 +1,457 @@
+"""Where inputs and outputs live: a local path or an object-store URI, through one API.
+
+Every path a job takes may be a local path or a URI (``s3://bucket/prefix``, and by the same code
+``gs://`` and ``abfs://``, which pyarrow's filesystems support). Files are read and written
+through :mod:`pyarrow.fs`, whose filesystem objects pickle, so Ray Data's native Parquet reader and
+writer and Ray tasks on any node use the same one.
+
+S3 settings: credentials come from the usual AWS sources (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` environment variables, a profile or an instance role); the endpoint
+(an S3-compatible server such as SeaweedFS or MinIO) from ``storage.endpoint_url``, else
+``AWS_ENDPOINT_URL``.
+
+Object stores have no atomic rename of a directory, so the all-or-nothing rule is kept by a
+marker: a directory-like output is complete only once its manifest or marker object exists, and
+that object is written last (see :mod:`meddiff.data.shards` and :func:`upload_dir`).
+
+Errors: a missing bucket or key, refused credentials or an unreachable endpoint raise
+:class:`~meddiff.errors.DataError` with a one-line message naming the URI. Errors that may pass
+(connection refused or reset, timeouts, throttling, HTTP 5xx) are retried a bounded number of
+times (``storage.retries``) with each attempt logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlparse
+
+from meddiff.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+    from meddiff.config import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# URI schemes that pyarrow's filesystems serve (``file`` is handled as a local path).
+SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+_settings: StorageConfig | None = None
+
+# Messages of errors that may pass if tried again (the AWS SDK's, surfaced by pyarrow as OSError).
+_TRANSIENT = re.compile(
+    r"connection refused|couldn't connect|could not connect|connection reset|timed out|timeout|"
+    r"slow ?down|service unavailable|internal ?error|throttl|HTTP response code: 5\d\d|"
+    r"curlCode: (?:6|7|28|52|56)",
+    re.IGNORECASE,
+)
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Use ``cfg`` (endpoint, region, retries) for every URI this process opens from now on.
+
+    The endpoint is also exported as ``AWS_ENDPOINT_URL`` (when unset) so processes started
+    later, such as the workers of an embedded Ray, find the same server.
+    """
+    global _settings
+    _settings = cfg
+    if cfg.endpoint_url:
+        os.environ.setdefault("AWS_ENDPOINT_URL", cfg.endpoint_url)
+
+
+def _config() -> StorageConfig:
+    from meddiff.config import StorageConfig
+
+    return _settings or StorageConfig()
+
+
+def is_uri(path: str | Path) -> bool:
+    """True for an object-store URI (``s3://...``), False for a local path."""
+    return isinstance(path, str) and urlparse(path).scheme in SCHEMES
+
+
+def path_arg(text: str) -> str | Path:
+    """An argparse ``type``: a URI stays a string (``Path`` would fold ``s3://`` to ``s3:/``)."""
+    return text if is_uri(text) else Path(text)
+
+
+def join(base: str | Path, *names: str) -> str | Path:
+    """``base`` / ``names``: a URI stays a URI (forward slashes), a local path a ``Path``."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return Path(base).joinpath(*names)
+
+
+def name(path: str | Path) -> str:
+    """The last component of a path or URI."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem that serves ``path`` and the path inside it.
+
+    For ``s3://`` the endpoint and region come from the storage settings; other schemes use
+    pyarrow's own resolution (``FileSystem.from_uri``).
+    """
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).absolute())
+    path = str(path)
+    parsed = urlparse(path)
+    if parsed.scheme != "s3":
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot open this filesystem ({_first_line(err)})") from None
+    cfg = _config()
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {
+        "region": region or "us-east-1",
+        "connect_timeout": cfg.timeout_s,
+        "request_timeout": cfg.timeout_s,
+        # Our own retry loop (``retry``) logs its attempts; the SDK's would retry silently.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    }
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Explicit, so the pickled filesystem that Ray ships to workers carries them: a worker
+        # started before they were set (or on a node without them) authenticates the same way.
+        kwargs.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        )
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def filesystem_path(uri: str | Path) -> str:
+    """The path inside its filesystem of a URI (``bucket/key`` for ``s3://bucket/key``)."""
+    if not is_uri(uri):
+        return str(Path(uri).absolute())
+    parsed = urlparse(str(uri))
+    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def retry(what: str, fn: Callable[[], T]) -> T:
+    """``fn()``, tried again on transient errors up to ``storage.retries`` times (each attempt is
+    logged); a permanent error, or the last transient one, becomes a one-line :class:`DataError`
+    naming ``what``."""
+    attempts = max(1, _config().retries)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError as err:
+            raise DataError(f"{what}: {_explain(err)}") from None
+        except OSError as err:
+            message = _explain(err)
+            if not _TRANSIENT.search(str(err)) or attempt == attempts:
+                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise DataError(f"{what}: {message}{suffix}") from None
+            wait = min(8.0, 0.5 * 2 ** (attempt - 1))
+            log.warning(
+                "%s: %s; attempt %d of %d, retrying in %.1f s",
+                what,
+                message,
+                attempt,
+                attempts,
+                wait,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _explain(err: BaseException) -> str:
+    """A short, actionable reading of an object-store error."""
+    text = str(err)
+    checks = (
+        ("NoSuchBucket", "no such bucket"),
+        ("bucket does not exist", "no such bucket"),
+        ("InvalidAccessKeyId", "credentials refused (check AWS_ACCESS_KEY_ID)"),
+        ("INVALID_ACCESS_KEY_ID", "credentials refused (check AWS_ACCESS_KEY_ID)"),
+        ("SignatureDoesNotMatch", "credentials refused (check AWS_SECRET_ACCESS_KEY)"),
+        ("SIGNATURE_DOES_NOT_MATCH", "credentials refused (check AWS_SECRET_ACCESS_KEY)"),
+        ("AccessDenied", "access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"),
+        ("ACCESS_DENIED", "access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"),
+    )
+    for needle, meaning in checks:
+        if needle.lower() in text.lower():
+            return meaning
+    if isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "Path does not exist" in text:
+        return "no such file or object"
+    if _TRANSIENT.search(text):
+        endpoint = _config().endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        detail = re.search(r"AWS Error (\w+)", text)
+        return (
+            f"object store at {endpoint} unreachable ({detail[1] if detail else _first_line(err)})"
+        )
+    return _first_line(err)
+
+
+# --- queries -------------------------------------------------------------------------------------
+
+
+def info(path: str | Path) -> pyarrow.fs.FileInfo:
+    """The file info of ``path`` (type NotFound when absent). A missing bucket is an error."""
+    if not is_uri(path):
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem().get_file_info(str(Path(path).absolute()))
+    fs, inner = filesystem(path)
+    found = retry(str(path), lambda: fs.get_file_info(inner))
+    if found.type.name == "NotFound":
+        _check_bucket(path, fs, inner)
+    return found
+
+
+def _check_bucket(path: str | Path, fs: pyarrow.fs.FileSystem, inner: str) -> None:
+    bucket = inner.split("/", 1)[0]
+    if retry(str(path), lambda: fs.get_file_info(bucket)).type.name == "NotFound":
+        raise DataError(f"{path}: no such bucket '{bucket}'")
+
+
+def is_file(path: str | Path) -> bool:
+    return info(path).type.name == "File"
+
+
+def is_dir(path: str | Path) -> bool:
+    """A local directory, or an object prefix holding at least one object."""
+    if not is_uri(path):
+        return Path(path).is_dir()
+    found = info(path)
+    if found.type.name == "Directory":
+        return True
+    return found.type.name != "File" and bool(list_files(path, recursive=False, limit=1))
+
+
+def exists(path: str | Path) -> bool:
+    return is_file(path) or is_dir(path)
+
+
+def list_files(path: str | Path, *, recursive: bool = True, limit: int | None = None) -> list[str]:
+    """Names (relative to ``path``, ``/``-separated) of the files under ``path``, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    selector = pafs.FileSelector(inner, allow_not_found=True, recursive=recursive)
+    infos = retry(str(path), lambda: fs.get_file_info(selector))
+    names = sorted(i.path[len(inner) :].lstrip("/") for i in infos if i.type.name == "File")
+    return names[:limit] if limit else names
+
+
+# --- reading and writing -------------------------------------------------------------------------
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole file at ``path``. Raises DataError naming it when absent or unreadable."""
+    if not is_uri(path):
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise DataError(f"{path}: {err.strerror or err}") from None
+    fs, inner = filesystem(path)
+
+    def read() -> bytes:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+
+    try:
+        return retry(str(path), read)
+    except DataError as err:
+        if "no such file" in str(err):
+            _check_bucket(path, fs, inner)
+        raise
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` at ``path``, all or nothing: a local file is written beside and renamed; an object
+    PUT is atomic already (readers see the old object or the new one, never part)."""
+    if not is_uri(path):
+        path = Path(path)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, inner = filesystem(path)
+
+    def write() -> None:
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+
+    retry(str(path), write)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def delete_dir(path: str | Path) -> None:
+    """Remove ``path`` and everything under it (nothing if absent)."""
+    if not is_uri(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, inner = filesystem(path)
+    # Delete the marker first, so a half-deleted output never keeps looking complete.
+    for rel in [*MARKERS, *list_files(path)]:
+        retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
+
+
+def _delete_file(fs: pyarrow.fs.FileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+# Files whose presence says a directory-like output is complete; written last, deleted first.
+COMPLETE = "_meddiff_complete.json"
+MARKERS = ("_meddiff_shards.json", COMPLETE)
+
+
+def upload_dir(local: str | Path, uri: str, *, marker: str | None = COMPLETE) -> list[str]:
+    """Copy the local directory ``local`` to ``uri`` (replacing what was there), then write
+    ``marker`` (a JSON list of the files) last, so a reader can tell a complete upload.
+
+    Returns the uploaded names. A file named like the marker in ``local`` is uploaded last too.
+    """
+    import json
+
+    local = Path(local)
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    delete_dir(uri)
+    fs, inner = filesystem(uri)
+    last = [n for n in names if n in MARKERS]
+    for rel in [n for n in names if n not in MARKERS] + last:
+        retry(
+            f"{uri}/{rel}",
+            lambda r=rel: _upload_file(fs, local / r, f"{inner}/{r}"),
+        )
+    if marker and marker not in last:
+        write_text(join(uri, marker), json.dumps({"files": names}, indent=2))
+    return names
+
+
+def _upload_file(fs: pyarrow.fs.FileSystem, src: Path, dst: str) -> None:
+    with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+        shutil.copyfileobj(f, out, length=8 * 2**20)
+
+
+def is_complete(uri: str | Path, marker: str = COMPLETE) -> bool:
+    return is_file(join(uri, marker))
+
+
+def download_dir(uri: str, dst: str | Path, *, marker: str | None = COMPLETE) -> Path:
+    """Copy the object prefix ``uri`` into the local directory ``dst`` (all or nothing).
+
+    Raises DataError when the prefix is absent, or (with ``marker``) incomplete.
+    """
+    if marker and not is_complete(uri, marker):
+        if not is_dir(uri):
+            raise DataError(f"{uri} does not exist")
+        raise DataError(f"{uri} is incomplete (no {marker}; was the upload interrupted?)")
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fs, inner = filesystem(uri)
+    for rel in list_files(uri):
+        out = tmp / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        retry(f"{uri}/{rel}", lambda r=rel, o=out: _download_file(fs, f"{inner}/{r}", o))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _download_file(fs: pyarrow.fs.FileSystem, src: str, dst: Path) -> None:
+    with fs.open_input_stream(src) as f, open(dst, "wb") as out:
+        shutil.copyfileobj(f, out, length=8 * 2**20)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDDIFF_CACHE", Path.home() / ".cache" / "meddiff"))
+
+
+def cached_file(
+    uri: str | Path, cache: str | Path | None = None, fs: pyarrow.fs.FileSystem | None = None
+) -> Path:
+    """A local copy of the file ``uri`` (itself when local), fetched once per node.
+
+    The copy is keyed by URI, size and modification time and written to a temporary name then
+    renamed, so a reader on the same node never takes a partial download for the file. Formats
+    read with random access by a C library (HDF5) go through this.
+    """
+    if not is_uri(uri):
+        return Path(uri)
+    if fs is None:
+        fs, inner = filesystem(uri)
+    else:
+        inner = filesystem_path(uri)
+    found = retry(str(uri), lambda: fs.get_file_info(inner))
+    if found.type.name != "File":
+        raise DataError(f"{uri}: no such file or object")
+    key = hashlib.sha1(f"{uri}:{found.size}:{found.mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(cache) if cache else cache_dir() / "objects"
+    out = root / f"{key}-{name(uri)}"
+    if out.is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    try:
+        retry(str(uri), lambda: _download_file(fs, inner, tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def local_output(path: str | Path) -> Iterator[Path]:
+    """A local directory to write an output into; for a URI, a temporary one uploaded to it (with
+    the completion marker last) when the block ends without error, and discarded otherwise."""
+    if not is_uri(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="meddiff-out-") as tmp:
+        yield Path(tmp)
+        upload_dir(tmp, str(path))
+
+
+def local_input(path: str | Path, cache: str | Path | None = None) -> Path:
+    """A local directory with the contents of ``path``: itself when local, else a copy of a
+    complete uploaded prefix (see :func:`upload_dir`), fetched once per node and content."""
+    if not is_uri(path):
+        return Path(path)
+    found = info(join(path, COMPLETE))
+    if found.type.name != "File":
+        if not is_dir(path):
+            raise DataError(f"{path} does not exist")
+        raise DataError(f"{path} is incomplete (no {COMPLETE}; was the upload interrupted?)")
+    key = hashlib.sha1(f"{path}:{found.size}:{found.mtime_ns}".encode()).hexdigest()[:16]
+    out = (Path(cache) if cache else cache_dir() / "objects") / f"{key}-{name(path)}"
+    if not out.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        download_dir(str(path), out)
+    return out

@@ -1,0 +1,121 @@
+"""meddiff.storage on local paths, the tracking server's command line, lineage digests and text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meddiff import storage
+from meddiff.errors import ConfigError, DataError
+from meddiff.tracking import server
+from meddiff.tracking.lineage import dataset_digest, format_lineage
+
+
+def test_uris_and_local_paths_are_told_apart():
+    assert (
+        storage.is_uri("s3://b/k") and storage.is_uri("gs://b/k") and storage.is_uri("abfs://c/k")
+    )
+    assert not storage.is_uri("/data/pcam") and not storage.is_uri(Path("s3:/b"))
+    assert storage.path_arg("s3://b/k") == "s3://b/k"  # not folded to s3:/b/k
+    assert storage.path_arg("runs/x") == Path("runs/x")
+    assert storage.join("s3://b/p/", "a", "m.json") == "s3://b/p/a/m.json"
+    assert storage.join(Path("/x"), "y") == Path("/x/y")
+    assert storage.name("s3://b/p/shards/") == "shards"
+    assert storage.filesystem_path("s3://b/p/q/") == "b/p/q"
+
+
+def test_local_read_write_list_and_marker_roundtrip(tmp_path):
+    storage.write_text(tmp_path / "x.txt", "hi")
+    assert storage.read_text(tmp_path / "x.txt") == "hi"
+    assert storage.is_file(tmp_path / "x.txt") and storage.is_dir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "y.bin").write_bytes(b"\0\1")
+    assert storage.list_files(tmp_path) == ["sub/y.bin", "x.txt"]
+    with pytest.raises(DataError, match="missing.txt"):
+        storage.read_bytes(tmp_path / "missing.txt")
+    with storage.local_output(tmp_path / "out") as out:
+        (out / "r.html").write_text("<p>")
+    assert (tmp_path / "out" / "r.html").is_file()
+    assert storage.local_input(tmp_path / "out") == tmp_path / "out"
+
+
+def test_digest_follows_content_and_names(tmp_path):
+    (tmp_path / "a.h5").write_bytes(b"abc")
+    first, kind = dataset_digest(tmp_path)
+    assert kind == "content" and first.startswith("sha256:")
+    assert dataset_digest(tmp_path) == (first, kind)
+    (tmp_path / "a.h5").write_bytes(b"abd")  # same size, other bytes
+    assert dataset_digest(tmp_path)[0] != first
+    assert dataset_digest(tmp_path / "a.h5")[0] != dataset_digest(tmp_path)[0]
+    with pytest.raises(DataError):
+        dataset_digest(tmp_path / "nothing")
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not(monkeypatch):
+    from meddiff.config import StorageConfig
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    storage.configure(StorageConfig(retries=3))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 7")
+        return "ok"
+
+    assert storage.retry("s3://b/k", flaky) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
+
+    with pytest.raises(DataError, match=r"^s3://b/k: access denied"):
+        storage.retry("s3://b/k", denied)
+    assert len(calls) == 1
+    storage._settings = None
+
+
+def test_server_command_and_backends(tmp_path):
+    cmd = server.server_command("sqlite:///x.db", "s3://b/mlflow", port=5123, workers=1)
+    assert cmd[1] == "server" and "--serve-artifacts" in cmd
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://b/mlflow"
+    assert cmd[cmd.index("--port") + 1] == "5123"
+    assert server.check_backend("postgresql://u:p@h:5432/db").startswith("postgresql")
+    db = tmp_path / "new" / "mlruns.db"
+    assert server.check_backend(f"sqlite:///{db}") and db.parent.is_dir()
+    with pytest.raises(ConfigError, match="backend store 'mongodb://x'"):
+        server.check_backend("mongodb://x")
+    assert server.artifacts_location(str(tmp_path / "art")) == (tmp_path / "art").as_uri()
+    assert server._redact("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+    env = server.server_env("s3://b/m", "http://127.0.0.1:8333")
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:8333"
+    server.check_reachable("sqlite:///x.db")  # not a server: nothing to check
+
+
+def test_lineage_text_walks_the_chain():
+    source = {
+        "name": "pcam",
+        "uri": "s3://lab/pcam",
+        "digest": "sha256:aa",
+        "digest_kind": "content",
+        "context": "source",
+        "produced_by": None,
+    }
+    ingest = {
+        "run_id": "r1", "job": "ingest", "code_version": "0.1", "status": "FINISHED",
+        "config": "runs:/r1/config.yaml", "inputs": [source],
+    }  # fmt: skip
+    shards = {**source, "uri": "s3://lab/shards", "context": "input", "produced_by": ingest}
+    prompts = {**ingest, "run_id": "r2", "job": "prompts", "inputs": [shards]}
+    chain = {"name": "m", "version": "3", "aliases": ["champion"], "tags": {}, "run": prompts}
+    text = format_lineage(chain)
+    lines = text.splitlines()
+    assert lines[0] == "model m version 3 (aliases: champion)"
+    assert [ln.strip().split()[1] for ln in lines if ln.strip().startswith("run ")] == ["r2", "r1"]
+    assert text.index("s3://lab/shards") < text.index("s3://lab/pcam")
+    assert lines[-1].strip() == "(source files: no meddiff run produced them)"
+    json.dumps(chain)  # the --json form
