@@ -15,7 +15,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import find_user_error, user_message
+
+__all__ = ["add_config_arguments", "config_from_args", "find_user_error", "main", "user_message"]
 
 # Modules that add a subcommand group (each has ``register(subparsers)``).
 GROUPS = (
@@ -142,24 +144,6 @@ def _summary_figures(out: Path) -> dict[str, float]:
     return {
         k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-
-
-def find_user_error(err: BaseException) -> MeddiffError | None:
-    """The :class:`MeddiffError` behind ``err``, also when it was raised inside a Ray task or
-    Ray Data stage (Ray re-raises those wrapped, with the original as cause)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, MeddiffError):
-            cause = getattr(err, "cause", None)  # RayTaskError(DataError) carries the original
-            return cause if isinstance(cause, MeddiffError) else err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
-def user_message(err: MeddiffError) -> str:
-    """The error's own message, without the retry advice Ray Data appends to it."""
-    return str(err).split("\nFailed to apply UDF transform")[0]
 
 
 if __name__ == "__main__":

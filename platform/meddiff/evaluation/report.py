@@ -115,6 +115,11 @@ def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[Block]:
         ),
         table(["metric", "value [CI]"], [[m, overall[m]] for m in metrics]),
     ]
+    blocks += [
+        note(item["warning"])
+        for item in overall.values()
+        if isinstance(item, Mapping) and item.get("warning")
+    ]
     blocks += strata_block(report, "by_label", "Per label")
     blocks += strata_block(report, "by_prompt", "Per prompt")
     return blocks

@@ -44,6 +44,18 @@ def pick_examples(masks: np.ndarray, n: int) -> list[int]:
     return list(dict.fromkeys(picks))
 
 
+def _intensity(plan: Mapping[str, Any]) -> str:
+    """How the input images were scaled to [0, 1] (``data.images``), as a sentence."""
+    info = plan.get("intensity")
+    if not info:
+        return ""
+    read_as = "; ".join(f"{how} ({n} sampled)" for how, n in info.get("read_as", {}).items())
+    text = f". Images scaled by data.images.scaling={info['scaling']}: {read_as}"
+    if info.get("warning"):
+        text += f". Warning: {info['warning']}"
+    return text
+
+
 def _cell(v: Any) -> Any:
     return f"{v:.3f}" if isinstance(v, float) else v
 
@@ -99,6 +111,7 @@ def render_report(
                 "harmonization": plan["harmonization_steps"] or "none",
                 "map_kind": plan["map_kind"],
                 "vmax": vmax,
+                "intensity": _intensity(plan),
                 "width": width,
                 "examples": examples,
             }
