@@ -48,6 +48,7 @@ def thor_inputs(n: int = 6, size: int = 32) -> dict[str, Any]:
                 "noise": "gaussian",
                 "harmonization_steps": [300, 150, 50] if method == "thor" else [],
                 "residual_only": residual,
+                "intensity": {"scaling": "significant_bits", "read_as": {"type: 16-bit": 6}},
             },
             "images_per_s": 12.5,
         }
@@ -111,7 +112,12 @@ def fidelity_report(name: str) -> dict[str, Any]:
     def cell(v: float) -> dict[str, Any]:
         return {"value": v, "ci": [v * 0.9, v * 1.1]}
 
-    overall = {FD: cell(123.456), "kd_vit": cell(0.0123), "precision": cell(0.61),
+    fd = {
+        **cell(123.456),
+        "reliable": False,
+        "warning": "Fréchet distance on 64 samples in 768 dimensions",
+    }
+    overall = {FD: fd, "kd_vit": cell(0.0123), "precision": cell(0.61),
                "recall": cell(0.42), "n_real": 128, "n_synthetic": 64}  # fmt: skip
     strata = {"0": {"n_real": 64, "n_synthetic": 32, FD: cell(150.0), "kd_vit": cell(0.02),
                     "precision": cell(0.5), "recall": cell(0.4)},

@@ -144,6 +144,9 @@ def test_thor_report_shows_metrics_images_and_notes(tmp_path: Path):
     assert all(img["width"] == "64" for img in page.imgs)
     assert decode(page.imgs[0]["src"]).shape == (32, 32)
     assert decode(page.imgs[2]["src"]).shape == (32, 32, 3)  # the anomaly map, coloured
+    assert "Images scaled by data.images.scaling=significant_bits: type: 16-bit (6 sampled)" in (
+        page.words
+    )
     assert "harmonization at [300, 150, 50]" in page.words and "slice_000.png" in page.cells
 
 
@@ -165,7 +168,8 @@ def test_gallery_shows_every_type_with_counts_prompts_and_pictures(tmp_path: Pat
 def test_evaluation_report_shows_metrics_with_intervals_and_the_network(tmp_path: Path):
     page = Page(P.evaluation_page(tmp_path).read_text())
     assert "RANDOM network" in page.words
-    assert "123.5 [111.1, 135.8]" in page.cells
+    assert "123.5 [111.1, 135.8] (unreliable: fewer samples than feature dimensions)" in page.cells
+    assert "Fréchet distance on 64 samples in 768 dimensions" in page.words
     assert "vit_base_patch8_224_dino_random (not the FID Inception" in page.words
     assert "fewer than 10 images" in page.cells  # a skipped stratum says why
     assert "Not computed: the synthetic set has no prompt column in its meta." in page.words

@@ -118,7 +118,7 @@ def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[Block]:
         table(["metric", "value [CI]"], [[m, overall[m]] for m in metrics]),
     ]
     blocks += [
-        paragraph(item["warning"], "note")
+        note(item["warning"])
         for item in overall.values()
         if isinstance(item, Mapping) and item.get("warning")
     ]

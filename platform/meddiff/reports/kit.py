@@ -72,8 +72,8 @@ def _command_line() -> str:
 
 
 def fmt(item: Any, digits: int = 4) -> str:
-    """Text of a table cell: ``value [lo, hi]`` for a metric dict ({"value", "ci"}), its
-    ``skipped`` reason, a number to ``digits`` significant digits, '–' for None/NaN, else str."""
+    """Text of a table cell: ``value [lo, hi]`` for a metric dict ({"value", "ci"}, flagged when
+    ``"reliable": False``), its ``skipped`` reason, a number to ``digits`` significant digits, '–' for None/NaN, else str."""
     if item is None:
         return "–"
     if isinstance(item, Mapping):
