@@ -21,9 +21,12 @@ def register_model(
     *,
     artifact_path: str = "model",
     alias: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> str:
     """Log ``local_dir`` under the active run and register it as a new version of ``name``.
 
+    ``tags`` and ``description`` go on the model version (e.g. a shipped model's provenance).
     Returns the new version number (as a string).
     """
     import mlflow
@@ -36,7 +39,11 @@ def register_model(
     with contextlib.suppress(mlflow.exceptions.MlflowException):
         client.create_registered_model(name)  # fails when already registered: add a version
     version = client.create_model_version(
-        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id
+        name,
+        f"runs:/{run.info.run_id}/{artifact_path}",
+        run_id=run.info.run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        description=description,
     )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
