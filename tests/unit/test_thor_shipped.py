@@ -55,6 +55,18 @@ def test_ship_copies_the_model_with_its_provenance(tmp_path):
     assert data_digest(data / "train") != record["data"]["sha256"]
 
 
+def test_ship_converts_a_torch_save_model_to_safetensors(tmp_path):
+    run, data, net = _training_run(tmp_path)
+    (run / "model" / WEIGHTS_FILE).unlink()  # as written by versions before safetensors
+    torch.save(net.state_dict(), run / "model" / "thor_unet.pt")
+    ship(run, data, tmp_path / "shipped", "x")
+    assert sorted(f.name for f in (tmp_path / "shipped").iterdir()) == [
+        "provenance.json",
+        "thor_model.json",
+        WEIGHTS_FILE,
+    ]
+
+
 def test_ship_and_provenance_refuse_what_is_not_there(tmp_path):
     with pytest.raises(ModelError, match="no finished training run"):
         ship(tmp_path, tmp_path, tmp_path / "out", "x")

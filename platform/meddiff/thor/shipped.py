@@ -30,7 +30,7 @@ from typing import Any
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
 from meddiff.files import read_format_json, write_json
-from meddiff.thor.model import CONFIG_FILE, read_model_config
+from meddiff.thor.model import CONFIG_FILE, load_model, read_model_config, save_model
 
 FORMAT = "meddiff-thor-provenance/1"
 PROVENANCE = "provenance.json"
@@ -93,7 +93,9 @@ def ship(run: str | Path, data: str | Path, out: str | Path, command: str) -> di
     }
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run / "model", tmp)
+    # Re-saved rather than copied, so the weights are safetensors whatever the run wrote.
+    unet_cfg, schedule_cfg, _ = read_model_config(run / "model")
+    save_model(tmp, load_model(run / "model").unet, unet_cfg, schedule_cfg, info)
     write_json(tmp / PROVENANCE, record)
     if out.exists():
         shutil.rmtree(out)
