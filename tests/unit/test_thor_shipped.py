@@ -87,12 +87,17 @@ def test_register_shipped_puts_the_provenance_on_the_model_version(tmp_path, tin
 
 
 @pytest.mark.skipif(not SHIPPED_DIR.is_dir(), reason="no shipped model in this checkout")
-def test_the_bundled_model_loads_and_says_how_it_was_made():
+def test_the_bundled_model_loads_and_says_how_it_was_made(tmp_path):
     from meddiff.config import load_config
+    from meddiff.data.brain import sample_brain
 
     record = provenance(SHIPPED_DIR)
     assert record["training"]["steps"] > 0 and "meddiff thor train" in record["command"]
+    cfg = load_config("tiny")
     model = load_model(SHIPPED_DIR)
-    assert model.image_size == load_config("tiny").thor.model.image_size
+    assert model.image_size == cfg.thor.model.image_size
     size = sum(f.stat().st_size for f in SHIPPED_DIR.iterdir())
     assert size < 8 * 2**20  # "a few MB"
+    # The training data it records is what `sample-brain --preset tiny` writes here, byte for byte.
+    sample_brain(tmp_path / "brain", cfg.data.mri, seed=record["data"]["seed"])
+    assert data_digest(tmp_path / "brain" / "train") == record["data"]["sha256"]
