@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ship.add_argument("--out", required=True, type=Path, help="model folder to write")
     ship.add_argument(
-        "--command", required=True, dest="made_by",
+        "--command", required=True, dest="made_by", metavar="COMMAND",
         help="the commands that made the data and the model (recorded as provenance)",
     )  # fmt: skip
     add_config_arguments(ship)
