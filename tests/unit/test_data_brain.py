@@ -57,3 +57,27 @@ def test_lesions_lie_inside_the_brain_and_change_intensity():
         stratum(10, 64) == "small" and stratum(100, 64) == "medium" and stratum(200, 64) == "large"
     )
     assert stratum(0, 64) == "none"
+
+
+def test_test_slices_can_come_from_another_brain(tmp_path):
+    import nibabel as nib
+
+    # Another "brain": the template shrunk to 80 % (other size, other slices) in a NIfTI file.
+    from scipy import ndimage
+
+    from meddiff.data.brain import mni152
+
+    volume, mask = mni152()
+    other = ndimage.zoom(volume * mask, 0.8, order=1)
+    path = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(other.astype(np.float32), np.diag([1.25, 1.25, 1.25, 1])), path)
+    out = tmp_path / "sample"
+    cfg = MriConfig(image_size=32)
+    sample_brain(out, cfg, BrainSampleSizes(lesion=3, normal=2), test_volume=path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["test_source"] == str(path)
+    assert len(list_pngs(out / "test" / "images")) == 5
+    assert manifest["train"] == len(list_pngs(out / "train"))  # training stays the template's
+    assert max(manifest["test_z"]) < other.shape[2]  # z positions of the other volume
+    with pytest.raises(DataError, match="missing.nii"):
+        sample_brain(tmp_path / "x", cfg, test_volume=tmp_path / "missing.nii")

@@ -204,3 +204,30 @@ def _suggest(loc: tuple[Any, ...]) -> str:
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     valid = ", ".join(model.model_fields)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {valid})"
+
+
+# `meddiff eval compare-prompting --preset prompting-cpu`: paper A's comparison (baseline vs
+# morphology prompts) at a scale a 2-core CPU runs in about two hours for three seeds
+# (docs/evaluation.md says how it was sized and what ran): the tiny networks, the synthesis model
+# trained 1 000 steps instead of 60 and sampled with 25 steps, 64 patches per prompt, the
+# classifier trained 600 steps, the metrics with 100 bootstrap resamples.
+PRESETS["prompting-cpu"] = _deep_merge(
+    PRESETS["tiny"],
+    {
+        "synthesis": {
+            "train": {
+                "max_steps": 1000,
+                "warmup_steps": 50,
+                "learning_rate": 5e-4,
+                "ema_decay": 0.995,
+                "checkpoint_every": 250,
+                "log_every": 25,
+            },
+            "generate": {"images_per_prompt": 64, "steps": 25},
+        },
+        "evaluation": {
+            "metrics": {"bootstrap": 100, "kid_subsets": 50, "min_stratum": 16},
+            "classifier": {"steps": 600},
+        },
+    },
+)

@@ -85,11 +85,19 @@ def sample_brain(
     sizes: BrainSampleSizes = BrainSampleSizes(),
     seed: int = 0,
     overwrite: bool = False,
+    test_volume: str | Path | None = None,
+    test_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the training slices and the lesion benchmark under ``out_dir``; returns the manifest.
 
+    With ``test_volume`` (a T1 NIfTI of another brain, skull-stripped or with ``test_mask``) the
+    test slices come from that brain instead of the template's held-out slices (the training
+    slices stay the template's, so a model is judged on a subject it never saw); same lesion
+    generator, same strata, same layout.
+
     Raises:
-        DataError: ``out_dir`` exists (and ``overwrite`` is False), or sizes leave no data.
+        DataError: ``out_dir`` exists (and ``overwrite`` is False), sizes leave no data, or the
+            test volume cannot be read (named).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -104,8 +112,12 @@ def sample_brain(
     size = cfg.image_size
     held = np.arange(len(sl.z)) % sizes.test_every == sizes.test_every // 2
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    test_sl, test_source = sl, "template: held-out slices"
+    if test_volume is not None:
+        test_sl = volume_to_slices(test_volume, cfg, test_mask)
+        test_idx, test_source = np.arange(len(test_sl.z)), str(test_volume)
     # Lesions go on held-out slices with enough brain for a large lesion.
-    area = sl.brain[test_idx].sum(axis=(1, 2))
+    area = test_sl.brain[test_idx].sum(axis=(1, 2))
     roomy = test_idx[area >= 0.5 * area.max()]
 
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
@@ -122,26 +134,26 @@ def sample_brain(
         # Redraw until the lesion's final pixel count lands in the intended stratum (outlines and
         # the brain mask change the area from its target).
         for _ in range(50):
-            image, lesion_mask, info = add_lesion(sl.images[i], sl.brain[i], target, rng)
+            image, lesion_mask, info = add_lesion(test_sl.images[i], test_sl.brain[i], target, rng)
             if stratum(int(lesion_mask.sum()), size) == target:
                 break
-        name = f"lesion_{n:03d}_z{sl.z[i]:03d}.png"
+        name = f"lesion_{n:03d}_z{test_sl.z[i]:03d}.png"
         area_px = int(lesion_mask.sum())
         if stratum(area_px, size) != target:  # kept: lesions.csv records both strata
             log.warning("%s: no %s lesion in 50 draws; kept one of %d px", name, target, area_px)
         write_png(tmp / "test" / "images" / name, image, bits)
         write_png(tmp / "test" / "masks" / name, lesion_mask)
         rows.append(
-            {"name": name, "kind": "lesion", "z": int(sl.z[i]), "area": area_px,
+            {"name": name, "kind": "lesion", "z": int(test_sl.z[i]), "area": area_px,
              "stratum": stratum(area_px, size), **info}
         )  # fmt: skip
     for n in range(sizes.normal):
         i = test_idx[(n * 7) % len(test_idx)]  # spread over the held-out range
-        name = f"normal_{n:03d}_z{sl.z[i]:03d}.png"
-        write_png(tmp / "test" / "images" / name, sl.images[i], bits)
+        name = f"normal_{n:03d}_z{test_sl.z[i]:03d}.png"
+        write_png(tmp / "test" / "images" / name, test_sl.images[i], bits)
         write_png(tmp / "test" / "masks" / name, np.zeros((size, size), dtype=bool))
         rows.append(
-            {"name": name, "kind": "normal", "z": int(sl.z[i]), "area": 0, "stratum": "none"}
+            {"name": name, "kind": "normal", "z": int(test_sl.z[i]), "area": 0, "stratum": "none"}
         )
 
     fields = ["name", "kind", "z", "area", "stratum", "target_stratum", "contrast", "edge",
@@ -163,8 +175,9 @@ def sample_brain(
         "test_lesion": sizes.lesion,
         "test_normal": sizes.normal,
         "strata": dict(sorted(strata.items())),
+        "test_source": test_source,
         "train_z": [int(z) for z in sl.z[train_idx]],
-        "test_z": [int(z) for z in sl.z[test_idx]],
+        "test_z": [int(z) for z in test_sl.z[test_idx]],
         "sizes": asdict(sizes),
         "seed": seed,
         "mri": cfg.model_dump(mode="json"),

@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     brain.add_argument("--seed", type=int, default=0)
     brain.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    brain.add_argument(
+        "--test-volume", type=Path,
+        help="T1 NIfTI of another brain: cut the test slices from it instead of the template",
+    )  # fmt: skip
+    brain.add_argument(
+        "--test-mask", type=Path, help="brain mask of --test-volume (default: voxels above "
+        "data.mri.brain_threshold, i.e. a skull-stripped volume)",
+    )  # fmt: skip
     add_config_arguments(brain)
     brain.set_defaults(handler=_sample_brain)
 
@@ -129,8 +137,10 @@ def _sample_brain(args: argparse.Namespace) -> int:
         BrainSampleSizes(lesion=args.lesion, normal=args.normal, test_every=args.test_every),
         seed=args.seed,
         overwrite=args.overwrite,
+        test_volume=args.test_volume,
+        test_mask=args.test_mask,
     )
-    keys = ("image_size", "train", "test_lesion", "test_normal", "strata")
+    keys = ("image_size", "train", "test_lesion", "test_normal", "test_source", "strata")
     print(json.dumps({"out": str(args.out), **{k: manifest[k] for k in keys}}, indent=2))
     return 0
 

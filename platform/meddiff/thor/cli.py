@@ -55,6 +55,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
+    ship = cmds.add_parser(
+        "ship", help="copy a finished training run's model with its provenance (the demo's model)"
+    )
+    ship.add_argument("--run", required=True, type=Path, help="`thor train --out` folder")
+    ship.add_argument(
+        "--data", required=True, type=Path, help="the `data sample-brain` folder it trained on"
+    )
+    ship.add_argument("--out", required=True, type=Path, help="model folder to write")
+    ship.add_argument(
+        "--command", required=True, dest="made_by", metavar="COMMAND",
+        help="the commands that made the data and the model (recorded as provenance)",
+    )  # fmt: skip
+    add_config_arguments(ship)
+    ship.set_defaults(handler=_ship)
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -106,4 +121,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         cfg, args.model, args.images, args.masks, list(dict.fromkeys(methods)), args.out, box
     )
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    from meddiff.thor.shipped import ship
+    from meddiff.tracking.runs import configure
+
+    configure(_config(args).tracking)  # the training run's store, for its code version
+    print(json.dumps(ship(args.run, args.data, args.out, args.made_by), indent=2))
     return 0

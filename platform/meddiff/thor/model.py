@@ -2,8 +2,11 @@
 
 Layout of a model directory (what the registry stores and ``--model`` accepts)::
 
-    thor_model.json   {"format": "meddiff-thor/1", "unet": {...}, "schedule": {...}, "info": {...}}
-    thor_unet.pt      the UNet's state dict (torch.save)
+    thor_model.json           {"format": "meddiff-thor/1", "unet": {...}, "schedule": {...},
+                              "info": {...}}
+    thor_unet.safetensors     the UNet's state dict (safetensors: tensors only, no pickled code)
+
+Directories written before safetensors hold ``thor_unet.pt`` (torch.save) instead; both load.
 
 ``save_model`` writes to a temporary directory and renames it, so a directory that has
 ``thor_model.json`` is complete.
@@ -28,7 +31,8 @@ from meddiff.thor.unet import DiffusionUNet
 
 FORMAT = "meddiff-thor/1"
 CONFIG_FILE = "thor_model.json"
-WEIGHTS_FILE = "thor_unet.pt"
+WEIGHTS_FILE = "thor_unet.safetensors"
+LEGACY_WEIGHTS_FILE = "thor_unet.pt"  # torch.save, written by earlier versions
 
 
 @dataclass
@@ -60,7 +64,11 @@ def save_model(
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(unet.state_dict(), tmp / WEIGHTS_FILE)
+    from safetensors.torch import save_file
+
+    # contiguous: a channels-last network's weights are strided views safetensors cannot store.
+    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
     meta = {
         "format": FORMAT,
         "unet": unet_cfg.model_dump(mode="json"),
@@ -100,11 +108,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Tho
     """
     unet_cfg, schedule_cfg, info = read_model_config(model_dir)
     weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file() and (Path(model_dir) / LEGACY_WEIGHTS_FILE).is_file():
+        weights = Path(model_dir) / LEGACY_WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{model_dir}: missing {WEIGHTS_FILE}")
     unet = DiffusionUNet(unet_cfg)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
         unet.load_state_dict(state)
     except Exception as err:
         raise ModelError(f"{weights}: cannot load weights ({str(err).splitlines()[0]})") from None

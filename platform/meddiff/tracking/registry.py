@@ -21,9 +21,12 @@ def register_model(
     *,
     artifact_path: str = "model",
     alias: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> str:
     """Log ``local_dir`` under the active run and register it as a new version of ``name``.
 
+    ``tags`` and ``description`` go on the model version (e.g. a shipped model's provenance).
     Returns the new version number (as a string).
     """
     import mlflow
@@ -38,14 +41,18 @@ def register_model(
     # Lineage starts here: the version names its training run, whose tags and dataset inputs
     # lead back to the source files (meddiff lineage models:/NAME/VERSION).
     run_tags = client.get_run(run.info.run_id).data.tags
-    tags = {
+    lineage = {
         "meddiff.training_run": run.info.run_id,
         "meddiff.job": run_tags.get("meddiff.job", ""),
         "meddiff.code_version": run_tags.get("meddiff.code_version", ""),
         "meddiff.config": f"runs:/{run.info.run_id}/config.yaml",
     }
     version = client.create_model_version(
-        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id, tags=tags
+        name,
+        f"runs:/{run.info.run_id}/{artifact_path}",
+        run_id=run.info.run_id,
+        tags={**lineage, **{k: str(v) for k, v in (tags or {}).items()}},
+        description=description,
     )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
