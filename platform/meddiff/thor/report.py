@@ -112,7 +112,6 @@ def render_report(
                 "map_kind": plan["map_kind"],
                 "intensity": _intensity(plan),
                 "vmax": vmax,
-                "intensity": _intensity(plan),
                 "width": width,
                 "examples": examples,
             }
