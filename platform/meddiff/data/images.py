@@ -61,7 +61,10 @@ def read_png(path: str | Path, size: int | None = None) -> np.ndarray:
     Raises:
         DataError: not a readable PNG, more than one channel, or not ``size``×``size``.
     """
-    arr = _read_gray(Path(path), "image")
+    return _to_unit(_read_gray(Path(path), "image"), path, size)
+
+
+def _to_unit(arr: np.ndarray, path, size: int | None) -> np.ndarray:
     if arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 255.0
     elif arr.dtype == bool:
@@ -76,6 +79,45 @@ def read_png(path: str | Path, size: int | None = None) -> np.ndarray:
             "(the model's image size)"
         )
     return out
+
+
+def decode_png(data: bytes, name: str = "image", size: int | None = None) -> np.ndarray:
+    """PNG bytes (an HTTP upload) as float32 (H, W) in [0, 1], by the rules of :func:`read_png`.
+
+    Raises:
+        DataError: not a readable PNG, more than one channel, or not ``size``×``size``; the
+            message names ``name``.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if size is not None:
+        # The header alone first: a wrong-sized (or decompression-bomb) PNG is refused before
+        # any pixel is decoded.
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{name}: not a readable PNG ({err})") from None
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{name}: refused as a decompression bomb ({err})") from None
+        if (h, w) != (size, size):
+            raise DataError(
+                f"{name}: image is {w}x{h} pixels; expected {size}x{size} (the model's image size)"
+            )
+    return _to_unit(_decode_gray(io.BytesIO(data), name, "image"), name, size)
+
+
+def encode_png(image: np.ndarray, bits: int = 8) -> bytes:
+    """(H, W) data as grayscale PNG bytes, encoded as :func:`write_png` writes them."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_png_array(image, bits, "image")).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -138,12 +180,17 @@ def check_headers(
 
 
 def _read_gray(path: Path, what: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist")
+    return _decode_gray(path, path, what)
+
+
+def _decode_gray(source, path, what: str) -> np.ndarray:
+    """Decode a grayscale PNG from a path or a binary file object; messages name ``path``."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format != "PNG":
                 raise DataError(f"{path}: a {img.format} file, not a PNG")
             mode = img.mode
@@ -168,6 +215,8 @@ def _read_gray(path: Path, what: str) -> np.ndarray:
             arr = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable PNG ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
     if arr.ndim != 2:
         raise DataError(f"{path}: {what} has shape {arr.shape}; expected a 2D grayscale image")
     if arr.dtype not in (np.uint8, bool):
@@ -184,22 +233,25 @@ def write_png(path: str | Path, image: np.ndarray, bits: int = 8) -> Path:
     from PIL import Image
 
     path = Path(path)
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise DataError(f"{path}: cannot write shape {arr.shape} as a grayscale PNG")
-    if arr.dtype == bool:
-        out = arr.astype(np.uint8) * 255
-    elif bits == 8:
-        out = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    elif bits == 16:
-        out = np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16)
-    else:
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    out = _png_array(image, bits, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     Image.fromarray(out).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def _png_array(image: np.ndarray, bits: int, path) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: cannot write shape {arr.shape} as a grayscale PNG")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if bits == 8:
+        return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    if bits == 16:
+        return np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16)
+    raise ValueError(f"bits must be 8 or 16, got {bits}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from meddiff.errors import ConfigError, MeddiffError, ModelError
 from meddiff.files import copy_tree, write_json
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
+from meddiff.synthesis.prompts import table_from_pairs, write_prompt_table
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         ckpt = Path(result.checkpoint.path)
         ckpt_info = read_checkpoint_info(ckpt)
         model_dir = export_model(ckpt, out / "model")
+        # The prompts it was trained on travel with the model (the synthesis service lists them).
+        write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs))
         summary: dict[str, Any] = {
             "model": str(model_dir),
             "checkpoint": str(ckpt),
@@ -116,6 +119,16 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         mlflow.log_dict(summary, "summary.json")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def pairs_table(pairs: Path) -> list:
+    """The prompt table of a pairs directory (prompt, label, cluster, count per prompt)."""
+    import pyarrow.parquet as pq
+
+    cols = ["prompt", "label", "cluster"]
+    files = cache_mod.shards.read_manifest(pairs)["files"]
+    tables = [pq.read_table(pairs / f, columns=cols) for f in files]
+    return table_from_pairs(*(np.concatenate([t[c].to_numpy() for t in tables]) for c in cols))
 
 
 def prepare_base_model(cfg: Config, pairs: Path, out: Path) -> str:
