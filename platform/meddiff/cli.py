@@ -24,6 +24,7 @@ GROUPS = (
     "meddiff.synthesis.cli",
     "meddiff.thor.cli",
     "meddiff.evaluation.cli",
+    "meddiff.serving.cli",
 )
 
 

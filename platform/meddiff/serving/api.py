@@ -129,10 +129,11 @@ def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) ->
         return {"status": "ready", "version": info.get("version")}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
+    async def index(request: Request) -> HTMLResponse:
         from meddiff.serving.pages import render
 
-        return HTMLResponse(render(page))
+        # Behind a Serve route prefix the page's calls go to <prefix>/v1/...
+        return HTMLResponse(render(page, base=request.scope.get("root_path", "").rstrip("/")))
 
     errors = {401: {"model": S.Problem}, 503: {"model": S.Problem}}
     router = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses=errors)
