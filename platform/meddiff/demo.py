@@ -207,6 +207,24 @@ def _evaluate(demo: Demo) -> dict[str, Any]:
     )
 
 
+def _serve(demo: Demo) -> dict[str, Any]:
+    """Deploy both HTTP services from the registry, one request each, then shut them down."""
+    from meddiff.data.images import list_pngs
+    from meddiff.morphology.pipeline import PROMPTS_CSV
+    from meddiff.serving.demo_step import serve_demo
+    from meddiff.synthesis.prompts import read_prompt_table
+
+    table = Path(demo.results["prompts"]["out"]) / PROMPTS_CSV
+    return serve_demo(
+        demo.cfg,
+        demo.path("serve"),
+        demo.results["thor"]["registered"],
+        demo.results["synthesis"]["model_uri"],
+        list_pngs(demo.path("data", "brain", "test", "images"))[0],
+        read_prompt_table(table)[0].prompt,
+    )
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
@@ -215,7 +233,8 @@ STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("prompts", _prompts),
     ("synthesis", _synthesis),
     ("thor", _thor),
-    ("evaluate", _evaluate),  # keep last: judges the synthetic set the steps before it made
+    ("evaluate", _evaluate),  # judges the synthetic set the steps before it made
+    ("serve", _serve),  # last: the registered models behind HTTP, one request each
 ]
 
 
