@@ -428,3 +428,23 @@ def test_anomaly_page_in_a_real_browser(service, tmp_path):
         (tmp_path / "anomaly_page.png").write_bytes(base64.b64decode(shot))
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+def test_demo_serve_step_answers_over_http(service, tmp_path, capsys):
+    """The demo's last step on this module's registered models (last here: it redeploys and
+    shuts Serve down)."""
+    from meddiff.serving.demo_step import serve_demo
+
+    shutdown()
+    out = serve_demo(
+        service["cfg"], tmp_path / "serve", f"models:/{NAME}/2", f"models:/{SD_NAME}/1",
+        service["images"] / "s0.png", PROMPTS[1].prompt,
+    )  # fmt: skip
+    assert out["anomaly"]["model"] == f"models:/{NAME}/2"
+    assert 0 < out["anomaly"]["score"] < 1
+    assert out["synthesis"]["seeds"] == [0, 1]
+    assert all(Path(p).is_file() for p in out["synthesis"]["images"])
+    assert decode_png((tmp_path / "serve" / "anomaly_map.png").read_bytes()).shape == (64, 64)
+    printed = capsys.readouterr().out
+    assert "POST /anomaly/v1/anomaly -> score" in printed and "2 patches" in printed
