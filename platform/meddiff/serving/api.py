@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from meddiff.data.images import encode_png
-from meddiff.errors import DataError
+from meddiff.errors import DataError, MeddiffError
 from meddiff.serving import auth, limits
 from meddiff.serving import schemas as S
 from meddiff.serving.runners import content_seed
@@ -115,6 +115,16 @@ def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) ->
     @app.exception_handler(DataError)
     async def _bad_data(request: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(MeddiffError)
+    async def _unavailable(request: Request, exc: MeddiffError) -> JSONResponse:
+        # A model that cannot be loaded or used right now: the service, not the request, is at
+        # fault, and a retry may succeed once it is fixed.
+        return JSONResponse(
+            {"detail": f"model unavailable: {exc}"},
+            status_code=503,
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
     @app.get("/healthz", summary="liveness (no token)")
     async def healthz() -> dict[str, str]:
