@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     for f in files:
         token, where = auth.ensure_token(f)
     urls = deploy(data, address=args.address)
-    print(f"token: {where}  (send 'Authorization: Bearer <token>')")
+    print(f"token: {token}  (from {where}; send 'Authorization: Bearer <token>')")
     for name, url in urls.items():
         print(f"{name}: {url}  (page: {url}/, API docs: {url}/docs)")
     print("Ctrl-C stops the services.")
