@@ -77,7 +77,9 @@ class _ModelHolder:
             self._watch = asyncio.get_running_loop().create_task(self._follow_alias())
 
     def _set_batching(self, user: ModelUserConfig) -> None:
-        raise NotImplementedError
+        # Each subclass's ``_batch`` is its @serve.batch method; its size is set in place.
+        self._batch.set_max_batch_size(user.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(user.batch_wait_timeout_s)
 
     async def _load(self, ref: str) -> None:
         """Load the new runner beside the old one, then swap (the old one keeps answering)."""
@@ -117,10 +119,6 @@ class _ModelHolder:
 class AnomalyModel(_ModelHolder):
     kind = "anomaly"
 
-    def _set_batching(self, user: ModelUserConfig) -> None:
-        self._batch.set_max_batch_size(user.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(user.batch_wait_timeout_s)
-
     async def detect(self, image, seed: int) -> dict[str, Any]:
         return await self._batch(image, seed)
 
@@ -136,10 +134,6 @@ class AnomalyModel(_ModelHolder):
 @serve.deployment(name="SynthesisModel", max_ongoing_requests=16, max_queued_requests=64)
 class SynthesisModel(_ModelHolder):
     kind = "synthesis"
-
-    def _set_batching(self, user: ModelUserConfig) -> None:
-        self._batch.set_max_batch_size(user.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(user.batch_wait_timeout_s)
 
     async def prompts(self) -> list[dict[str, Any]]:
         self.check_health()
