@@ -13,7 +13,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import find_user_error, user_message
+
+__all__ = ["add_config_arguments", "config_from_args", "find_user_error", "main", "user_message"]
 
 # Modules that add a subcommand group (each has ``register(subparsers)``).
 GROUPS = (
@@ -88,24 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
         return 2
-
-
-def find_user_error(err: BaseException) -> MeddiffError | None:
-    """The :class:`MeddiffError` behind ``err``, also when it was raised inside a Ray task or
-    Ray Data stage (Ray re-raises those wrapped, with the original as cause)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, MeddiffError):
-            cause = getattr(err, "cause", None)  # RayTaskError(DataError) carries the original
-            return cause if isinstance(cause, MeddiffError) else err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
-def user_message(err: MeddiffError) -> str:
-    """The error's own message, without the retry advice Ray Data appends to it."""
-    return str(err).split("\nFailed to apply UDF transform")[0]
 
 
 if __name__ == "__main__":

@@ -3,16 +3,32 @@
 Jobs call :func:`connect` and then run the same code whether Ray is an embedded local instance
 (the default on a laptop or in tests) or a cluster reached through ``--address``/``RAY_ADDRESS``
 (``ray job submit`` sets ``RAY_ADDRESS`` for the job's driver).
+
+Every process meddiff's work starts uses the instance the driver started or joined: the driver
+exports its address as ``RAY_ADDRESS`` (for its own child processes), and an embedded Ray is
+started on a GCS port chosen here, so its address can go into the job's runtime environment and
+reach every worker. Without it, Ray components that look the cluster up by themselves (Ray
+Train's state actors, Ray Data's hang detector) fail with "Found multiple active Ray instances"
+when another Ray runs on the same machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import time
+from collections.abc import Iterator
 
 from meddiff.config import RuntimeConfig
+from meddiff.errors import ClusterError
 
 log = logging.getLogger(__name__)
+
+# RAY_ADDRESS as it was before connect() exported one; restored by shutdown().
+_UNSET = object()
+_saved_address: object = _UNSET
 
 
 def ray_address(cfg: RuntimeConfig) -> str | None:
@@ -35,21 +51,161 @@ def connect(cfg: RuntimeConfig) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        store = cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            object_store_memory=store,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        start_embedded(cfg)
+    if not (address or "").startswith("ray://"):  # a Ray Client keeps its own address
+        _export_address(_gcs_address())
     _configure_data(cfg)
+
+
+def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
+    """Start a local Ray, retrying with exponential backoff (2 s, 4 s, ... 30 s) for up to
+    ``cfg.start_timeout_s``: on a loaded machine Ray's raylet can miss its fixed 30 s startup
+    bound. Processes a failed try left behind are stopped before the next (by PID).
+
+    Raises:
+        ClusterError: every try failed within the bound (one line, with what to do).
+    """
+    import ray
+
+    store = cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None
+    start = time.monotonic()
+    delay, attempt = 2.0, 0
+    while True:
+        attempt += 1
+        port = free_port()
+        address = f"{_node_ip()}:{port}"
+        before = _child_pids()
+        try:
+            with _environ(RAY_GCS_SERVER_PORT=str(port)):
+                ray.init(
+                    address="local",
+                    num_cpus=cfg.num_cpus,
+                    num_gpus=cfg.num_gpus,
+                    object_store_memory=store,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+                )
+            return
+        except Exception as err:  # Ray raises bare Exception on a startup timeout
+            ray.shutdown()
+            _stop_children(_child_pids() - before)
+            if isinstance(err, (TypeError, ValueError)):
+                raise  # wrong arguments: no retry fixes them
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            elapsed = time.monotonic() - start
+            if elapsed + delay > cfg.start_timeout_s:
+                raise ClusterError(
+                    f"the embedded Ray did not start: {attempt} tries in {elapsed:.0f} s "
+                    f"(runtime.start_timeout_s={cfg.start_timeout_s:g}); last: {reason}. The "
+                    "machine may be overloaded: retry, raise runtime.start_timeout_s, or join a "
+                    "running cluster with --address"
+                ) from None
+            log.warning("embedded Ray did not start (try %d: %s); retrying in %.0f s",
+                        attempt, reason, delay)  # fmt: skip
+            sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def free_port() -> int:
+    """A TCP port free at the time of asking (a race that a retried start absorbs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_ip() -> str:
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _gcs_address() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # a Ray Client (ray://) connection has no GCS address of its own
+        return None
+
+
+def _export_address(gcs_address: str | None) -> None:
+    """Make ``RAY_ADDRESS`` name the instance this process uses, for the processes it starts."""
+    global _saved_address
+    if not gcs_address:
+        return
+    if _saved_address is _UNSET:
+        _saved_address = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = gcs_address
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_children(pids: set[int]) -> None:
+    """Stop the processes a failed start left (ours: children of this process), by PID."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+class UserErrorFilter(logging.Filter):
+    """Drops console records about a :class:`~meddiff.errors.MeddiffError` (bad input named by
+    the error itself): Ray Data logs the failing stage's traceback, twice, before re-raising it,
+    and the CLI then prints the one line that matters. The log file keeps the records.
+
+    The exception is the record's own, else the one being handled: Ray Data logs from inside
+    its ``except`` blocks, on the thread that caught it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        from meddiff.errors import find_user_error
+
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or find_user_error(exc) is None
+
+
+def quiet_user_errors() -> None:
+    """Install :class:`UserErrorFilter` on Ray Data's console handlers (idempotent)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console" and not any(
+            isinstance(f, UserErrorFilter) for f in handler.filters
+        ):
+            handler.addFilter(UserErrorFilter())
 
 
 def _configure_data(cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
+    quiet_user_errors()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     # Errors in user data should stop the job with the first message, not after retries, and
@@ -67,5 +223,12 @@ def shutdown() -> None:
     """Disconnect (and stop an embedded Ray)."""
     import ray
 
+    global _saved_address
     if ray.is_initialized():
         ray.shutdown()
+    if _saved_address is not _UNSET:
+        if _saved_address is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = str(_saved_address)
+        _saved_address = _UNSET

@@ -127,3 +127,19 @@ def test_reader_study_cli_export_and_score(sample_pcam_dir, sets, tmp_path: Path
     rc = main(["eval", "reader-study", "score", "--key", str(study / "key.json"),
                str(tmp_path / "missing.json")])  # fmt: skip
     assert rc == 2 and "missing.json does not exist" in capsys.readouterr().err
+
+
+def test_fidelity_cli_without_out_leaves_no_temporary_folder(
+    sample_pcam_dir, sets, tmp_path: Path, monkeypatch, capsys
+):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    rc = main(["eval", "fidelity", "--real", str(sample_pcam_dir), "--synthetic",
+               str(sets["morphology"]), "--local", "--no-umap", *TINY])  # fmt: skip
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(scratch.iterdir()) == []
+    assert "report" not in result and "no --out" in result["files"]

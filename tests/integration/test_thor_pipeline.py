@@ -63,6 +63,7 @@ def test_training_checkpoints_resumes_and_registers(trained):
     assert (out / "model" / "thor_model.json").is_file()
     info = json.loads((out / "model" / "thor_model.json").read_text())["info"]
     assert info["steps"] == 4
+    assert info["intensity"] == {"scaling": "significant_bits", "significant_bits": None}
     client = mlflow.MlflowClient()
     resumed = client.get_metric_history(second["run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [2.0]
@@ -85,6 +86,7 @@ def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_p
     assert all(float(r["score"]) >= 0 for r in rows)
     summary = json.loads(capsys.readouterr().out)
     assert summary["residual_only"] is True and summary["forwards_per_image"] == 8
+    assert summary["intensity"]["read_as"] == {"type: 16-bit / 65535": len(names)}
 
 
 def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, capsys):
@@ -103,6 +105,7 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     assert any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
     assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert "scaled by data.images.scaling=significant_bits" in html
     assert json.loads((out / "metrics.json").read_text())["methods"].keys() == {"thor", "ddpm"}
 
 
@@ -135,6 +138,9 @@ def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
     err = run("--images", str(images), "--masks", str(masks),
               "--set", "thor.infer.harmonization_steps=[400, 50]")  # fmt: skip
     assert "step 400, above the noise level T=350" in err
+    err = run("--images", str(images), "--masks", str(masks),
+              "--set", "data.images.scaling=percentiles")  # fmt: skip
+    assert "trained on images read with" in err and "data.images.scaling=significant_bits" in err
 
 
 @pytest.mark.slow
@@ -149,3 +155,21 @@ def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
     # Ray also writes checkpoint_manager_snapshot.json there: keep the checkpoint folders only.
     ckpts = sorted(p for p in (out / "ray" / "thor-train").glob("checkpoint_*") if p.is_dir())
     assert ckpts and (ckpts[-1] / "deepspeed").is_dir() and (ckpts[-1] / "model").is_dir()
+
+
+def test_an_error_inside_a_ray_data_stage_prints_once(trained, brain, tmp_path, capfd):
+    """A PNG whose header is fine but whose pixels are cut off fails inside the detection stage
+    (a Ray Data actor); the terminal shows meddiff's one line and no traceback."""
+    images = tmp_path / "images"
+    shutil.copytree(brain / "test" / "images", images)
+    broken = sorted(images.glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:120])  # header intact, image data truncated
+    capfd.readouterr()
+    rc = main(["thor", "detect", "--model", str(trained[0] / "model"), "--images", str(images),
+               "--out", str(tmp_path / "out"), *FAST, *SMALL])  # fmt: skip
+    err = capfd.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    assert err.count(f"{broken.name}: not a readable PNG") == 1
+    assert err.strip().splitlines()[-1].startswith("meddiff: error: ")
+    assert not (tmp_path / "out").exists()

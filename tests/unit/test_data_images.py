@@ -116,3 +116,165 @@ def test_mixed_sizes_in_one_folder(tmp_path):
     write_png(tmp_path / "b.png", np.zeros((9, 8)))
     with pytest.raises(DataError, match=r"b\.png: image is 8x9 pixels but a\.png is 8x8"):
         load_folder(tmp_path)
+
+
+# --- bit depth: 12-bit data in 16-bit PNGs -----------------------------------------------------
+
+
+def _slice(seed: int = 0) -> np.ndarray:
+    """A float image in [0, 1] with mean about 0.21, like an MRI slice (dark background)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2) < 24**2
+    return np.where(disc, 0.4 + 0.2 * rng.random((64, 64)), 0.0)
+
+
+def _png16(path, values: np.ndarray, sbit: int | None = None):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if sbit is not None:
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(values.astype(np.uint16)).save(path, pnginfo=info)
+    return path
+
+
+def test_12_bit_png_with_sbit_reads_over_its_own_range(tmp_path):
+    from meddiff.data.images import png_significant_bits
+
+    img = _slice()
+    path = _png16(tmp_path / "scan.png", np.round(img * 4095), sbit=12)
+    assert png_significant_bits(path) == 12
+    out = read_png(path)
+    assert out.mean() == pytest.approx(img.mean(), abs=1e-3)  # not 1/16 of it
+    assert out.mean() > 0.15
+    # The PNG standard's way: the 12 bits scaled to 16 by bit replication, shifted back.
+    v = np.round(img * 4095).astype(np.int64)
+    replicated = _png16(tmp_path / "std.png", (v << 4) | (v >> 8), sbit=12)
+    np.testing.assert_allclose(read_png(replicated), out, atol=1e-6)
+
+
+def test_12_bit_png_without_sbit_warns_and_the_setting_decides(tmp_path, caplog):
+    from meddiff.config.data import ImageConfig
+    from meddiff.data.images import intensity_summary, png_significant_bits
+
+    img = _slice()
+    path = _png16(tmp_path / "scan.png", np.round(img * 4095))
+    assert png_significant_bits(path) is None
+    with caplog.at_level("WARNING"):
+        summary = intensity_summary([path], ImageConfig())
+    assert "scan.png" in summary["warning"] and "data.images.significant_bits=12" in caplog.text
+    assert read_png(path).mean() == pytest.approx(img.mean() / 16, rel=0.01)  # as the file says
+    twelve = read_png(path, cfg=ImageConfig(significant_bits=12))
+    assert twelve.mean() == pytest.approx(img.mean(), abs=1e-3)
+    observed = read_png(path, cfg=ImageConfig(scaling="observed_range"))
+    assert observed.min() == 0 and observed.max() == 1
+    pct = read_png(path, cfg=ImageConfig(scaling="percentiles", percentiles=(1, 99)))
+    assert pct.max() == 1 and 0.2 < pct.mean() < 0.5
+    assert intensity_summary([path], ImageConfig(significant_bits=12))["warning"] is None
+
+
+def test_explicit_scaling_wins_over_sbit_and_a_wrong_sbit_is_named(tmp_path):
+    from meddiff.config.data import ImageConfig
+
+    img = _slice()
+    path = _png16(tmp_path / "scan.png", np.round(img * 4095), sbit=12)
+    full = read_png(path, cfg=ImageConfig(scaling="type_range"))
+    assert full.mean() == pytest.approx(img.mean() / 16, rel=0.01)
+    lying = _png16(tmp_path / "lying.png", np.round(img * 65535), sbit=10)
+    with pytest.raises(DataError, match=r"lying\.png: sBIT says 10 significant bits.*type_range"):
+        read_png(lying)
+    np.testing.assert_allclose(
+        read_png(lying, cfg=ImageConfig(scaling="type_range")), img, atol=1e-4
+    )
+
+
+def test_training_reads_pngs_as_detection_does(tmp_path):
+    """The training stage and detection call one reader with one setting."""
+    from meddiff.config.data import ImageConfig
+    from meddiff.thor.data import ReadPng
+
+    path = _png16(tmp_path / "scan.png", np.round(_slice() * 4095))
+    cfg = ImageConfig(significant_bits=12)
+    batch = ReadPng(64, cfg)({"path": np.array([str(path)])})
+    np.testing.assert_array_equal(batch["image"][0], read_png(path, 64, cfg))
+    assert batch["image"][0].mean() > 0.15
+
+
+def test_detection_refuses_to_read_images_unlike_training(tmp_path):
+    from meddiff.config import load_config
+    from meddiff.config.data import ImageConfig
+    from meddiff.config.thor import ScheduleConfig, UNetConfig
+    from meddiff.errors import ConfigError
+    from meddiff.thor.detect import plan_for
+    from meddiff.thor.model import save_model
+    from meddiff.thor.unet import DiffusionUNet
+
+    small = UNetConfig(
+        image_size=16, channels=(8, 16), attention_levels=(False, True), norm_groups=8,
+        num_head_channels=8,
+    )  # fmt: skip
+    trained = ImageConfig(significant_bits=12).reading()
+    out = save_model(
+        tmp_path / "m", DiffusionUNet(small), small, ScheduleConfig(), {"intensity": trained}
+    )
+    cfg = load_config("tiny", overrides=["thor.infer.lpips=off"])
+    with pytest.raises(
+        ConfigError, match=r"trained on images read.*--set data\.images\.significant_bits=12"
+    ):
+        plan_for(cfg, str(out))
+    same = load_config(
+        "tiny", overrides=["thor.infer.lpips=off", "data.images.significant_bits=12"]
+    )
+    assert plan_for(same, str(out))["image_size"] == 16
+
+
+def test_rgba_png_error_is_said_once(tmp_path):
+    """One message naming the file once, not wrapped again as 'not a readable PNG'."""
+    Image.fromarray(np.zeros((4, 4, 4), dtype=np.uint8), mode="RGBA").save(tmp_path / "rgba.png")
+    for read in (read_png, lambda p: check_headers([p])):
+        with pytest.raises(DataError) as err:
+            read(tmp_path / "rgba.png")
+        msg = str(err.value)
+        assert msg.count("rgba.png") == 1 and "not a readable PNG" not in msg
+        assert "4 channels (mode RGBA)" in msg
+
+
+def test_a_4d_volume_is_refused_on_the_driver_before_ray(tmp_path):
+    import nibabel as nib
+    import ray
+
+    from meddiff.config.data import MriConfig
+    from meddiff.thor.data import healthy_dataset
+
+    nib.save(
+        nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(tmp_path / "4d.nii")
+    )
+    with pytest.raises(DataError, match=r"4d\.nii: volume has shape \(8, 8, 8, 3\); expected a 3D"):
+        healthy_dataset(tmp_path / "4d.nii", 16, MriConfig())
+    assert not ray.is_initialized()  # failed before any Ray work (no worker tracebacks)
+
+
+def test_ray_data_console_drops_records_about_user_errors():
+    import logging
+    import sys
+
+    from meddiff.runtime import UserErrorFilter
+
+    class Wrapped(Exception):  # how Ray re-raises a stage's error: the original as cause
+        pass
+
+    def record(exc: BaseException | None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("ray.data.x", logging.ERROR, __file__, 1, "failed", (), info)
+
+    wrapped = Wrapped("task failed")
+    wrapped.__cause__ = DataError("bad.png: not a readable PNG")
+    keep = UserErrorFilter()
+    assert not keep.filter(record(wrapped))
+    assert keep.filter(record(RuntimeError("a bug in Ray")))
+    assert keep.filter(record(None))
+    try:  # a plain error() call inside the except block that caught a user error
+        raise wrapped
+    except Wrapped:
+        assert sys.exc_info()[1] is wrapped and not keep.filter(record(None))

@@ -94,3 +94,73 @@ def test_bad_volumes_are_named(tmp_path):
     save(np.zeros((8, 8, 8), dtype=np.float32), np.eye(4), tmp_path / "empty.nii")
     with pytest.raises(DataError, match="brain mask is empty"):
         volume_to_slices(tmp_path / "empty.nii", MriConfig(image_size=8))
+
+
+# --- voxel sizes from the header ----------------------------------------------------------------
+
+
+def physical_phantom(spacing: tuple[float, float, float]) -> np.ndarray:
+    """A RAS ellipsoid brain 120 mm wide (x), 148 mm long (y), 100 mm high (z): width/height
+    0.81 in an axial slice, sampled on voxels of ``spacing`` mm."""
+    shape = [int(round(160 / s)) for s in spacing]
+    x, y, z = ((np.arange(n) + 0.5) * s - 80 for n, s in zip(shape, spacing, strict=True))
+    inside = (x[:, None, None] / 60) ** 2 + (y[None, :, None] / 74) ** 2 + (
+        z[None, None] / 50
+    ) ** 2 <= 1
+    return np.where(inside, 150.0 + z[None, None], 0.0).astype(np.float32)
+
+
+def brain_aspect(sl) -> float:
+    """Width / height of the brain in the middle kept slice."""
+    rows, cols = np.nonzero(sl.brain[len(sl.brain) // 2])
+    return (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+
+
+def test_anisotropic_voxels_are_resampled_not_squashed(tmp_path):
+    cfg = MriConfig(image_size=64, min_brain_fraction=0.5)
+    save(physical_phantom((1, 1, 1)), np.diag([1.0, 1, 1, 1]), tmp_path / "iso.nii.gz")
+    save(physical_phantom((3, 1, 1)), np.diag([3.0, 1, 1, 1]), tmp_path / "aniso.nii.gz")
+    iso = volume_to_slices(tmp_path / "iso.nii.gz", cfg)
+    aniso = volume_to_slices(tmp_path / "aniso.nii.gz", cfg)
+    assert brain_aspect(iso) == pytest.approx(120 / 148, abs=0.04)
+    assert brain_aspect(aniso) == pytest.approx(120 / 148, abs=0.04)  # not 0.28
+    with pytest.raises(
+        DataError, match=r"aniso\.nii\.gz: voxels are 3 x 1 mm.*data\.mri\.resample"
+    ):
+        volume_to_slices(tmp_path / "aniso.nii.gz", cfg.model_copy(update={"resample": False}))
+    # Isotropic volumes pass either way.
+    volume_to_slices(tmp_path / "iso.nii.gz", cfg.model_copy(update={"resample": False}))
+
+
+def test_pir_and_lps_files_give_the_slices_of_the_ras_file_with_anisotropic_voxels(tmp_path):
+    """Orientation and voxel sizes travel together: the 3 mm axis is the file's k axis here."""
+    cfg = MriConfig(image_size=32, min_brain_fraction=0.5)
+    ras = physical_phantom((3, 1, 1))
+    ras[60:62, 100:110, 70:80] = 300  # an asymmetric marker (right, anterior, superior)
+    save(ras, np.diag([3.0, 1, 1, 1]), tmp_path / "ras.nii")
+    # PIR: voxel axes i -> posterior, j -> inferior, k -> right (3 mm).
+    pir = ras.transpose(1, 2, 0)[::-1, ::-1, :].copy()
+    pir_affine = np.array([[0, 0, 3.0, 0], [-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1]])
+    save(pir, pir_affine, tmp_path / "pir.nii")
+    save(ras[::-1, ::-1, :].copy(), np.diag([-3.0, -1, 1, 1]), tmp_path / "lps.nii")
+    ref = volume_to_slices(tmp_path / "ras.nii", cfg)
+    for name in ("pir.nii", "lps.nii"):
+        other = volume_to_slices(tmp_path / name, cfg)
+        np.testing.assert_array_equal(other.images, ref.images)
+
+
+def test_implausible_voxel_sizes_are_named_and_the_setting_wins(tmp_path):
+    from meddiff.data.mri import read_volume
+
+    vol = physical_phantom((2, 2, 2))
+    save(vol, np.diag([2000.0, 2000, 2000, 1]), tmp_path / "units.nii")  # metres written as mm
+    with pytest.raises(
+        DataError,
+        match=r"units\.nii: its header gives voxel sizes \(2000, 2000, 2000\) mm.*data\.mri\.voxel_size",
+    ):
+        read_volume(tmp_path / "units.nii")
+    data, spacing = read_volume(tmp_path / "units.nii", voxel_size=(2, 2, 2))
+    assert spacing == pytest.approx((2, 2, 2)) and data.shape == vol.shape
+    # A plausible header is overridden too: the explicit setting wins.
+    save(vol, np.diag([2.0, 2, 2, 1]), tmp_path / "v.nii")
+    assert read_volume(tmp_path / "v.nii", voxel_size=(2, 6, 2))[1] == pytest.approx((2, 6, 2))

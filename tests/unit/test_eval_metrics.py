@@ -218,3 +218,18 @@ def test_kid_subsets_differ_on_small_sets():
     values = M.kid_subsets(x, y, subsets=10, subset_size=1000)
     assert M.kid_subset_size(1000, 40, 30) == 15
     assert values.std() > 0
+
+
+def test_frechet_distance_on_fewer_samples_than_dimensions_is_flagged(caplog):
+    cfg = MetricsConfig(nearest_k=3, bootstrap=0, kid_subsets=2, kid_subset_size=8)
+    with caplog.at_level("WARNING"):
+        few = compute_metrics(gaussian(40, 64), gaussian(30, 64, seed=1), cfg, "dino")
+    assert few["fd_dino"]["reliable"] is False
+    assert "30 samples of 64-dimensional features" in few["fd_dino"]["warning"]
+    assert "unreliable" in caplog.text
+    from meddiff.evaluation.report import fmt
+
+    assert "(unreliable: fewer samples than feature dimensions)" in fmt(few["fd_dino"])
+    enough = compute_metrics(gaussian(40, 4), gaussian(30, 4, seed=1), cfg, "dino")
+    assert enough["fd_dino"] == {**enough["fd_dino"], "reliable": True}
+    assert "warning" not in enough["fd_dino"]

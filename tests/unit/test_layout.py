@@ -29,3 +29,22 @@ def test_meddiff_imports_without_heavy_side_effects():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False False False"
+
+
+def test_code_and_docs_cite_only_files_in_the_project():
+    """Every Markdown file a tracked file cites by name is part of the project (code and docs
+    once cited a design note that only lived outside the repository)."""
+    import re
+
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    names = {Path(t).name for t in tracked}
+    cited = re.compile(r"\b([A-Za-z0-9_-]+\.md)\b")
+    missing = []
+    for t in tracked:
+        if not t.endswith((".py", ".md", ".toml", ".yaml", ".yml", ".txt", ".cfg")):
+            continue
+        text = (ROOT / t).read_text(errors="replace")
+        missing += [f"{t}: {m}" for m in cited.findall(text) if m not in names]
+    assert not missing, missing

@@ -38,3 +38,57 @@ def test_ray_address_from_config_or_environment(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert runtime.ray_address(RuntimeConfig()) == "ray://head:10001"
     assert runtime.ray_address(RuntimeConfig(address="auto")) == "auto"
+
+
+def test_embedded_start_retries_with_backoff_then_one_line_error(monkeypatch):
+    """Ray's raylet misses its fixed 30 s start bound on a loaded machine: retry, then a
+    one-line ClusterError (no Ray is started here: ray.init is replaced)."""
+    import ray
+
+    from meddiff.errors import ClusterError
+
+    calls, sleeps = [], []
+
+    def flaky_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise Exception(
+                "The current node timed out during startup. This could happen because some "
+                "of the raylet failed to startup or the GCS has become overloaded."
+            )
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    runtime.start_embedded(RuntimeConfig(start_timeout_s=100), sleep=sleeps.append)
+    assert len(calls) == 3 and sleeps == [2.0, 4.0]
+    # Each try passes its own address on to every worker of the job.
+    env = calls[-1]["runtime_env"]["env_vars"]["RAY_ADDRESS"]
+    assert env.rsplit(":", 1)[1].isdigit() and calls[-1]["address"] == "local"
+
+    # Always failing: tries until the bound (a fake clock advanced by the fake sleep).
+    now = [0.0]
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    def dead_init(**kwargs):
+        now[0] += 30.0  # Ray's own bound per try
+        raise Exception("The current node timed out during startup.")
+
+    sleeps.clear()
+    monkeypatch.setattr(ray, "init", dead_init)
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    with pytest.raises(ClusterError) as err:
+        runtime.start_embedded(RuntimeConfig(start_timeout_s=120), sleep=sleep)
+    msg = str(err.value)
+    assert "\n" not in msg and "runtime.start_timeout_s=120" in msg and "timed out" in msg
+    # Tries end at 30, 62, 96 and 134 s; the next wait (16 s) would pass the 120 s bound.
+    assert sleeps == [2.0, 4.0, 8.0] and msg.startswith("the embedded Ray did not start: 4 tries")
+
+
+def test_shutdown_restores_the_address_connect_exported(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    runtime._export_address("10.0.0.1:6379")
+    assert __import__("os").environ["RAY_ADDRESS"] == "10.0.0.1:6379"
+    runtime.shutdown()
+    assert __import__("os").environ["RAY_ADDRESS"] == ""

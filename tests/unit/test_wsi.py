@@ -123,3 +123,87 @@ def test_slide_files_and_labels(tmp_path, slide):
     (tmp_path / "labels.csv").write_text("slide,label\na.svs,tumour\n")
     with pytest.raises(DataError, match="line 2.*not an integer"):
         wsi.slide_labels(tmp_path, files, cfg)
+
+
+def _tiff_with_resolution(path: Path, rgb: np.ndarray, resolution: float, unit: str) -> Path:
+    """A generic tiled TIFF (no scanner description) whose only pixel size is its resolution tags,
+    as image editors write them."""
+    import tifffile
+
+    tifffile.imwrite(
+        path, rgb, tile=(256, 256), photometric="rgb", resolution=(resolution, resolution),
+        resolutionunit=unit, metadata=None,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("resolution", "unit", "mpp"), [(72, "INCH", 352.778), (1, "CENTIMETER", 1e4)]
+)
+def test_implausible_resolution_tags_are_named_and_the_setting_wins(
+    tmp_path, resolution, unit, mpp
+):
+    img = ihc_tissue().repeat(2, 0).repeat(2, 1)
+    path = _tiff_with_resolution(tmp_path / "edited.tif", img, resolution, unit)
+    with wsi.Slide(path) as s:
+        assert float(s.property("mpp-x")) == pytest.approx(mpp, rel=1e-3)
+    with pytest.raises(DataError) as err:
+        wsi.plan_slide(path, WsiConfig())
+    msg = str(err.value)
+    assert (
+        "edited.tif" in msg and f"{mpp:g}" in msg and "outside what slide scanners produce" in msg
+    )
+    assert "--set data.wsi.base_magnification=" in msg
+    plan = wsi.plan_slide(path, WsiConfig(base_magnification=20))
+    assert plan.magnification_source == "data.wsi.base_magnification"
+    assert plan.base_magnification == 20 and plan.magnification == pytest.approx(10)
+
+
+def test_explicit_base_magnification_wins_over_plausible_metadata(slide):
+    """The sample slide says 20x; a user who knows better (a 40x scan with a wrong header) wins."""
+    plan = wsi.plan_slide(slide, WsiConfig(base_magnification=40))
+    assert plan.magnification_source == "data.wsi.base_magnification"
+    assert plan.base_magnification == 40 and plan.level == 2
+    assert wsi.plan_slide(slide, WsiConfig()).magnification_source == "objective-power"
+
+
+def test_data_inspect_takes_set(tmp_path, capsys):
+    """The command that suggests data.wsi.base_magnification accepts it."""
+    import json
+
+    from meddiff.cli import main
+
+    img = ihc_tissue().repeat(2, 0).repeat(2, 1)
+    path = _tiff_with_resolution(tmp_path / "edited.tif", img, 72, "INCH")
+    assert main(["data", "inspect", str(path)]) == 2
+    assert "base_magnification" in capsys.readouterr().err
+    code = main(["data", "inspect", str(path), "--set", "data.wsi.base_magnification=20"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary[str(path)]["magnification_from"] == "data.wsi.base_magnification"
+
+
+def test_every_command_that_reads_config_accepts_set():
+    """Each leaf command takes --set, except those that read no configuration at all."""
+    import argparse
+
+    from meddiff.cli import build_parser
+
+    no_config = {"config presets", "data sample-pcam", "data sample-wsi", "eval reader-study score"}
+
+    def leaves(parser, prefix=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield " ".join(prefix), parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from leaves(child, (*prefix, name))
+
+    found = dict(leaves(build_parser()))
+    assert "data inspect" in found and no_config <= set(found)
+    missing = [
+        name
+        for name, p in found.items()
+        if name not in no_config and "--set" not in p._option_string_actions
+    ]
+    assert not missing, missing

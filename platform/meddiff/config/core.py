@@ -30,6 +30,12 @@ class RuntimeConfig(Section):
         "default, a share of the object store). Read tasks wait when it is full, so memory stays "
         "bounded whatever the input's length.",
     )
+    start_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="Embedded Ray only: how long to keep retrying its start (with backoff) on a "
+        "loaded machine before giving up with a one-line error. Ray's own bound per try is 30 s.",
+    )
     seed: int = Field(default=0, description="Seed for sampling, shuffles and initialisation.")
     progress: bool = Field(default=True, description="Show progress bars on long work.")
 

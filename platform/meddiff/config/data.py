@@ -10,7 +10,7 @@ from meddiff.config.base import Section
 
 
 class PCamConfig(Section):
-    """Reading PCam-format HDF5 (DESIGN.md: x uint8 (N, 96, 96, 3), y uint8 (N, 1, 1, 1))."""
+    """Reading PCam-format HDF5 (README, Data: x uint8 (N, 96, 96, 3), y uint8 (N, 1, 1, 1))."""
 
     patch_size: int = Field(default=96, ge=8, description="Expected patch height and width.")
     rows_per_block: int = Field(
@@ -31,8 +31,9 @@ class ShardConfig(Section):
 class WsiConfig(Section):
     """Cutting tiles from whole-slide images (pyramidal TIFF: SVS, generic tiled TIFF, ...).
 
-    A slide's magnification comes from its objective power, else from its pixel size
-    (10 µm / mpp: 0.25 mpp is 40x), else from ``base_magnification``. Tiles are cut on a grid at
+    A slide's magnification is ``base_magnification`` when set (an explicit setting wins over
+    the file's metadata), else its objective power, else its pixel size (10 µm / mpp: 0.25 mpp is
+    40x); metadata outside what scanners produce is refused with this override named. Tiles are cut on a grid at
     ``magnification`` from the nearest pyramid level at or above it (resized when no level matches)
     and kept when at least ``min_tissue_fraction`` of their area is tissue on a low-resolution mask.
     """
@@ -44,7 +45,8 @@ class WsiConfig(Section):
     base_magnification: float | None = Field(
         default=None,
         gt=0,
-        description="Level-0 magnification for slides without objective power or mpp metadata.",
+        description="Level-0 magnification of every slide; when set it wins over the slides' "
+        "objective power and mpp metadata (null: read them from the metadata).",
     )
     magnification_tolerance: float = Field(
         default=0.05, ge=0, lt=1, description="Relative slack when matching a pyramid level."
@@ -100,13 +102,78 @@ class MriConfig(Section):
         default=0.0, description="Without a mask, voxels above this are brain (skull-stripped)."
     )
     png_bits: Literal[8, 16] = Field(default=16, description="Bit depth of written PNG slices.")
+    resample: bool = Field(
+        default=True,
+        description="Resample axial slices to isotropic in-plane spacing when the header's voxel "
+        "sizes differ in the axial plane; false: refuse such volumes.",
+    )
+    voxel_size: tuple[float, float, float] | None = Field(
+        default=None,
+        description="Voxel sizes in mm along the file's own axes (i, j, k); when set, wins over "
+        "the header's (null: read them from the header).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MriConfig:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        if self.voxel_size is not None and min(self.voxel_size) <= 0:
+            raise ValueError(f"voxel_size {self.voxel_size} must be positive (mm)")
         return self
+
+
+class ImageConfig(Section):
+    """How grayscale PNGs (anomaly detection: training slices and test images alike) map to [0, 1].
+
+    ``scaling``:
+
+    - ``significant_bits`` (default): value / (2**b - 1), where b is ``significant_bits`` when set
+      (an explicit setting wins over the file), else the PNG's sBIT chunk, else the type's depth
+      (8 or 16). Scanners store 12-bit data unscaled in 16-bit PNGs; with sBIT = 12 (or
+      ``significant_bits: 12``) they read over 0..4095, not as near-black. Data left-shifted to
+      the full depth, as the PNG standard asks, are shifted back first.
+    - ``type_range``: value / 255 or / 65535, whatever the file says.
+    - ``observed_range``: each image's own minimum..maximum to 0..1.
+    - ``percentiles``: each image's ``percentiles`` to 0 and 1, clipped.
+    """
+
+    scaling: Literal["significant_bits", "type_range", "observed_range", "percentiles"] = Field(
+        default="significant_bits", description="How stored values map to [0, 1] (see above)."
+    )
+    significant_bits: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Bits that hold data (e.g. 12 for a 12-bit scanner); wins over the PNG's "
+        "sBIT chunk. null: sBIT when present, else the type's depth.",
+    )
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5), description="Per-image window for scaling=percentiles."
+    )
+    low_range_warning: float = Field(
+        default=0.125,
+        ge=0,
+        le=1,
+        description="Warn when an image's largest value is below this share of the range it is "
+        "divided by (12-bit data read as 16-bit use 1/16 of it).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles {self.percentiles} must satisfy 0 <= low < high <= 100")
+        return self
+
+    def reading(self) -> dict:
+        """The settings that decide pixel values (what training and detection must share)."""
+        out: dict = {"scaling": self.scaling}
+        if self.scaling == "significant_bits":
+            out["significant_bits"] = self.significant_bits
+        if self.scaling == "percentiles":
+            out["percentiles"] = list(self.percentiles)
+        return out
 
 
 class DataConfig(Section):
@@ -120,6 +187,7 @@ class DataConfig(Section):
     shards: ShardConfig = ShardConfig()
     wsi: WsiConfig = WsiConfig()
     mri: MriConfig = MriConfig()
+    images: ImageConfig = ImageConfig()
 
 
 TINY: dict = {

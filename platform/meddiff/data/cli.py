@@ -72,8 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(ingest)
     ingest.set_defaults(handler=_ingest)
 
-    inspect = cmds.add_parser("inspect", help="summarise a PCam directory or shard directory")
+    inspect = cmds.add_parser(
+        "inspect", help="summarise a PCam directory, shard directory, slide or slide directory"
+    )
     inspect.add_argument("path", type=Path)
+    add_config_arguments(inspect)
     inspect.set_defaults(handler=_inspect)
 
 
@@ -144,16 +147,17 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from meddiff.config.data import WsiConfig
+    from meddiff.cli import config_from_args
     from meddiff.data import pcam, shards, wsi
     from meddiff.errors import DataError
 
+    wsi_cfg = config_from_args(args).data.wsi
     if shards.is_shard_dir(args.path):
         summary = shards.read_manifest(args.path)
-    elif wsi.is_slide_input(args.path, WsiConfig()):
+    elif wsi.is_slide_input(args.path, wsi_cfg):
         summary = {
-            str(p): wsi.plan_slide(p, WsiConfig()).summary()
-            for p in wsi.slide_files(args.path, WsiConfig())
+            str(p): wsi.plan_slide(p, wsi_cfg).summary()
+            for p in wsi.slide_files(args.path, wsi_cfg)
         }
     elif args.path.is_dir() and pcam.available_splits(args.path):
         summary = {}

@@ -2,8 +2,10 @@
 
 Steps, each a function so tools and tests can use them alone:
 
-1. ``load_volume``: read with nibabel and reorient to the closest canonical RAS orientation
-   (voxel axes: +x toward patient Right, +y Anterior, +z Superior), whatever the file's own axes.
+1. ``read_volume``: read with nibabel and reorient to the closest canonical RAS orientation
+   (voxel axes: +x toward patient Right, +y Anterior, +z Superior), whatever the file's own axes;
+   keep the voxel sizes (mm) from the header, or from ``data.mri.voxel_size`` when set (an
+   explicit setting wins over the header; sizes outside what scanners produce are refused).
 2. ``brain_mask``: a given mask volume (non-zero = brain), else voxels above a threshold (for
    skull-stripped scans such as the MNI152 template).
 3. ``normalize_intensity``: robust window from percentiles of the brain voxels (1st and 99th by
@@ -12,8 +14,10 @@ Steps, each a function so tools and tests can use them alone:
 4. ``axial_slices``: one (rows, cols) image per z, shown with anterior at the top and the
    patient's right on the image's right (neurological convention).
 5. ``volume_to_slices``: keep slices whose brain area is at least ``min_brain_fraction`` of the
-   largest, crop every slice to one square box around the volume's brain (plus ``margin``), and
-   resize to ``image_size`` (anti-aliased for images, nearest for masks).
+   largest, resample them to isotropic in-plane spacing when the voxels are anisotropic in the
+   axial plane (or refuse, with ``resample: false``), crop every slice to one square box around
+   the volume's brain (plus ``margin``), and resize to ``image_size`` (anti-aliased for images,
+   nearest for masks).
 """
 
 from __future__ import annotations
@@ -27,35 +31,106 @@ from meddiff.config.data import MriConfig
 from meddiff.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Voxel edges scanners produce, in mm: micro-CT/MRI reach about 0.01 mm, thick clinical slices
+# about 10 mm. Outside, the header is wrong (zeros, or units lost), not the scan.
+PLAUSIBLE_VOXEL_MM = (0.005, 30.0)
+# Relative difference of the in-plane voxel sizes below which a volume counts as isotropic.
+ANISOTROPY_TOLERANCE = 0.01
+_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 
 
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_volume(path: str | Path) -> np.ndarray:
-    """A 3D NIfTI volume reoriented to canonical RAS, float32 (X, Y, Z).
+def load_volume(
+    path: str | Path, voxel_size: tuple[float, float, float] | None = None
+) -> np.ndarray:
+    """A 3D NIfTI volume reoriented to canonical RAS, float32 (X, Y, Z) (see :func:`read_volume`)."""
+    return read_volume(path, voxel_size)[0]
+
+
+def read_volume(
+    path: str | Path, voxel_size: tuple[float, float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A 3D NIfTI volume reoriented to canonical RAS, float32 (X, Y, Z), and its voxel sizes in
+    mm along X, Y, Z. ``voxel_size`` (mm, along the file's own axes) replaces the header's.
 
     Raises:
-        DataError: missing, unreadable, or not 3D (a trailing singleton 4th axis is accepted).
+        DataError: missing, unreadable, not 3D (a trailing singleton 4th axis is accepted),
+            non-finite values, or implausible header voxel sizes (naming ``data.mri.voxel_size``).
     """
     import nibabel as nib
 
     path = Path(path)
+    img = _open_header(path, voxel_size)
+    try:
+        canonical = nib.as_closest_canonical(img)
+        data = np.asarray(canonical.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+        raise DataError(f"{path}: not a readable NIfTI volume ({err})") from None
+    if data.ndim == 4:
+        data = data[..., 0]
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: volume holds NaN or infinite values")
+    # The canonical affine's column norms are the voxel sizes along X, Y, Z (file units).
+    unit = _TO_MM[_space_unit(canonical)]
+    spacing = np.linalg.norm(canonical.affine[:3, :3], axis=0) * unit
+    return data, (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def check_volume(path: str | Path, voxel_size: tuple[float, float, float] | None = None) -> None:
+    """Validate a NIfTI file from its header alone (shape, voxel sizes): cheap, so a bad volume
+    fails on the driver before any Ray task starts.
+
+    Raises:
+        DataError: as :func:`read_volume` for everything the header tells.
+    """
+    _open_header(Path(path), voxel_size)
+
+
+def _open_header(path: Path, voxel_size: tuple[float, float, float] | None):
+    """The nibabel image (data not read) with checked shape and voxel sizes; ``voxel_size`` (mm,
+    file axes) is written into its affine so reorientation carries it along."""
+    import nibabel as nib
+
     if not path.is_file():
         raise DataError(f"NIfTI volume {path} does not exist")
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as err:
         raise DataError(f"{path}: not a readable NIfTI volume ({err})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: volume has shape {data.shape}; expected a 3D volume")
-    if not np.isfinite(data).all():
-        raise DataError(f"{path}: volume holds NaN or infinite values")
-    return data
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise DataError(f"{path}: volume has shape {shape}; expected a 3D volume")
+    unit = _TO_MM[_space_unit(img)]
+    axes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    if voxel_size is not None:
+        # Keep the direction of each axis, replace its length: the explicit setting wins.
+        scale = np.asarray(voxel_size, dtype=float) / unit / np.where(axes > 0, axes, 1.0)
+        affine = img.affine.copy()
+        affine[:3, :3] = affine[:3, :3] * scale
+        if np.any(axes <= 0):
+            affine[:3, :3] = np.diag(np.asarray(voxel_size, dtype=float) / unit)
+        return nib.Nifti1Image(img.dataobj, affine, img.header)
+    lo, hi = PLAUSIBLE_VOXEL_MM
+    mm = axes * unit
+    if not (np.isfinite(mm).all() and (mm >= lo).all() and (mm <= hi).all()):
+        shown = ", ".join(f"{v:g}" for v in mm)
+        raise DataError(
+            f"{path}: its header gives voxel sizes ({shown}) mm, outside what scanners produce "
+            f"({lo:g}-{hi:g} mm); set data.mri.voxel_size to the true sizes along the file's "
+            "axes (e.g. --set data.mri.voxel_size=[1,1,1])"
+        )
+    return img
+
+
+def _space_unit(img) -> str:
+    try:
+        unit = img.header.get_xyzt_units()[0]
+    except Exception:  # headers of other formats have no units: millimetres by convention
+        return "mm"
+    return unit if unit in _TO_MM else "mm"
 
 
 def brain_mask(
@@ -117,6 +192,26 @@ def crop_square(slices: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     return padded[:, r0 + pad : r0 + pad + side, c0 + pad : c0 + pad + side]
 
 
+def isotropic_in_plane(
+    slices: np.ndarray, spacing: tuple[float, float, float], order: int = 1
+) -> np.ndarray:
+    """(N, rows, cols) axial slices of a volume with RAS voxel sizes ``spacing`` (X, Y, Z mm),
+    resampled so a pixel is square: the coarser in-plane axis is interpolated to the finer one's
+    spacing (scipy, linear for images; masks thresholded at 0.5). Unchanged when isotropic."""
+    from scipy import ndimage
+
+    sx, sy = spacing[0], spacing[1]  # columns run along X, rows along Y
+    fine = min(sx, sy)
+    if abs(sx - sy) <= ANISOTROPY_TOLERANCE * fine:
+        return slices
+    factors = (1.0, sy / fine, sx / fine)
+    if slices.dtype == bool:
+        mask = slices.astype(np.float32)
+        return ndimage.zoom(mask, factors, order=1, grid_mode=True, mode="grid-constant") >= 0.5
+    out = ndimage.zoom(slices, factors, order=order, grid_mode=True, mode="grid-constant")
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def resize_slices(slices: np.ndarray, size: int, order: int = 1) -> np.ndarray:
     """Resize (N, S, S) to (N, size, size); order 1 anti-aliased for images, 0 for masks."""
     from skimage.transform import resize
@@ -149,11 +244,28 @@ def volume_to_slices(
     *,
     volume: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> MriSlices:
-    """Slice a NIfTI volume (or an already loaded RAS ``volume``) into normalised square slices."""
-    vol = load_volume(path) if volume is None else volume
+    """Slice a NIfTI volume (or an already loaded RAS ``volume`` with voxel sizes ``spacing``)
+    into normalised square slices, in-plane isotropic (see :func:`isotropic_in_plane`).
+
+    Raises:
+        DataError: unreadable or implausible volume, empty brain, or voxels anisotropic in the
+            axial plane while ``cfg.resample`` is false.
+    """
+    if volume is None:
+        vol, spacing = read_volume(path, cfg.voxel_size)
+    else:
+        vol = volume
+    sx, sy = spacing[0], spacing[1]
+    if not cfg.resample and abs(sx - sy) > ANISOTROPY_TOLERANCE * min(sx, sy):
+        raise DataError(
+            f"{path}: voxels are {sx:g} x {sy:g} mm in the axial plane; slicing them unresampled "
+            "would squash the anatomy; set data.mri.resample=true to resample them to "
+            "isotropic spacing"
+        )
     if mask is None and mask_path is not None:
-        mask = load_volume(mask_path)
+        mask = load_volume(mask_path, cfg.voxel_size)
         if mask.shape != vol.shape:
             raise DataError(
                 f"{mask_path}: brain mask has shape {mask.shape} but {path} has {vol.shape}"
@@ -163,11 +275,13 @@ def volume_to_slices(
     images, brains = axial_slices(norm), axial_slices(brain)
     area = brains.sum(axis=(1, 2))
     keep = np.flatnonzero(area >= max(1, cfg.min_brain_fraction * area.max()))
-    box = square_box(brains[keep], cfg.margin)
+    images = isotropic_in_plane(images[keep], spacing)
+    brains = isotropic_in_plane(brains[keep], spacing)
+    box = square_box(brains, cfg.margin)
     return MriSlices(
         source=str(path),
-        images=resize_slices(crop_square(images[keep], box), cfg.image_size),
-        brain=resize_slices(crop_square(brains[keep], box), cfg.image_size, order=0),
+        images=resize_slices(crop_square(images, box), cfg.image_size),
+        brain=resize_slices(crop_square(brains, box), cfg.image_size, order=0),
         z=keep.astype(np.int64),
     )
 

@@ -1,6 +1,6 @@
 """PCam-format HDF5: validated reading by row range, and an all-or-nothing writer.
 
-The format (DESIGN.md), kept exact because other tools read it:
+The format (README, section Data), kept exact because other tools read it:
 ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`` (or ``.h5.gz``); dataset ``x`` is uint8
 (N, 96, 96, 3), dataset ``y`` is uint8 (N, 1, 1, 1) with 1 = tumour in the centre 32×32 patch.
 

@@ -30,6 +30,12 @@ from meddiff.errors import DataError
 
 # Pixels of one micrometre at 10x: the usual convention, 0.25 µm/px is "40x", 1 µm/px is "10x".
 MPP_AT_10X = 1.0
+# What slide scanners produce at level 0: about 0.1 µm/px (100x oil objectives) to 4 µm/px (2.5x
+# overview scans), objectives 1x to 100x. Values far outside come from software that is not a
+# scanner (an image editor's 72 dpi, or "1 pixel per cm"), never from a real slide, so they are
+# refused with the override to use rather than read as a 0.03x slide.
+PLAUSIBLE_MPP = (0.05, 10.0)
+PLAUSIBLE_OBJECTIVE = (1.0, 150.0)
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 LABELS_FILE = "labels.csv"
 
@@ -176,18 +182,43 @@ class SlidePlan:
 
 
 def base_magnification(slide: Slide, cfg: WsiConfig) -> tuple[float, str]:
-    """Level-0 magnification and where it came from (objective power, mpp, or the config)."""
+    """Level-0 magnification and where it came from: the config, objective power, or mpp.
+
+    An explicit ``data.wsi.base_magnification`` wins over the file's metadata (headers written by
+    non-scanner software are often wrong). Metadata outside what scanners produce
+    (:data:`PLAUSIBLE_MPP` µm/px, :data:`PLAUSIBLE_OBJECTIVE`) is refused, naming the override.
+
+    Raises:
+        DataError: no magnification in the metadata nor the config, or an implausible value.
+    """
+    if cfg.base_magnification:
+        return float(cfg.base_magnification), "data.wsi.base_magnification"
     power = _positive_float(slide.property("objective-power"))
     if power:
+        _check_plausible(slide, "objective power", power, "x", PLAUSIBLE_OBJECTIVE)
         return power, "objective-power"
     mpp = _positive_float(slide.property("mpp-x"))
     if mpp:
+        _check_plausible(slide, "pixel size", mpp, " µm", PLAUSIBLE_MPP)
         return 10.0 * MPP_AT_10X / mpp, "mpp"
-    if cfg.base_magnification:
-        return float(cfg.base_magnification), "data.wsi.base_magnification"
     raise DataError(
         f"slide {slide.path}: magnification unknown (no objective power nor microns-per-pixel "
-        "in its metadata); set data.wsi.base_magnification to the scanner's objective"
+        "in its metadata); set data.wsi.base_magnification to the scanner's objective "
+        "(e.g. --set data.wsi.base_magnification=20)"
+    )
+
+
+def _check_plausible(
+    slide: Slide, what: str, value: float, unit: str, bounds: tuple[float, float]
+) -> None:
+    lo, hi = bounds
+    if lo <= value <= hi:
+        return
+    raise DataError(
+        f"slide {slide.path}: its metadata gives a level-0 {what} of {value:g}{unit}, outside "
+        f"what slide scanners produce ({lo:g}-{hi:g}{unit}; tags written by other software, such "
+        "as 72 dpi, are often wrong); set data.wsi.base_magnification to the scanner's objective "
+        "(e.g. --set data.wsi.base_magnification=20)"
     )
 
 

@@ -125,20 +125,29 @@ def _fidelity(args: argparse.Namespace) -> int:
     from meddiff.evaluation.judge import run_fidelity
 
     cfg = config_from_args(args)
-    out = args.out
-    if out is None:
+
+    def run(out: Path) -> dict:
+        return run_fidelity(
+            cfg,
+            args.real,
+            _parse_sets(args.synthetic),
+            out,
+            real_prompts=args.real_prompts,
+            use_ray=not args.local,
+            umap=not args.no_umap,
+        )
+
+    if args.out is not None:
+        result = run(args.out)
+    else:
         import tempfile
 
-        out = Path(tempfile.mkdtemp(prefix="meddiff-fidelity-"))
-    result = run_fidelity(
-        cfg,
-        args.real,
-        _parse_sets(args.synthetic),
-        out,
-        real_prompts=args.real_prompts,
-        use_ray=not args.local,
-        umap=not args.no_umap,
-    )
+        # The report and picture are still made, for the MLflow run, then removed with the
+        # folder: without --out nothing is left on disk and no printed path points at nothing.
+        with tempfile.TemporaryDirectory(prefix="meddiff-fidelity-") as tmp:
+            result = run(Path(tmp))
+        result = {k: v for k, v in result.items() if not str(v).startswith(tmp)}
+        result["files"] = "none kept (no --out); report.html and umap.png are MLflow artifacts"
     _emit(args, result)
     return 0
 

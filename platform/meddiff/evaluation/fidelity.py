@@ -57,7 +57,7 @@ def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) ->
 
     value = M.fd(real, fake)
     ci = M.percentile_ci(M.bootstrap_fd(real, fake, boot, seed), conf) if boot else None
-    out[fd_key] = {"value": value, "ci": ci}
+    out[fd_key] = {"value": value, "ci": ci, **fd_reliability(len(real), len(fake), real.shape[1])}
 
     subsets = M.kid_subsets(real, fake, cfg.kid_subsets, cfg.kid_subset_size, seed)
     ci = M.percentile_ci(M.bootstrap_means(subsets, boot, seed), conf) if boot else None
@@ -77,6 +77,26 @@ def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) ->
         ci = M.percentile_ci(M.bootstrap_means(per, boot, seed), conf) if boot else None
         out[name] = {"value": value, "ci": ci}
     return out
+
+
+def fd_reliability(n_real: int, n_synthetic: int, dim: int) -> dict[str, Any]:
+    """``{"reliable": bool, "warning": str}`` for a Fréchet distance on these set sizes.
+
+    Each set's covariance is estimated from its samples; with no more samples than feature
+    dimensions it is singular (rank <= n - 1), the matrix square root is ill-defined, and the
+    distance is dominated by estimation error (pytorch-fid warns likewise and recommends at least
+    2048 samples for its 2048-d features). Logged as a warning when unreliable.
+    """
+    n = min(n_real, n_synthetic)
+    if n > dim:
+        return {"reliable": True}
+    warning = (
+        f"Fréchet distance on {n} samples of {dim}-dimensional features: with no more samples "
+        "than dimensions the covariance is singular, so the value is unreliable (use more "
+        "images than feature dimensions)"
+    )
+    log.warning("%s", warning)
+    return {"reliable": False, "warning": warning}
 
 
 def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

@@ -32,6 +32,8 @@ def fmt(item: Any, digits: int = 4) -> str:
         if item.get("ci"):
             lo, hi = item["ci"]
             text += f" [{_num(lo, digits)}, {_num(hi, digits)}]"
+        if item.get("reliable") is False:
+            text += " (unreliable: fewer samples than feature dimensions)"
         return text
     return _num(item, digits)
 
@@ -182,6 +184,11 @@ def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[str]:
             "small",
         ),
         table_html(["metric", "value [CI]"], [[text_cell(m), overall[m]] for m in metrics]),
+    ]
+    blocks += [
+        paragraph(item["warning"], "note")
+        for item in overall.values()
+        if isinstance(item, Mapping) and item.get("warning")
     ]
     blocks += strata_block(report, "by_label", "Per label")
     blocks += strata_block(report, "by_prompt", "Per prompt")

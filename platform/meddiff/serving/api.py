@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from meddiff.config.data import ImageConfig
 from meddiff.data.images import encode_png
 from meddiff.errors import DataError, MeddiffError
 from meddiff.serving import auth, limits
@@ -163,9 +164,11 @@ def build_anomaly_app(
     image_size: int,
     max_body_bytes: int = 4 * 1024 * 1024,
     retry_after_s: int = 2,
+    images: ImageConfig | None = None,
 ) -> FastAPI:
     """The anomaly service over ``backend``; ``image_size`` is the model's (slices of another
-    size are refused with 422, as ``meddiff thor detect`` refuses them)."""
+    size are refused with 422, as ``meddiff thor detect`` refuses them) and ``images``
+    (``data.images``) says how intensities are scaled, as for ``thor detect``."""
     app, router = _base_app(
         "meddiff anomaly detection (THOR)", token, backend, "anomaly.html", retry_after_s
     )
@@ -199,7 +202,7 @@ def build_anomaly_app(
     ):
         body = await limits.read_body(request, max_body_bytes)
         limits.require_png(request, body)
-        image = limits.decode_slice(body, image_size)
+        image = limits.decode_slice(body, image_size, images)
         used = content_seed(image) if seed is None else seed
         out = await backend.detect(image, used)
         info = out["model"]

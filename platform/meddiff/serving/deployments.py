@@ -209,6 +209,7 @@ class AnomalyIngress:
             int(info["plan"]["image_size"]),
             self.args.max_body_bytes,
             self.args.retry_after_s,
+            service_config(self.args).data.images,
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import HTTPException, Request
 
+from meddiff.config.data import ImageConfig
 from meddiff.data.images import decode_png
 from meddiff.errors import DataError
 
@@ -45,9 +46,10 @@ def require_png(request: Request, body: bytes) -> None:
         raise HTTPException(415, "body: not a PNG file (no PNG signature)")
 
 
-def decode_slice(body: bytes, size: int) -> np.ndarray:
-    """PNG bytes → float32 (size, size) in [0, 1] (8- or 16-bit grayscale), else 422."""
+def decode_slice(body: bytes, size: int, images: ImageConfig | None = None) -> np.ndarray:
+    """PNG bytes → float32 (size, size) in [0, 1] (8- or 16-bit grayscale, scaled by
+    ``images`` = ``data.images`` as ``thor detect`` scales files), else 422."""
     try:
-        return decode_png(body, "body", size)
+        return decode_png(body, "body", size, images)
     except DataError as err:
         raise HTTPException(422, str(err)) from None

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meddiff.config.data import MriConfig
+from meddiff.config.data import ImageConfig, MriConfig
 from meddiff.config.thor import AugmentConfig
-from meddiff.data.images import list_pngs, read_png
-from meddiff.data.mri import NiftiSlicer, is_nifti
+from meddiff.data.images import intensity_summary, list_pngs, read_png
+from meddiff.data.mri import NiftiSlicer, check_volume, is_nifti
 from meddiff.errors import DataError
 
 if TYPE_CHECKING:
@@ -86,13 +86,15 @@ def augment_batch_task(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.
 
 
 class ReadPng:
-    """Ray Data stage: ``{"path": [...]}`` → ``{"image": (n, S, S) float32, "path": [...]}``."""
+    """Ray Data stage: ``{"path": [...]}`` → ``{"image": (n, S, S) float32, "path": [...]}``,
+    scaled by ``images`` exactly as detection reads them (:func:`meddiff.data.images.read_png`)."""
 
-    def __init__(self, size: int | None):
+    def __init__(self, size: int | None, images: ImageConfig | None = None):
         self.size = size
+        self.images = images or ImageConfig()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.stack([read_png(p, self.size) for p in batch["path"]])
+        images = np.stack([read_png(p, self.size, self.images) for p in batch["path"]])
         return {"path": batch["path"], "image": images}
 
 
@@ -123,21 +125,31 @@ def find_inputs(path: str | Path) -> tuple[str, list[Path]]:
     return "png", list_pngs(p, "training image")
 
 
-def healthy_dataset(path: str | Path, image_size: int, mri: MriConfig) -> ray.data.Dataset:
+def healthy_dataset(
+    path: str | Path, image_size: int, mri: MriConfig, images: ImageConfig | None = None
+) -> ray.data.Dataset:
     """A Ray dataset of healthy slices (column ``image`` float32 (S, S) in [0, 1]).
 
     NIfTI volumes are sliced at ``image_size`` with ``mri``'s orientation and normalisation;
-    PNGs must already be ``image_size`` square (an error names any that is not).
+    PNGs must already be ``image_size`` square (an error names any that is not) and are scaled
+    by ``images`` (``data.images``), as detection scales them; a warning is logged here, once,
+    when they use a small part of their range.
     """
     import ray.data
 
     kind, files = find_inputs(path)
-    items = [{"path": str(f)} for f in files]
-    ds = ray.data.from_items(items)
+    images = images or ImageConfig()
+    # Checks here, on the driver: a bad volume or image is one line, not a failed Ray task.
+    if kind == "nifti":
+        for f in files:
+            check_volume(f, mri.voxel_size)
+    else:
+        intensity_summary(files, images)
+    ds = ray.data.from_items([{"path": str(f)} for f in files])
     if kind == "nifti":
         slicer_cfg = mri.model_copy(update={"image_size": image_size})
         return ds.flat_map(NiftiSlicer(slicer_cfg)).select_columns(["image"])
-    return ds.map_batches(ReadPng(image_size), batch_size=64).select_columns(["image"])
+    return ds.map_batches(ReadPng(image_size, images), batch_size=64).select_columns(["image"])
 
 
 def repeat_dataset(ds: ray.data.Dataset, min_rows: int) -> tuple[ray.data.Dataset, int]:

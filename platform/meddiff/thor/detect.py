@@ -28,6 +28,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.data.images import (
     check_headers,
+    intensity_summary,
     list_pngs,
     mask_paths,
     read_mask,
@@ -73,7 +74,7 @@ class ThorStage:
 
         size = self.model.image_size
         paths = [str(p) for p in batch["path"]]
-        images = np.stack([read_png(p, size) for p in paths])
+        images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
         names = [Path(p).name for p in paths]
         seeds = [image_seed(n, self.cfg.runtime.seed) for n in names]
         det = self.inferer(self.model.unet, torch.from_numpy(images)[:, None], seeds=seeds)
@@ -126,6 +127,16 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
             f"thor.infer.noise_level T={inferer.level}: the model {model_ref} was trained on "
             f"timesteps below {trained_below} only (thor.train.max_timestep); use T < {trained_below}"
         )
+    trained = info.get("intensity")
+    if trained is not None and trained != cfg.data.images.reading():
+        setting = " ".join(
+            f"--set data.images.{k}={'null' if v is None else v}" for k, v in trained.items()
+        )
+        raise ConfigError(
+            f"data.images: the model {model_ref} was trained on images read with {trained}, "
+            f"this run reads them with {cfg.data.images.reading()}; detection must read images "
+            f"as training did: {setting}"
+        )
     plan = {**inferer.describe(), "image_size": unet_cfg.image_size}
     if cfg.thor.infer.method == "thor":
         plan["map_kind"] = map_kind(cfg.thor.infer.lpips)
@@ -146,6 +157,7 @@ def run_folder(
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
     plan = plan_for(cfg, str(model_ref))
     check_headers(files, plan["image_size"], masks)
+    plan["intensity"] = intensity_summary(files, cfg.data.images)
     runtime.connect(cfg.runtime)
     items = [{"path": str(f)} for f in files]
     if masks is not None:

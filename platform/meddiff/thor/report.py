@@ -50,6 +50,18 @@ def pick_examples(masks: np.ndarray, n: int) -> list[int]:
     return list(dict.fromkeys(picks))
 
 
+def _intensity(plan: Mapping[str, Any]) -> str:
+    """How the input images were scaled to [0, 1] (``data.images``), as a sentence."""
+    info = plan.get("intensity")
+    if not info:
+        return ""
+    read_as = "; ".join(f"{how} ({n} sampled)" for how, n in info.get("read_as", {}).items())
+    text = f". Images scaled by data.images.scaling={info['scaling']}: {read_as}"
+    if info.get("warning"):
+        text += f". Warning: {info['warning']}"
+    return html.escape(text)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -110,7 +122,7 @@ def render_report(
             f"<h2>{html.escape(method)}</h2><p>{html.escape(plan['schedule'])}, T = "
             f"{plan['noise_level']}, {html.escape(plan['noise'])} noise, harmonization at "
             f"{plan['harmonization_steps'] or 'none'}; map: {html.escape(plan['map_kind'])} "
-            f"(shown on [0, {vmax:.3f}])</p>"
+            f"(shown on [0, {vmax:.3f}]){_intensity(plan)}</p>"
         )
         parts.append(
             "<table class='ex'><tr><th>image</th><th>input</th><th>pseudo-healthy</th>"

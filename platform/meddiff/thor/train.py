@@ -71,7 +71,7 @@ def train_thor(
 
     with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
-        base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri)
+        base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
         if epoch_rows < tc.batch_size:
             raise DataError(
@@ -352,6 +352,7 @@ def _checkpoint(metrics, unet, optimizer, engine, cfg: Config, rank: int, save_m
                     "train_noise": cfg.thor.train.noise,
                     # Inference refuses a T the model never saw (see detect.plan_for).
                     "max_timestep": cfg.thor.train.max_timestep,
+                    "intensity": cfg.data.images.reading(),  # detection must read the same way
                 },
             )
         has_files = engine is not None or rank == 0

@@ -7,7 +7,7 @@ up path whose blocks concatenate the skip activations. With channels (128, 256, 
 (F, T, T) and one res block per level it has about 18.5 M parameters.
 
 Attention uses ``F.scaled_dot_product_attention``: at 64x64 tokens the naive form materialises a
-4096x4096 map per head and, on CPU, gets slower per image as the batch grows (DESIGN.md).
+4096x4096 map per head and, on CPU, gets slower per image as the batch grows (docs/thor.md, Model).
 """
 
 from __future__ import annotations
