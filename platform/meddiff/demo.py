@@ -214,12 +214,15 @@ def _serve(demo: Demo) -> dict[str, Any]:
     from meddiff.serving.demo_step import serve_demo
     from meddiff.synthesis.prompts import read_prompt_table
 
+    thor, sd = demo.results["thor"]["registered"], demo.results["synthesis"]["model_uri"]
+    if not (thor and sd):  # registration switched off in the config: nothing to deploy from
+        return {"skipped": "the serve step deploys registered models; none were registered"}
     table = Path(demo.results["prompts"]["out"]) / PROMPTS_CSV
     return serve_demo(
         demo.cfg,
         demo.path("serve"),
-        demo.results["thor"]["registered"],
-        demo.results["synthesis"]["model_uri"],
+        thor,
+        sd,
         list_pngs(demo.path("data", "brain", "test", "images"))[0],
         read_prompt_table(table)[0].prompt,
     )
