@@ -29,6 +29,7 @@ GROUPS = (
     "meddiff.thor.cli",
     "meddiff.evaluation.cli",
     "meddiff.tracking.cli",
+    "meddiff.serving.cli",
 )
 
 

@@ -302,6 +302,27 @@ def _evaluate(demo: Demo) -> dict[str, Any]:
     )
 
 
+def _serve(demo: Demo) -> dict[str, Any]:
+    """Deploy both HTTP services from the registry, one request each, then shut them down."""
+    from meddiff.data.images import list_pngs
+    from meddiff.morphology.pipeline import PROMPTS_CSV
+    from meddiff.prompts import read_prompt_table
+    from meddiff.serving.demo_step import serve_demo
+
+    thor, sd = demo.results["thor"]["registered"], demo.results["synthesis"]["model_uri"]
+    if not (thor and sd):  # registration switched off in the config: nothing to deploy from
+        return {"skipped": "the serve step deploys registered models; none were registered"}
+    table = Path(demo.results["prompts"]["out"]) / PROMPTS_CSV
+    return serve_demo(
+        demo.cfg,
+        demo.path("serve"),
+        thor,
+        sd,
+        list_pngs(demo.path("data", "brain", "test", "images"))[0],
+        read_prompt_table(table)[0].prompt,
+    )
+
+
 # The stages in order; each returns a small JSON-able summary of what it made.
 STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("sample-data", _sample_data),
@@ -311,7 +332,8 @@ STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
     ("prompts-wsi", _prompts_wsi),
     ("synthesis", _synthesis),
     ("thor", _thor),
-    ("evaluate", _evaluate),  # keep last: judges the synthetic set the steps before it made
+    ("evaluate", _evaluate),  # judges the synthetic set the steps before it made
+    ("serve", _serve),  # last: the registered models behind HTTP, one request each
 ]
 
 

@@ -15,6 +15,7 @@ the file.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -90,10 +91,13 @@ class Scaling:
     warning: str | None = None
 
 
-def read_scaled(path: str | Path, cfg: ImageConfig) -> tuple[np.ndarray, Scaling]:
-    """A grayscale PNG as float32 (H, W) in [0, 1] and how it was scaled (no size check)."""
+def read_scaled(
+    path: str | Path, cfg: ImageConfig, data: bytes | None = None
+) -> tuple[np.ndarray, Scaling]:
+    """A grayscale PNG as float32 (H, W) in [0, 1] and how it was scaled (no size check).
+    With ``data`` the PNG is those bytes (an HTTP upload) and ``path`` only names it."""
     path = Path(path)
-    arr = _read_gray(path, "image")
+    arr = _read_gray(path, "image", data)
     if arr.dtype == bool:
         return arr.astype(np.float32), Scaling("1-bit")
     depth = 8 if arr.dtype == np.uint8 else 16
@@ -108,7 +112,7 @@ def read_scaled(path: str | Path, cfg: ImageConfig) -> tuple[np.ndarray, Scaling
     if cfg.scaling == "type_range":
         bits, how = depth, f"type_range: {depth}-bit / {2**depth - 1}"
     else:
-        values, bits, how = _significant(path, values, depth, cfg.significant_bits)
+        values, bits, how = _significant(path, values, depth, cfg.significant_bits, data)
     top = 2**bits - 1
     out = (values / top).astype(np.float32)
     peak = int(values.max(initial=0))
@@ -129,7 +133,7 @@ def read_scaled(path: str | Path, cfg: ImageConfig) -> tuple[np.ndarray, Scaling
 
 
 def _significant(
-    path: Path, values: np.ndarray, depth: int, explicit: int | None
+    path: Path, values: np.ndarray, depth: int, explicit: int | None, data: bytes | None = None
 ) -> tuple[np.ndarray, int, str]:
     """(values, significant bits, description): the explicit setting, else sBIT, else depth."""
     if explicit is not None:
@@ -139,7 +143,7 @@ def _significant(
                 f"{path}: data.images.significant_bits={bits} but the image is {depth}-bit"
             )
     else:
-        sbit = png_significant_bits(path)
+        sbit = png_significant_bits(path, data)
         bits, source = (sbit, "sBIT") if sbit is not None else (depth, "type")
         if not 1 <= bits <= depth:
             raise DataError(
@@ -176,13 +180,13 @@ def _left_shifted(values: np.ndarray, bits: int, shift: int) -> bool:
     return bool((low == 0).all() or (replicated is not None and (low == replicated).all()))
 
 
-def png_significant_bits(path: str | Path) -> int | None:
+def png_significant_bits(path: str | Path, data: bytes | None = None) -> int | None:
     """The gray sample's significant bits from a PNG's sBIT chunk, or None when it has none.
 
     Reads the chunks before the image data only (PNG specification, section 11.3.3.4: for
     grayscale, sBIT holds one byte). Chunks other than IHDR and sBIT are skipped unread.
     """
-    with open(path, "rb") as f:
+    with io.BytesIO(data) if data is not None else open(path, "rb") as f:
         if f.read(8) != b"\x89PNG\r\n\x1a\n":
             return None
         color_type = None
@@ -280,13 +284,14 @@ def check_headers(
                 )
 
 
-def _read_gray(path: Path, what: str) -> np.ndarray:
+def _read_gray(path: Path, what: str, data: bytes | None = None) -> np.ndarray:
+    """Decode a grayscale PNG file (or its ``data`` bytes; ``path`` then only names it)."""
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(f"{what} {path} does not exist")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             if img.format != "PNG":
                 raise DataError(f"{path}: a {img.format} file, not a PNG")
             mode = img.mode
@@ -313,6 +318,8 @@ def _read_gray(path: Path, what: str) -> np.ndarray:
         raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable PNG ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
     if arr.ndim != 2:
         raise DataError(f"{path}: {what} has shape {arr.shape}; expected a 2D grayscale image")
     if arr.dtype not in (np.uint8, bool):
@@ -329,22 +336,63 @@ def write_png(path: str | Path, image: np.ndarray, bits: int = 8) -> Path:
     from PIL import Image
 
     path = Path(path)
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise DataError(f"{path}: cannot write shape {arr.shape} as a grayscale PNG")
-    if arr.dtype == bool:
-        out = arr.astype(np.uint8) * 255
-    elif bits == 8:
-        out = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    elif bits == 16:
-        out = np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16)
-    else:
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    out = _png_array(image, bits, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     Image.fromarray(out).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def _png_array(image: np.ndarray, bits: int, path) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: cannot write shape {arr.shape} as a grayscale PNG")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if bits == 8:
+        return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    if bits == 16:
+        return np.round(np.clip(arr, 0, 1) * 65535).astype(np.uint16)
+    raise ValueError(f"bits must be 8 or 16, got {bits}")
+
+
+def encode_png(image: np.ndarray, bits: int = 8) -> bytes:
+    """(H, W) data as grayscale PNG bytes, encoded as :func:`write_png` writes them."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_png_array(image, bits, "image")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(
+    data: bytes, name: str = "image", size: int | None = None, cfg: ImageConfig | None = None
+) -> np.ndarray:
+    """PNG bytes (an HTTP upload) as float32 (H, W) in [0, 1], by the rules of :func:`read_png`
+    (``cfg`` = ``data.images``); the size is checked from the header before any decoding, so a
+    wrong-sized image or a decompression bomb is refused without decoding it.
+
+    Raises:
+        DataError: not a readable PNG, more than one channel, not ``size``×``size``, a
+            decompression bomb; the message names ``name``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if size is not None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{name}: not a readable PNG ({err})") from None
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{name}: refused as a decompression bomb ({err})") from None
+        if (h, w) != (size, size):
+            raise DataError(
+                f"{name}: image is {w}x{h} pixels; expected {size}x{size} (the model's image size)"
+            )
+    out, _ = read_scaled(name, cfg or ImageConfig(), data)
+    return out
 
 
 @dataclass

@@ -34,7 +34,7 @@ from meddiff import storage, training
 from meddiff.config import Config
 from meddiff.errors import ConfigError, ModelError
 from meddiff.files import copy_tree, write_json
-from meddiff.prompts import check_training_prompts
+from meddiff.prompts import check_training_prompts, table_from_pairs, write_prompt_table
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
 from meddiff.training.checkpoints import MARKER as CHECKPOINT_INFO
@@ -92,6 +92,8 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         ckpt = Path(result.checkpoint.path)
         ckpt_info = read_checkpoint_info(ckpt)
         model_dir = export_model(ckpt, out / "model")
+        # The prompts it was trained on travel with the model (the synthesis service lists them).
+        write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs))
         summary: dict[str, Any] = {
             "model": str(model_dir),
             "checkpoint": str(ckpt),
@@ -122,6 +124,16 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         mlflow.log_dict(summary, "summary.json")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def pairs_table(pairs: Path) -> list:
+    """The prompt table of a pairs directory (prompt, label, cluster, count per prompt)."""
+    import pyarrow.parquet as pq
+
+    cols = ["prompt", "label", "cluster"]
+    files = cache_mod.shards.read_manifest(pairs)["files"]
+    tables = [pq.read_table(pairs / f, columns=cols) for f in files]
+    return table_from_pairs(*(np.concatenate([t[c].to_numpy() for t in tables]) for c in cols))
 
 
 def prepare_base_model(cfg: Config, pairs: str | Path, out: Path) -> str:

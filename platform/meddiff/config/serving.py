@@ -1,0 +1,55 @@
+"""Typed settings of the HTTP services (``meddiff.serving``), as written in a Serve config file.
+
+An application's ``args`` validate as :class:`AppArgs`; a model deployment's ``user_config`` as
+:class:`ModelUserConfig`. Both forbid unknown keys, which Ray's own Serve schema does not check.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from meddiff.config.base import Section
+
+
+class AppArgs(Section):
+    """The ``args`` of an anomaly or synthesis application (passed to its builder)."""
+
+    preset: str | None = Field(
+        default=None, description="meddiff config preset the service starts from (e.g. tiny)."
+    )
+    set: tuple[str, ...] = Field(
+        default=(),
+        description="meddiff config overrides 'a.b=value': the inference plan (thor.infer.*, "
+        "synthesis.generate.*) is deployment config, never per request.",
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="File holding the bearer token when MEDDIFF_SERVE_TOKEN is not set "
+        "(default ~/.meddiff/serve_token).",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (else 413)."
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=64, description="Synthesis: largest n (images per request)."
+    )
+    retry_after_s: int = Field(
+        default=2, ge=1, description="Retry-After of a 503 when the model's queue is full."
+    )
+
+
+class ModelUserConfig(Section):
+    """A model deployment's ``user_config``: changing it reloads the model in place (load the
+    new one, then swap), so no request is dropped."""
+
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory.")
+    max_batch_size: int = Field(default=4, ge=1, le=256, description="@serve.batch size.")
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0, le=10, description="How long a batch waits to fill."
+    )
+    refresh_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often an alias is re-resolved; a new version is loaded, then swapped "
+        "in (0: never).",
+    )

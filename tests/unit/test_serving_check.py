@@ -1,0 +1,73 @@
+"""`meddiff serve check`: strict keys (Ray's schema drops misspelt ones), meddiff's args and
+user_config, and the shipped Serve configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meddiff.errors import ConfigError
+from meddiff.serving.check import check_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "serve.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def tiny() -> dict:
+    return yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "full.yaml"])
+def test_shipped_configs_are_valid(name):
+    entries = check_config(ROOT / "serve" / name, resolve_models=False)
+    assert [e["kind"] for e in entries] == ["anomaly", "synthesis"]
+
+
+def test_misspelt_deployment_key_is_named_with_suggestion(tmp_path):
+    data = tiny()
+    dep = data["applications"][0]["deployments"][0]
+    dep["max_ongoing_requestz"] = dep.pop("max_ongoing_requests")
+    with pytest.raises(
+        ConfigError,
+        match=r"max_ongoing_requestz: unknown key \(did you mean 'max_ongoing_requests'",
+    ):
+        check_config(write(tmp_path, data), resolve_models=False)
+
+
+def test_nested_and_top_level_keys_are_checked(tmp_path):
+    data = tiny()
+    data["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    data["http_option"] = {}
+    with pytest.raises(ConfigError) as err:
+        check_config(write(tmp_path, data), resolve_models=False)
+    assert "autoscaling_config.max_replica: unknown key" in str(err.value)
+    assert "http_option: unknown key" in str(err.value)
+
+
+def test_meddiff_args_and_user_config_are_strict(tmp_path):
+    data = tiny()
+    data["applications"][0]["args"]["max_body"] = 5
+    with pytest.raises(ConfigError, match="args: max_body"):
+        check_config(write(tmp_path, data), resolve_models=False)
+    data = tiny()
+    data["applications"][0]["args"]["set"] = ["thor.infer.strid=25"]
+    with pytest.raises(ConfigError, match="strid: unknown key"):
+        check_config(write(tmp_path, data), resolve_models=False)
+    data = tiny()
+    data["applications"][1]["deployments"][0]["user_config"]["max_batch_size"] = 0
+    with pytest.raises(ConfigError, match="user_config: max_batch_size"):
+        check_config(write(tmp_path, data), resolve_models=False)
+
+
+def test_unknown_builder_is_refused(tmp_path):
+    data = tiny()
+    data["applications"][0]["import_path"] = "mymod:app"
+    with pytest.raises(ConfigError, match="import_path 'mymod:app'"):
+        check_config(write(tmp_path, data), resolve_models=False)
