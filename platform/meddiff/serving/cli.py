@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from meddiff.cli import add_config_arguments, config_from_args
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "serve" / "tiny.yaml"
@@ -34,13 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "promote":
             q.add_argument("version")
         q.add_argument("--alias", default="production")
+        add_config_arguments(q)  # tracking.uri / --set select the registry
         q.set_defaults(handler=_promote if name == "promote" else _rollback)
 
 
-def _tracking():
-    from meddiff.config import TrackingConfig
-
-    return TrackingConfig()
+def _tracking(args: argparse.Namespace):
+    return config_from_args(args).tracking
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -58,7 +59,7 @@ def _check(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from meddiff.tracking.aliases import promote
 
-    before = promote(args.name, args.version, args.alias, _tracking())
+    before = promote(args.name, args.version, args.alias, _tracking(args))
     print(f"models:/{args.name}@{args.alias}: {before or 'unset'} -> {args.version}")
     return 0
 
@@ -66,7 +67,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from meddiff.tracking.aliases import rollback
 
-    before, after = rollback(args.name, args.alias, _tracking())
+    before, after = rollback(args.name, args.alias, _tracking(args))
     print(f"models:/{args.name}@{args.alias}: {before} -> {after}")
     return 0
 
