@@ -63,6 +63,8 @@ def test_bad_value_names_key_and_value():
         ("thor.schedule.beta_start=0.05", r"thor\.schedule: .*beta_start 0\.05 must be below"),
         ("thor.augment.scale=[1.1,0.9]", r"thor\.augment\.scale: .*0 < low <= high"),
         ("thor.eval.size_strata=[3,570,71]", r"thor\.eval\.size_strata: .*must be increasing"),
+        ("thor.train.min_workers=3", r"thor\.train: .*min_workers=3 is more than num_workers=1"),
+        ("thor.train.num_workers=3", r"thor\.train: .*batch_size=16 must be divisible"),
     ],
 )
 def test_inconsistent_values_are_refused(override: str, message: str):
@@ -102,3 +104,15 @@ def test_round_trip_through_dump_as_workers_do():
     cfg = load_config("tiny", overrides=["runtime.seed=5"])
     assert Config.model_validate(cfg.model_dump()) == cfg
     assert "seed: 5" in config_to_yaml(cfg)
+
+
+def test_elastic_training_worker_range():
+    from meddiff.thor.train import _worker_count
+
+    cfg = load_config(overrides=["thor.train.num_workers=2", "thor.train.min_workers=1"])
+    assert _worker_count(cfg.thor.train) == (1, 2)
+    assert _worker_count(load_config(overrides=["thor.train.num_workers=2"]).thor.train) == 2
+    with pytest.raises(
+        ConfigError, match="every worker count"
+    ):  # 1..3 workers: 3 does not split 16
+        load_config(overrides=["thor.train.num_workers=3", "thor.train.min_workers=1"])

@@ -63,11 +63,6 @@ def train_thor(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     if tc.precision == "fp16" and not use_gpu:
         raise ConfigError("thor.train.precision=fp16 needs GPUs; use fp32 or bf16 on CPU")
-    if tc.batch_size % tc.num_workers:
-        raise ConfigError(
-            f"thor.train.batch_size={tc.batch_size} must be divisible by "
-            f"thor.train.num_workers={tc.num_workers}"
-        )
 
     with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
@@ -102,9 +97,13 @@ def train_thor(
                 "epoch_rows": epoch_rows,
             },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=tc.num_workers,
+                num_workers=_worker_count(tc),
                 use_gpu=use_gpu,
-                resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                resources_per_worker={
+                    "CPU": tc.cpus_per_worker,
+                    **({"GPU": 1} if use_gpu else {}),
+                    **tc.resources_per_worker,
+                },
             ),
             run_config=ray.train.RunConfig(
                 name=RUN_NAME,
@@ -144,6 +143,14 @@ def train_thor(
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_dict(summary, "train_summary.json")
     return summary
+
+
+def _worker_count(tc) -> int | tuple[int, int]:
+    """Ray Train's num_workers: fixed, or (min, max) for elastic training, which resumes from the
+    latest checkpoint with the workers that still fit after a node is lost."""
+    if tc.min_workers is None or tc.min_workers == tc.num_workers:
+        return tc.num_workers
+    return (tc.min_workers, tc.num_workers)
 
 
 def train_loop(config: dict[str, Any]) -> None:
