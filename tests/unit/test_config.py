@@ -104,15 +104,3 @@ def test_round_trip_through_dump_as_workers_do():
     cfg = load_config("tiny", overrides=["runtime.seed=5"])
     assert Config.model_validate(cfg.model_dump()) == cfg
     assert "seed: 5" in config_to_yaml(cfg)
-
-
-def test_elastic_training_worker_range():
-    from meddiff.thor.train import _worker_count
-
-    cfg = load_config(overrides=["thor.train.num_workers=2", "thor.train.min_workers=1"])
-    assert _worker_count(cfg.thor.train) == (1, 2)
-    assert _worker_count(load_config(overrides=["thor.train.num_workers=2"]).thor.train) == 2
-    with pytest.raises(
-        ConfigError, match="every worker count"
-    ):  # 1..3 workers: 3 does not split 16
-        load_config(overrides=["thor.train.num_workers=3", "thor.train.min_workers=1"])

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from meddiff.config import Config
-from meddiff.errors import ConfigError, DataError, ModelError
+from meddiff.errors import ClusterError, ConfigError, DataError, ModelError, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def train_thor(
             datasets={"train": ds},
         )
         start = time.perf_counter()
-        result = trainer.fit()
+        result = _fit(trainer, out, tc.max_failures)
         seconds = time.perf_counter() - start
         if result.checkpoint is None:
             raise ModelError(f"training in {out} finished without a checkpoint")
@@ -143,6 +143,35 @@ def train_thor(
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_dict(summary, "train_summary.json")
     return summary
+
+
+def _fit(trainer, out: Path, max_failures: int):
+    """``trainer.fit()``; a run that Ray Train gave up on (a node lost beyond ``max_failures``
+    restarts) becomes one clear error. Nothing final has been written at that point: the model
+    directory, train_summary.json and the registry entry come only after a finished run."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        failures = [err, *(getattr(err, "worker_failures", None) or {}).values()]
+        user_error = next(filter(None, map(find_user_error, failures)), None)
+        if user_error is not None:
+            raise user_error from err  # bad input a worker found: its own message
+        raise ClusterError(
+            f"training in {out} failed after thor.train.max_failures={max_failures} restarts "
+            f"({_failure_reason(err)}); its checkpoints stay in {out / 'ray' / RUN_NAME}: "
+            "run the same command again to resume"
+        ) from err
+
+
+def _failure_reason(err: Exception) -> str:
+    """One line: the first failed worker's (or the controller's) exception."""
+    failures = getattr(err, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(err, "controller_failure", err)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    prefix = f"worker {min(failures)}: " if failures else ""
+    return f"{prefix}{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def _worker_count(tc) -> int | tuple[int, int]:
