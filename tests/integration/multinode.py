@@ -99,9 +99,7 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
-            self.nodes.append(self._start("head"))
-            self.wait_for_jobs_api()
-            self._identify(self.nodes[0])
+            self._start_with_retries("head")
             for i in range(self._workers):
                 self.add_worker(f"worker{i}")
         except BaseException:
@@ -113,10 +111,32 @@ class Cluster:
         self.stop()
 
     def add_worker(self, name: str) -> Node:
-        node = self._start(name)
-        self.nodes.append(node)
-        self._identify(node)
-        return node
+        return self._start_with_retries(name)
+
+    def _start_with_retries(self, name: str, attempts: int = 3) -> Node:
+        """Start a node and wait until it serves; on a busy machine Ray's fixed 30 s for a raylet
+        to register can pass, and `ray start` then exits: start it again (bounded, logged)."""
+        for attempt in range(1, attempts + 1):
+            if name == "head" and attempt > 1:  # leftovers of the failed head may hold its ports
+                self.gcs_port, self.dashboard_port = free_ports(2, avoid=self.used_ports)
+                self.used_ports |= {self.gcs_port, self.dashboard_port}
+                self.gcs = f"127.0.0.1:{self.gcs_port}"
+                self.address = f"http://127.0.0.1:{self.dashboard_port}"
+            node = self._start(name if attempt == 1 else f"{name}-{attempt}")
+            node.name = name
+            self.nodes.append(node)
+            try:
+                if name == "head":
+                    self.wait_for_jobs_api()
+                self._identify(node)
+                return node
+            except RuntimeError as err:  # the node's `ray start` exited
+                self._stop_node(node)
+                self.nodes.remove(node)
+                print(f"starting Ray node {name}: attempt {attempt} of {attempts} failed: {err}")
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def _identify(self, node: Node) -> None:
         """Wait until ``node`` has joined and record its Ray node id (the one not seen before)."""
@@ -174,6 +194,13 @@ class Cluster:
         node.proc.wait(timeout=30)
         return pids
 
+    def _record_all(self) -> None:
+        """Note every node's process tree now: a `ray start` that exits leaves its children
+        orphaned, out of reach of a later tree walk."""
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.record_pids()
+
     def alive_workers(self) -> list[Node]:
         return [n for n in self.nodes if n.name != "head" and n.proc.poll() is None]
 
@@ -191,9 +218,10 @@ class Cluster:
             raise RuntimeError(f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done
 
-    def wait_for_jobs_api(self, timeout: float = 180) -> None:
+    def wait_for_jobs_api(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._record_all()
             head = self.node("head").proc
             if head.poll() is not None:
                 raise RuntimeError(f"ray start --head exited with {head.returncode}: {self.log()}")
@@ -211,9 +239,10 @@ class Cluster:
             return None
         return [n for n in json.loads(done.stdout) if n["state"] == "ALIVE"]
 
-    def wait_for_nodes(self, count: int, timeout: float = 180) -> list[dict]:
+    def wait_for_nodes(self, count: int, timeout: float = 600) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._record_all()
             nodes = self.alive_nodes(check=False)
             if nodes is not None and len(nodes) == count:
                 return nodes
