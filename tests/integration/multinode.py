@@ -122,8 +122,7 @@ class Cluster:
                 self.used_ports |= {self.gcs_port, self.dashboard_port}
                 self.gcs = f"127.0.0.1:{self.gcs_port}"
                 self.address = f"http://127.0.0.1:{self.dashboard_port}"
-            node = self._start(name if attempt == 1 else f"{name}-{attempt}")
-            node.name = name
+            node = self._start(name, label=name if attempt == 1 else f"{name}-{attempt}")
             self.nodes.append(node)
             try:
                 if name == "head":
@@ -144,9 +143,10 @@ class Cluster:
         alive = self.wait_for_nodes(sum(n.proc.poll() is None for n in self.nodes))
         [node.node_id] = [n["node_id"] for n in alive if n["node_id"] not in known]
 
-    def _start(self, name: str) -> Node:
+    def _start(self, name: str, label: str) -> Node:
+        """Start node ``name``; ``label`` names its temp dir and log (one per attempt)."""
         head = name == "head"
-        temp = self.root / name
+        temp = self.root / label
         temp.mkdir()
         ports = free_ports(8, avoid=self.used_ports)
         self.used_ports.update(ports)
@@ -166,7 +166,7 @@ class Cluster:
             ]  # fmt: skip
         else:
             cmd += [f"--address={self.gcs}"]
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (the node outlives this call)
+        log = open(self.root / f"{label}.log", "wb")  # noqa: SIM115 (the node outlives this call)
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return Node(name, proc, temp)
 
