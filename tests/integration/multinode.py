@@ -237,7 +237,7 @@ class Cluster:
         done = self.ray(*args, check=check)
         if done.returncode:
             return None
-        return [n for n in json.loads(done.stdout) if n["state"] == "ALIVE"]
+        return [n for n in _json(done.stdout) if n["state"] == "ALIVE"]
 
     def wait_for_nodes(self, count: int, timeout: float = 600) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -259,7 +259,7 @@ class Cluster:
     def job_id(self, submission_id: str) -> str:
         """The Ray job id (hex) of a submitted job, as the state API names it."""
         out = self.ray("list", "jobs", "--address", self.address, "--format", "json", "--detail")
-        [job] = [j for j in json.loads(out.stdout) if j.get("submission_id") == submission_id]
+        [job] = [j for j in _json(out.stdout) if j.get("submission_id") == submission_id]
         return job["job_id"]
 
     def log(self, name: str = "head") -> str:
@@ -313,7 +313,7 @@ class Cluster:
             "list", "actors", "--address", self.address, "--format", "json", "--detail",
             "--limit", "10000", "--filter", f"job_id={job_id}",
         )  # fmt: skip
-        return json.loads(out.stdout)
+        return _json(out.stdout)
 
     def job_tasks(self, job_id: str) -> list[dict]:
         """Every task of a job with the node it ran on (Ray's state API)."""
@@ -321,7 +321,12 @@ class Cluster:
             "list", "tasks", "--address", self.address, "--format", "json", "--detail",
             "--limit", "10000", "--filter", f"job_id={job_id}",
         )  # fmt: skip
-        return json.loads(out.stdout)
+        return _json(out.stdout)
+
+
+def _json(stdout: str):
+    """The JSON list ``ray list ... --format json`` prints (it may print notes around it)."""
+    return json.loads(stdout[stdout.index("[") : stdout.rindex("]") + 1])
 
 
 def _kill_pids(pids) -> None:

@@ -185,7 +185,7 @@ def brain(tmp_path_factory):
     from meddiff.config.data import MriConfig
     from meddiff.data.brain import BrainSampleSizes, sample_brain
 
-    out = tmp_path_factory.mktemp("brain")
+    out = tmp_path_factory.mktemp("brain") / "brain"
     sample_brain(out, MriConfig(image_size=32), BrainSampleSizes(lesion=2, normal=2), seed=0)
     return out / "train"
 
