@@ -325,7 +325,10 @@ class Cluster:
 
 
 def _json(stdout: str):
-    """The JSON list ``ray list ... --format json`` prints (it may print notes around it)."""
+    """The JSON list ``ray list ... --format json`` prints (it may print notes around it; with
+    nothing to list it prints only "No resource in the cluster")."""
+    if "[" not in stdout:
+        return []
     return json.loads(stdout[stdout.index("[") : stdout.rindex("]") + 1])
 
 
