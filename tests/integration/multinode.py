@@ -291,8 +291,12 @@ class Cluster:
 
     def job_status(self, submission_id: str) -> str:
         done = self.ray("job", "status", "--address", self.address, submission_id)
-        text = done.stdout + done.stderr
-        return next((line for line in text.splitlines() if "Status for job" in line), text.strip())
+        # An ended job prints "Job 'x' succeeded|failed|was stopped", others "Status for job ...".
+        text = (done.stdout + done.stderr).lower()
+        for word in ("succeeded", "failed", "stopped"):
+            if f"' {word}" in text or f"was {word}" in text:
+                return word.upper()
+        return "RUNNING"
 
     def wait_for_job(self, submission_id: str, timeout: float = 900) -> str:
         """Wait until a job ends; returns its final status line (SUCCEEDED, FAILED, STOPPED)."""
