@@ -22,7 +22,8 @@ class ModelError(MeddiffError, ValueError):
 
 
 class ClusterError(MeddiffError, RuntimeError):
-    """Ray could not be started or joined (a loaded machine, a cluster that does not answer)."""
+    """Ray could not be started or joined (a loaded machine, a cluster that does not answer), or
+    the cluster lost what a job needed (a node, its workers) beyond what Ray recovers from."""
 
 
 def find_user_error(err: BaseException | None) -> MeddiffError | None:

@@ -20,9 +20,10 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 from meddiff.config import RuntimeConfig
-from meddiff.errors import ClusterError
+from meddiff.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def connect(cfg: RuntimeConfig) -> None:
     address = ray_address(cfg)
     if address:
         log.info("joining Ray cluster at %s", address)
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
         start_embedded(cfg)
@@ -200,6 +202,43 @@ def quiet_user_errors() -> None:
             isinstance(f, UserErrorFilter) for f in handler.filters
         ):
             handler.addFilter(UserErrorFilter())
+
+
+def check_reachable(address: str, attempts: int = 3, delay_s: float = 2.0) -> None:
+    """Fail fast when nothing listens at a cluster address (``ray.init`` would retry for many
+    minutes). Tries ``attempts`` TCP connects ``delay_s`` apart (a head that is still starting
+    gets that long), logging each failure.
+
+    Addresses without a host:port (``auto``, a bare host) are left to Ray.
+
+    Raises:
+        ConfigError: the address is not host:port.
+        ClusterError: no connection to the address's host:port, naming it and the reason.
+    """
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        raise ConfigError(
+            f"runtime.address={address!r} is not host:port or ray://host:port"
+        ) from None
+    if not host or port is None:
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            log.warning(
+                "Ray at %s:%d: %s (attempt %d of %d)", host, port, reason, attempt, attempts
+            )
+            if attempt < attempts:
+                time.sleep(delay_s)
+    raise ClusterError(
+        f"runtime.address={address!r}: no Ray cluster answers at {host}:{port} ({reason} after "
+        f"{attempts} attempts); check --address / RAY_ADDRESS and that the head node is up"
+    )
 
 
 def _configure_data(cfg: RuntimeConfig) -> None:

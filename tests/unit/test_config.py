@@ -63,6 +63,8 @@ def test_bad_value_names_key_and_value():
         ("thor.schedule.beta_start=0.05", r"thor\.schedule: .*beta_start 0\.05 must be below"),
         ("thor.augment.scale=[1.1,0.9]", r"thor\.augment\.scale: .*0 < low <= high"),
         ("thor.eval.size_strata=[3,570,71]", r"thor\.eval\.size_strata: .*must be increasing"),
+        ("thor.train.min_workers=3", r"thor\.train: .*min_workers=3 is more than num_workers=1"),
+        ("thor.train.num_workers=3", r"thor\.train: .*batch_size=16 must be divisible"),
     ],
 )
 def test_inconsistent_values_are_refused(override: str, message: str):

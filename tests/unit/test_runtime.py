@@ -92,3 +92,30 @@ def test_shutdown_restores_the_address_connect_exported(monkeypatch):
     assert __import__("os").environ["RAY_ADDRESS"] == "10.0.0.1:6379"
     runtime.shutdown()
     assert __import__("os").environ["RAY_ADDRESS"] == ""
+
+
+def test_unreachable_cluster_address_is_a_one_line_error(caplog):
+    import socket
+
+    from meddiff.errors import ClusterError, ConfigError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ClusterError) as err:
+        runtime.check_reachable(f"127.0.0.1:{port}", attempts=2, delay_s=0.01)
+    message = str(err.value)
+    assert f"127.0.0.1:{port}" in message and "2 attempts" in message and "\n" not in message
+    assert "attempt 1 of 2" in caplog.text and "attempt 2 of 2" in caplog.text
+    runtime.check_reachable("auto")  # left to Ray
+    with pytest.raises(ConfigError, match="not host:port"):
+        runtime.check_reachable("head:port")
+
+
+def test_reachable_address_passes():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        runtime.check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}", attempts=1)

@@ -143,6 +143,17 @@ class TrainConfig(TrainingSection):
         "sample from pure noise.",
     )
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    min_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Elastic training: start, and resume after a lost node, with as few as this "
+        "many workers (Ray Train's (min, max) num_workers); None: always num_workers.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources each worker reserves, e.g. {worker_node: 1} to keep "
+        "training on nodes that advertise it (cluster.yaml's node kinds).",
+    )
     use_gpu: bool | None = Field(
         default=None, description="One GPU per worker; None uses GPUs when the cluster has them."
     )
@@ -167,6 +178,20 @@ class TrainConfig(TrainingSection):
     register_as: str | None = Field(
         default="thor-ddpm", description="Registered MLflow model name (None: do not register)."
     )
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> TrainConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"min_workers={self.min_workers} is more than num_workers={self.num_workers}"
+            )
+        for world in range(self.min_workers or self.num_workers, self.num_workers + 1):
+            if self.batch_size % world:
+                raise ValueError(
+                    f"batch_size={self.batch_size} must be divisible by every worker count the "
+                    f"run may have ({world} of min_workers..num_workers)"
+                )
+        return self
 
 
 class InferConfig(Section):

@@ -28,7 +28,7 @@ import torch
 
 from meddiff import training
 from meddiff.config import Config
-from meddiff.errors import ConfigError, DataError, ModelError
+from meddiff.errors import DataError, ModelError
 from meddiff.files import copy_tree
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,6 @@ def train_thor(
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     precision = training.check_training(tc, use_gpu=use_gpu, section="thor.train")
-    if tc.batch_size % tc.num_workers:
-        raise ConfigError(
-            f"thor.train.batch_size={tc.batch_size} must be divisible by "
-            f"thor.train.num_workers={tc.num_workers}"
-        )
     training.check_resume(
         out / "ray" / RUN_NAME,
         tc,
@@ -122,6 +117,9 @@ def train_thor(
             storage=out / "ray",
             name=RUN_NAME,
             datasets={"train": ds},
+            min_workers=tc.min_workers,
+            resources_per_worker=tc.resources_per_worker,
+            section="thor.train",
         )
         seconds = time.perf_counter() - start
         if result.checkpoint is None:

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from meddiff.errors import ConfigError, MeddiffError
+from meddiff.errors import ClusterError, ConfigError, MeddiffError
 from meddiff.training.checkpoints import latest_checkpoint, read_marker
 from meddiff.training.strategy import resolve_precision
 
@@ -163,28 +163,39 @@ def fit(
     storage: Path,
     name: str,
     datasets: dict[str, Any] | None = None,
+    min_workers: int | None = None,
+    resources_per_worker: dict[str, float] | None = None,
+    section: str = "train",
 ):
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers and return the ``Result``.
 
     Checkpoints go to ``storage/name``; Ray Train keeps ``t.keep_checkpoints`` of them and
-    restarts a crashed worker group up to ``t.max_failures`` times from the newest one.
+    restarts a crashed worker group up to ``t.max_failures`` times from the newest one. With
+    ``min_workers`` below ``num_workers`` training is elastic: after a node is lost it resumes from
+    the newest checkpoint with the workers that still fit. ``resources_per_worker`` (e.g. a custom
+    resource a node advertises) steers workers to nodes.
 
     Raises:
         MeddiffError: the one a worker raised (bad data, a checkpoint that does not fit), never
             retried.
+        ClusterError: Ray Train gave up after ``t.max_failures`` restarts (e.g. nodes lost); the
+            checkpoints stay, and running the same command again resumes.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    resources: dict[str, float] = {"CPU": cpus_per_worker, **(resources_per_worker or {})}
     if use_gpu:
         resources["GPU"] = 1
+    workers = num_workers
+    if min_workers is not None and min_workers != num_workers:
+        workers = (min_workers, num_workers)  # elastic: Ray Train's (min, max)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=name,
@@ -198,7 +209,37 @@ def fit(
     try:
         return trainer.fit()
     except Exception as err:
-        user = worker_user_error(err)
-        if user is not None:
-            raise user from None
-        raise
+        mapped = training_error(err, t.max_failures, section, storage / name)
+        if mapped is None:
+            raise
+        raise mapped from None  # one line for the CLI; Ray's traceback is in the job log
+
+
+def training_error(
+    err: Exception, max_failures: int, section: str, run_dir: Path
+) -> MeddiffError | None:
+    """What the user sees for a failed ``trainer.fit()``: the meddiff error a worker raised (bad
+    input: its own message), a one-line :class:`ClusterError` for a run Ray Train gave up on
+    (nodes lost beyond ``max_failures`` restarts; the checkpoints in ``run_dir`` stay), or None
+    (re-raise as is)."""
+    import ray.train
+
+    user = worker_user_error(err)
+    if user is not None:
+        return user
+    if isinstance(err, ray.train.TrainingFailedError):
+        return ClusterError(
+            f"training failed after {section}.max_failures={max_failures} restarts "
+            f"({_failure_reason(err)}); its checkpoints stay in {run_dir}: run the same command "
+            "again to resume"
+        )
+    return None
+
+
+def _failure_reason(err: Exception) -> str:
+    """One line: the first failed worker's (or the controller's) exception."""
+    failures = getattr(err, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(err, "controller_failure", err)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    prefix = f"worker {min(failures)}: " if failures else ""
+    return f"{prefix}{type(cause).__name__}: {lines[0] if lines else ''}"
