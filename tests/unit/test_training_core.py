@@ -87,9 +87,22 @@ def _write_checkpoint(run_dir, step, t, model_config, *, world=1, precision="fp3
     d = run_dir / f"checkpoint_{step:08d}"
     d.mkdir(parents=True)
     if marker:
+        for rank in range(world):
+            (d / f"meddiff_rank{rank}.json").write_text(json.dumps({"step": step}))
         info = marker_info(t, world=world, precision=precision, model_config=model_config)
         (d / MARKER).write_text(json.dumps({**info, "step": step}))
     return d
+
+
+def test_a_checkpoint_is_complete_only_with_every_ranks_part(tmp_path):
+    from meddiff.training.checkpoints import complete_step, latest_checkpoint
+
+    t = load_config("tiny").thor.train
+    two = _write_checkpoint(tmp_path, 2, t, {}, world=2)
+    four = _write_checkpoint(tmp_path, 4, t, {}, world=2)
+    assert complete_step(four) == 4 and latest_checkpoint(tmp_path) == four
+    (four / "meddiff_rank1.json").unlink()  # rank 1's part never arrived
+    assert complete_step(four) is None and latest_checkpoint(tmp_path) == two
 
 
 def test_resume_checks_architecture_and_zero_layout_before_workers_start(tmp_path):

@@ -111,7 +111,7 @@ def train_loop(config: dict[str, Any]) -> None:
         tracking=config.get("tracking"),
     )
     run = _ArmsRun(cfg, ctx, config)
-    with training.restored() as d:
+    with training.restored(ctx.run_dir) as d:
         run.restore(d)
         # The first arm's state is read while the restored folder is at hand.
         run.train_all(d)
@@ -463,6 +463,7 @@ def _train(
         storage=storage,
         name=name,
         datasets=datasets,
+        section="evaluation.classifier",
     )
     if result.checkpoint is None:
         raise RuntimeError("classifier training reported no checkpoint")

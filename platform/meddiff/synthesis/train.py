@@ -199,6 +199,7 @@ def _fit(cfg: Config, source: str, out: Path, run_id: str, uri: str):
         cpus_per_worker=tcfg.cpus_per_worker,
         storage=out / "ray",
         name=RUN_NAME,
+        section="synthesis.train",
     )
 
 
@@ -342,7 +343,7 @@ class _Worker:
         t, ctx = self.t, self.ctx
         self._build()
         start_step = 0
-        with training.restored() as d:
+        with training.restored(ctx.run_dir) as d:
             if d is not None:
                 start_step = self._load(d)
         if self.rank == 0:

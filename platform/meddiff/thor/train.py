@@ -188,7 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     step = 0
-    with training.restored() as d:
+    with training.restored(ctx.run_dir) as d:
         if d is not None:
             strategy.load(d)
             step = int(training.read_marker(d)["step"])

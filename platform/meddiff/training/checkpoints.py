@@ -8,9 +8,13 @@ adds (a model directory, EMA weights) and, written last by rank 0, ``meddiff_che
     {"step": 40, "strategy": "ddp", "zero_stage": 1, "precision": "fp32", "world_size": 2,
      "model_config": {...}, "time": ..., ...loop extras}
 
-A folder without that marker was interrupted while being written and is never used. Ray Train
-commits a checkpoint once every rank has reported it, keeps the newest ``keep_checkpoints`` and
-hands the newest committed one to restarted workers (``ray.train.get_checkpoint``).
+Every rank also writes ``meddiff_rank<r>.json`` once its own part is saved. A folder without the
+marker, or without every rank's file, was interrupted while being written and is never used.
+Ray Train commits a checkpoint once every rank has reported it, keeps the newest
+``keep_checkpoints`` and hands the newest committed one to restarted workers
+(``ray.train.get_checkpoint``). Its controller learns of a report asynchronously, so a worker
+killed just after reporting can leave a complete checkpoint on storage that Ray never committed:
+:func:`restored` takes the newer of the two, so a restart loses at most one interval.
 """
 
 from __future__ import annotations
@@ -52,15 +56,28 @@ def read_marker(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{marker}: corrupt ({err})") from None
 
 
+def _rank_file(rank: int) -> str:
+    return f"meddiff_rank{rank}.json"
+
+
+def complete_step(path: str | Path) -> int | None:
+    """The step of a complete checkpoint folder (marker and every rank's part), else None."""
+    d = Path(path)
+    if not (d / MARKER).is_file():
+        return None
+    try:
+        marker = read_marker(d)
+        world = int(marker.get("world_size") or 1)
+        step = int(marker["step"])
+    except (ModelError, KeyError, TypeError, ValueError):
+        return None
+    return step if all((d / _rank_file(r)).is_file() for r in range(world)) else None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (highest step with a marker) under ``run_dir``, or None."""
-    found = []
-    for d in Path(run_dir).glob(f"{PREFIX}*"):
-        if (d / MARKER).is_file():
-            try:
-                found.append((int(read_marker(d)["step"]), d))
-            except (ModelError, KeyError, TypeError, ValueError):
-                continue
+    """The newest complete checkpoint (highest step, see :func:`complete_step`) under
+    ``run_dir``, or None."""
+    found = [(step, d) for d in Path(run_dir).glob(f"{PREFIX}*") if (step := complete_step(d))]
     return max(found)[1] if found else None
 
 
@@ -87,6 +104,7 @@ def save_and_report(
         write(tmp)
         if drill is not None:
             ctx.fault_drill(drill, step, in_checkpoint=True)
+        write_json(tmp / _rank_file(ctx.rank), {"step": step})  # this rank's part is whole
         if ctx.rank == 0:
             # Written last: a checkpoint without it was interrupted while being written.
             write_json(tmp / MARKER, {**info, "step": step, "time": time.time()})
@@ -100,14 +118,21 @@ def save_and_report(
 
 
 @contextmanager
-def restored() -> Iterator[Path | None]:
-    """The folder of the checkpoint Ray Train hands this worker (the newest committed one), or
-    None when the run starts from scratch."""
+def restored(run_dir: str | Path) -> Iterator[Path | None]:
+    """The checkpoint to resume from: the one Ray Train hands this worker (the newest it
+    committed) or, when newer, the newest complete one under ``run_dir`` that Ray had not yet
+    committed; None when the run starts from scratch."""
     import ray.train
 
+    on_disk = latest_checkpoint(run_dir)
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    if ckpt is None and on_disk is None:
         yield None
         return
+    if ckpt is None:
+        yield on_disk
+        return
     with ckpt.as_directory() as d:
-        yield Path(d)
+        ray_step = complete_step(d)
+        newer = on_disk is not None and complete_step(on_disk) > (ray_step or -1)
+        yield on_disk if newer else Path(d)

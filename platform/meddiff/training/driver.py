@@ -162,13 +162,14 @@ def fit(
     cpus_per_worker: float,
     storage: Path,
     name: str,
+    section: str,
     datasets: dict[str, Any] | None = None,
     min_workers: int | None = None,
     resources_per_worker: dict[str, float] | None = None,
-    section: str = "train",
 ):
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers and return the ``Result``.
 
+    ``section`` is the loop's config section (e.g. ``thor.train``), named in errors.
     Checkpoints go to ``storage/name``; Ray Train keeps ``t.keep_checkpoints`` of them and
     restarts a crashed worker group up to ``t.max_failures`` times from the newest one. With
     ``min_workers`` below ``num_workers`` training is elastic: after a node is lost it resumes from
