@@ -218,6 +218,17 @@ def test_write_index_links_absolute_paths_too(tmp_path: Path):
     assert Page(index.read_text()).links == ["sub%20dir/r.html"]
 
 
+def test_write_index_links_paths_relative_to_the_working_directory(tmp_path: Path, monkeypatch):
+    """Jobs' summaries name their outputs relative to where the job ran (runs/demo/...)."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs") / "demo"
+    (out / "thor").mkdir(parents=True)
+    (out / "thor" / "report.html").write_text("x")
+    step = P.IndexStep("thor", links={"report": str(out / "thor" / "report.html")})
+    page = Page(write_index(out, "t", [step]).read_text())
+    assert page.links == ["thor/report.html"] and "(missing)" not in page.words
+
+
 def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cfg):
     import json
 

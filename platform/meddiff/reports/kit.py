@@ -217,7 +217,8 @@ def write_index(
         links = []
         for label, target in step.links.items():
             p = Path(target)
-            p = p if p.is_absolute() else out / p
+            if not p.is_absolute() and not p.exists():
+                p = out / p  # relative to the run folder (jobs' summaries name cwd-relative paths)
             links.append(
                 {
                     "label": label,
