@@ -319,7 +319,7 @@ def _serve(demo: Demo) -> dict[str, Any]:
         thor,
         sd,
         list_pngs(demo.path("data", "brain", "test", "images"))[0],
-        read_prompt_table(table)[0].prompt,
+        read_prompt_table(table, demo.cfg.prompts)[0].prompt,
     )
 
 

@@ -93,7 +93,12 @@ def thor_section(summary: Mapping[str, Any] | None) -> Section | None:
         "THOR vs DDPM (lesion benchmark)",
         ["method", "schedule", *cols],
         rows,
-        summary.get("note", ""),
+        (
+            f"Measured on {summary['evaluated_model']} ({summary.get('evaluated_model_steps')} "
+            "training steps), not the brief demo training."
+            if summary.get("evaluated_model")
+            else ""
+        ),
     )
 
 

@@ -242,7 +242,12 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
     results = {
         "sample-data": {"pcam": str(tmp_path / "data")},
         "prompts": {"prompts": 8, "kept": 100, "removed": 3, "k": 4, "gallery": str(gallery)},
-        "thor": {"report": str(report), "train_steps": 120, "note": "brief demo training"},
+        "thor": {
+            "report": str(report),
+            "train_steps": 120,
+            "evaluated_model": "models:/thor-ddpm-shipped/1",
+            "evaluated_model_steps": 480,
+        },  # fmt: skip
         "evaluate": {
             "network": P.FD.removeprefix("fd_"),
             "report": str(tmp_path / "evaluation" / "report.html"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from meddiff.config.data import ImageConfig
 from meddiff.data.images import encode_png
 from meddiff.errors import DataError, MeddiffError
+from meddiff.reports import encode_png as encode_rgb_png
 from meddiff.serving import auth, limits
 from meddiff.serving import schemas as S
 from meddiff.serving.runners import content_seed
@@ -82,14 +82,6 @@ class LocalBackend:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _rgb_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) -> tuple:
@@ -261,7 +253,9 @@ def build_synthesis_app(
         info = outs[-1]["model"]
         result = S.SynthesisResponse(
             prompt=prompt,
-            images=[S.SynthesisImage(seed=o["seed"], png=_b64(_rgb_png(o["image"]))) for o in outs],
+            images=[
+                S.SynthesisImage(seed=o["seed"], png=_b64(encode_rgb_png(o["image"]))) for o in outs
+            ],
             model=S.ModelInfo(**info),
         )
         return JSONResponse(

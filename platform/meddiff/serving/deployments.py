@@ -165,7 +165,7 @@ class HandleBackend:
         self.handle = handle
 
     async def _call(self, method: str, *args):
-        from meddiff.cli import find_user_error
+        from meddiff.errors import find_user_error
 
         try:
             return await getattr(self.handle, method).remote(*args)

@@ -118,7 +118,7 @@ class SynthesisRunner:
         self.cfg = cfg
         self.model = resolve(model_ref, cfg.tracking)
         local = C.check_model_dir(fetch_model(self.model.uri, cfg.tracking)).resolve()
-        self.prompts = model_prompts(local)
+        self.prompts = model_prompts(local, cfg.prompts)
         g = cfg.synthesis.generate
         self.generator = ImageGenerator(str(local), g.model_dump(mode="json"))
         self.max_prompt_tokens = int(self.generator.pipe.tokenizer.model_max_length)
@@ -149,7 +149,7 @@ class SynthesisRunner:
         return list(out["image"])
 
 
-def model_prompts(model_dir) -> list[dict[str, Any]]:
+def model_prompts(model_dir, prompts_cfg=None) -> list[dict[str, Any]]:
     """The prompt table stored with a synthesis model (``prompts.csv`` beside the pipeline, as
     ``meddiff synth train`` saves it), as rows of prompt, label, cluster, count."""
     from pathlib import Path
@@ -161,7 +161,7 @@ def model_prompts(model_dir) -> list[dict[str, Any]]:
         return []
     return [
         {"prompt": r.prompt, "label": r.label, "cluster": r.cluster, "count": r.count}
-        for r in read_prompt_table(path)
+        for r in read_prompt_table(path, prompts_cfg)
     ]
 
 

@@ -93,7 +93,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         ckpt_info = read_checkpoint_info(ckpt)
         model_dir = export_model(ckpt, out / "model")
         # The prompts it was trained on travel with the model (the synthesis service lists them).
-        write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs))
+        write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs), cfg.prompts)
         summary: dict[str, Any] = {
             "model": str(model_dir),
             "checkpoint": str(ckpt),
@@ -126,13 +126,12 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     return summary
 
 
-def pairs_table(pairs: Path) -> list:
-    """The prompt table of a pairs directory (prompt, label, cluster, count per prompt)."""
-    import pyarrow.parquet as pq
-
+def pairs_table(pairs: str | Path) -> list:
+    """The prompt table of a pairs directory or object prefix (prompt, label, cluster, count)."""
+    shards = cache_mod.shards
     cols = ["prompt", "label", "cluster"]
-    files = cache_mod.shards.read_manifest(pairs)["files"]
-    tables = [pq.read_table(pairs / f, columns=cols) for f in files]
+    files = shards.read_manifest(pairs)["files"]
+    tables = [shards.read_file(pairs, f, columns=cols) for f in files]
     return table_from_pairs(*(np.concatenate([t[c].to_numpy() for t in tables]) for c in cols))
 
 
