@@ -247,7 +247,7 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
             "train_steps": 120,
             "evaluated_model": "models:/thor-ddpm-shipped/1",
             "evaluated_model_steps": 480,
-        },  # fmt: skip
+        },
         "evaluate": {
             "network": P.FD.removeprefix("fd_"),
             "report": str(tmp_path / "evaluation" / "report.html"),
