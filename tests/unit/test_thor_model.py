@@ -176,6 +176,7 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path):
         info = marker_info(
             cfg.thor.train, world=1, precision="fp32", model_config=cfg.thor.model.model_dump()
         )
+        (d / "meddiff_rank0.json").write_text(json.dumps({"step": 2}))  # rank 0's part is whole
         (d / MARKER).write_text(json.dumps({**info, "step": 2}))
         return d.parent
 
