@@ -87,6 +87,12 @@ def test_embedded_start_retries_with_backoff_then_one_line_error(monkeypatch):
 
 
 def test_shutdown_restores_the_address_connect_exported(monkeypatch):
+    import ray
+
+    # Isolated from a Ray this test process may already run (the integration tier's shared one):
+    # no saved address yet, and nothing to shut down.
+    monkeypatch.setattr(runtime, "_saved_address", runtime._UNSET)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setenv("RAY_ADDRESS", "")
     runtime._export_address("10.0.0.1:6379")
     assert __import__("os").environ["RAY_ADDRESS"] == "10.0.0.1:6379"
