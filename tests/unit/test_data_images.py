@@ -240,9 +240,16 @@ def test_rgba_png_error_is_said_once(tmp_path):
         assert "4 channels (mode RGBA)" in msg
 
 
-def test_a_4d_volume_is_refused_on_the_driver_before_ray(tmp_path):
+def test_a_4d_volume_is_refused_on_the_driver_before_ray(tmp_path, monkeypatch):
     import nibabel as nib
     import ray
+    import ray.data
+
+    def no_ray_work(*args, **kwargs):
+        raise AssertionError("a Ray dataset was built before the header check")
+
+    monkeypatch.setattr(ray.data, "from_items", no_ray_work)
+    was_up = ray.is_initialized()  # the integration tier's shared Ray may already run
 
     from meddiff.config.data import MriConfig
     from meddiff.thor.data import healthy_dataset
@@ -252,7 +259,8 @@ def test_a_4d_volume_is_refused_on_the_driver_before_ray(tmp_path):
     )
     with pytest.raises(DataError, match=r"4d\.nii: volume has shape \(8, 8, 8, 3\); expected a 3D"):
         healthy_dataset(tmp_path / "4d.nii", 16, MriConfig())
-    assert not ray.is_initialized()  # failed before any Ray work (no worker tracebacks)
+    # Failed before any Ray work (no worker tracebacks).
+    assert ray.is_initialized() == was_up
 
 
 def test_ray_data_console_drops_records_about_user_errors():
