@@ -27,6 +27,21 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_store_restored(mlflow_store: str):
+    """After each module, point MLflow back at the session store.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` (so child processes inherit
+    it); a module whose jobs tracked to a server it has since stopped would otherwise leave every
+    later test retrying that dead server for minutes.
+    """
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != mlflow_store:
+        import mlflow
+
+        mlflow.set_tracking_uri(mlflow_store)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> Config:
     return load_config("tiny")

@@ -207,27 +207,28 @@ def _suggest(loc: tuple[Any, ...]) -> str:
 
 
 # `meddiff eval compare-prompting --preset prompting-cpu`: paper A's comparison (baseline vs
-# morphology prompts) at a scale a 2-core CPU runs in about two hours for three seeds
-# (docs/evaluation.md says how it was sized and what ran): the tiny networks, the synthesis model
-# trained 1 000 steps instead of 60 and sampled with 25 steps, 64 patches per prompt, the
-# classifier trained 600 steps, the metrics with 100 bootstrap resamples.
+# morphology prompts) at a scale a 2-core CPU runs in about an hour and a half for three seeds
+# (docs/evaluation.md gives the measured times): the tiny networks, the synthesis model trained
+# 240 steps instead of 60, the same number of synthetic patches for both arms (384, split over the
+# prompts by their share of the real data, so the arms differ only in their prompts) sampled with
+# 20 steps, the classifier trained 400 steps, the metrics with 100 bootstrap resamples.
 PRESETS["prompting-cpu"] = _deep_merge(
     PRESETS["tiny"],
     {
         "synthesis": {
             "train": {
-                "max_steps": 1000,
-                "warmup_steps": 50,
+                "max_steps": 240,
+                "warmup_steps": 24,
                 "learning_rate": 5e-4,
-                "ema_decay": 0.995,
-                "checkpoint_every": 250,
-                "log_every": 25,
+                "ema_decay": 0.99,
+                "checkpoint_every": 80,
+                "log_every": 20,
             },
-            "generate": {"images_per_prompt": 64, "steps": 25},
+            "generate": {"plan": "proportional", "total_images": 384, "steps": 20},
         },
         "evaluation": {
             "metrics": {"bootstrap": 100, "kid_subsets": 50, "min_stratum": 16},
-            "classifier": {"steps": 600},
+            "classifier": {"steps": 400},
         },
     },
 )
