@@ -193,3 +193,14 @@ def test_token_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv(auth.ENV, "short")
     with pytest.raises(Exception, match="shorter than 16"):
         auth.load_token()
+
+
+def test_a_promotion_to_another_image_size_is_followed(runner):
+    """The app starts believing the model takes 8 px slices (as if a 16 px model was promoted
+    since): a 16 px slice is judged again with the backend's size, and an 8 px one is refused."""
+    app = build_anomaly_app(LocalBackend(runner), TOKEN, SIZE // 2, max_body_bytes=20_000)
+    client = TestClient(app)
+    assert post(client, slice_png(2), seed=1).status_code == 200
+    small = encode_png(np.zeros((SIZE // 2, SIZE // 2), np.float32), bits=8)
+    r = post(client, small, seed=1)
+    assert r.status_code == 422 and f"expected {SIZE}x{SIZE}" in r.json()["detail"]

@@ -158,9 +158,10 @@ def build_anomaly_app(
     retry_after_s: int = 2,
     images: ImageConfig | None = None,
 ) -> FastAPI:
-    """The anomaly service over ``backend``; ``image_size`` is the model's (slices of another
-    size are refused with 422, as ``meddiff thor detect`` refuses them) and ``images``
-    (``data.images``) says how intensities are scaled, as for ``thor detect``."""
+    """The anomaly service over ``backend``; ``image_size`` is the model's at start-up (slices of
+    another size are refused with 422, as ``meddiff thor detect`` refuses them, after asking the
+    backend once whether a promotion changed it) and ``images`` (``data.images``) says how
+    intensities are scaled, as for ``thor detect``."""
     app, router = _base_app(
         "meddiff anomaly detection (THOR)", token, backend, "anomaly.html", retry_after_s
     )
@@ -180,6 +181,19 @@ def build_anomaly_app(
         422: {"model": S.Problem},
     }
 
+    size = {"current": image_size}
+
+    async def decode(body: bytes) -> np.ndarray:
+        try:
+            return limits.decode_slice(body, size["current"], images)
+        except HTTPException:
+            # A promoted model may have another image size: ask once, then judge again.
+            fresh = int((await backend.info())["plan"]["image_size"])
+            if fresh == size["current"]:
+                raise
+            size["current"] = fresh
+            return limits.decode_slice(body, fresh, images)
+
     @router.post(
         "/anomaly",
         response_model=S.AnomalyResponse,
@@ -194,7 +208,7 @@ def build_anomaly_app(
     ):
         body = await limits.read_body(request, max_body_bytes)
         limits.require_png(request, body)
-        image = limits.decode_slice(body, image_size, images)
+        image = await decode(body)
         used = content_seed(image) if seed is None else seed
         out = await backend.detect(image, used)
         info = out["model"]

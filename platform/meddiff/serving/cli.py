@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     for name, url in urls.items():
         print(f"{name}: {url}  (page: {url}/, API docs: {url}/docs)")
     print("Ctrl-C stops the services.")
+    # `kill` (SIGTERM, as from a process manager) stops them as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
