@@ -422,20 +422,18 @@ def _train(
         "batch_size": ccfg.batch_size,
         "seed": cfg.runtime.seed,
     }
-    precision = training.check_training(ccfg, use_gpu=ccfg.use_gpu, section="evaluation.classifier")
     last = training.latest_checkpoint(run_dir)
     if last is not None and training.read_marker(last).get("plan") != key:
         log.info("classifier run %s trained another plan: starting over", run_dir)
         shutil.rmtree(run_dir)
         last = None
-    training.check_resume(
+    training.check_run(
         run_dir,
         ccfg,
+        use_gpu=ccfg.use_gpu,
         section="evaluation.classifier",
         model_section="evaluation.classifier",
         model_config=model_config(ccfg),
-        world=ccfg.num_workers,
-        precision=precision,
         fresh=f"delete {run_dir} to start fresh",
     )
     if last is not None and training.read_marker(last)["arm_index"] == len(plan):

@@ -205,15 +205,13 @@ def _fit(cfg: Config, source: str, out: Path, run_id: str, uri: str):
 def _check_run(cfg: Config, out: Path) -> None:
     """Settings and an existing checkpoint checked on the driver, before any worker starts."""
     tcfg = cfg.synthesis.train
-    precision = training.check_training(tcfg, use_gpu=tcfg.use_gpu, section="synthesis.train")
-    training.check_resume(
+    training.check_run(
         out / "ray" / RUN_NAME,
         tcfg,
+        use_gpu=tcfg.use_gpu,
         section="synthesis.train",
         model_section="synthesis.model",
         model_config=cfg.synthesis.model.model_dump(mode="json"),
-        world=tcfg.num_workers,
-        precision=precision,
         fresh=f"delete {out / 'ray'} to start fresh",
     )
 

@@ -63,15 +63,13 @@ def train_thor(
     use_gpu = tc.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    precision = training.check_training(tc, use_gpu=use_gpu, section="thor.train")
-    training.check_resume(
+    precision = training.check_run(
         out / "ray" / RUN_NAME,
         tc,
+        use_gpu=use_gpu,
         section="thor.train",
         model_section="thor.model",
         model_config=cfg.thor.model.model_dump(mode="json"),
-        world=tc.num_workers,
-        precision=precision,
         fresh=FRESH,
     )
 

@@ -44,6 +44,37 @@ def check_training(t, *, use_gpu: bool, section: str) -> str:
     return precision
 
 
+def check_run(
+    run_dir: str | Path,
+    t,
+    *,
+    use_gpu: bool,
+    section: str,
+    model_section: str,
+    model_config: dict[str, Any],
+    fresh: str,
+) -> str:
+    """Everything a loop checks on the driver before its workers start: :func:`check_training`,
+    then :func:`check_resume` against the newest checkpoint under ``run_dir`` (``t.num_workers``
+    workers); returns the resolved precision.
+
+    Raises:
+        ConfigError: as the two checks do.
+    """
+    precision = check_training(t, use_gpu=use_gpu, section=section)
+    check_resume(
+        run_dir,
+        t,
+        section=section,
+        model_section=model_section,
+        model_config=model_config,
+        world=t.num_workers,
+        precision=precision,
+        fresh=fresh,
+    )
+    return precision
+
+
 def marker_info(t, *, world: int, precision: str, model_config: dict[str, Any]) -> dict:
     """What a checkpoint records about the run that wrote it (checked by :func:`check_resume`)."""
     return {
