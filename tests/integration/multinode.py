@@ -50,6 +50,7 @@ class Node:
     temp_dir: Path
     node_id: str = ""
     pids: set[int] = field(default_factory=set)
+    killed: bool = False  # by kill_node, on purpose: its exit is not a failed start
 
     def record_pids(self) -> set[int]:
         """The PIDs of this node's process tree (``ray start`` and all it spawned), so far."""
@@ -190,6 +191,7 @@ class Cluster:
         """SIGKILL every process of node ``name`` at once (a machine that disappears)."""
         node = self.node(name)
         pids = sorted(node.record_pids())
+        node.killed = True
         _kill_pids(pids)
         node.proc.wait(timeout=30)
         return pids
@@ -247,7 +249,7 @@ class Cluster:
             if nodes is not None and len(nodes) == count:
                 return nodes
             for n in self.nodes:
-                if n.proc.poll() is not None:
+                if n.proc.poll() is not None and not n.killed:
                     raise RuntimeError(f"node {n.name} exited with {n.proc.returncode}")
             time.sleep(1)
         raise TimeoutError(f"{count} nodes did not join the cluster at {self.gcs}")
