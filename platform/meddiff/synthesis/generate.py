@@ -119,9 +119,9 @@ def _version_ref(cfg: Config, ref: str) -> str | None:
     names the version it judged even after the alias moves on); None for a directory."""
     if not ref.startswith("models:/"):
         return None
-    from meddiff.tracking.lineage import resolve_version
+    from meddiff.tracking.aliases import model_version
 
-    mv = resolve_version(ref, cfg.tracking)
+    mv = model_version(ref, cfg.tracking)
     return f"models:/{mv.name}/{mv.version}"
 
 

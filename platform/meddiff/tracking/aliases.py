@@ -46,33 +46,47 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None] | None:
     return m["name"], m["alias"], m["version"]
 
 
-def resolve(ref: str, tracking: TrackingConfig) -> ResolvedModel:
-    """Pin ``ref`` to one version now (an alias may move later).
+def model_version(ref: str, tracking: TrackingConfig):
+    """The MLflow ``ModelVersion`` that ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names
+    now (the one place a registry reference is looked up).
 
     Raises:
-        ModelError: no such registered model, version or alias; the message lists the known
-            versions and aliases.
+        ModelError: not a ``models:/`` reference; no such registered model, version or alias
+            (the message lists the known versions and aliases).
+    """
+    import mlflow
+
+    parsed = parse_ref(ref)
+    if parsed is None:
+        raise ModelError(f"'{ref}': expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, alias, version = parsed
+    configure(tracking)
+    client = mlflow.MlflowClient()
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"model reference '{ref}' does not exist; {known(name)}") from None
+
+
+def resolve(ref: str, tracking: TrackingConfig) -> ResolvedModel:
+    """Pin ``ref`` to one version now (an alias may move later); a directory stays itself.
+
+    Raises:
+        ModelError: as :func:`model_version`.
     """
     parsed = parse_ref(ref)
     if parsed is None:
         return ResolvedModel(ref=ref, uri=ref)
     import mlflow
 
-    name, alias, version = parsed
-    configure(tracking)
-    client = mlflow.MlflowClient()
-    try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"model reference '{ref}' does not exist; {known(name)}") from None
+    name, alias, _ = parsed
+    mv = model_version(ref, tracking)
     code = None
     if mv.run_id:
         try:
-            code = client.get_run(mv.run_id).data.tags.get("meddiff.code_version")
+            code = mlflow.MlflowClient().get_run(mv.run_id).data.tags.get("meddiff.code_version")
         except mlflow.exceptions.MlflowException:
             code = None
     return ResolvedModel(

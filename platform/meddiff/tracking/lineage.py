@@ -19,7 +19,8 @@ from typing import Any
 
 from meddiff import storage
 from meddiff.config import TrackingConfig
-from meddiff.errors import DataError, ModelError
+from meddiff.errors import DataError
+from meddiff.tracking.aliases import model_version
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +94,6 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
     return {**tags, "digest": digest}
 
 
-def resolve_version(ref: str, tracking: TrackingConfig):
-    """The ModelVersion ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names.
-
-    Raises ModelError for another form of reference or an unknown name/version/alias."""
-    import mlflow
-
-    from meddiff.tracking.runs import configure
-
-    if not ref.startswith("models:/"):
-        raise ModelError(f"'{ref}': expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    configure(tracking)
-    client = mlflow.MlflowClient()
-    body = ref.removeprefix("models:/")
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = body.partition("/")
-        if not version:
-            raise ModelError(f"'{ref}': expected models:/NAME/VERSION or models:/NAME@ALIAS")
-        return client.get_model_version(name, version)
-    except mlflow.exceptions.MlflowException as err:
-        raise ModelError(f"cannot resolve '{ref}': {err.message}") from None
-
-
 def model_lineage(ref: str, tracking: TrackingConfig) -> dict[str, Any]:
     """The chain behind a registered model version, as nested dicts.
 
@@ -127,7 +103,7 @@ def model_lineage(ref: str, tracking: TrackingConfig) -> dict[str, Any]:
     """
     import mlflow
 
-    mv = resolve_version(ref, tracking)
+    mv = model_version(ref, tracking)
     client = mlflow.MlflowClient()
     chain = {
         "model": ref,
