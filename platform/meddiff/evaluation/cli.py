@@ -90,6 +90,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(cmp_)
     cmp_.set_defaults(handler=_compare)
 
+    seeds = cmds.add_parser(
+        "seeds",
+        help="one table from compare-prompting runs that differ only in their seed",
+    )
+    seeds.add_argument("runs", nargs="+", type=Path, help="compare-prompting --out folders")
+    seeds.add_argument("--out", type=Path, help="write seeds.json and seeds.md here")
+    seeds.set_defaults(handler=_seeds)
+
 
 def _json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write JSON here, not stdout")
@@ -217,4 +225,12 @@ def _compare(args: argparse.Namespace) -> int:
     _emit(args, result)
     if args.json:
         print(f"report: {result['report']}")
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.seeds import summarize_runs
+
+    result = summarize_runs(args.runs, args.out)
+    print(result["markdown"], end="")
     return 0

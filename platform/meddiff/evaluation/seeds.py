@@ -1,0 +1,110 @@
+"""One table from several runs of ``meddiff eval compare-prompting`` that differ only in their
+seed: each metric's value per seed, the mean and the sample standard deviation across seeds, and
+in how many seeds each strategy came out best.
+
+Each run's ``evaluation/comparison.json`` (metric → strategy → value or ``{"value", "lo", "hi"}``
+with the bootstrap interval) is read; the intervals stay in each run's report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from meddiff.errors import DataError
+from meddiff.files import write_text
+
+TABLE = Path("evaluation") / "comparison.json"
+# Distances (Fréchet, kernel): lower is better; every other metric in the table is higher-better.
+LOWER_IS_BETTER = ("fd_", "kd_")
+
+
+def _value(cell: Any) -> float:
+    value = cell["value"] if isinstance(cell, dict) else cell
+    return float("nan") if value is None else float(value)
+
+
+def read_runs(runs: list[str | Path]) -> list[dict[str, dict[str, Any]]]:
+    """Each run's comparison table.
+
+    Raises:
+        DataError: a run has no ``evaluation/comparison.json`` (not finished), or fewer than two
+            runs are given.
+    """
+    if len(runs) < 2:
+        raise DataError(f"give at least two runs to compare across seeds, got {len(runs)}")
+    tables = []
+    for run in runs:
+        path = Path(run) / TABLE
+        if not path.is_file():
+            raise DataError(f"{run}: no {TABLE} (has `eval compare-prompting` finished there?)")
+        tables.append(json.loads(path.read_text()))
+    return tables
+
+
+def summarize(tables: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{metric: {strategy: {"values", "mean", "sd", "best_in"}}}`` over the metrics and
+    strategies every table has; ``sd`` is the sample standard deviation (n - 1), ``best_in`` the
+    number of seeds in which that strategy had the best value of the metric."""
+    metrics = [m for m in tables[0] if all(m in t for t in tables)]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for metric in metrics:
+        strategies = [s for s in tables[0][metric] if all(s in t[metric] for t in tables)]
+        values = {s: [_value(t[metric][s]) for t in tables] for s in strategies}
+        lower = metric.startswith(LOWER_IS_BETTER)
+        wins = dict.fromkeys(strategies, 0)
+        for i in range(len(tables)):
+            seed_values = {s: v[i] for s, v in values.items() if not math.isnan(v[i])}
+            if len(seed_values) > 1 and len(set(seed_values.values())) > 1:
+                pick = min if lower else max
+                wins[pick(seed_values, key=seed_values.get)] += 1
+        out[metric] = {
+            s: {"values": v, "mean": _mean(v), "sd": _sd(v), "best_in": wins[s]}
+            for s, v in values.items()
+        }
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def _sd(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    if len(kept) < 2:
+        return float("nan")
+    m = sum(kept) / len(kept)
+    return math.sqrt(sum((v - m) ** 2 for v in kept) / (len(kept) - 1))
+
+
+def markdown(summary: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
+    """The summary as a Markdown table: ``mean ± sd (best in k/n)`` per strategy."""
+    strategies = list(next(iter(summary.values()), {}))
+    lines = [
+        "| metric | " + " | ".join(strategies) + " |",
+        "|---|" + "---|" * len(strategies),
+    ]
+    for metric, cells in summary.items():
+        row = [
+            f"{c['mean']:.3f} ± {c['sd']:.3f} (best in {c['best_in']}/{seeds})"
+            for c in cells.values()
+        ]
+        lines.append(f"| {metric} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize_runs(runs: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+    """Read ``runs``, summarize, and (with ``out``) write ``seeds.json`` and ``seeds.md`` there."""
+    summary = summarize(read_runs(runs))
+    text = markdown(summary, len(runs))
+    result: dict[str, Any] = {"runs": [str(r) for r in runs], "table": summary, "markdown": text}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "seeds.json", json.dumps(result, indent=2, default=float))
+        write_text(out / "seeds.md", text)
+        result["files"] = [str(out / "seeds.json"), str(out / "seeds.md")]
+    return result

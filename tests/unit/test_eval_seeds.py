@@ -1,0 +1,47 @@
+"""`meddiff eval seeds`: mean, spread and wins across compare-prompting runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meddiff.cli import main
+from meddiff.errors import DataError
+from meddiff.evaluation.seeds import summarize_runs
+
+
+def _run(root, name, fd, auc):
+    d = root / name / "evaluation"
+    d.mkdir(parents=True)
+    table = {
+        "fd_tiny_random": {"baseline": {"value": fd[0], "lo": 0, "hi": 99}, "morphology": fd[1]},
+        "classifier_synthetic_auc": {"baseline": auc[0], "morphology": auc[1]},
+    }
+    (d / "comparison.json").write_text(json.dumps(table))
+    return root / name
+
+
+def test_mean_sd_and_wins_respect_the_metric_direction(tmp_path):
+    runs = [
+        _run(tmp_path, "s0", (10.0, 8.0), (0.5, 0.7)),
+        _run(tmp_path, "s1", (12.0, 9.0), (0.6, 0.5)),
+        _run(tmp_path, "s2", (11.0, 13.0), (0.4, 0.9)),
+    ]
+    out = summarize_runs(runs, tmp_path / "summary")
+    fd = out["table"]["fd_tiny_random"]
+    assert fd["baseline"]["mean"] == pytest.approx(11.0)
+    assert fd["baseline"]["sd"] == pytest.approx(1.0)
+    # Lower distance wins: morphology in seeds 0 and 1, baseline in seed 2.
+    assert (fd["morphology"]["best_in"], fd["baseline"]["best_in"]) == (2, 1)
+    auc = out["table"]["classifier_synthetic_auc"]
+    assert (auc["morphology"]["best_in"], auc["baseline"]["best_in"]) == (2, 1)
+    assert "11.000 ± 1.000 (best in 1/3)" in (tmp_path / "summary" / "seeds.md").read_text()
+
+
+def test_an_unfinished_run_is_named(tmp_path, capsys):
+    done = _run(tmp_path, "s0", (1, 2), (0.5, 0.5))
+    with pytest.raises(DataError, match="s1: no evaluation/comparison.json"):
+        summarize_runs([done, tmp_path / "s1"])
+    assert main(["eval", "seeds", str(done), str(tmp_path / "s1")]) == 2
+    assert "s1" in capsys.readouterr().err
