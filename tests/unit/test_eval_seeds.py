@@ -19,6 +19,9 @@ def _run(root, name, fd, auc):
         "classifier_synthetic_auc": {"baseline": auc[0], "morphology": auc[1]},
     }
     (d / "comparison.json").write_text(json.dumps(table))
+    strata = {s: {"by_label": {"1": {"n_real": 9, "precision": {"value": v, "ci": [0, 1]}}}}
+              for s, v in zip(("baseline", "morphology"), auc, strict=True)}  # fmt: skip
+    (d / "fidelity.json").write_text(json.dumps({"sets": strata}))
     return root / name
 
 
@@ -36,6 +39,8 @@ def test_mean_sd_and_wins_respect_the_metric_direction(tmp_path):
     assert (fd["morphology"]["best_in"], fd["baseline"]["best_in"]) == (2, 1)
     auc = out["table"]["classifier_synthetic_auc"]
     assert (auc["morphology"]["best_in"], auc["baseline"]["best_in"]) == (2, 1)
+    label = out["table"]["precision (label 1)"]
+    assert label["morphology"]["values"] == [0.7, 0.5, 0.9]
     assert "11.000 ± 1.000 (best in 1/3)" in (tmp_path / "summary" / "seeds.md").read_text()
 
 

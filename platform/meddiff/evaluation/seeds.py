@@ -3,7 +3,9 @@ seed: each metric's value per seed, the mean and the sample standard deviation a
 in how many seeds each strategy came out best.
 
 Each run's ``evaluation/comparison.json`` (metric → strategy → value or ``{"value", "lo", "hi"}``
-with the bootstrap interval) is read; the intervals stay in each run's report.
+with the bootstrap interval) is read, plus the per-label strata of ``evaluation/fidelity.json``
+(label 0 and label 1 are the baseline's two prompts, so both arms have them); the intervals and
+the per-morphology-prompt strata stay in each run's report.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from meddiff.errors import DataError
 from meddiff.files import write_text
 
 TABLE = Path("evaluation") / "comparison.json"
+FIDELITY = Path("evaluation") / "fidelity.json"
 # Distances (Fréchet, kernel): lower is better; every other metric in the table is higher-better.
-LOWER_IS_BETTER = ("fd_", "kd_")
+LOWER_IS_BETTER = ("fd_", "kd_")  # also their per-label rows, "fd_... (label 0)"
 
 
 def _value(cell: Any) -> float:
@@ -40,8 +43,22 @@ def read_runs(runs: list[str | Path]) -> list[dict[str, dict[str, Any]]]:
         path = Path(run) / TABLE
         if not path.is_file():
             raise DataError(f"{run}: no {TABLE} (has `eval compare-prompting` finished there?)")
-        tables.append(json.loads(path.read_text()))
+        table = json.loads(path.read_text())
+        if (Path(run) / FIDELITY).is_file():
+            table.update(_label_rows(json.loads((Path(run) / FIDELITY).read_text())))
+        tables.append(table)
     return tables
+
+
+def _label_rows(fidelity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"<metric> (label L)": {strategy: value}}`` from the fidelity strata by label."""
+    rows: dict[str, dict[str, Any]] = {}
+    for strategy, result in fidelity.get("sets", {}).items():
+        for label, cells in sorted(result.get("by_label", {}).items()):
+            for metric, cell in cells.items():
+                if isinstance(cell, dict) and "value" in cell:
+                    rows.setdefault(f"{metric} (label {label})", {})[strategy] = cell["value"]
+    return rows
 
 
 def summarize(tables: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
