@@ -303,6 +303,8 @@ def test_unreachable_ray_address_is_a_one_line_error(sample_pcam_dir, tmp_path):
 def test_ingest_and_prompts_use_both_nodes_and_match_the_embedded_run(
     cluster, sample_pcam_dir, tmp_path
 ):
+    _ensure_worker(cluster)  # the node-failure tests before this one killed theirs
+    worker = cluster.alive_workers()[0].name
     shards_dir, prompts_dir = tmp_path / "cluster-shards", tmp_path / "cluster-prompts"
     ingest = ["python", "jobs/ingest.py", "--input", str(sample_pcam_dir), "--split", "train"]
     sid_i, _ = _submit(cluster, [*ingest, "--out", str(shards_dir), *INGEST])
@@ -311,8 +313,8 @@ def test_ingest_and_prompts_use_both_nodes_and_match_the_embedded_run(
     sid_p, _ = _submit(cluster, [*prompts, "--input", str(shards_dir), "--out", str(prompts_dir)])
     used_i, used_p = _nodes_used(cluster, sid_i), _nodes_used(cluster, sid_p)
     print(f"\ningest tasks per node: {dict(used_i)}; prompts tasks per node: {dict(used_p)}")
-    assert set(used_i) == {"head", "worker0"}, used_i
-    assert set(used_i + used_p) == {"head", "worker0"}
+    assert set(used_i) == {"head", worker}, used_i
+    assert set(used_i + used_p) == {"head", worker}
 
     # The same two steps on the embedded default give the same rows, labels and prompts.
     local_shards, local_prompts = tmp_path / "local-shards", tmp_path / "local-prompts"

@@ -387,6 +387,17 @@ def _to_numpy(array: Any) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
 
 
+def _row_order(checked: Path) -> np.ndarray:
+    """The kept rows' order by (source, index): which rows land in which shard file depends on
+    how Ray spread the work over nodes, and K-means (its initialisation) on the rows in another
+    order gives other clusters; sorted, one machine and a cluster fit the same model."""
+    sources = [b.astype(str) for b in iter_column(checked, "source")]
+    indices = list(iter_column(checked, "index"))
+    if not sources:
+        return np.zeros(0, dtype=np.int64)
+    return np.lexsort((np.concatenate(indices), np.concatenate(sources)))
+
+
 def fit_model(
     pcfg: PromptsConfig, checked: Path, kept: int
 ) -> tuple[MorphologyModel, dict[str, Any]]:
@@ -406,7 +417,8 @@ def fit_model(
         for batch in iter_column(checked, "embedding"):
             x[at : at + len(batch)] = batch
             at += len(batch)
-        model, labels, inertia = cluster.fit_exact(x[:at], ccfg)
+        x = x[:at][_row_order(checked)]
+        model, labels, inertia = cluster.fit_exact(x, ccfg)
         pick = np.random.default_rng(ccfg.seed).permutation(at)[: ccfg.silhouette_sample]
         z, labels = model.normalise(x[np.sort(pick)]), labels[np.sort(pick)]
         del x
