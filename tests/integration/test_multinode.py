@@ -27,13 +27,6 @@ from meddiff.data.pcam import pcam_filename
 # Minutes each on 2 busy cores (docs/cluster.md has the figures): above the suite's 900 s limit.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-# The node-failure, embedded-vs-cluster and package-less working-dir runs have not yet passed
-# end to end here (docs/cluster.md): opt in with MEDDIFF_MULTINODE_LONG=1.
-long_run = pytest.mark.skipif(
-    os.environ.get("MEDDIFF_MULTINODE_LONG") != "1",
-    reason="long multi-node run: set MEDDIFF_MULTINODE_LONG=1",
-)
-
 QUIET = ["--set", "runtime.progress=false"]
 # Small read blocks and two reads at once, so an ingest has enough tasks to spread over nodes.
 INGEST = ["--preset", "tiny", "--set", "data.pcam.rows_per_block=8"]
@@ -126,7 +119,6 @@ def _wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-@long_run
 def test_ingest_survives_losing_the_worker_node(cluster, sample_pcam_dir, tmp_path, record):
     """Ray Data reruns the lost node's tasks on the head: every row exactly once."""
     _ensure_worker(cluster)
@@ -199,7 +191,6 @@ def brain(tmp_path_factory):
     return out / "train"
 
 
-@long_run
 def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, tmp_path, record):
     """Ray Train puts one worker on each node; when the worker node is lost it restarts from the
     latest checkpoint with the one worker that still fits (elastic), and registers once."""
@@ -263,7 +254,6 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, t
     )  # fmt: skip
 
 
-@long_run
 def test_a_working_dir_without_the_package_fails_clearly(cluster, sample_pcam_dir, tmp_path):
     empty = tmp_path / "not-the-repo"
     empty.mkdir()
@@ -299,7 +289,6 @@ def test_unreachable_ray_address_is_a_one_line_error(sample_pcam_dir, tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
 
 
-@long_run
 def test_ingest_and_prompts_use_both_nodes_and_match_the_embedded_run(
     cluster, sample_pcam_dir, tmp_path
 ):
