@@ -207,7 +207,7 @@ def _suggest(loc: tuple[Any, ...]) -> str:
 
 
 # `meddiff eval compare-prompting --preset prompting-cpu`: paper A's comparison (baseline vs
-# morphology prompts) at a scale a 2-core CPU runs in about an hour and a half for three seeds
+# morphology prompts) at a scale a 2-core CPU runs in about 40 minutes for three seeds
 # (docs/evaluation.md gives the measured times): the tiny networks, the synthesis model trained
 # 240 steps instead of 60, the same number of synthetic patches for both arms (384, split over the
 # prompts by their share of the real data, so the arms differ only in their prompts) sampled with
