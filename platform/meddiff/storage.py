@@ -427,25 +427,66 @@ def cached_file(
 
 
 @contextlib.contextmanager
-def local_output(path: str | Path) -> Iterator[Path]:
-    """A local directory to write an output into; for a URI, a temporary one uploaded to it (with
-    the completion marker last) when the block ends without error, and discarded otherwise."""
+def local_output(
+    path: str | Path, *, overwrite: bool = True, flag: str = "--overwrite"
+) -> Iterator[Path]:
+    """A local directory to write an output into: a local ``path`` itself (created); for a URI,
+    an empty temporary one uploaded to it (with the completion marker last) when the block ends
+    without error, and discarded otherwise.
+
+    The temporary directory is named like the URI's last component (``.../model`` -> ``model``)
+    and its siblings are free for the job's own scratch (e.g. a ``.partial`` folder). An upload
+    replaces whatever was at the URI (its marker is deleted first). With ``overwrite=False`` a
+    URI that already holds something is refused up front: DataError naming it (and ``flag``,
+    the option that would allow replacing it).
+    """
     if not is_uri(path):
         Path(path).mkdir(parents=True, exist_ok=True)
         yield Path(path)
         return
+    if not overwrite and exists(path):
+        raise DataError(f"{path} already exists; choose another --out or pass {flag}")
     with tempfile.TemporaryDirectory(prefix="meddiff-out-") as tmp:
-        yield Path(tmp)
-        upload_dir(tmp, str(path))
+        local = Path(tmp) / (name(path) or "out")
+        local.mkdir()
+        yield local
+        upload_dir(local, str(path))
+
+
+def rebase(value: T, local: str | Path, uri: str | Path) -> T:
+    """``value`` (a JSON-able summary) with every string under the local directory ``local``
+    rewritten to the same place under ``uri``: what a job run in :func:`local_output` reports
+    then names where its files end up. Unchanged when ``uri`` is a local path."""
+    if not is_uri(uri):
+        return value
+    root = str(local).rstrip("/")
+
+    def walk(v):
+        if isinstance(v, str) and (v == root or v.startswith(root + "/")):
+            return str(uri).rstrip("/") + v[len(root) :]
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return type(v)(walk(x) for x in v)
+        return v
+
+    return walk(value)
 
 
 def local_input(path: str | Path, cache: str | Path | None = None) -> Path:
-    """A local directory with the contents of ``path``: itself when local, else a copy of a
-    complete uploaded prefix (see :func:`upload_dir`), fetched once per node and content."""
+    """A local file or directory with the contents of ``path``: itself when local; for a URI
+    naming one object, :func:`cached_file`; else a copy of a complete uploaded prefix (see
+    :func:`upload_dir`), fetched once per node and content into ``MEDDIFF_CACHE``.
+
+    Raises DataError naming ``path`` when it does not exist, or is a prefix without its
+    completion marker (an interrupted upload, or files not uploaded by meddiff).
+    """
     if not is_uri(path):
         return Path(path)
     found = info(join(path, COMPLETE))
     if found.type.name != "File":
+        if is_file(path):
+            return cached_file(path, cache)
         if not is_dir(path):
             raise DataError(f"{path} does not exist")
         raise DataError(f"{path} is incomplete (no {COMPLETE}; was the upload interrupted?)")
