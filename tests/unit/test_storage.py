@@ -36,6 +36,8 @@ def test_local_read_write_list_and_marker_roundtrip(tmp_path):
     with pytest.raises(DataError, match="missing.txt"):
         storage.read_bytes(tmp_path / "missing.txt")
     with storage.local_output(tmp_path / "out") as out:
+        assert out == tmp_path / "out" and not out.exists()  # the job's to create
+        out.mkdir()
         (out / "r.html").write_text("<p>")
     assert (tmp_path / "out" / "r.html").is_file()
     assert storage.local_input(tmp_path / "out") == tmp_path / "out"

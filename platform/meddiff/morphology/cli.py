@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 from meddiff.storage import path_arg
@@ -71,11 +70,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.model:
         args.overrides = [*args.overrides, f"prompts.cluster.model={args.model}"]
     cfg = config_from_args(args)
-    # A local --out is the job's own (it refuses an existing one without --overwrite); a URI is
-    # checked by local_output, and the job fills a fresh, empty local folder for it.
+    # A local --out is refused by the job when it exists without --overwrite; a URI is checked
+    # by local_output, which then hands the job an empty local folder to replace.
     uri = storage.is_uri(args.out)
-    output = storage.local_output(args.out, overwrite=args.overwrite) if uri else None
-    with output or contextlib.nullcontext(args.out) as out:
+    with storage.local_output(args.out, overwrite=args.overwrite) as out:
         summary = build_prompts(
             cfg,
             args.input,
