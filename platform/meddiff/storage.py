@@ -363,7 +363,8 @@ def is_complete(uri: str | Path, marker: str = COMPLETE) -> bool:
 
 
 def download_dir(uri: str, dst: str | Path, *, marker: str | None = COMPLETE) -> Path:
-    """Copy the object prefix ``uri`` into the local directory ``dst`` (all or nothing).
+    """Copy the object prefix ``uri`` into the local directory ``dst`` (all or nothing), less
+    its completion marker.
 
     Raises DataError when the prefix is absent, or (with ``marker``) incomplete.
     """
@@ -375,7 +376,9 @@ def download_dir(uri: str, dst: str | Path, *, marker: str | None = COMPLETE) ->
     tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     fs, inner = filesystem(uri)
-    for rel in list_files(uri):
+    tmp.mkdir(parents=True)
+    # The completion marker is the store's bookkeeping, not content: a folder of PNGs stays one.
+    for rel in [r for r in list_files(uri) if r != COMPLETE]:
         out = tmp / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         retry(f"{uri}/{rel}", lambda r=rel, o=out: _download_file(fs, f"{inner}/{r}", o))
@@ -427,31 +430,89 @@ def cached_file(
 
 
 @contextlib.contextmanager
-def local_output(path: str | Path) -> Iterator[Path]:
-    """A local directory to write an output into; for a URI, a temporary one uploaded to it (with
-    the completion marker last) when the block ends without error, and discarded otherwise."""
+def local_output(
+    path: str | Path, *, overwrite: bool = True, flag: str = "--overwrite"
+) -> Iterator[Path]:
+    """A local directory to write an output into: a local ``path`` itself (not created here: the
+    job creates it, under its own rules for an existing one); for a URI, an empty temporary one
+    uploaded to it (with the completion marker last) when the block ends without error, and
+    discarded otherwise.
+
+    The temporary directory is named like the URI's last component (``.../model`` -> ``model``)
+    and its siblings are free for the job's own scratch (e.g. a ``.partial`` folder). An upload
+    replaces whatever was at the URI (its marker is deleted first). With ``overwrite=False`` a
+    URI that already holds something is refused up front: DataError naming it (and ``flag``,
+    the option that would allow replacing it).
+    """
     if not is_uri(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        yield Path(path)
+        yield Path(path)  # the job creates it (a failed one may then leave nothing behind)
         return
+    if not overwrite and exists(path):
+        raise DataError(f"{path} already exists; choose another --out or pass {flag}")
     with tempfile.TemporaryDirectory(prefix="meddiff-out-") as tmp:
-        yield Path(tmp)
-        upload_dir(tmp, str(path))
+        local = Path(tmp) / (name(path) or "out")
+        local.mkdir()
+        yield local
+        upload_dir(local, str(path))
+
+
+def rebase(value: T, local: str | Path, uri: str | Path) -> T:
+    """``value`` (a JSON-able summary) with every string under the local directory ``local``
+    rewritten to the same place under ``uri``: what a job run in :func:`local_output` reports
+    then names where its files end up. Unchanged when ``uri`` is a local path."""
+    if not is_uri(uri):
+        return value
+    root = str(local).rstrip("/")
+
+    def walk(v):
+        if isinstance(v, str) and (v == root or v.startswith(root + "/")):
+            return str(uri).rstrip("/") + v[len(root) :]
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return type(v)(walk(x) for x in v)
+        return v
+
+    return walk(value)
 
 
 def local_input(path: str | Path, cache: str | Path | None = None) -> Path:
-    """A local directory with the contents of ``path``: itself when local, else a copy of a
-    complete uploaded prefix (see :func:`upload_dir`), fetched once per node and content."""
+    """A local file or directory with the contents of ``path``: itself when local; for a URI
+    naming one object, :func:`cached_file`; else a copy of a complete uploaded prefix (see
+    :func:`upload_dir`) or of a folder inside one (``s3://b/run/model``), fetched once per node
+    and content into ``MEDDIFF_CACHE``.
+
+    Raises DataError naming ``path`` when it does not exist, or is a prefix without its
+    completion marker (an interrupted upload, or files not uploaded by meddiff).
+    """
     if not is_uri(path):
         return Path(path)
-    found = info(join(path, COMPLETE))
-    if found.type.name != "File":
+    path = str(path).rstrip("/")
+    if is_file(path):
+        return cached_file(path, cache)  # one object: PUTs are atomic, no marker needed
+    found = _completion_marker(path)
+    if found is None:
         if not is_dir(path):
             raise DataError(f"{path} does not exist")
         raise DataError(f"{path} is incomplete (no {COMPLETE}; was the upload interrupted?)")
     key = hashlib.sha1(f"{path}:{found.size}:{found.mtime_ns}".encode()).hexdigest()[:16]
     out = (Path(cache) if cache else cache_dir() / "objects") / f"{key}-{name(path)}"
     if not out.is_dir():
+        if not is_dir(path):
+            raise DataError(f"{path} does not exist")
         out.parent.mkdir(parents=True, exist_ok=True)
-        download_dir(str(path), out)
+        download_dir(path, out, marker=None)  # completeness checked above
     return out
+
+
+def _completion_marker(uri: str) -> pyarrow.fs.FileInfo | None:
+    """The completion marker vouching for ``uri``: its own, or that of an upload it lies in
+    (``s3://b/run/model`` inside a complete ``s3://b/run``). None when there is none."""
+    parsed = urlparse(uri)
+    parts = parsed.path.strip("/").split("/")
+    for depth in range(len(parts), 0, -1):
+        prefix = f"{parsed.scheme}://{parsed.netloc}/{'/'.join(parts[:depth])}"
+        found = info(join(prefix, COMPLETE))
+        if found.type.name == "File":
+            return found
+    return None

@@ -183,3 +183,141 @@ def test_prompt_pairs_on_s3_feed_the_synthesis_readers(store, tmp_path):
     got = sample_pair_images(pairs, 12)
     assert got.shape == (12, 16, 16, 3)
     assert sorted(map(bytes, got)) == sorted(map(bytes, images))
+
+
+def _common(store) -> list[str]:
+    return ["--preset", "tiny", "--set", "runtime.progress=false",
+            "--set", f"storage.endpoint_url={store.endpoint}"]  # fmt: skip
+
+
+def _sets(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.slow
+def test_prompts_synth_train_and_generate_from_and_to_s3(store, pcam_uri, tmp_path, capsys):
+    """prompts build (s3 shards -> s3 --out), synth train (its s3 pairs -> s3 --out), synth
+    generate (--model and --prompts from s3 -> s3 --out): each output is complete (marker) and
+    the generated set equals a local run of the same model."""
+    from meddiff.data.pcam import open_pcam, read_rows
+    from meddiff.synthesis import components as C
+
+    cfg = _cfg(store)
+    shards = f"s3://{BUCKET}/paths/shards"
+    ingest(cfg, pcam_uri, shards, limit=64)
+    common = _common(store)
+    prompts = f"s3://{BUCKET}/paths/prompts"
+    # A job that fails after it started (k above the patch count is found after embedding)
+    # leaves nothing at its s3 --out.
+    failed = f"s3://{BUCKET}/paths/failed"
+    args = ["prompts", "build", "--input", shards, "--out", failed, *common]
+    assert main([*args, "--set", "prompts.cluster.k=500"]) == 2
+    assert "prompts.cluster.k = 500" in capsys.readouterr().err
+    assert not storage.exists(failed)
+
+    assert main(["prompts", "build", "--input", shards, "--out", prompts, *common]) == 0
+    printed = capsys.readouterr().out
+    assert storage.is_complete(prompts) and storage.is_file(f"{prompts}/prompts.csv")
+    assert f'"out": "{prompts}"' in printed and "meddiff-out-" not in printed  # the upload
+    assert read_manifest(f"{prompts}/pairs")["rows"] > 0
+    err = _one_line_error(capsys, ["prompts", "build", "--input", shards, "--out", prompts,
+                                   *common])  # fmt: skip
+    assert f"{prompts} already exists" in err and "--overwrite" in err
+
+    synth = f"s3://{BUCKET}/paths/synth"
+    train = _sets(
+        "synthesis.model.arch.vae_warmup_steps=0",
+        "synthesis.train.max_steps=2",
+        "synthesis.train.checkpoint_every=2",
+        "synthesis.train.registered_name=synth-s3",
+    )
+    argv = ["synth", "train", "--pairs", f"{prompts}/pairs", "--out", synth, *common, *train]
+    assert main(argv) == 0
+    assert storage.is_complete(synth)
+    model = storage.local_input(f"{synth}/model")  # a file-level check of the uploaded model
+    C.check_model_dir(model)
+
+    generated = f"s3://{BUCKET}/paths/generated"
+    gen = _sets(
+        "synthesis.generate.images_per_prompt=1",
+        "synthesis.generate.steps=2",
+        "synthesis.generate.batch_size=8",
+        "synthesis.generate.scheduler=ddim",
+    )
+    argv = ["synth", "generate", "--model", f"{synth}/model", "--prompts",
+            f"{prompts}/prompts.csv", *common, *gen]  # fmt: skip
+    assert main([*argv, "--out", generated]) == 0
+    assert storage.is_complete(generated)
+    assert main([*argv, "--out", str(tmp_path / "local")]) == 0
+    remote = open_pcam(storage.local_input(generated), "train")
+    local = open_pcam(tmp_path / "local", "train")
+    assert remote.num_rows == local.num_rows > 0
+    got, want = read_rows(remote, 0, remote.num_rows), read_rows(local, 0, local.num_rows)
+    np.testing.assert_array_equal(got["image"], want["image"])
+
+
+@pytest.mark.slow
+def test_thor_train_and_detect_with_s3_data_model_and_outputs(store, tmp_path, capsys):
+    import csv
+
+    from meddiff.config.data import MriConfig
+    from meddiff.data.brain import BrainSampleSizes, sample_brain
+
+    _cfg(store)
+    brain = tmp_path / "brain"
+    sample_brain(brain, MriConfig(image_size=32), BrainSampleSizes(lesion=2, normal=1), seed=0)
+    data, images = f"s3://{BUCKET}/brain/train", f"s3://{BUCKET}/brain/test-images"
+    storage.upload_dir(brain / "train", data)
+    storage.upload_dir(brain / "test" / "images", images)
+    small = _sets(
+        "thor.model.image_size=32",
+        "thor.model.channels=[16, 32]",
+        "thor.model.attention_levels=[false, true]",
+        "thor.model.num_head_channels=32",
+        "thor.model.norm_groups=8",
+        "thor.train.batch_size=4",
+        "thor.train.steps=2",
+        "thor.train.checkpoint_every=2",
+        "thor.train.sample_every=2",
+        "thor.train.num_samples=2",
+        "thor.train.epoch_images=16",
+        "thor.train.register_as=thor-s3",
+        "thor.infer.batch_size=8",
+    )
+    run = f"s3://{BUCKET}/thor/run"
+    train = ["thor", "train", "--data", data, "--out", run, *_common(store), *small]
+    assert main(train) == 0
+    assert storage.is_complete(run) and storage.is_file(f"{run}/model/thor_model.json")
+    # The run cannot resume from object storage: an existing one is replaced only with --fresh.
+    err = _one_line_error(capsys, train)
+    assert f"{run} already exists" in err and "--fresh" in err
+
+    maps = f"s3://{BUCKET}/thor/maps"
+    detect = ["thor", "detect", "--model", f"{run}/model", "--images", images, "--out", maps,
+              "--stride", "50", *_common(store), *small]  # fmt: skip
+    assert main(detect) == 0
+    assert storage.is_complete(maps)
+    local = storage.local_input(maps)
+    with open(local / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in rows) == sorted(
+        p.name for p in (brain / "test" / "images").iterdir()
+    )
+    assert len(list((local / "maps").iterdir())) == len(rows)
+
+
+def test_incomplete_or_missing_model_prefix_is_a_one_line_error(store, capsys, tmp_path):
+    from meddiff.data.images import write_png
+
+    _cfg(store)
+    # A model upload that never finished: files there, no completion marker.
+    store.client().put_object(Bucket=BUCKET, Key="models/half/thor_model.json", Body=b"{}")
+    common = _common(store)
+    write_png(tmp_path / "images" / "a.png", np.zeros((32, 32), np.float32))
+    images = str(tmp_path / "images")
+    argv = ["thor", "detect", "--images", images, "--out", str(tmp_path / "o"), *common]
+    err = _one_line_error(capsys, [*argv, "--model", f"s3://{BUCKET}/models/half"])
+    assert f"s3://{BUCKET}/models/half is incomplete" in err and storage.COMPLETE in err
+    err = _one_line_error(capsys, [*argv, "--model", f"s3://{BUCKET}/models/none"])
+    assert f"s3://{BUCKET}/models/none does not exist" in err
+    assert not (tmp_path / "o").exists()

@@ -36,6 +36,8 @@ def test_local_read_write_list_and_marker_roundtrip(tmp_path):
     with pytest.raises(DataError, match="missing.txt"):
         storage.read_bytes(tmp_path / "missing.txt")
     with storage.local_output(tmp_path / "out") as out:
+        assert out == tmp_path / "out" and not out.exists()  # the job's to create
+        out.mkdir()
         (out / "r.html").write_text("<p>")
     assert (tmp_path / "out" / "r.html").is_file()
     assert storage.local_input(tmp_path / "out") == tmp_path / "out"
@@ -119,3 +121,103 @@ def test_lineage_text_walks_the_chain():
     assert text.index("s3://lab/shards") < text.index("s3://lab/pcam")
     assert lines[-1].strip() == "(source files: no meddiff run produced them)"
     json.dumps(chain)  # the --json form
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest"),
+    [
+        (["prompts", "build", "--input", "s3://b/shards", "--out", "s3://b/p"], "out"),
+        (["prompts", "assign", "--input", "x", "--out", "s3://b/p", "--model", "s3://b/m"], "out"),
+        (["synth", "train", "--pairs", "s3://b/p/pairs", "--out", "s3://b/s"], "out"),
+        (
+            [
+                "synth",
+                "generate",
+                "--model",
+                "s3://b/m",
+                "--prompts",
+                "s3://b/p.csv",
+                "--out",
+                "s3://b/g",
+            ],
+            "prompts",
+        ),  # fmt: skip
+        (["thor", "train", "--data", "s3://b/brain/train", "--out", "s3://b/t"], "data"),
+        (
+            ["thor", "detect", "--model", "s3://b/m", "--images", "s3://b/i", "--out", "s3://b/d"],
+            "images",
+        ),  # fmt: skip
+        (
+            [
+                "thor",
+                "evaluate",
+                "--model",
+                "m",
+                "--images",
+                "i",
+                "--masks",
+                "s3://b/k",
+                "--out",
+                "s3://b/e",
+            ],
+            "masks",
+        ),  # fmt: skip
+        (
+            [
+                "eval",
+                "fidelity",
+                "--real",
+                "s3://b/r",
+                "--synthetic",
+                "s=s3://b/g",
+                "--out",
+                "s3://b/f",
+            ],
+            "real",
+        ),  # fmt: skip
+        (
+            ["eval", "classifier", "--real", "r", "--synthetic", "s3://b/g", "--out", "s3://b/c"],
+            "synthetic",
+        ),  # fmt: skip
+        (
+            [
+                "eval",
+                "reader-study",
+                "export",
+                "--real",
+                "r",
+                "--synthetic",
+                "g",
+                "--out",
+                "s3://b/rs",
+            ],
+            "out",
+        ),  # fmt: skip
+        (["eval", "compare-prompting", "--data", "s3://b/pcam", "--out", "s3://b/cmp"], "data"),
+    ],
+)
+def test_job_paths_accept_uris_unfolded(argv, dest):
+    """Every job's input and output options keep an s3:// URI as given (``Path`` would make
+    ``s3:/b``), and a local path stays a ``Path``."""
+    from meddiff.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == argv[argv.index(f"--{dest}") + 1]
+    assert args.out.startswith("s3://b/")
+    local = build_parser().parse_args([a if a != args.out else "runs/x" for a in argv])
+    assert local.out == Path("runs/x")
+
+
+def test_rebase_names_the_upload_and_local_input_passes_local_paths(tmp_path):
+    local = tmp_path / "model"
+    summary = {"model": str(local / "unet"), "n": 3, "files": [str(local), "elsewhere"]}
+    assert storage.rebase(summary, local, "s3://b/run/") == {
+        "model": "s3://b/run/unet",
+        "n": 3,
+        "files": ["s3://b/run", "elsewhere"],
+    }
+    assert storage.rebase(summary, local, tmp_path / "x") is summary  # local out: unchanged
+    assert storage.rebase({"p": str(tmp_path / "modelx")}, local, "s3://b/r") == {
+        "p": str(tmp_path / "modelx")
+    }  # a sibling that shares the prefix is not under the folder
+    assert storage.local_input(tmp_path) == tmp_path

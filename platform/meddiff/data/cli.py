@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--input",
         required=True,
         type=path_arg,
-        help="PCam dir, shards, slide or slide dir (local, or s3:// gs:// abfs:// for PCam/shards)",
+        help="PCam dir, shards, slide or slide dir (local, or s3:// gs:// abfs://)",
     )
     ingest.add_argument(
         "--out", required=True, type=path_arg, help="shard directory or s3:// prefix to create"

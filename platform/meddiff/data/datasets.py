@@ -32,17 +32,24 @@ def patch_dataset(
     """A dataset of patch batches from a PCam directory (its ``split``), a shard directory, a
     whole-slide image or a directory of slides (``split`` does not apply to the last three)."""
     if storage.is_uri(path):
-        # Object storage: shard prefixes and PCam prefixes (slides are read from local paths).
+        # Object storage: shard and PCam prefixes are read in place, by Ray tasks on any node.
+        # Slides need a local file (OpenSlide/tiffslide seek at random): one slide object is
+        # fetched once per node (storage.cached_file), a slide folder must be a complete upload.
         if shards.is_shard_dir(path):
             ds = shards.read_shards(path)
             return ds.limit(limit) if limit else ds
         if pcam.available_splits(path):
             return pcam_dataset(path, split, cfg, limit=limit)
+        if storage.is_complete(path) or (
+            storage.is_file(path) and Path(str(path)).suffix.lower() in wsi.slide_suffixes(cfg.wsi)
+        ):
+            return patch_dataset(storage.local_input(path), cfg, split=split, limit=limit)
         if not storage.exists(path):
             raise DataError(f"input {path} does not exist")
         raise DataError(
-            f"{path}: neither a PCam prefix (camelyonpatch_level_2_split_*_x.h5) nor a complete "
-            f"meddiff shard prefix ({shards.MANIFEST})"
+            f"{path}: neither a PCam prefix (camelyonpatch_level_2_split_*_x.h5), a complete "
+            f"meddiff shard prefix ({shards.MANIFEST}), a slide object "
+            f"({', '.join(cfg.wsi.extensions)}) nor a complete upload ({storage.COMPLETE})"
         )
     path = Path(path)
     if shards.is_shard_dir(path):

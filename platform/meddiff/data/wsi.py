@@ -426,7 +426,7 @@ def is_slide_input(path: str | Path, cfg: WsiConfig) -> bool:
     """Whether ``path`` is a slide file, or a directory holding slides (and no PCam files)."""
     path = Path(path)
     if path.is_file():
-        return path.suffix.lower() in _suffixes(cfg) or _looks_like_tiff(path)
+        return path.suffix.lower() in slide_suffixes(cfg) or _looks_like_tiff(path)
     return path.is_dir() and bool(slide_files(path, cfg))
 
 
@@ -435,7 +435,7 @@ def slide_files(path: str | Path, cfg: WsiConfig) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    suffixes = _suffixes(cfg)
+    suffixes = slide_suffixes(cfg)
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
 
 
@@ -467,7 +467,8 @@ def slide_labels(path: str | Path, slides: Sequence[Path], cfg: WsiConfig) -> di
     return labels
 
 
-def _suffixes(cfg: WsiConfig) -> set[str]:
+def slide_suffixes(cfg: WsiConfig) -> set[str]:
+    """The configured slide file suffixes, lower case with their dot (``{".svs", ".tif"}``)."""
     return {s.lower() if s.startswith(".") else "." + s.lower() for s in cfg.extensions}
 
 

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from meddiff import storage
 from meddiff.files import write_text
+from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,18 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="FD/KID/precision/recall/density/coverage of synthetic sets vs a real set, "
         "UMAP picture and HTML report",
     )
-    fid.add_argument("--real", required=True, type=Path, help="real PCam directory")
+    fid.add_argument("--real", required=True, type=path_arg, help="real PCam directory")
     fid.add_argument(
         "--synthetic",
         required=True,
         action="append",
         metavar="[NAME=]DIR",
-        help="synthetic PCam-layout directory (repeatable; NAME labels it in the report)",
+        help="synthetic PCam-layout directory or s3:// prefix (repeatable; NAME labels it in "
+        "the report)",
     )
     fid.add_argument(
-        "--real-prompts", type=Path, help="CSV (index,prompt) giving each real image's prompt"
+        "--real-prompts", type=path_arg, help="CSV (index,prompt) giving each real image's prompt"
     )
-    fid.add_argument("--out", type=Path, help="write features, umap.png and report.html here")
+    fid.add_argument(
+        "--out", type=path_arg, help="write features, umap.png and report.html here (or s3://)"
+    )
     fid.add_argument("--no-umap", action="store_true", help="skip the UMAP picture")
     fid.add_argument("--local", action="store_true", help="extract features without Ray")
     _json_arg(fid)
@@ -46,15 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "classifier",
         help="train a patch classifier on real / synthetic / both (Ray Train), test on real",
     )
-    clf.add_argument("--real", required=True, type=Path, help="real PCam directory (train, test)")
-    clf.add_argument("--synthetic", type=Path, help="synthetic PCam-layout directory")
+    clf.add_argument(
+        "--real", required=True, type=path_arg, help="real PCam directory (train, test)"
+    )
+    clf.add_argument("--synthetic", type=path_arg, help="synthetic PCam-layout directory")
     clf.add_argument(
         "--arms",
         nargs="+",
         choices=["real", "synthetic", "real+synthetic"],
         help="which training sets (default: evaluation.classifier.arms)",
     )
-    clf.add_argument("--out", required=True, type=Path, help="weights, roc.png, classifier.json")
+    clf.add_argument(
+        "--out", required=True, type=path_arg, help="weights, roc.png, classifier.json (or s3://)"
+    )
     _json_arg(clf)
     add_config_arguments(clf)
     clf.set_defaults(handler=_classifier)
@@ -62,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs = cmds.add_parser("reader-study", help="blinded real-vs-synthetic reading: export, score")
     rcmds = rs.add_subparsers(dest="reader_command", required=True, metavar="STEP")
     exp = rcmds.add_parser("export", help="write study.html (blinded) and key.json")
-    exp.add_argument("--real", required=True, type=Path)
-    exp.add_argument("--synthetic", required=True, type=Path)
-    exp.add_argument("--out", required=True, type=Path)
+    exp.add_argument("--real", required=True, type=path_arg)
+    exp.add_argument("--synthetic", required=True, type=path_arg)
+    exp.add_argument("--out", required=True, type=path_arg)
     exp.add_argument("--num-real", type=int, help="default: evaluation.reader_study.num_real")
     exp.add_argument("--num-synthetic", type=int, help="default: ...num_synthetic")
     _json_arg(exp)
@@ -80,8 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compare-prompting",
         help="baseline vs morphology prompts end to end: prompts, fine-tune, generate, evaluate",
     )
-    cmp_.add_argument("--data", required=True, type=Path, help="real PCam directory")
-    cmp_.add_argument("--out", required=True, type=Path, help="experiment output root")
+    cmp_.add_argument("--data", required=True, type=path_arg, help="real PCam directory")
+    cmp_.add_argument(
+        "--out",
+        required=True,
+        type=path_arg,
+        help="experiment output root, or an s3:// prefix (uploaded at the end; no resume)",
+    )
     cmp_.add_argument(
         "--strategies", nargs="+", default=["baseline", "morphology"], help="prompt strategies"
     )
@@ -112,6 +126,11 @@ def _emit(args: argparse.Namespace, payload: Any) -> None:
         print(text)
 
 
+def _input(path: str | Path | None) -> Path | None:
+    """A local copy of an input folder or file (an s3:// one must be a complete upload)."""
+    return None if path is None else storage.local_input(path)
+
+
 def _parse_sets(items: list[str]) -> dict[str, Path]:
     from meddiff.errors import ConfigError
 
@@ -124,7 +143,7 @@ def _parse_sets(items: list[str]) -> dict[str, Path]:
             raise ConfigError(f"--synthetic '{item}': expected DIR or NAME=DIR")
         if name in sets or name == "real":
             raise ConfigError(f"--synthetic: the name '{name}' is used twice (or is 'real')")
-        sets[name] = Path(path)
+        sets[name] = _input(path_arg(path))
     return sets
 
 
@@ -134,19 +153,23 @@ def _fidelity(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
 
+    real, sets = _input(args.real), _parse_sets(args.synthetic)
+    real_prompts = _input(args.real_prompts)
+
     def run(out: Path) -> dict:
         return run_fidelity(
             cfg,
-            args.real,
-            _parse_sets(args.synthetic),
+            real,
+            sets,
             out,
-            real_prompts=args.real_prompts,
+            real_prompts=real_prompts,
             use_ray=not args.local,
             umap=not args.no_umap,
         )
 
     if args.out is not None:
-        result = run(args.out)
+        with storage.local_output(args.out) as out:
+            result = storage.rebase(run(out), out, args.out)
     else:
         import tempfile
 
@@ -165,7 +188,10 @@ def _classifier(args: argparse.Namespace) -> int:
     from meddiff.evaluation.classifier import run_classifier
 
     cfg = config_from_args(args)
-    result = run_classifier(cfg, args.real, args.synthetic, args.out, arms=args.arms)
+    real, synthetic = _input(args.real), _input(args.synthetic)
+    with storage.local_output(args.out) as out:
+        result = run_classifier(cfg, real, synthetic, out, arms=args.arms)
+        result = storage.rebase(result, out, args.out)
     for arm in result["arms"].values():
         arm.pop("roc", None)  # the curve is in roc.png and classifier.json
     _emit(args, result)
@@ -179,25 +205,27 @@ def _rs_export(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     rs = cfg.evaluation.reader_study
-    key = export_study(
-        args.real,
-        args.synthetic,
-        args.out,
-        num_real=args.num_real or rs.num_real,
-        num_synthetic=args.num_synthetic or rs.num_synthetic,
-        real_split=cfg.evaluation.real_split,
-        synthetic_split=cfg.evaluation.split,
-        seed=cfg.runtime.seed,
-        display_size=rs.display_size,
-        provenance=provenance(cfg),
-    )
+    real, synthetic = _input(args.real), _input(args.synthetic)
+    with storage.local_output(args.out) as out:
+        key = export_study(
+            real,
+            synthetic,
+            out,
+            num_real=args.num_real or rs.num_real,
+            num_synthetic=args.num_synthetic or rs.num_synthetic,
+            real_split=cfg.evaluation.real_split,
+            synthetic_split=cfg.evaluation.split,
+            seed=cfg.runtime.seed,
+            display_size=rs.display_size,
+            provenance=provenance(cfg),
+        )
     _emit(
         args,
         {
             "study_id": key["study_id"],
             "images": len(key["items"]),
-            "page": str(args.out / "study.html"),
-            "key": str(args.out / "key.json"),
+            "page": str(storage.join(args.out, "study.html")),
+            "key": str(storage.join(args.out, "key.json")),
         },
     )
     return 0
@@ -215,13 +243,12 @@ def _compare(args: argparse.Namespace) -> int:
     from meddiff.evaluation.experiment import compare_prompting
 
     cfg = config_from_args(args)
-    result = compare_prompting(
-        cfg,
-        args.data,
-        args.out,
-        strategies=args.strategies,
-        classifier=not args.no_classifier,
-    )
+    data = _input(args.data)
+    with storage.local_output(args.out) as out:
+        result = compare_prompting(
+            cfg, data, out, strategies=args.strategies, classifier=not args.no_classifier
+        )
+        result = storage.rebase(result, out, args.out)
     _emit(args, result)
     if args.json:
         print(f"report: {result['report']}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from meddiff.storage import path_arg
 
@@ -39,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     assign.add_argument(
         "--model",
         required=True,
-        help="morphology model: a directory (OUT/morphology_model) or models:/NAME/VERSION",
+        help="morphology model: a directory or s3:// prefix (OUT/morphology_model) or "
+        "models:/NAME/VERSION",
     )
     add_config_arguments(assign)
     assign.set_defaults(handler=_build, strategy="morphology")
@@ -50,15 +50,18 @@ def _io_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         type=path_arg,
-        help="PCam dir, shard dir, slide or slide dir (PCam/shards also as s3:// gs:// abfs://)",
+        help="PCam dir, shard dir, slide or slide dir (local or s3:// gs:// abfs://)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory to create")
+    parser.add_argument(
+        "--out", required=True, type=path_arg, help="output directory or s3:// prefix to create"
+    )
     parser.add_argument("--split", default="train", help="PCam split to read (train/valid/test)")
     parser.add_argument("--limit", type=int, help="read at most this many patches")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _build(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.morphology.pipeline import build_prompts
 
@@ -66,13 +69,19 @@ def _build(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"prompts.strategy={args.strategy}"]
     if args.model:
         args.overrides = [*args.overrides, f"prompts.cluster.model={args.model}"]
-    summary = build_prompts(
-        config_from_args(args),
-        args.input,
-        args.out,
-        overwrite=args.overwrite,
-        split=args.split,
-        limit=args.limit,
-    )
+    cfg = config_from_args(args)
+    # A local --out is refused by the job when it exists without --overwrite; a URI is checked
+    # by local_output, which then hands the job an empty local folder to replace.
+    uri = storage.is_uri(args.out)
+    with storage.local_output(args.out, overwrite=args.overwrite) as out:
+        summary = build_prompts(
+            cfg,
+            args.input,
+            out,
+            overwrite=args.overwrite or uri,
+            split=args.split,
+            limit=args.limit,
+        )
+        summary = storage.rebase(summary, out, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "cluster_sizes"}, indent=2))
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
 from meddiff.tracking.aliases import ResolvedModel, resolve
@@ -57,6 +58,7 @@ class AnomalyRunner:
         from meddiff.tracking import fetch_model
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        storage.configure(cfg.storage)  # an s3:// model: this replica's endpoint and retries
         self.cfg = cfg
         self.model = resolve(model_ref, cfg.tracking)
         local = fetch_model(self.model.uri, cfg.tracking)
@@ -115,6 +117,7 @@ class SynthesisRunner:
         from meddiff.tracking import fetch_model
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        storage.configure(cfg.storage)  # an s3:// model: this replica's endpoint and retries
         self.cfg = cfg
         self.model = resolve(model_ref, cfg.tracking)
         local = C.check_model_dir(fetch_model(self.model.uri, cfg.tracking)).resolve()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from meddiff.storage import path_arg
 
@@ -28,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=path_arg,
         help="(image, prompt) shard directory or s3:// prefix",
     )
-    train.add_argument("--out", required=True, type=Path, help="output directory")
+    train.add_argument(
+        "--out",
+        required=True,
+        type=path_arg,
+        help="output directory, or an s3:// prefix (uploaded when training ends; no resume)",
+    )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
 
@@ -41,28 +45,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--model",
         required=True,
-        help="pipeline directory, models:/NAME/VERSION or models:/NAME@ALIAS",
+        help="pipeline directory or s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS",
     )
-    gen.add_argument("--prompts", required=True, type=Path, help="prompts.csv")
-    gen.add_argument("--out", required=True, type=Path, help="output directory")
+    gen.add_argument("--prompts", required=True, type=path_arg, help="prompts.csv (or s3://)")
+    gen.add_argument("--out", required=True, type=path_arg, help="output directory or s3:// prefix")
     add_config_arguments(gen)
     gen.set_defaults(handler=_generate)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.synthesis.train import train_synthesis
 
-    summary = train_synthesis(config_from_args(args), args.pairs, args.out)
+    cfg = config_from_args(args)
+    with storage.local_output(args.out) as out:
+        summary = storage.rebase(train_synthesis(cfg, args.pairs, out), out, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.synthesis.generate import generate
 
-    summary = generate(config_from_args(args), args.model, args.prompts, args.out)
+    cfg = config_from_args(args)
+    prompts = storage.local_input(args.prompts)
+    with storage.local_output(args.out) as out:
+        summary = storage.rebase(generate(cfg, args.model, prompts, out), out, args.out)
     print(json.dumps(summary, indent=2))
     print(f"\nSynthetic set: {summary['x']}\nGrids per prompt: {summary['grids']}")
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from meddiff.storage import path_arg
+
 METHODS = ("thor", "ddpm", "anoddpm")
 
 
@@ -21,11 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train the DDPM on healthy slices with Ray Train; registers the model"
     )
     train.add_argument(
-        "--data", required=True, type=Path,
-        help="healthy training data: a PNG folder, a NIfTI volume, or a folder of NIfTI volumes",
+        "--data", required=True, type=path_arg,
+        help="healthy training data: a PNG folder, a NIfTI volume, or a folder of NIfTI volumes "
+        "(local, or an s3:// object or complete prefix)",
     )  # fmt: skip
-    train.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, model)")
-    train.add_argument("--fresh", action="store_true", help="delete --out and start over")
+    train.add_argument(
+        "--out", required=True, type=path_arg,
+        help="run folder (checkpoints, model), or an s3:// prefix (uploaded at the end; no resume)",
+    )  # fmt: skip
+    train.add_argument(
+        "--fresh", action="store_true", help="delete --out and start over (replace an s3:// one)"
+    )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
 
@@ -33,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "detect", help="write an anomaly map PNG per image and a CSV of image scores"
     )
     _model_args(detect)
-    detect.add_argument("--out", required=True, type=Path, help="output folder")
+    detect.add_argument("--out", required=True, type=path_arg, help="output folder or s3:// prefix")
     detect.add_argument("--method", choices=METHODS, help="default: thor.infer.method (thor)")
     add_config_arguments(detect)
     detect.set_defaults(handler=_detect)
@@ -42,12 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="metrics (JSON) against same-named masks; HTML report with --out"
     )
     _model_args(evaluate)
-    evaluate.add_argument("--masks", required=True, type=Path, help="PNG masks, same file names")
+    evaluate.add_argument(
+        "--masks", required=True, type=path_arg, help="PNG masks, same file names (or s3://)"
+    )
     evaluate.add_argument(
         "--method", action="append", choices=METHODS,
         help="method to evaluate (repeat for several; default thor)",
     )  # fmt: skip
-    evaluate.add_argument("--out", type=Path, help="folder for metrics.json and report.html")
+    evaluate.add_argument(
+        "--out", type=path_arg, help="folder or s3:// prefix for metrics.json and report.html"
+    )
     evaluate.add_argument(
         "--box-protocol", choices=("auto", "on", "off"), default="auto",
         help="5%%-FPR box protocol: auto applies it when every mask is made of rectangles",
@@ -74,9 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True,
-        help="model directory, or registry URI models:/NAME/VERSION or models:/NAME@ALIAS",
+        help="model directory or s3:// prefix, or registry URI models:/NAME/VERSION or "
+        "models:/NAME@ALIAS",
     )  # fmt: skip
-    parser.add_argument("--images", required=True, type=Path, help="folder of grayscale PNGs")
+    parser.add_argument(
+        "--images", required=True, type=path_arg, help="folder of grayscale PNGs (or s3://)"
+    )
     parser.add_argument(
         "--stride", type=int,
         help="fast mode: visit every STRIDE-th step with DDIM updates (thor.infer.stride)",
@@ -92,34 +107,51 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.thor.train import train_thor
 
-    summary = train_thor(_config(args), args.data, args.out, fresh=args.fresh)
+    cfg = _config(args)
+    data = storage.local_input(args.data)
+    # A URI --out is written locally and uploaded at the end: it cannot resume, so an existing
+    # one is replaced only with --fresh.
+    with storage.local_output(args.out, overwrite=args.fresh, flag="--fresh") as out:
+        summary = storage.rebase(train_thor(cfg, data, out, fresh=args.fresh), out, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _detect(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.thor.detect import detect_folder
     from meddiff.thor.evaluate import method_config
 
     cfg = _config(args)
     if args.method:
         cfg = method_config(cfg, args.method)
-    summary = detect_folder(cfg, args.model, args.images, args.out)
+    images = storage.local_input(args.images)
+    with storage.local_output(args.out) as out:
+        summary = storage.rebase(detect_folder(cfg, args.model, images, out), out, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from meddiff import storage
     from meddiff.thor.evaluate import evaluate_folder
 
     cfg = _config(args)
     methods = args.method or [cfg.thor.infer.method]
     box = {"auto": None, "on": True, "off": False}[args.box_protocol]
-    summary = evaluate_folder(
-        cfg, args.model, args.images, args.masks, list(dict.fromkeys(methods)), args.out, box
-    )
+    images, masks = storage.local_input(args.images), storage.local_input(args.masks)
+    with (
+        storage.local_output(args.out) if args.out else contextlib.nullcontext()
+    ) as out:  # fmt: skip
+        summary = evaluate_folder(
+            cfg, args.model, images, masks, list(dict.fromkeys(methods)), out, box
+        )
+        summary = storage.rebase(summary, out, args.out) if out else summary
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config import Config
 from meddiff.data.images import (
     check_headers,
@@ -155,6 +156,12 @@ def run_folder(
 
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
+    if storage.is_uri(model_ref):
+        # Fetched here, where the storage settings and credentials are, as `synth generate`
+        # fetches a registry model: the Ray workers get the local copy.
+        from meddiff.tracking import fetch_model
+
+        model_ref = str(fetch_model(model_ref, cfg.tracking))
     plan = plan_for(cfg, str(model_ref))
     check_headers(files, plan["image_size"], masks)
     plan["intensity"] = intensity_summary(files, cfg.data.images)

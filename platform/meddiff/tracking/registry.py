@@ -2,7 +2,8 @@
 
 Models are plain directories (diffusers' ``save_pretrained`` layout, or a THOR checkpoint folder)
 logged as run artifacts; a registered version points at them. ``fetch_model`` accepts a local
-directory, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
+directory, an object-store prefix (``s3://bucket/run/model``, a complete meddiff upload),
+``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/PATH``.
 """
 
 from __future__ import annotations
@@ -62,10 +63,21 @@ def register_model(
 def fetch_model(ref: str | Path, tracking: TrackingConfig, dst: str | Path | None = None) -> Path:
     """A local directory holding the model that ``ref`` names.
 
+    An object-store prefix is fetched once per node into ``MEDDIFF_CACHE``
+    (:func:`meddiff.storage.local_input`).
+
     Raises:
         ModelError: the directory does not exist, or the registry has no such model/version/alias
             (the message lists the registered names).
+        DataError: an object-store prefix that is absent or incomplete (no completion marker).
     """
+    from meddiff import storage
+
+    if storage.is_uri(ref):
+        local = storage.local_input(ref)
+        if not local.is_dir():
+            raise ModelError(f"model {ref} is a single object, not a model directory")
+        return local
     ref = str(ref)
     if not ref.startswith(("models:/", "runs:/")):
         path = Path(ref)
