@@ -41,7 +41,9 @@ def test_mean_sd_and_wins_respect_the_metric_direction(tmp_path):
     assert (auc["morphology"]["best_in"], auc["baseline"]["best_in"]) == (2, 1)
     label = out["table"]["precision (label 1)"]
     assert label["morphology"]["values"] == [0.7, 0.5, 0.9]
-    assert "11.000 ± 1.000 (best in 1/3)" in (tmp_path / "summary" / "seeds.md").read_text()
+    assert "11.000 ± 1.000 (best in 1/3)" in out["markdown"]
+    rows = (tmp_path / "summary" / "seeds.csv").read_text().splitlines()
+    assert "fd_tiny_random,baseline,11,1,1,10 12 11" in rows
 
 
 def test_an_unfinished_run_is_named(tmp_path, capsys):

@@ -109,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="one table from compare-prompting runs that differ only in their seed",
     )
     seeds.add_argument("runs", nargs="+", type=Path, help="compare-prompting --out folders")
-    seeds.add_argument("--out", type=Path, help="write seeds.json and seeds.md here")
+    seeds.add_argument("--out", type=Path, help="write seeds.json and seeds.csv here")
     seeds.set_defaults(handler=_seeds)
 
 

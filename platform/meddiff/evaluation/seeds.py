@@ -10,6 +10,8 @@ the per-morphology-prompt strata stay in each run's report.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -113,8 +115,22 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_csv(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One row per metric and strategy: mean, sd, best_in and the per-seed values."""
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["metric", "strategy", "mean", "sd", "best_in", "values"])
+    for metric, cells in summary.items():
+        for strategy, c in cells.items():
+            values = " ".join(f"{v:.6g}" for v in c["values"])
+            writer.writerow([metric, strategy, f"{c['mean']:.6g}", f"{c['sd']:.6g}", c["best_in"],
+                             values])  # fmt: skip
+    return rows.getvalue()
+
+
 def summarize_runs(runs: list[str | Path], out: str | Path | None = None) -> dict[str, Any]:
-    """Read ``runs``, summarize, and (with ``out``) write ``seeds.json`` and ``seeds.md`` there."""
+    """Read ``runs``, summarize, and (with ``out``) write ``seeds.json`` and ``seeds.csv`` there;
+    the result's ``markdown`` is the table as the CLI prints it."""
     summary = summarize(read_runs(runs))
     text = markdown(summary, len(runs))
     result: dict[str, Any] = {"runs": [str(r) for r in runs], "table": summary, "markdown": text}
@@ -122,6 +138,6 @@ def summarize_runs(runs: list[str | Path], out: str | Path | None = None) -> dic
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "seeds.json", json.dumps(result, indent=2, default=float))
-        write_text(out / "seeds.md", text)
-        result["files"] = [str(out / "seeds.json"), str(out / "seeds.md")]
+        write_text(out / "seeds.csv", table_csv(summary))
+        result["files"] = [str(out / "seeds.json"), str(out / "seeds.csv")]
     return result
