@@ -86,7 +86,7 @@ def service(tmp_path_factory, mlflow_store):
     app["args"] = {"preset": "tiny", "set": [*PLAN, f"tracking.uri={mlflow_store}"],
                    "token_file": str(root / "token")}  # fmt: skip
     model_dep = app["deployments"][0]
-    # Batches of up to 4 (tiny.yaml's CPU default is 1): the answers must not depend on them.
+    # Batches of up to 4 (as tiny.yaml): the answers must not depend on them.
     model_dep["user_config"].update(
         model=f"models:/{NAME}@production", refresh_s=1, max_batch_size=4
     )
