@@ -155,3 +155,43 @@ def test_count_distinct_over_batches():
     nan = np.full((1, 3), np.nan, np.float32)
     assert cluster.count_distinct([a, a[:2], nan]) == (4, 6)
     assert cluster.count_distinct([]) == (0, 0)
+
+
+def test_the_fit_does_not_depend_on_how_rows_were_split_over_shard_files(tmp_path):
+    """Which rows land in which shard file depends on how Ray spread the work over nodes; the
+    morphology model fitted from the embedding pass must not."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray  # the column type Ray Data writes
+
+    from meddiff.config import load_config
+    from meddiff.data.shards import FORMAT, MANIFEST
+    from meddiff.morphology.pipeline import fit_model
+
+    rng = np.random.default_rng(0)
+    n = 90
+    emb = (rng.normal(size=(n, 8)) + (np.arange(n) % 5)[:, None] * 0.8).astype(np.float32)
+
+    def checked(name: str, order: np.ndarray, files: int):
+        d = tmp_path / name
+        d.mkdir()
+        names = []
+        for part, rows in enumerate(np.array_split(order, files)):
+            table = pa.table({
+                "source": [f"slide{r % 3}" for r in rows], "index": rows.astype(np.int64),
+                "reject": [""] * len(rows), "embedding": ArrowTensorArray.from_numpy(emb[rows]),
+            })  # fmt: skip
+            pq.write_table(table, d / f"part-{part}.parquet")
+            names.append(f"part-{part}.parquet")
+        manifest = {"format": FORMAT, "rows": n, "files": names,
+                    "columns": ["source", "index", "reject", "embedding"]}  # fmt: skip
+        (d / MANIFEST).write_text(json.dumps(manifest))
+        return d
+
+    pcfg = load_config("tiny", overrides=["prompts.cluster.k=5", "prompts.cluster.n_init=1",
+                                          "prompts.cluster.mode=exact"]).prompts  # fmt: skip
+    one, _ = fit_model(pcfg, checked("one-node", np.arange(n), 1), n)
+    two, _ = fit_model(pcfg, checked("two-nodes", rng.permutation(n), 3), n)
+    np.testing.assert_array_equal(one.centroids, two.centroids)
