@@ -13,6 +13,7 @@ import logging
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,21 @@ class AnomalyResult:
     seed: int
 
 
+def _fetch(model_ref: str, cfg: Config) -> tuple[ResolvedModel, Path]:
+    """``model_ref`` pinned to one version now, and a local copy of that version (a replica
+    applies its config's storage settings first, for an s3:// model).
+
+    Raises:
+        ModelError: the reference does not resolve, or its files cannot be fetched.
+    """
+    from meddiff.tracking import fetch_model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    storage.configure(cfg.storage)
+    model = resolve(model_ref, cfg.tracking)
+    return model, fetch_model(model.uri, cfg.tracking)
+
+
 class AnomalyRunner:
     """THOR (or a baseline) on one loaded model with the plan of ``cfg.thor.infer``.
 
@@ -55,13 +71,9 @@ class AnomalyRunner:
         from meddiff.thor.detect import plan_for
         from meddiff.thor.inferer import ThorInferer
         from meddiff.thor.model import read_model_config, resolve_model
-        from meddiff.tracking import fetch_model
 
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        storage.configure(cfg.storage)  # an s3:// model: this replica's endpoint and retries
         self.cfg = cfg
-        self.model = resolve(model_ref, cfg.tracking)
-        local = fetch_model(self.model.uri, cfg.tracking)
+        self.model, local = _fetch(model_ref, cfg)
         read_model_config(local)  # a synthesis model fails here, naming the missing file
         self.plan = plan_for(cfg, str(local))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,13 +126,10 @@ class SynthesisRunner:
     def __init__(self, model_ref: str, cfg: Config):
         from meddiff.synthesis import components as C
         from meddiff.synthesis.stages import ImageGenerator
-        from meddiff.tracking import fetch_model
 
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        storage.configure(cfg.storage)  # an s3:// model: this replica's endpoint and retries
         self.cfg = cfg
-        self.model = resolve(model_ref, cfg.tracking)
-        local = C.check_model_dir(fetch_model(self.model.uri, cfg.tracking)).resolve()
+        self.model, local = _fetch(model_ref, cfg)
+        local = C.check_model_dir(local).resolve()
         self.prompts = model_prompts(local, cfg.prompts)
         g = cfg.synthesis.generate
         self.generator = ImageGenerator(str(local), g.model_dump(mode="json"))
@@ -155,8 +164,6 @@ class SynthesisRunner:
 def model_prompts(model_dir, prompts_cfg=None) -> list[dict[str, Any]]:
     """The prompt table stored with a synthesis model (``prompts.csv`` beside the pipeline, as
     ``meddiff synth train`` saves it), as rows of prompt, label, cluster, count."""
-    from pathlib import Path
-
     from meddiff.prompts import read_prompt_table
 
     path = Path(model_dir) / "prompts.csv"
