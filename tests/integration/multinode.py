@@ -315,16 +315,15 @@ class Cluster:
 
     def job_actors(self, job_id: str) -> list[dict]:
         """Every actor of a job (alive or dead) with the node it ran on (Ray's state API)."""
-        out = self.ray(
-            "list", "actors", "--address", self.address, "--format", "json", "--detail",
-            "--limit", "10000", "--filter", f"job_id={job_id}",
-        )  # fmt: skip
-        return _json(out.stdout)
+        return self._job_state("actors", job_id)
 
     def job_tasks(self, job_id: str) -> list[dict]:
         """Every task of a job with the node it ran on (Ray's state API)."""
+        return self._job_state("tasks", job_id)
+
+    def _job_state(self, kind: str, job_id: str) -> list[dict]:
         out = self.ray(
-            "list", "tasks", "--address", self.address, "--format", "json", "--detail",
+            "list", kind, "--address", self.address, "--format", "json", "--detail",
             "--limit", "10000", "--filter", f"job_id={job_id}",
         )  # fmt: skip
         return _json(out.stdout)
