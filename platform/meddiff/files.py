@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` at ``path``."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_text(path: Path, text: str) -> None:
     """``text`` (UTF-8) at ``path``."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:

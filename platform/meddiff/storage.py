@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
+from meddiff import files
 from meddiff.errors import DataError
 
 if TYPE_CHECKING:
@@ -291,10 +292,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """``data`` at ``path``, all or nothing: a local file is written beside and renamed; an object
     PUT is atomic already (readers see the old object or the new one, never part)."""
     if not is_uri(path):
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        files.write_bytes(Path(path), data)
         return
     fs, inner = filesystem(path)
 
