@@ -1,14 +1,33 @@
 """Where inputs and outputs live: a local path or an object-store URI, through one API.
 
-Every path a job takes may be a local path or a URI (``s3://bucket/prefix``, and by the same code
-``gs://`` and ``abfs://``, which pyarrow's filesystems support). Files are read and written
-through :mod:`pyarrow.fs`, whose filesystem objects pickle, so Ray Data's native Parquet reader and
-writer and Ray tasks on any node use the same one.
+Every path a job takes may be a local path or a URI: ``s3://bucket/prefix`` (tested against
+SeaweedFS), ``abfs://container/prefix`` (Azure Blob Storage / ADLS Gen2, tested against Azurite),
+``gs://bucket/prefix`` (tested against gcp-storage-emulator), and ``hdfs://`` through pyarrow's
+own URI resolution (untested). Files are read and written through :mod:`pyarrow.fs`, whose
+filesystem objects pickle, so Ray Data's native Parquet reader and writer and Ray tasks on any
+node use the same one.
 
 S3 settings: credentials come from the usual AWS sources (``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` environment variables, a profile or an instance role); the endpoint
 (an S3-compatible server such as SeaweedFS or MinIO) from ``storage.endpoint_url``, else
 ``AWS_ENDPOINT_URL``.
+
+Azure settings (``abfs://container/path``, ``abfss://...``, or
+``abfs://container@ACCOUNT.dfs.core.windows.net/path``): the account from the URI, else the
+endpoint's path, else ``AZURE_STORAGE_ACCOUNT_NAME`` (or ``AZURE_STORAGE_ACCOUNT``); the
+credential from ``AZURE_STORAGE_ACCOUNT_KEY`` (or ``AZURE_STORAGE_KEY``), else
+``AZURE_STORAGE_SAS_TOKEN``, else a service principal (``AZURE_CLIENT_ID``/``AZURE_CLIENT_SECRET``/
+``AZURE_TENANT_ID``), else Azure's default credential chain (managed identity...); the endpoint
+(an emulator such as Azurite, or a private endpoint) from ``storage.azure_endpoint``, else
+``AZURE_STORAGE_SERVICE_ENDPOINT`` (the variable the ``az`` CLI reads), else
+``https://ACCOUNT.blob.core.windows.net``. An endpoint ``http[s]://host[:port][/ACCOUNT]`` is
+addressed path-style (Azurite, a private endpoint); one ``https://ACCOUNT.blob.SUFFIX`` (another
+Azure cloud) keeps Azure's ``ACCOUNT.blob.SUFFIX`` / ``ACCOUNT.dfs.SUFFIX`` hosts.
+
+GCS settings: credentials from Google's default chain (``GOOGLE_APPLICATION_CREDENTIALS``, the
+metadata server), resolved on each node (pyarrow's GCS filesystem cannot carry a key file); the
+endpoint (an emulator) from ``storage.gcs_endpoint``, else ``STORAGE_EMULATOR_HOST``; with an
+endpoint and no ``GOOGLE_APPLICATION_CREDENTIALS`` requests are anonymous, as emulators expect.
 
 Object stores have no atomic rename of a directory, so the all-or-nothing rule is kept by a
 marker: a directory-like output is complete only once its manifest or marker object exists, and
@@ -48,27 +67,36 @@ T = TypeVar("T")
 
 # URI schemes that pyarrow's filesystems serve (``file`` is handled as a local path).
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+AZURE = ("abfs", "abfss")
+GCS = ("gs", "gcs")
 _settings: StorageConfig | None = None
 
 # Messages of errors that may pass if tried again (the AWS SDK's, surfaced by pyarrow as OSError).
 _TRANSIENT = re.compile(
     r"connection refused|couldn't connect|could not connect|connection reset|timed out|timeout|"
     r"slow ?down|service unavailable|internal ?error|throttl|HTTP response code: 5\d\d|"
-    r"curlCode: (?:6|7|28|52|56)",
+    r"curlCode: (?:6|7|28|52|56)|"
+    # The Azure SDK's, surfaced by pyarrow as OSError.
+    r"fail to get a new connection|Azure Error: \[\w*\] 5\d\d|ServerBusy|OperationTimedOut",
     re.IGNORECASE,
 )
 
 
 def configure(cfg: StorageConfig) -> None:
-    """Use ``cfg`` (endpoint, region, retries) for every URI this process opens from now on.
+    """Use ``cfg`` (endpoints, region, retries) for every URI this process opens from now on.
 
-    The endpoint is also exported as ``AWS_ENDPOINT_URL`` (when unset) so processes started
-    later, such as the workers of an embedded Ray, find the same server.
+    The endpoints are also exported as ``AWS_ENDPOINT_URL``, ``AZURE_STORAGE_SERVICE_ENDPOINT``
+    and ``STORAGE_EMULATOR_HOST`` (when unset) so processes started later, such as the workers
+    of an embedded Ray, find the same servers.
     """
     global _settings
     _settings = cfg
     if cfg.endpoint_url:
         os.environ.setdefault("AWS_ENDPOINT_URL", cfg.endpoint_url)
+    if cfg.azure_endpoint:
+        os.environ.setdefault("AZURE_STORAGE_SERVICE_ENDPOINT", cfg.azure_endpoint)
+    if cfg.gcs_endpoint:
+        os.environ.setdefault("STORAGE_EMULATOR_HOST", cfg.gcs_endpoint)
 
 
 def _config() -> StorageConfig:
@@ -102,8 +130,10 @@ def name(path: str | Path) -> str:
 def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     """The pyarrow filesystem that serves ``path`` and the path inside it.
 
-    For ``s3://`` the endpoint and region come from the storage settings; other schemes use
-    pyarrow's own resolution (``FileSystem.from_uri``).
+    For ``s3://`` and ``abfs://`` the endpoint and credentials come from the storage settings
+    and the environment (module docstring); other schemes use pyarrow's own resolution
+    (``FileSystem.from_uri``). Raises DataError naming ``path`` when it cannot be opened (no
+    Azure account known, an unknown scheme's URI pyarrow refuses).
     """
     import pyarrow.fs as pafs
 
@@ -111,6 +141,10 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).absolute())
     path = str(path)
     parsed = urlparse(path)
+    if parsed.scheme in AZURE:
+        return _azure_filesystem(path), filesystem_path(path)
+    if parsed.scheme in GCS:
+        return _gcs_filesystem(), filesystem_path(path)
     if parsed.scheme != "s3":
         try:
             return pafs.FileSystem.from_uri(path)
@@ -141,12 +175,98 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
+def _azure_endpoint() -> str | None:
+    return _config().azure_endpoint or os.environ.get("AZURE_STORAGE_SERVICE_ENDPOINT")
+
+
+def _env(*names: str) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def _azure_filesystem(uri: str) -> pyarrow.fs.AzureFileSystem:
+    """pyarrow's Azure filesystem for ``uri`` (its root is the storage account: paths inside it
+    are ``container/path``), with the endpoint of the settings and the credential of the
+    environment passed explicitly, so the pickled filesystem that Ray ships to a worker (started
+    before they were set, or on a node without them) carries them."""
+    import pyarrow.fs as pafs
+
+    host = urlparse(uri).netloc.partition("@")[2]  # container@ACCOUNT.dfs.core.windows.net
+    endpoint = _azure_endpoint()
+    url = urlparse(endpoint) if endpoint else None
+    # ACCOUNT.blob.SUFFIX: Azure's own naming (another cloud's suffix), not a path-style server.
+    named = url.hostname.partition(".blob.") if url and url.hostname else ("", "", "")
+    account = (
+        host.split(".", 1)[0]
+        or (url.path.strip("/") if url else "")
+        or (named[0] if named[1] else "")
+        or _env("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT")
+    )
+    if not account:
+        raise DataError(
+            f"{uri}: no Azure storage account (set AZURE_STORAGE_ACCOUNT_NAME, or write "
+            "abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH)"
+        )
+    kwargs: dict = {}
+    if url:
+        # pyarrow prefixes the account to an authority starting with "." (ACCOUNT.blob.SUFFIX)
+        # and puts it first in the path otherwise (an emulator or private endpoint).
+        blob = dfs = url.netloc
+        if named[1]:
+            blob, dfs = f".blob.{named[2]}", f".dfs.{named[2]}"
+        kwargs.update(
+            blob_storage_authority=blob,
+            dfs_storage_authority=dfs,
+            blob_storage_scheme=url.scheme,
+            dfs_storage_scheme=url.scheme,
+        )
+    key = _env("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY")
+    sas = _env("AZURE_STORAGE_SAS_TOKEN")
+    principal = [_env(n) for n in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID")]
+    if key:
+        kwargs["account_key"] = key
+    elif sas:
+        kwargs["sas_token"] = sas
+    elif all(principal):
+        kwargs.update(zip(("client_id", "client_secret", "tenant_id"), principal, strict=True))
+    try:
+        return pafs.AzureFileSystem(account, **kwargs)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{uri}: cannot open this filesystem ({_first_line(err)})") from None
+
+
+def _gcs_endpoint() -> str | None:
+    return _config().gcs_endpoint or os.environ.get("STORAGE_EMULATOR_HOST")
+
+
+def _gcs_filesystem() -> pyarrow.fs.GcsFileSystem:
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    kwargs: dict = {
+        # pyarrow's own retries are silent; ours (``retry``) log each attempt.
+        "retry_time_limit": datetime.timedelta(seconds=_config().timeout_s),
+        "project_id": os.environ.get("GOOGLE_CLOUD_PROJECT"),
+    }
+    endpoint = _gcs_endpoint()
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        kwargs["anonymous"] = not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    return pafs.GcsFileSystem(**kwargs)
+
+
 def filesystem_path(uri: str | Path) -> str:
-    """The path inside its filesystem of a URI (``bucket/key`` for ``s3://bucket/key``)."""
+    """The path inside its filesystem of a URI: ``bucket/key`` for ``s3://bucket/key``,
+    ``container/path`` for ``abfs://container/path`` and
+    ``abfs://container@account.dfs.core.windows.net/path``."""
     if not is_uri(uri):
         return str(Path(uri).absolute())
     parsed = urlparse(str(uri))
-    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+    root = parsed.netloc
+    if parsed.scheme in AZURE:
+        root = root.partition("@")[0]
+    return f"{root}{parsed.path}".rstrip("/")
 
 
 def retry(what: str, fn: Callable[[], T]) -> T:
@@ -186,6 +306,12 @@ def _explain(err: BaseException) -> str:
     """A short, actionable reading of an object-store error."""
     text = str(err)
     checks = (
+        ("ContainerNotFound", "no such container"),
+        ("AuthenticationFailed", "credentials refused (check AZURE_STORAGE_ACCOUNT_KEY)"),
+        ("AuthorizationFailure", "credentials refused (check AZURE_STORAGE_ACCOUNT_KEY)"),
+        ("AuthorizationPermissionMismatch", "access denied (check the Azure credential's role)"),
+        ("UNAUTHENTICATED", "credentials refused (check GOOGLE_APPLICATION_CREDENTIALS)"),
+        ("PERMISSION_DENIED", "access denied (check the Google credential's role)"),
         ("NoSuchBucket", "no such bucket"),
         ("bucket does not exist", "no such bucket"),
         ("InvalidAccessKeyId", "credentials refused (check AWS_ACCESS_KEY_ID)"),
@@ -200,6 +326,14 @@ def _explain(err: BaseException) -> str:
             return meaning
     if isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "Path does not exist" in text:
         return "no such file or object"
+    if _TRANSIENT.search(text) and "Azure Error" in text:
+        detail = re.search(r"Could not connect|Azure Error: \[\w*\] \d+", text)
+        where = _azure_endpoint() or "Azure"
+        return f"object store at {where} unreachable ({detail[0] if detail else _first_line(err)})"
+    if _TRANSIENT.search(text) and "google::cloud" in text:
+        detail = re.search(r"Status\((\w+)", text)
+        where = _gcs_endpoint() or "Google Cloud Storage"
+        return f"object store at {where} unreachable ({detail[1] if detail else _first_line(err)})"
     if _TRANSIENT.search(text):
         endpoint = _config().endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
         detail = re.search(r"AWS Error (\w+)", text)
@@ -228,7 +362,8 @@ def info(path: str | Path) -> pyarrow.fs.FileInfo:
 def _check_bucket(path: str | Path, fs: pyarrow.fs.FileSystem, inner: str) -> None:
     bucket = inner.split("/", 1)[0]
     if retry(str(path), lambda: fs.get_file_info(bucket)).type.name == "NotFound":
-        raise DataError(f"{path}: no such bucket '{bucket}'")
+        word = "container" if urlparse(str(path)).scheme in AZURE else "bucket"
+        raise DataError(f"{path}: no such {word} '{bucket}'")
 
 
 def is_file(path: str | Path) -> bool:
@@ -250,12 +385,16 @@ def exists(path: str | Path) -> bool:
 
 
 def list_files(path: str | Path, *, recursive: bool = True, limit: int | None = None) -> list[str]:
-    """Names (relative to ``path``, ``/``-separated) of the files under ``path``, sorted."""
+    """Names (relative to ``path``, ``/``-separated) of the files under ``path``, sorted.
+
+    Empty for a missing prefix; DataError naming ``path`` for a missing bucket or container."""
     import pyarrow.fs as pafs
 
     fs, inner = filesystem(path)
     selector = pafs.FileSelector(inner, allow_not_found=True, recursive=recursive)
     infos = retry(str(path), lambda: fs.get_file_info(selector))
+    if not infos and is_uri(path):
+        _check_bucket(path, fs, inner)
     names = sorted(i.path[len(inner) :].lstrip("/") for i in infos if i.type.name == "File")
     return names[:limit] if limit else names
 
@@ -316,11 +455,20 @@ def delete_dir(path: str | Path) -> None:
     # Delete the marker first, so a half-deleted output never keeps looking complete.
     for rel in [*MARKERS, *list_files(path)]:
         retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
+    if urlparse(str(path)).scheme in AZURE and "/" in inner:
+        # Azure's flat namespace keeps an empty marker blob for each folder emptied by a delete
+        # (pyarrow's emulation of directories); drop them so the prefix no longer "exists".
+        retry(str(path), lambda: _delete_tree(fs, inner))
 
 
 def _delete_file(fs: pyarrow.fs.FileSystem, path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
+
+
+def _delete_tree(fs: pyarrow.fs.FileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
 
 
 # Files whose presence says a directory-like output is complete; written last, deleted first.

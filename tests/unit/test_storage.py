@@ -221,3 +221,96 @@ def test_rebase_names_the_upload_and_local_input_passes_local_paths(tmp_path):
         "p": str(tmp_path / "modelx")
     }  # a sibling that shares the prefix is not under the folder
     assert storage.local_input(tmp_path) == tmp_path
+
+
+def test_azure_and_gcs_uris_map_to_paths_inside_their_filesystems(monkeypatch):
+    from meddiff.config import StorageConfig
+
+    long = "abfss://data@acct.dfs.core.windows.net/runs/r1/"
+    assert storage.filesystem_path(long) == "data/runs/r1"
+    assert storage.filesystem_path("abfs://data/runs/r1") == "data/runs/r1"
+    assert storage.filesystem_path("gs://bkt/a/b") == "bkt/a/b"
+    assert storage.join(long, "model") == "abfss://data@acct.dfs.core.windows.net/runs/r1/model"
+    for var in (
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT",
+        "AZURE_STORAGE_SERVICE_ENDPOINT",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(storage, "_settings", StorageConfig())
+    with pytest.raises(DataError, match=r"^abfs://data/x: no Azure storage account"):
+        storage.filesystem("abfs://data/x")
+    # Building the filesystem sends nothing: the account may come from the URI alone.
+    fs, inner = storage.filesystem(long)
+    assert type(fs).__name__ == "AzureFileSystem" and inner == "data/runs/r1"
+    fs, inner = storage.filesystem("gs://bkt/a")
+    assert type(fs).__name__ == "GcsFileSystem" and inner == "bkt/a"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["127.0.0.1:10000", "ftp://h:1", "http://h:1/acct/extra", "http:// h"],
+)
+def test_object_store_endpoints_are_checked_urls(value):
+    from meddiff.config import StorageConfig
+
+    with pytest.raises(ValueError, match="azure_endpoint"):
+        StorageConfig(azure_endpoint=value)
+    assert StorageConfig(azure_endpoint="http://127.0.0.1:10000/devstoreaccount1").azure_endpoint
+    with pytest.raises(ValueError, match="gcs_endpoint"):
+        StorageConfig(gcs_endpoint="http://h:1/path")
+
+
+def test_azure_and_gcs_errors_read_as_one_line(monkeypatch):
+    from meddiff.config import StorageConfig
+
+    monkeypatch.setattr(storage, "_settings", None)  # restored after the test
+    monkeypatch.setenv("AZURE_STORAGE_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+    storage.configure(StorageConfig(azure_endpoint="http://127.0.0.1:9", retries=1))
+    cases = {
+        "GetProperties failed. Azure Error: [ContainerNotFound] 404 The specified container "
+        "does not exist.\nRequestId:1": "no such container",
+        "ListBlobsByHierarchy failed. Azure Error: [AuthorizationFailure] 403 Server failed to "
+        "authenticate the request.": "credentials refused (check AZURE_STORAGE_ACCOUNT_KEY)",
+        "Check for Hierarchical Namespace support on 'http://127.0.0.1:9/a/c' failed. Azure "
+        "Error: [] Fail to get a new connection for: http://127.0.0.1:9. Could not connect to "
+        "server": "object store at http://127.0.0.1:9 unreachable (Could not connect)",
+        "google::cloud::Status(PERMISSION_DENIED: Permanent error)": "access denied (check the "
+        "Google credential's role)",
+    }
+    for message, meaning in cases.items():
+        with pytest.raises(DataError) as err:
+            storage.retry("abfs://c/k", lambda m=message: (_ for _ in ()).throw(OSError(m)))
+        assert str(err.value) == f"abfs://c/k: {meaning}"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "uri", "want"),
+    [
+        # Azurite, account in the endpoint's path: path-style on that host.
+        ("http://127.0.0.1:10000/devstoreaccount1", "abfs://c/k",
+         ("devstoreaccount1", "127.0.0.1:10000", "127.0.0.1:10000", "http")),
+        # Another Azure cloud's suffix: the account stays a host prefix.
+        ("https://acct.blob.core.chinacloudapi.cn", "abfs://c/k",
+         ("acct", ".blob.core.chinacloudapi.cn", ".dfs.core.chinacloudapi.cn", "https")),
+        # No endpoint: Azure itself (pyarrow's defaults); the account from the URI.
+        (None, "abfs://c@other.dfs.core.windows.net/k", ("other", "", "", "")),
+    ],
+)  # fmt: skip
+def test_azure_endpoint_forms(monkeypatch, endpoint, uri, want):
+    from meddiff.config import StorageConfig
+
+    monkeypatch.delenv("AZURE_STORAGE_SERVICE_ENDPOINT", raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "a2V5")
+    monkeypatch.setattr(storage, "_settings", StorageConfig(azure_endpoint=endpoint))
+    fs, _ = storage.filesystem(uri)
+    options = fs.__reduce__()[1][0]  # what the pickle Ray ships to a worker carries
+    got = (
+        options["account_name"],
+        options["blob_storage_authority"],
+        options["dfs_storage_authority"],
+        options["blob_storage_scheme"],
+    )
+    assert got[0] == want[0] and options["account_key"] == "a2V5"
+    if endpoint:
+        assert got == want

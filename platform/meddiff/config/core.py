@@ -54,8 +54,10 @@ class TrackingConfig(Section):
 class StorageConfig(Section):
     """Object storage for paths given as URIs (``s3://``, ``gs://``, ``abfs://``).
 
-    Credentials are never config: they come from the usual AWS sources (environment variables
-    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, an instance role).
+    Credentials are never config: for S3 they come from the usual AWS sources (environment
+    variables ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile, an instance role), for
+    Azure from ``AZURE_STORAGE_ACCOUNT_KEY`` (or ``AZURE_STORAGE_SAS_TOKEN``, or a service
+    principal / managed identity); see docs/storage.md.
     """
 
     endpoint_url: str | None = Field(
@@ -65,6 +67,20 @@ class StorageConfig(Section):
     )
     region: str | None = Field(
         default=None, description="S3 region; None uses AWS_REGION, else us-east-1."
+    )
+    azure_endpoint: str | None = Field(
+        default=None,
+        description="Azure Blob endpoint for abfs:// URIs as 'http[s]://host[:port][/account]', "
+        "e.g. 'http://127.0.0.1:10000/devstoreaccount1' (Azurite); None uses "
+        "AZURE_STORAGE_SERVICE_ENDPOINT, else Azure itself (https://ACCOUNT.blob.core.windows.net).",
+        pattern=r"^https?://[^/\s]+(/[^/\s]+)?/?$",
+    )
+    gcs_endpoint: str | None = Field(
+        default=None,
+        description="Google Cloud Storage endpoint for gs:// URIs as 'http[s]://host[:port]', e.g. "
+        "'http://127.0.0.1:9023' (an emulator); None uses STORAGE_EMULATOR_HOST, else Google "
+        "itself.",
+        pattern=r"^https?://[^/\s]+/?$",
     )
     retries: int = Field(
         default=4, ge=1, le=20, description="Attempts for a transient object-store error."
