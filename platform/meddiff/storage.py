@@ -77,7 +77,8 @@ _TRANSIENT = re.compile(
     r"slow ?down|service unavailable|internal ?error|throttl|HTTP response code: 5\d\d|"
     r"curlCode: (?:6|7|28|52|56)|"
     # The Azure SDK's, surfaced by pyarrow as OSError.
-    r"fail to get a new connection|Azure Error: \[\w*\] 5\d\d|ServerBusy|OperationTimedOut",
+    r"fail to get a new connection|connection closed before getting full response|"
+    r"Azure Error: \[\w*\] 5\d\d|ServerBusy|OperationTimedOut",
     re.IGNORECASE,
 )
 
@@ -452,8 +453,10 @@ def delete_dir(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         return
     fs, inner = filesystem(path)
-    # Delete the marker first, so a half-deleted output never keeps looking complete.
-    for rel in [*MARKERS, *list_files(path)]:
+    # Delete the marker first, so a half-deleted output never keeps looking complete. Only
+    # objects listed: deleting an absent one costs Azure a failed lease, and Azurite a slow error.
+    names = list_files(path)
+    for rel in [m for m in MARKERS if m in names] + [n for n in names if n not in MARKERS]:
         retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
     if urlparse(str(path)).scheme in AZURE and "/" in inner:
         # Azure's flat namespace keeps an empty marker blob for each folder emptied by a delete
