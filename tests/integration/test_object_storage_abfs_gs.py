@@ -194,7 +194,6 @@ def test_abfs_unreachable_endpoint_is_retried_with_attempts_logged(azure, caplog
     assert len(attempts) == 1 and "attempt 1 of 2" in attempts[0]
 
 
-@pytest.mark.slow
 def test_ingest_pcam_from_abfs_into_abfs_shards(azure, sample_pcam_dir):
     """The real job path: PCam HDF5 read from abfs:// (fetched once per node), shards written by
     Ray Data's native Parquet writer onto abfs:// with the Azure filesystem, manifest last; the
@@ -224,5 +223,11 @@ def test_ingest_pcam_from_abfs_into_abfs_shards(azure, sample_pcam_dir):
     np.testing.assert_array_equal(shards["image"][order], want_x)
     np.testing.assert_array_equal(shards["label"][order], want_y)
     assert set(shards["source"]) == {f"{pcam}/camelyonpatch_level_2_split_valid_x.h5"}
+    # Lineage: the run records the abfs:// input (MLflow itself knows only abfss://).
+    import mlflow
+
+    run = mlflow.get_run(read_manifest(out)["mlflow_run_id"])
+    tags = [{t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs]
+    assert [t["meddiff.uri"] for t in tags] == [pcam] and tags[0]["meddiff.digest"]
     with pytest.raises(DataError, match="already exists"):
         ingest(cfg, pcam, out, split="valid")

@@ -86,7 +86,12 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
             tags["meddiff.producer_run"] = producer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "interpreted in multiple ways": both are local paths
-        source = resolve_dataset_source(uri)
+        # MLflow knows abfss:// (Azure Data Lake) but not abfs://, the same store: take the
+        # abfss source type and keep the URI as given.
+        twin = "abfss://" + uri.removeprefix("abfs://") if uri.startswith("abfs://") else uri
+        source = resolve_dataset_source(twin)
+        if twin != uri:
+            source = type(source)(uri)
     # MLflow keeps at most 36 characters of a dataset digest; the full one is in the tags.
     short = digest.removeprefix("sha256:")[:32]
     dataset = MetaDataset(source=source, name=name or storage.name(uri), digest=short)
