@@ -18,6 +18,13 @@ evaluation, scaled by area from 128×128 to the output size), shape (ellipses of
 angle, smooth or irregular outline from a smooth random field), edge (soft or sharp), and contrast
 (hypo-intense like chronic stroke on T1, or hyper-intense), always inside the brain mask. A lesion
 pixel is one where the lesion's blend weight is at least 0.5.
+
+An independent test brain: ``test_volume=COLIN27`` cuts the test slices from Colin Holmes's
+brain (the "Colin27" single-subject MNI template, an average of 27 T1 scans of one man, 1 mm,
+skull-stripped; Holmes et al., J Comput Assist Tomogr 1998), which Debian ships in the
+``mricron-data`` package as ``ch2bet.nii.gz``. It is in MNI space like the training template
+but is not one of the ICBM subjects that template averages, so a model trained on the template
+is judged on a subject it never saw.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ MANIFEST = "sample_brain.json"
 # Target lesion areas (pixels at 128×128) per stratum; strata bounds are (3, 71], (71, 570], > 570.
 TARGET_AREA_128 = {"small": (15.0, 65.0), "medium": (90.0, 520.0), "large": (650.0, 1800.0)}
 STRATA_128 = (3.0, 71.0, 570.0)
+# Colin27, skull-stripped, from Debian's mricron-data package (`apt-get install mricron-data`).
+COLIN27 = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
 
 @dataclass(frozen=True)
