@@ -115,3 +115,8 @@ def test_colin27_is_another_subject_at_the_same_levels(tmp_path):
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert manifest["test_source"] == str(COLIN27)
     assert len(list_pngs(tmp_path / "s" / "test" / "images")) == 4
+    # The same axial levels as the template's test set (the volumes share MNI space).
+    sample_brain(tmp_path / "t", cfg, BrainSampleSizes(lesion=3, normal=1))
+    template_z = json.loads((tmp_path / "t" / MANIFEST).read_text())["test_z"]
+    assert set(manifest["test_z"]) <= set(template_z)
+    assert len(manifest["test_z"]) >= len(template_z) - 2  # Colin's volume ends 2 mm lower

@@ -102,7 +102,8 @@ def sample_brain(
     With ``test_volume`` (a T1 NIfTI of another brain, skull-stripped or with ``test_mask``) the
     test slices come from that brain instead of the template's held-out slices (the training
     slices stay the template's, so a model is judged on a subject it never saw); same lesion
-    generator, same strata, same layout.
+    generator, same strata, same layout, and, for a brain in MNI space such as :data:`COLIN27`,
+    the same axial levels as the template's test slices.
 
     Raises:
         DataError: ``out_dir`` exists (and ``overwrite`` is False), sizes leave no data, or the
@@ -123,8 +124,12 @@ def sample_brain(
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     test_sl, test_source = sl, "template: held-out slices"
     if test_volume is not None:
-        test_sl = volume_to_slices(test_volume, cfg, test_mask)
-        test_idx, test_source = np.arange(len(test_sl.z)), str(test_volume)
+        test_sl, test_source = volume_to_slices(test_volume, cfg, test_mask), str(test_volume)
+        # The template's held-out levels, where the other brain has them (both in MNI space: the
+        # same z is the same anatomical level), so the two test sets differ only in the subject.
+        test_idx = np.flatnonzero(np.isin(test_sl.z, sl.z[test_idx]))
+        if len(test_idx) == 0:  # not in MNI space: spread over its own slices instead
+            test_idx = np.arange(len(test_sl.z))[sizes.test_every // 2 :: sizes.test_every]
     # Lesions go on held-out slices with enough brain for a large lesion.
     area = test_sl.brain[test_idx].sum(axis=(1, 2))
     roomy = test_idx[area >= 0.5 * area.max()]
