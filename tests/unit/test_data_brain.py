@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from meddiff.config.data import MriConfig
-from meddiff.data.brain import MANIFEST, BrainSampleSizes, add_lesion, sample_brain, stratum
+from meddiff.data.brain import (
+    COLIN27,
+    MANIFEST,
+    BrainSampleSizes,
+    add_lesion,
+    sample_brain,
+    stratum,
+)
 from meddiff.data.images import list_pngs, load_folder
 from meddiff.errors import DataError
 
@@ -81,3 +88,35 @@ def test_test_slices_can_come_from_another_brain(tmp_path):
     assert max(manifest["test_z"]) < other.shape[2]  # z positions of the other volume
     with pytest.raises(DataError, match="missing.nii"):
         sample_brain(tmp_path / "x", cfg, test_volume=tmp_path / "missing.nii")
+
+
+@pytest.mark.skipif(not COLIN27.is_file(), reason="Colin27 needs Debian's mricron-data package")
+def test_colin27_is_another_subject_at_the_same_levels(tmp_path):
+    from meddiff.data.brain import mni152
+    from meddiff.data.mri import volume_to_slices
+
+    cfg = MriConfig(image_size=32)
+    volume, mask = mni152()
+    mni = volume_to_slices("mni", cfg, volume=volume, mask=mask.astype(np.uint8))
+    colin = volume_to_slices(COLIN27, cfg)
+    at = {int(z): i for i, z in enumerate(mni.z)}
+    shared = [i for i, z in enumerate(colin.z) if int(z) in at and int(z) + 1 in at]
+    assert len(shared) > 100
+    for i in shared[::10]:
+        j = at[int(colin.z[i])]  # both in MNI space: the same z is the same anatomical level
+        # Colin's slice differs from the template's at that level by more than the template's
+        # own neighbouring slices differ: another brain, not a copy of the training one.
+        assert (
+            np.abs(colin.images[i] - mni.images[j]).mean()
+            > 1.5 * np.abs(mni.images[j + 1] - mni.images[j]).mean()
+        )
+        assert 0.5 < colin.brain[i].mean() / mni.brain[j].mean() < 1.5  # but a brain of like size
+    sample_brain(tmp_path / "s", cfg, BrainSampleSizes(lesion=3, normal=1), test_volume=COLIN27)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert manifest["test_source"] == str(COLIN27)
+    assert len(list_pngs(tmp_path / "s" / "test" / "images")) == 4
+    # The same axial levels as the template's test set (the volumes share MNI space).
+    sample_brain(tmp_path / "t", cfg, BrainSampleSizes(lesion=3, normal=1))
+    template_z = json.loads((tmp_path / "t" / MANIFEST).read_text())["test_z"]
+    assert set(manifest["test_z"]) <= set(template_z)
+    assert len(manifest["test_z"]) >= len(template_z) - 2  # Colin's volume ends 2 mm lower

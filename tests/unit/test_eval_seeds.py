@@ -1,4 +1,4 @@
-"""`meddiff eval seeds`: mean, spread and wins across compare-prompting runs."""
+"""`meddiff eval seeds`: mean, spread and wins across compare-prompting or THOR evaluate runs."""
 
 from __future__ import annotations
 
@@ -48,7 +48,32 @@ def test_mean_sd_and_wins_respect_the_metric_direction(tmp_path):
 
 def test_an_unfinished_run_is_named(tmp_path, capsys):
     done = _run(tmp_path, "s0", (1, 2), (0.5, 0.5))
-    with pytest.raises(DataError, match="s1: no evaluation/comparison.json"):
+    with pytest.raises(DataError, match="s1: no evaluation/comparison.json or metrics.json"):
         summarize_runs([done, tmp_path / "s1"])
     assert main(["eval", "seeds", str(done), str(tmp_path / "s1")]) == 2
     assert "s1" in capsys.readouterr().err
+
+
+def _thor_run(root, name, auprc):
+    """A `thor evaluate --out` folder with the fields metrics.json has (two methods)."""
+    methods = {}
+    for method, value in zip(("thor", "ddpm"), auprc, strict=True):
+        pixel = {"auprc": value, "auroc": 0.8, "best_dice": value / 2}
+        strata = {"small": {"auprc": value / 4}, "large": {"auprc": value * 2}}
+        methods[method] = {"metrics": {"pixel": pixel, "image_auroc": 0.6, "strata": strata}}
+    (root / name).mkdir()
+    (root / name / "metrics.json").write_text(json.dumps({"methods": methods}))
+    return root / name
+
+
+def test_thor_evaluate_runs_give_one_row_per_metric_and_method(tmp_path):
+    runs = [
+        _thor_run(tmp_path, f"s{i}", v) for i, v in enumerate([(0.3, 0.2), (0.1, 0.2), (0.2, 0.1)])
+    ]
+    out = summarize_runs(runs)["table"]
+    assert out["pixel_auprc"]["thor"]["mean"] == pytest.approx(0.2)
+    assert out["pixel_auprc"]["thor"]["sd"] == pytest.approx(0.1)
+    assert (out["pixel_auprc"]["thor"]["best_in"], out["pixel_auprc"]["ddpm"]["best_in"]) == (2, 1)
+    assert out["pixel_auprc (large)"]["ddpm"]["values"] == [0.4, 0.4, 0.2]
+    # A tie in every seed (image AUROC 0.6 for both) is nobody's win.
+    assert out["image_auroc"]["thor"]["best_in"] == out["image_auroc"]["ddpm"]["best_in"] == 0

@@ -18,6 +18,13 @@ evaluation, scaled by area from 128×128 to the output size), shape (ellipses of
 angle, smooth or irregular outline from a smooth random field), edge (soft or sharp), and contrast
 (hypo-intense like chronic stroke on T1, or hyper-intense), always inside the brain mask. A lesion
 pixel is one where the lesion's blend weight is at least 0.5.
+
+An independent test brain: ``test_volume=COLIN27`` cuts the test slices from Colin Holmes's
+brain (the "Colin27" single-subject MNI template, an average of 27 T1 scans of one man, 1 mm,
+skull-stripped; Holmes et al., J Comput Assist Tomogr 1998), which Debian ships in the
+``mricron-data`` package as ``ch2bet.nii.gz``. It is in MNI space like the training template
+but is not one of the ICBM subjects that template averages, so a model trained on the template
+is judged on a subject it never saw.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ MANIFEST = "sample_brain.json"
 # Target lesion areas (pixels at 128×128) per stratum; strata bounds are (3, 71], (71, 570], > 570.
 TARGET_AREA_128 = {"small": (15.0, 65.0), "medium": (90.0, 520.0), "large": (650.0, 1800.0)}
 STRATA_128 = (3.0, 71.0, 570.0)
+# Colin27, skull-stripped, from Debian's mricron-data package (`apt-get install mricron-data`).
+COLIN27 = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ def sample_brain(
     With ``test_volume`` (a T1 NIfTI of another brain, skull-stripped or with ``test_mask``) the
     test slices come from that brain instead of the template's held-out slices (the training
     slices stay the template's, so a model is judged on a subject it never saw); same lesion
-    generator, same strata, same layout.
+    generator, same strata, same layout, and, for a brain in MNI space such as :data:`COLIN27`,
+    the same axial levels as the template's test slices.
 
     Raises:
         DataError: ``out_dir`` exists (and ``overwrite`` is False), sizes leave no data, or the
@@ -114,8 +124,12 @@ def sample_brain(
     train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
     test_sl, test_source = sl, "template: held-out slices"
     if test_volume is not None:
-        test_sl = volume_to_slices(test_volume, cfg, test_mask)
-        test_idx, test_source = np.arange(len(test_sl.z)), str(test_volume)
+        test_sl, test_source = volume_to_slices(test_volume, cfg, test_mask), str(test_volume)
+        # The template's held-out levels, where the other brain has them (both in MNI space: the
+        # same z is the same anatomical level), so the two test sets differ only in the subject.
+        test_idx = np.flatnonzero(np.isin(test_sl.z, sl.z[test_idx]))
+        if len(test_idx) == 0:  # not in MNI space: spread over its own slices instead
+            test_idx = np.arange(len(test_sl.z))[sizes.test_every // 2 :: sizes.test_every]
     # Lesions go on held-out slices with enough brain for a large lesion.
     area = test_sl.brain[test_idx].sum(axis=(1, 2))
     roomy = test_idx[area >= 0.5 * area.max()]

@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     brain.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     brain.add_argument(
         "--test-volume", type=Path,
-        help="T1 NIfTI of another brain: cut the test slices from it instead of the template",
+        help="T1 NIfTI of another brain: cut the test slices from it instead of the template "
+        "(e.g. Colin27 from Debian's mricron-data: /usr/share/mricron/templates/ch2bet.nii.gz)",
     )  # fmt: skip
     brain.add_argument(
         "--test-mask", type=Path, help="brain mask of --test-volume (default: voxels above "

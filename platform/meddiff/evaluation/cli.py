@@ -106,9 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     seeds = cmds.add_parser(
         "seeds",
-        help="one table from compare-prompting runs that differ only in their seed",
+        help="one table from compare-prompting or thor evaluate runs that differ only in their "
+        "seed",
     )
-    seeds.add_argument("runs", nargs="+", type=Path, help="compare-prompting --out folders")
+    seeds.add_argument(
+        "runs", nargs="+", type=Path, help="compare-prompting or thor evaluate --out folders"
+    )
     seeds.add_argument("--out", type=Path, help="write seeds.json and seeds.csv here")
     seeds.set_defaults(handler=_seeds)
 

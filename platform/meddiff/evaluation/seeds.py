@@ -1,11 +1,14 @@
-"""One table from several runs of ``meddiff eval compare-prompting`` that differ only in their
-seed: each metric's value per seed, the mean and the sample standard deviation across seeds, and
-in how many seeds each strategy came out best.
+"""One table from several runs of ``meddiff eval compare-prompting`` or ``meddiff thor evaluate``
+that differ only in their seed: each metric's value per seed, the mean and the sample standard
+deviation across seeds, and in how many seeds each strategy (prompt strategy or THOR method) came
+out best.
 
-Each run's ``evaluation/comparison.json`` (metric → strategy → value or ``{"value", "lo", "hi"}``
-with the bootstrap interval) is read, plus the per-label strata of ``evaluation/fidelity.json``
-(label 0 and label 1 are the baseline's two prompts, so both arms have them); the intervals and
-the per-morphology-prompt strata stay in each run's report.
+A compare-prompting run's ``evaluation/comparison.json`` (metric → strategy → value or
+``{"value", "lo", "hi"}`` with the bootstrap interval) is read, plus the per-label strata of
+``evaluation/fidelity.json`` (label 0 and label 1 are the baseline's two prompts, so both arms
+have them); the intervals and the per-morphology-prompt strata stay in each run's report. A THOR
+evaluation's ``metrics.json`` gives the pixel AUPRC, pixel AUROC, best Dice and image AUROC of
+each method, and the pixel AUPRC per lesion-size stratum (all higher-is-better).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from meddiff.errors import DataError
 from meddiff.files import write_text
 
 TABLE = Path("evaluation") / "comparison.json"
+THOR_METRICS = Path("metrics.json")  # written by `meddiff thor evaluate --out`
 FIDELITY = Path("evaluation") / "fidelity.json"
 # Distances (Fréchet, kernel): lower is better; every other metric in the table is higher-better.
 LOWER_IS_BETTER = ("fd_", "kd_")  # also their per-label rows, "fd_... (label 0)"
@@ -35,16 +39,22 @@ def read_runs(runs: list[str | Path]) -> list[dict[str, dict[str, Any]]]:
     """Each run's comparison table.
 
     Raises:
-        DataError: a run has no ``evaluation/comparison.json`` (not finished), or fewer than two
-            runs are given.
+        DataError: a run has neither ``evaluation/comparison.json`` nor ``metrics.json`` (not
+            finished), or fewer than two runs are given.
     """
     if len(runs) < 2:
         raise DataError(f"give at least two runs to compare across seeds, got {len(runs)}")
     tables = []
     for run in runs:
         path = Path(run) / TABLE
+        if (Path(run) / THOR_METRICS).is_file() and not path.is_file():
+            tables.append(_thor_rows(json.loads((Path(run) / THOR_METRICS).read_text())))
+            continue
         if not path.is_file():
-            raise DataError(f"{run}: no {TABLE} (has `eval compare-prompting` finished there?)")
+            raise DataError(
+                f"{run}: no {TABLE} or {THOR_METRICS} "
+                "(has `eval compare-prompting` or `thor evaluate` finished there?)"
+            )
         table = json.loads(path.read_text())
         if (Path(run) / FIDELITY).is_file():
             table.update(_label_rows(json.loads((Path(run) / FIDELITY).read_text())))
@@ -60,6 +70,23 @@ def _label_rows(fidelity: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for metric, cell in cells.items():
                 if isinstance(cell, dict) and "value" in cell:
                     rows.setdefault(f"{metric} (label {label})", {})[strategy] = cell["value"]
+    return rows
+
+
+def _thor_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{metric: {method: value}}`` from a ``thor evaluate`` metrics.json."""
+    rows: dict[str, dict[str, Any]] = {}
+    for method, result in metrics.get("methods", {}).items():
+        m = result["metrics"]
+        cells = {
+            "pixel_auprc": m["pixel"]["auprc"],
+            "pixel_auroc": m["pixel"]["auroc"],
+            "best_dice": m["pixel"]["best_dice"],
+            "image_auroc": m.get("image_auroc"),
+            **{f"pixel_auprc ({k})": v["auprc"] for k, v in m.get("strata", {}).items()},
+        }
+        for metric, value in cells.items():
+            rows.setdefault(metric, {})[method] = value
     return rows
 
 
