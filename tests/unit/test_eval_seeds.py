@@ -77,3 +77,13 @@ def test_thor_evaluate_runs_give_one_row_per_metric_and_method(tmp_path):
     assert out["pixel_auprc (large)"]["ddpm"]["values"] == [0.4, 0.4, 0.2]
     # A tie in every seed (image AUROC 0.6 for both) is nobody's win.
     assert out["image_auroc"]["thor"]["best_in"] == out["image_auroc"]["ddpm"]["best_in"] == 0
+
+
+def test_one_method_gets_mean_and_spread_without_wins(tmp_path):
+    runs = [_thor_run(tmp_path, f"s{i}", (v, v)) for i, v in enumerate([0.3, 0.1])]
+    for run in runs:  # keep only THOR, as a run of `thor evaluate --method anoddpm` alone
+        metrics = json.loads((run / "metrics.json").read_text())
+        del metrics["methods"]["ddpm"]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    text = summarize_runs(runs)["markdown"]
+    assert "| pixel_auprc | 0.200 ± 0.141 |" in text and "best in" not in text

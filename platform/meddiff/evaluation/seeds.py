@@ -134,8 +134,10 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
         "|---|" + "---|" * len(strategies),
     ]
     for metric, cells in summary.items():
+        many = len(cells) > 1  # "best in" only means something with strategies to beat
         row = [
-            f"{c['mean']:.3f} ± {c['sd']:.3f} (best in {c['best_in']}/{seeds})"
+            f"{c['mean']:.3f} ± {c['sd']:.3f}"
+            + (f" (best in {c['best_in']}/{seeds})" if many else "")
             for c in cells.values()
         ]
         lines.append(f"| {metric} | " + " | ".join(row) + " |")
