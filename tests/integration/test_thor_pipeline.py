@@ -231,3 +231,15 @@ def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys):
     assert rc == 2 and err.startswith("meddiff: error: checkpoint")
     assert "has no trainer_state.pt" in err
     assert WorkerContext.starts(run_dir) == 2  # one more start, no retries (max_failures=2)
+
+
+def test_detect_over_several_actors_gives_the_same_maps(trained, brain, tmp_path):
+    """Batches of 2 (one block each) shared by two actors equal one batch on one actor: every
+    image's noise is seeded from its name, not from where it ran."""
+    images = str(brain / "test" / "images")
+    args = ["thor", "detect", "--model", str(trained[0] / "model"), "--images", images, *FAST]
+    assert main([*args, "--out", str(tmp_path / "one"), *SMALL]) == 0
+    shared = ["--set", "thor.infer.batch_size=2", "--set", "thor.infer.concurrency=2"]
+    assert main([*args, "--out", str(tmp_path / "two"), *SMALL, *shared]) == 0
+    one, two = ((tmp_path / d / "scores.csv").read_text() for d in ("one", "two"))
+    assert len(one.splitlines()) == 9 and one == two

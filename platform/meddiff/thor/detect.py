@@ -176,13 +176,19 @@ def run_folder(
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     start = time.perf_counter()
-    ds = ray.data.from_items(items).map_batches(
+    # One block per batch, so several actors (thor.infer.concurrency) share the work; Ray Data
+    # would put a few dozen small rows in one block.
+    blocks = -(-len(items) // ic.batch_size)
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         ThorStage,
         fn_constructor_args=(str(model_ref), cfg.model_dump(mode="json")),
         batch_size=ic.batch_size,
         compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
         num_gpus=gpus,
     )
+    # A batch of the full schedule on a CPU (hundreds of UNet passes per image) can outlast Ray
+    # Data's no-progress window (30 min) without anything being wrong; it would kill the run.
+    ds.context.execution_no_progress_timeout_s = -1
     rows: dict[str, list] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
