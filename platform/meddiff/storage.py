@@ -131,7 +131,7 @@ def name(path: str | Path) -> str:
 def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     """The pyarrow filesystem that serves ``path`` and the path inside it.
 
-    For ``s3://`` and ``abfs://`` the endpoint and credentials come from the storage settings
+    For ``s3://``, ``abfs://`` and ``gs://`` the endpoint and credentials come from the settings
     and the environment (module docstring); other schemes use pyarrow's own resolution
     (``FileSystem.from_uri``). Raises DataError naming ``path`` when it cannot be opened (no
     Azure account known, an unknown scheme's URI pyarrow refuses).
