@@ -141,8 +141,18 @@ class Cluster:
     def _identify(self, node: Node) -> None:
         """Wait until ``node`` has joined and record its Ray node id (the one not seen before)."""
         known = {n.node_id for n in self.nodes if n.node_id}
-        alive = self.wait_for_nodes(sum(n.proc.poll() is None for n in self.nodes))
-        [node.node_id] = [n["node_id"] for n in alive if n["node_id"] not in known]
+        deadline = time.monotonic() + 600
+        while True:
+            alive = self.wait_for_nodes(sum(n.proc.poll() is None for n in self.nodes))
+            new = [n["node_id"] for n in alive if n["node_id"] not in known]
+            if new:
+                [node.node_id] = new
+                return
+            # The count matched before the new node joined: a node killed moments ago is still
+            # listed alive until Ray's health check marks it dead (seen on an idle machine).
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node.name} did not join the cluster at {self.gcs}")
+            time.sleep(1)
 
     def _start(self, name: str, label: str) -> Node:
         """Start node ``name``; ``label`` names its temp dir and log (one per attempt)."""
