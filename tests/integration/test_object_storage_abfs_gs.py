@@ -17,9 +17,9 @@ import h5py
 import numpy as np
 import pytest
 import servers
+from test_object_storage import _one_line_error  # the s3 tests' check, same rule
 
 from meddiff import storage
-from meddiff.cli import main
 from meddiff.config import StorageConfig, load_config
 from meddiff.errors import DataError
 
@@ -153,13 +153,6 @@ def test_abfs_uri_forms_and_account_from_the_environment(azure, monkeypatch):
     storage.configure(StorageConfig(azure_endpoint=azure.endpoint))
     with pytest.raises(DataError, match=r"^abfs://c/x: no Azure storage account \(set AZURE_STO"):
         storage.read_bytes("abfs://c/x")
-
-
-def _one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("meddiff: ")]
-    assert len(errors) == 1 and errors[0].startswith("meddiff: error: "), errors
-    return errors[0]
 
 
 def test_abfs_bad_container_and_wrong_key_at_the_command_line(azure, capsys, monkeypatch, tmp_path):
