@@ -7,6 +7,7 @@ it is made once), and never to the developer's ./mlruns.db.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,18 @@ def sample_pcam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pcam")
     sample_pcam(root, SampleSizes(train=128, valid=32, test=32), seed=0)
     return root
+
+
+@pytest.fixture
+def bucket(tmp_path: Path) -> Iterator[Path]:
+    """``s3://bkt/...`` served from a local folder (returned): meddiff's object-store code
+    paths without a server; tests/integration runs them against a real one (SeaweedFS)."""
+    import pyarrow.fs as pafs
+
+    from meddiff import storage
+
+    root = tmp_path / "store"
+    (root / "bkt").mkdir(parents=True)
+    storage.use_filesystem("s3://bkt", pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()))
+    yield root / "bkt"
+    storage._shipped.clear()

@@ -49,7 +49,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
@@ -142,6 +142,9 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).absolute())
     path = str(path)
     parsed = urlparse(path)
+    shipped = _shipped.get(f"{parsed.scheme}://{parsed.netloc}")
+    if shipped is not None:
+        return shipped, filesystem_path(path)
     if parsed.scheme in AZURE:
         return _azure_filesystem(path), filesystem_path(path)
     if parsed.scheme in GCS:
@@ -174,6 +177,22 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
         kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
         kwargs["force_virtual_addressing"] = False
     return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+# Filesystems a driver built and shipped to this process (see ``use_filesystem``), by bucket.
+_shipped: dict[str, pyarrow.fs.FileSystem] = {}
+
+
+def use_filesystem(uri: str, fs: pyarrow.fs.FileSystem) -> None:
+    """Open every URI in ``uri``'s bucket (or container) with ``fs`` in this process.
+
+    For Ray workers: ``fs`` is what :func:`filesystem` built on the driver, pickled with its
+    endpoint and credentials (as Ray Train's own ``storage_filesystem`` is), so a worker whose
+    environment lacks them (started before they were set, or on a node without them) reads and
+    writes the same store the driver does.
+    """
+    parsed = urlparse(uri)
+    _shipped[f"{parsed.scheme}://{parsed.netloc}"] = fs
 
 
 def _azure_endpoint() -> str | None:
@@ -447,18 +466,32 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def delete_dir(path: str | Path) -> None:
-    """Remove ``path`` and everything under it (nothing if absent)."""
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to the text file at ``path`` (created with its parents when
+    absent). An object cannot be appended to: it is read and written whole, so ``path`` must
+    have one writer at a time (e.g. rank 0 of a training run)."""
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+        return
+    before = read_text(path) if is_file(path) else ""
+    write_text(path, before + line + "\n")
+
+
+def delete_dir(path: str | Path, *, keep: Sequence[str] = ()) -> None:
+    """Remove ``path`` and everything under it (nothing if absent), except the sub-folders named
+    in ``keep`` (object stores only: e.g. the Ray Train checkpoints a job writes there itself)."""
     if not is_uri(path):
         shutil.rmtree(path, ignore_errors=True)
         return
     fs, inner = filesystem(path)
     # Delete the marker first, so a half-deleted output never keeps looking complete. Only
     # objects listed: deleting an absent one costs Azure a failed lease, and Azurite a slow error.
-    names = list_files(path)
+    names = [n for n in list_files(path) if n.split("/", 1)[0] not in keep]
     for rel in [m for m in MARKERS if m in names] + [n for n in names if n not in MARKERS]:
         retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
-    if urlparse(str(path)).scheme in AZURE and "/" in inner:
+    if urlparse(str(path)).scheme in AZURE and "/" in inner and not keep:
         # Azure's flat namespace keeps an empty marker blob for each folder emptied by a delete
         # (pyarrow's emulation of directories); drop them so the prefix no longer "exists".
         retry(str(path), lambda: _delete_tree(fs, inner))
@@ -479,9 +512,12 @@ COMPLETE = "_meddiff_complete.json"
 MARKERS = ("_meddiff_shards.json", COMPLETE)
 
 
-def upload_dir(local: str | Path, uri: str, *, marker: str | None = COMPLETE) -> list[str]:
-    """Copy the local directory ``local`` to ``uri`` (replacing what was there), then write
-    ``marker`` (a JSON list of the files) last, so a reader can tell a complete upload.
+def upload_dir(
+    local: str | Path, uri: str, *, marker: str | None = COMPLETE, keep: Sequence[str] = ()
+) -> list[str]:
+    """Copy the local directory ``local`` to ``uri`` (replacing what was there but the
+    sub-folders in ``keep``), then write ``marker`` (a JSON list of the files) last, so a reader
+    can tell a complete upload.
 
     Returns the uploaded names. A file named like the marker in ``local`` is uploaded last too.
     """
@@ -489,7 +525,7 @@ def upload_dir(local: str | Path, uri: str, *, marker: str | None = COMPLETE) ->
 
     local = Path(local)
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    delete_dir(uri)
+    delete_dir(uri, keep=keep)
     fs, inner = filesystem(uri)
     last = [n for n in names if n in MARKERS]
     for rel in [n for n in names if n not in MARKERS] + last:
@@ -580,7 +616,11 @@ def cached_file(
 
 @contextlib.contextmanager
 def local_output(
-    path: str | Path, *, overwrite: bool = True, flag: str = "--overwrite"
+    path: str | Path,
+    *,
+    overwrite: bool = True,
+    flag: str = "--overwrite",
+    keep: Sequence[str] = (),
 ) -> Iterator[Path]:
     """A local directory to write an output into: a local ``path`` itself (not created here: the
     job creates it, under its own rules for an existing one); for a URI, an empty temporary one
@@ -589,9 +629,11 @@ def local_output(
 
     The temporary directory is named like the URI's last component (``.../model`` -> ``model``)
     and its siblings are free for the job's own scratch (e.g. a ``.partial`` folder). An upload
-    replaces whatever was at the URI (its marker is deleted first). With ``overwrite=False`` a
-    URI that already holds something is refused up front: DataError naming it (and ``flag``,
-    the option that would allow replacing it).
+    replaces whatever was at the URI (its marker is deleted first) but the sub-folders named in
+    ``keep``, which the job writes to the URI itself (e.g. ``ray``: Ray Train's checkpoints,
+    written there by every node). With ``overwrite=False`` a URI that already holds something is
+    refused up front: DataError naming it (and ``flag``, the option that would allow replacing
+    it).
     """
     if not is_uri(path):
         yield Path(path)  # the job creates it (a failed one may then leave nothing behind)
@@ -602,7 +644,7 @@ def local_output(
         local = Path(tmp) / (name(path) or "out")
         local.mkdir()
         yield local
-        upload_dir(local, str(path))
+        upload_dir(local, str(path), keep=keep)
 
 
 def rebase(value: T, local: str | Path, uri: str | Path) -> T:

@@ -191,24 +191,56 @@ def brain(tmp_path_factory):
     return out / "train"
 
 
-def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, tmp_path, record):
-    """Ray Train puts one worker on each node; when the worker node is lost it restarts from the
-    latest checkpoint with the one worker that still fits (elastic), and registers once."""
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """SeaweedFS on loopback with a bucket; this process reaches it through ``storage``."""
+    import servers
+
+    from meddiff import storage
+    from meddiff.config import StorageConfig
+
+    with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
+        s3.create_bucket("mn")
+        saved = {k: os.environ.get(k) for k in s3.env()}
+        os.environ.update(s3.env())
+        storage.configure(StorageConfig(endpoint_url=s3.endpoint))
+        yield s3
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.environ.pop("AWS_ENDPOINT_URL", None)  # storage.configure exported it
+        storage._settings = None
+
+
+def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, bucket, record):
+    """Ray Train puts one worker on each node, each writing its part of every checkpoint to the
+    bucket (--out s3://...: no shared filesystem); when the worker node is lost it restarts from
+    the bucket's latest checkpoint with the one worker that still fits (elastic), and registers
+    once."""
     import mlflow
+
+    from meddiff import storage
+    from meddiff.training import latest_checkpoint
 
     _ensure_worker(cluster)
     [worker] = cluster.alive_workers()
-    out, name = tmp_path / "thor", f"thor-mn-{uuid.uuid4().hex[:6]}"
+    out, name = f"s3://mn/thor-{uuid.uuid4().hex[:6]}", f"thor-mn-{uuid.uuid4().hex[:6]}"
     sid = f"meddiff-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
     submitted = cluster.submit(
-        ["python", "jobs/train_thor.py", "--data", str(brain), "--out", str(out), *THOR,
-         "--set", f"thor.train.register_as={name}"],
-        submission_id=sid, wait=False,
+        ["python", "jobs/train_thor.py", "--data", str(brain), "--out", out, *THOR,
+         "--set", f"thor.train.register_as={name}",
+         "--set", f"storage.endpoint_url={bucket.endpoint}"],
+        env_vars=bucket.env(), submission_id=sid, wait=False,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
-    checkpoints = out / "ray" / "thor-train"
-    _wait_until(lambda: list(checkpoints.glob("checkpoint_*")), 600, "the first checkpoint")
+    checkpoints = f"{out}/ray/thor-train"
+    first = _wait_until(lambda: latest_checkpoint(checkpoints), 600, "the first checkpoint")
+    # Both ranks' parts are in the bucket: rank 1's was uploaded from the worker node.
+    parts = storage.list_files(first)
+    assert {"meddiff_rank0.json", "meddiff_rank1.json"} <= set(parts), parts
     job = cluster.job_id(sid)
     names = cluster.node_ids()
     train_workers = [a for a in cluster.job_actors(job) if "TrainWorker" in a["class_name"]]
@@ -220,7 +252,8 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, t
     status = cluster.wait_for_job(sid, timeout=900)
     logs = cluster.job_logs(sid)
     assert "SUCCEEDED" in status, logs[-4000:]
-    summary = json.loads((out / "train_summary.json").read_text())
+    assert storage.is_complete(out)
+    summary = json.loads(storage.read_text(f"{out}/train_summary.json"))
     assert summary["steps"] == STEPS
 
     # Steps lost: the last step trained before the loss minus the step training resumed from.
@@ -247,6 +280,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, t
     record(
         "train_node_loss",
         {"steps": STEPS, "checkpoint_every": CKPT, "first_nodes": first_nodes,
+         "checkpoints": checkpoints, "first_checkpoint_parts": len(parts),
          "last_step_before_loss": max(before), "resumed_from": int(resume.value),
          "steps_lost": lost, "registered_versions": len(versions),
          "workers_after_loss": len(restarted),

@@ -3,6 +3,7 @@ local Ray, all or nothing, with one-line errors for bad URIs and credentials."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -227,13 +228,22 @@ def test_prompts_synth_train_and_generate_from_and_to_s3(store, pcam_uri, tmp_pa
     synth = f"s3://{BUCKET}/paths/synth"
     train = _sets(
         "synthesis.model.arch.vae_warmup_steps=0",
-        "synthesis.train.max_steps=2",
+        "synthesis.train.max_steps=4",
         "synthesis.train.checkpoint_every=2",
         "synthesis.train.registered_name=synth-s3",
+        "synthesis.train.max_failures=0",
+        "synthesis.train.fail_at_step=3",  # SIGKILL before step 3, after the step-2 save
     )
     argv = ["synth", "train", "--pairs", f"{prompts}/pairs", "--out", synth, *common, *train]
-    assert main(argv) == 0
-    assert storage.is_complete(synth)
+    err = _one_line_error(capsys, argv)  # no restarts allowed: the run fails ...
+    assert f"checkpoints stay in {synth}/ray/train" in err
+    assert not storage.is_complete(synth)  # ... leaving nothing that looks complete
+    assert main(argv) == 0  # the same command resumes from the bucket's step-2 checkpoint
+    printed = capsys.readouterr().out
+    summary, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
+    assert summary["attempts"] == [0, 2] and summary["steps"] == 4
+    assert summary["checkpoint"] == f"{synth}/ray/train/checkpoint_00000004"
+    assert storage.is_complete(synth) and storage.is_dir(f"{synth}/ray/train")
     model = storage.local_input(f"{synth}/model")  # a file-level check of the uploaded model
     C.check_model_dir(model)
 
@@ -257,11 +267,18 @@ def test_prompts_synth_train_and_generate_from_and_to_s3(store, pcam_uri, tmp_pa
 
 
 @pytest.mark.slow
-def test_thor_train_and_detect_with_s3_data_model_and_outputs(store, tmp_path, capsys):
+def test_thor_train_resumes_from_s3_checkpoints_and_detects(store, tmp_path, capsys):
+    """THOR with s3:// data, --out and model: Ray Train writes its checkpoints to the bucket as
+    training goes; a run that fails (the worker killed, no restarts allowed) leaves them and no
+    completion marker, and the same command again resumes from the bucket's newest checkpoint,
+    losing at most one interval; --fresh starts over. Then detect reads the model from s3."""
     import csv
+
+    import mlflow
 
     from meddiff.config.data import MriConfig
     from meddiff.data.brain import BrainSampleSizes, sample_brain
+    from meddiff.training import WorkerContext, latest_checkpoint
 
     _cfg(store)
     brain = tmp_path / "brain"
@@ -276,21 +293,44 @@ def test_thor_train_and_detect_with_s3_data_model_and_outputs(store, tmp_path, c
         "thor.model.num_head_channels=32",
         "thor.model.norm_groups=8",
         "thor.train.batch_size=4",
-        "thor.train.steps=2",
+        "thor.train.steps=4",
         "thor.train.checkpoint_every=2",
-        "thor.train.sample_every=2",
+        "thor.train.sample_every=4",
         "thor.train.num_samples=2",
         "thor.train.epoch_images=16",
         "thor.train.register_as=thor-s3",
+        "thor.train.max_failures=0",
+        "thor.train.log_every=1",
         "thor.infer.batch_size=8",
     )
     run = f"s3://{BUCKET}/thor/run"
+    run_dir = f"{run}/ray/thor-train"
     train = ["thor", "train", "--data", data, "--out", run, *_common(store), *small]
-    assert main(train) == 0
+    killed = _sets("thor.train.fail_at_step=3")  # SIGKILL before step 3, after the step-2 save
+    err = _one_line_error(capsys, [*train, *killed])
+    assert "training failed after thor.train.max_failures=0 restarts" in err
+    assert f"checkpoints stay in {run_dir}" in err
+    assert not storage.is_complete(run)  # nothing that looks complete
+    assert str(latest_checkpoint(run_dir)).endswith("checkpoint_00000002")
+
+    assert main([*train, *killed]) == 0  # the same command: resumes (the drill fired once)
+    printed = capsys.readouterr().out
+    summary, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
     assert storage.is_complete(run) and storage.is_file(f"{run}/model/thor_model.json")
-    # The run cannot resume from object storage: an existing one is replaced only with --fresh.
-    err = _one_line_error(capsys, train)
-    assert f"{run} already exists" in err and "--fresh" in err
+    assert WorkerContext.starts(run_dir) == 2
+    assert str(latest_checkpoint(run_dir)).endswith("checkpoint_00000004")  # kept by the upload
+    assert summary["steps"] == 4 and summary["model"] == f"{run}/model"
+    client = mlflow.MlflowClient()
+    resumed = client.get_metric_history(summary["run_id"], "resumed_from_step")
+    assert [m.value for m in resumed] == [2.0]  # lost: step 3 only (< one interval of 2)
+    steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], "loss"))
+    assert steps == [3, 4]
+    assert len(client.search_model_versions("name='thor-s3'")) == 1  # registered once
+
+    assert main([*train, "--fresh", *_sets("thor.train.steps=2")]) == 0
+    assert WorkerContext.starts(run_dir) == 1  # started over
+    assert str(latest_checkpoint(run_dir)).endswith("checkpoint_00000002")
+    capsys.readouterr()
 
     maps = f"s3://{BUCKET}/thor/maps"
     detect = ["thor", "detect", "--model", f"{run}/model", "--images", images, "--out", maps,

@@ -314,3 +314,29 @@ def test_azure_endpoint_forms(monkeypatch, endpoint, uri, want):
     assert got[0] == want[0] and options["account_key"] == "a2V5"
     if endpoint:
         assert got == want
+
+
+def test_an_upload_keeps_what_the_job_wrote_to_the_bucket_itself(bucket, tmp_path):
+    """Ray Train's checkpoints under ``ray/`` survive the end-of-job upload, which replaces the
+    rest (an old model) and writes the completion marker last."""
+    (bucket / "run" / "ray" / "train").mkdir(parents=True)
+    (bucket / "run" / "ray" / "train" / "ckpt.pt").write_bytes(b"state")
+    (bucket / "run" / "old-model.bin").write_bytes(b"old")
+    with storage.local_output("s3://bkt/run", keep=("ray",)) as out:
+        (out / "model.bin").write_bytes(b"new")
+    assert storage.list_files("s3://bkt/run") == [
+        storage.COMPLETE, "model.bin", "ray/train/ckpt.pt"
+    ]  # fmt: skip
+    assert json.loads(storage.read_text(f"s3://bkt/run/{storage.COMPLETE}"))["files"] == [
+        "model.bin"
+    ]
+    storage.delete_dir("s3://bkt/run")  # without keep: all of it
+    assert storage.list_files("s3://bkt/run") == []
+
+
+def test_append_line_adds_to_a_file_or_an_object(bucket, tmp_path):
+    (bucket / "a").mkdir()  # the local stand-in needs the folder an object store does not
+    for path in (tmp_path / "a" / "log.jsonl", "s3://bkt/a/log.jsonl"):
+        storage.append_line(path, "one")
+        storage.append_line(path, "two")
+        assert storage.read_text(path) == "one\ntwo\n"

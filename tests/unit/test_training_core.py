@@ -25,7 +25,7 @@ from meddiff.training import (
     marker_info,
     step_generator,
 )
-from meddiff.training.checkpoints import MARKER
+from meddiff.training.checkpoints import MARKER, complete_step
 from meddiff.training.driver import worker_user_error
 
 # A THOR UNet small enough for a few CPU steps (any module would do: the core imports none).
@@ -95,14 +95,35 @@ def _write_checkpoint(run_dir, step, t, model_config, *, world=1, precision="fp3
 
 
 def test_a_checkpoint_is_complete_only_with_every_ranks_part(tmp_path):
-    from meddiff.training.checkpoints import complete_step, latest_checkpoint
-
     t = load_config("tiny").thor.train
     two = _write_checkpoint(tmp_path, 2, t, {}, world=2)
     four = _write_checkpoint(tmp_path, 4, t, {}, world=2)
     assert complete_step(four) == 4 and latest_checkpoint(tmp_path) == four
     (four / "meddiff_rank1.json").unlink()  # rank 1's part never arrived
     assert complete_step(four) is None and latest_checkpoint(tmp_path) == two
+
+
+def test_checkpoints_on_an_object_store_are_found_resumed_and_counted(bucket, tmp_path):
+    from meddiff import storage
+    from meddiff.training.checkpoints import _local
+    from meddiff.training.context import STARTS
+
+    t = load_config("tiny").thor.train
+    run = "s3://bkt/out/ray/thor-train"
+    assert latest_checkpoint(run) is None  # nothing there yet
+    _write_checkpoint(bucket / "out/ray/thor-train", 2, t, {}, world=2)
+    four = _write_checkpoint(bucket / "out/ray/thor-train", 4, t, {}, world=2)
+    (four / "meddiff_rank1.json").unlink()  # rank 1's part never arrived
+    found = latest_checkpoint(run)
+    assert found == f"{run}/checkpoint_00000002"
+    with _local(found) as d:  # what a restarted worker loads: a local copy
+        assert d.is_dir() and d != bucket and complete_step(d) == 2
+    assert not d.exists()  # removed after use
+    for pid in (1, 2):  # what rank 0 of each worker-group start writes
+        storage.append_line(f"{run}/{STARTS}", json.dumps({"pid": pid}))
+    assert WorkerContext.starts(run) == 2
+    lines = (bucket / "out/ray/thor-train" / STARTS).read_text().splitlines()
+    assert [json.loads(line)["pid"] for line in lines] == [1, 2]
 
 
 def test_resume_checks_architecture_and_zero_layout_before_workers_start(tmp_path):

@@ -59,8 +59,12 @@ def _train(args: argparse.Namespace) -> int:
     from meddiff.synthesis.train import train_synthesis
 
     cfg = config_from_args(args)
-    with storage.local_output(args.out) as out:
-        summary = storage.rebase(train_synthesis(cfg, args.pairs, out), out, args.out)
+    # A URI --out: the checkpoints go straight to its ray/ (kept by the upload), so rerunning
+    # the same command resumes from them; the rest is written locally and uploaded at the end.
+    bucket = str(args.out) if storage.is_uri(args.out) else None
+    with storage.local_output(args.out, keep=("ray",)) as out:
+        summary = train_synthesis(cfg, args.pairs, out, bucket_out=bucket)
+        summary = storage.rebase(summary, out, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -51,8 +51,15 @@ ATTEMPTS = "attempts.jsonl"
 # --- driver --------------------------------------------------------------------------------
 
 
-def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str, Any]:
+def train_synthesis(
+    cfg: Config, pairs: str | Path, out: str | Path, *, bucket_out: str | None = None
+) -> dict[str, Any]:
     """Fine-tune on the pairs shard directory ``pairs``; everything goes under ``out``.
+
+    With ``bucket_out`` (the object-store URI that ``out`` is uploaded to when the job ends) what
+    Ray Train's workers write or read goes there directly: the checkpoints (``bucket_out/ray``,
+    from every node; a rerun resumes from them), the base model built from config and the
+    training cache (``base/``, ``cache/``, uploaded before training and reused by a rerun).
 
     Returns a JSON-able summary: ``model`` (the final pipeline directory, ``out/model``),
     ``model_uri``/``version`` (registry), ``steps``, ``final_loss``, ``attempts`` (the step each
@@ -69,8 +76,13 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
     out = Path(out).resolve()
     pairs = pairs if storage.is_uri(pairs) else Path(pairs).resolve()  # s3://: read in place
     cache_mod.check_pairs(pairs)
-    _check_run(cfg, out)
+    shared = bucket_out or out  # what the workers see
+    run_dir = storage.join(shared, "ray", RUN_NAME)
+    _check_run(cfg, run_dir, shared)
     out.mkdir(parents=True, exist_ok=True)
+    if bucket_out:
+        for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)
+            _fetch_previous(storage.join(bucket_out, part), out / part)
     runtime.connect(cfg.runtime)
     tcfg = cfg.synthesis.train
     start = time.perf_counter()
@@ -86,12 +98,16 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
         cache_mod.batch_indices(
             int(info["rows"]), 0, world=tcfg.num_workers, rank=0, batch=tcfg.batch_size, seed=0
         )
-        result = _fit(cfg, source, out, run.info.run_id, tracking.tracking_uri(cfg.tracking))
+        inputs = {"source": source, "cache": str(out / "cache")}
+        if bucket_out:
+            inputs = _upload_inputs(out, bucket_out, source)
+        result = _fit(cfg, inputs, shared, run.info.run_id, tracking.tracking_uri(cfg.tracking))
         if result.checkpoint is None:
-            raise ModelError(f"training under {out / 'ray'} finished without a checkpoint")
-        ckpt = Path(result.checkpoint.path)
-        ckpt_info = read_checkpoint_info(ckpt)
-        model_dir = export_model(ckpt, out / "model")
+            raise ModelError(f"training under {run_dir} finished without a checkpoint")
+        ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
+        with result.checkpoint.as_directory() as local_ckpt:
+            ckpt_info = read_checkpoint_info(local_ckpt)
+            model_dir = export_model(Path(local_ckpt), out / "model")
         # The prompts it was trained on travel with the model (the synthesis service lists them).
         write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs), cfg.prompts)
         summary: dict[str, Any] = {
@@ -99,7 +115,7 @@ def train_synthesis(cfg: Config, pairs: str | Path, out: str | Path) -> dict[str
             "checkpoint": str(ckpt),
             "steps": ckpt_info["step"],
             "final_loss": (result.metrics or {}).get("loss"),
-            "attempts": read_attempts(out),
+            "attempts": read_attempts(run_dir),
             "strategy": tcfg.strategy,
             "zero_stage": tcfg.zero_stage if tcfg.strategy == "deepspeed" else None,
             "precision": training.resolve_precision(tcfg.precision, tcfg.use_gpu),
@@ -180,13 +196,37 @@ def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:
     return np.concatenate(batches)[:n]
 
 
-def _fit(cfg: Config, source: str, out: Path, run_id: str, uri: str):
+def _fetch_previous(uri: str | Path, dst: Path) -> None:
+    """Copy what an earlier attempt uploaded to ``uri`` (base model, cache) into ``dst``."""
+    if storage.is_dir(uri):
+        copy_tree(storage.local_input(uri), dst)
+
+
+def _upload_inputs(out: Path, bucket_out: str, source: str) -> dict[str, str]:
+    """Upload the training cache (and a base model built under ``out``) next to the run in the
+    bucket, each with its completion marker, for workers on any node; their URIs."""
+    cache = str(storage.join(bucket_out, "cache"))
+    _upload_changed(out / "cache", cache, cache_mod.INFO)
+    if Path(source) == out / "base":
+        source = str(storage.join(bucket_out, "base"))
+        _upload_changed(out / "base", source, C.BASE_INFO)
+    return {"source": source, "cache": cache}
+
+
+def _upload_changed(local: Path, uri: str, info: str) -> None:
+    """Upload ``local`` to ``uri`` unless a complete copy with the same ``info`` file (the
+    inputs it was built from) is there already, as after a rerun that reused it."""
+    same = storage.is_complete(uri) and storage.is_file(storage.join(uri, info))
+    if not (same and storage.read_text(storage.join(uri, info)) == (local / info).read_text()):
+        storage.upload_dir(local, uri)
+
+
+def _fit(cfg: Config, inputs: dict[str, str], shared: str | Path, run_id: str, uri: str):
     tcfg = cfg.synthesis.train
     config = {
         "cfg": cfg.model_dump(mode="json"),
-        "source": source,
-        "cache": str(out / "cache"),
-        "run_dir": str(out / "ray" / RUN_NAME),
+        **inputs,  # source (base model) and cache: local paths or URIs
+        "run_dir": str(storage.join(shared, "ray", RUN_NAME)),
         "tracking": {"uri": uri, "run_id": run_id},
     }
     return training.fit(
@@ -196,23 +236,23 @@ def _fit(cfg: Config, source: str, out: Path, run_id: str, uri: str):
         num_workers=tcfg.num_workers,
         use_gpu=tcfg.use_gpu,
         cpus_per_worker=tcfg.cpus_per_worker,
-        storage=out / "ray",
+        storage=storage.join(shared, "ray"),
         name=RUN_NAME,
         section="synthesis.train",
     )
 
 
-def _check_run(cfg: Config, out: Path) -> None:
+def _check_run(cfg: Config, run_dir: str | Path, shared: str | Path) -> None:
     """Settings and an existing checkpoint checked on the driver, before any worker starts."""
     tcfg = cfg.synthesis.train
     training.check_run(
-        out / "ray" / RUN_NAME,
+        run_dir,
         tcfg,
         use_gpu=tcfg.use_gpu,
         section="synthesis.train",
         model_section="synthesis.model",
         model_config=cfg.synthesis.model.model_dump(mode="json"),
-        fresh=f"delete {out / 'ray'} to start fresh",
+        fresh=f"delete {storage.join(shared, 'ray')} to start fresh",
     )
 
 
@@ -229,12 +269,14 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return training.read_marker(path)
 
 
-def read_attempts(out: str | Path) -> list[int]:
-    """The step each worker-group attempt of the run in ``out`` started from (0: from scratch)."""
-    path = Path(out) / "ray" / RUN_NAME / ATTEMPTS
-    if not path.is_file():
+def read_attempts(run_dir: str | Path) -> list[int]:
+    """The step each worker-group attempt of the run in ``run_dir`` (``OUT/ray/train``, local or
+    a URI) started from (0: from scratch)."""
+    path = storage.join(run_dir, ATTEMPTS)
+    if not storage.is_file(path):
         return []
-    return [json.loads(line)["start_step"] for line in path.read_text().splitlines() if line]
+    text = storage.read_text(path)
+    return [json.loads(line)["start_step"] for line in text.splitlines() if line]
 
 
 # --- workers ---------------------------------------------------------------------------------
@@ -249,8 +291,10 @@ class _Worker:
     def __init__(self, config: dict[str, Any]):
         self.cfg = Config.model_validate(config["cfg"])
         self.t = self.cfg.synthesis.train
-        self.source: str = config["source"]
-        self.cache_dir = Path(config["cache"])
+        # URIs (an object-store --out) are fetched once per node into the local cache.
+        source = config["source"]
+        self.source: str = str(storage.local_input(source)) if storage.is_uri(source) else source
+        self.cache_dir = storage.local_input(config["cache"])
         self.ctx = training.WorkerContext.from_ray(
             use_gpu=self.t.use_gpu,
             run_dir=config["run_dir"],
@@ -344,9 +388,8 @@ class _Worker:
             if d is not None:
                 start_step = self._load(d)
         if self.rank == 0:
-            ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(ctx.run_dir / ATTEMPTS, "a") as f:
-                f.write(json.dumps({"start_step": start_step, "time": time.time()}) + "\n")
+            line = json.dumps({"start_step": start_step, "time": time.time()})
+            storage.append_line(storage.join(ctx.run_dir, ATTEMPTS), line)
             ctx.log_metrics({"resumed_from_step": start_step}, step=start_step)
         # Summed on the device: reading the loss every step would stall a GPU on each step.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

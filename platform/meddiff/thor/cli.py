@@ -29,10 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     train.add_argument(
         "--out", required=True, type=path_arg,
-        help="run folder (checkpoints, model), or an s3:// prefix (uploaded at the end; no resume)",
+        help="run folder (checkpoints, model) or an s3:// prefix (checkpoints written there as "
+        "training goes, the rest uploaded at the end); rerun to resume",
     )  # fmt: skip
     train.add_argument(
-        "--fresh", action="store_true", help="delete --out and start over (replace an s3:// one)"
+        "--fresh", action="store_true", help="delete --out (also an s3:// one) and start over"
     )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
@@ -112,10 +113,14 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     data = storage.local_input(args.data)
-    # A URI --out is written locally and uploaded at the end: it cannot resume, so an existing
-    # one is replaced only with --fresh.
-    with storage.local_output(args.out, overwrite=args.fresh, flag="--fresh") as out:
-        summary = storage.rebase(train_thor(cfg, data, out, fresh=args.fresh), out, args.out)
+    # A URI --out: Ray Train's checkpoints go straight to its ray/ (from every node, kept by the
+    # upload), so a rerun resumes from them; the rest is written locally and uploaded at the end.
+    bucket = str(args.out) if storage.is_uri(args.out) else None
+    if bucket and args.fresh:
+        storage.delete_dir(bucket)  # all of it: an old model must not outlive its checkpoints
+    with storage.local_output(args.out, keep=("ray",)) as out:
+        summary = train_thor(cfg, data, out, fresh=args.fresh, bucket_out=bucket)
+        summary = storage.rebase(summary, out, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -10,7 +10,9 @@ from the step's generator. Rank 0 logs the loss, checkpoints and sample reconstr
 Recovery: checkpoints (the core's format: strategy state, the model directory, a marker written
 last) go to ``OUT/ray/thor-train`` every ``checkpoint_every`` steps. A failed worker is restarted
 from the latest one (``max_failures``), and running the same command again with the same ``--out``
-resumes from it (Ray Train restores the run's checkpoint state from storage).
+resumes from it (Ray Train restores the run's checkpoint state from storage). With an
+object-store ``--out`` the checkpoints go to ``OUT/ray`` in the bucket, written from each worker's
+node, so neither needs a shared filesystem.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meddiff import training
+from meddiff import storage, training
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
 from meddiff.files import copy_tree
@@ -39,9 +41,18 @@ FRESH = "rerun with --fresh to start over"
 
 
 def train_thor(
-    cfg: Config, data: str | Path, out: str | Path, *, fresh: bool = False
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    *,
+    fresh: bool = False,
+    bucket_out: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) and return a summary: model dir, steps, loss, registry version.
+
+    Ray Train's checkpoints go to ``out/ray``; with ``bucket_out`` (the object-store URI that
+    ``out`` is uploaded to when the job ends) to ``bucket_out/ray`` instead, which every node
+    writes to and a rerun resumes from.
 
     Raises:
         DataError: the training data cannot be read (named file).
@@ -58,13 +69,17 @@ def train_thor(
     out = Path(out).resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
+    ray_storage = storage.join(bucket_out, "ray") if bucket_out else out / "ray"
+    if fresh and bucket_out:
+        storage.delete_dir(ray_storage)
     out.mkdir(parents=True, exist_ok=True)
+    run_dir = storage.join(ray_storage, RUN_NAME)
     runtime.connect(cfg.runtime)
     use_gpu = tc.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     precision = training.check_run(
-        out / "ray" / RUN_NAME,
+        run_dir,
         tc,
         use_gpu=use_gpu,
         section="thor.train",
@@ -103,7 +118,7 @@ def train_thor(
             {
                 "cfg": cfg.model_dump(mode="json"),
                 "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id},
-                "run_dir": str(out / "ray" / RUN_NAME),
+                "run_dir": str(run_dir),
                 "use_gpu": use_gpu,
                 "samples": samples,
                 "epoch_rows": epoch_rows,
@@ -112,7 +127,7 @@ def train_thor(
             num_workers=tc.num_workers,
             use_gpu=use_gpu,
             cpus_per_worker=tc.cpus_per_worker,
-            storage=out / "ray",
+            storage=ray_storage,
             name=RUN_NAME,
             datasets={"train": ds},
             min_workers=tc.min_workers,

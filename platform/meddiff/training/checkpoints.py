@@ -15,6 +15,11 @@ Ray Train commits a checkpoint once every rank has reported it, keeps the newest
 (``ray.train.get_checkpoint``). Its controller learns of a report asynchronously, so a worker
 killed just after reporting can leave a complete checkpoint on storage that Ray never committed:
 :func:`restored` takes the newer of the two, so a restart loses at most one interval.
+
+The run directory is a local path on a filesystem every node sees, or an object-store URI
+(``s3://bucket/run/ray/thor-train``): Ray Train then uploads each checkpoint from the worker's
+node, and every function here reads it through :mod:`meddiff.storage`, so a rerun on any node
+(or after the driver is gone) resumes from the bucket.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from meddiff.errors import ModelError
+from meddiff import storage
+from meddiff.errors import DataError, ModelError
 from meddiff.files import write_json
 
 MARKER = "meddiff_checkpoint.json"
@@ -40,18 +46,20 @@ def checkpoint_name(step: int) -> str:
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
-    """The marker of a complete checkpoint.
+    """The marker of a complete checkpoint (a local folder or an object-store prefix).
 
     Raises:
         ModelError: no marker (the checkpoint was not finished) or an unreadable one.
     """
-    marker = Path(path) / MARKER
-    if not marker.is_file():
+    marker = storage.join(path, MARKER)
+    try:
+        text = storage.read_text(marker)
+    except DataError:
         raise ModelError(
             f"checkpoint {path} is incomplete (no {MARKER}); it was not finished writing"
-        )
+        ) from None
     try:
-        return json.loads(marker.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ModelError(f"{marker}: corrupt ({err})") from None
 
@@ -60,25 +68,47 @@ def _rank_file(rank: int) -> str:
     return f"meddiff_rank{rank}.json"
 
 
-def complete_step(path: str | Path) -> int | None:
-    """The step of a complete checkpoint folder (marker and every rank's part), else None."""
-    d = Path(path)
-    if not (d / MARKER).is_file():
+def complete_step(path: str | Path, files: set[str] | None = None) -> int | None:
+    """The step of a complete checkpoint folder (marker and every rank's part), else None.
+    ``files``: the names under ``path`` when already listed (saves a request per file on an
+    object store)."""
+
+    def has(name: str) -> bool:
+        return name in files if files is not None else storage.is_file(storage.join(path, name))
+
+    if not has(MARKER):
         return None
     try:
-        marker = read_marker(d)
+        marker = read_marker(path)
         world = int(marker.get("world_size") or 1)
         step = int(marker["step"])
     except (ModelError, KeyError, TypeError, ValueError):
         return None
-    return step if all((d / _rank_file(r)).is_file() for r in range(world)) else None
+    return step if all(has(_rank_file(r)) for r in range(world)) else None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
     """The newest complete checkpoint (highest step, see :func:`complete_step`) under
-    ``run_dir``, or None."""
-    found = [(step, d) for d in Path(run_dir).glob(f"{PREFIX}*") if (step := complete_step(d))]
-    return max(found)[1] if found else None
+    ``run_dir`` (a local folder or an object-store URI: then a URI too), or None.
+
+    Raises:
+        DataError: ``run_dir`` is in a bucket that does not exist (or cannot be reached).
+    """
+    if not storage.is_uri(run_dir):
+        dirs = [d for d in Path(run_dir).glob(f"{PREFIX}*") if d.is_dir()]
+        found = [(step, d) for d in dirs if (step := complete_step(d))]
+        return max(found)[1] if found else None
+    listed: dict[str, set[str]] = {}
+    for name in storage.list_files(run_dir):  # one listing for every checkpoint's files
+        top, _, rest = name.partition("/")
+        if top.startswith(PREFIX) and rest:
+            listed.setdefault(top, set()).add(rest)
+    found_uri = [
+        (step, storage.join(run_dir, top))
+        for top, names in listed.items()
+        if (step := complete_step(storage.join(run_dir, top), names))
+    ]
+    return max(found_uri)[1] if found_uri else None
 
 
 def save_and_report(
@@ -119,20 +149,35 @@ def save_and_report(
 
 @contextmanager
 def restored(run_dir: str | Path) -> Iterator[Path | None]:
-    """The checkpoint to resume from: the one Ray Train hands this worker (the newest it
-    committed) or, when newer, the newest complete one under ``run_dir`` that Ray had not yet
-    committed; None when the run starts from scratch."""
+    """The checkpoint to resume from, as a local folder: the one Ray Train hands this worker
+    (the newest it committed) or, when newer, the newest complete one under ``run_dir`` that Ray
+    had not yet committed (on an object store: downloaded for the block's duration); None when
+    the run starts from scratch."""
     import ray.train
 
-    on_disk = latest_checkpoint(run_dir)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and on_disk is None:
+    on_storage = latest_checkpoint(run_dir)
+    # On an object store every checkpoint Ray committed is in the listing too, and Ray's own
+    # download (``as_directory``) shares one folder between the ranks of a node, which the first
+    # rank done with it may delete while another still loads: each rank fetches its own copy.
+    ckpt = None if storage.is_uri(run_dir) else ray.train.get_checkpoint()
+    if ckpt is None and on_storage is None:
         yield None
         return
-    if ckpt is None:
-        yield on_disk
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            ray_step = complete_step(d)
+            if on_storage is None or complete_step(on_storage) <= (ray_step or -1):
+                yield Path(d)
+                return
+    with _local(on_storage) as d:
+        yield d
+
+
+@contextmanager
+def _local(path: str | Path) -> Iterator[Path]:
+    """``path`` itself when local; a downloaded copy of an object-store checkpoint otherwise."""
+    if not storage.is_uri(path):
+        yield Path(path)
         return
-    with ckpt.as_directory() as d:
-        ray_step = complete_step(d)
-        newer = on_disk is not None and complete_step(on_disk) > (ray_step or -1)
-        yield on_disk if newer else Path(d)
+    with tempfile.TemporaryDirectory(prefix="meddiff-restore-") as tmp:
+        yield storage.download_dir(str(path), Path(tmp) / storage.name(path), marker=None)

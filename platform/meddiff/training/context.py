@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meddiff import storage
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,12 +44,13 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 @dataclass
 class WorkerContext:
     """One training worker: ``rank`` of ``world``, the ``device`` it computes on, rank 0's
-    ``logger`` into the driver's MLflow run (None elsewhere) and the run directory."""
+    ``logger`` into the driver's MLflow run (None elsewhere) and the run directory (a local
+    path every node sees, or an object-store URI)."""
 
     rank: int
     world: int
     device: torch.device
-    run_dir: Path
+    run_dir: str | Path
     seed: int
     logger: RunLogger | None = None
 
@@ -82,22 +85,19 @@ class WorkerContext:
             from meddiff.tracking import RunLogger
 
             logger = RunLogger(tracking["uri"], tracking["run_id"])
-        ctx = cls(rank, world, device, Path(run_dir), seed, logger)
+        ctx = cls(rank, world, device, storage.path_arg(str(run_dir)), seed, logger)
         if rank == 0:
             # One line per worker-group start: restarts after crashes show here, and a user error
             # (never retried) leaves exactly one.
-            ctx.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(ctx.run_dir / STARTS, "a") as f:
-                f.write(
-                    json.dumps({"time": time.time(), "pid": os.getpid(), "world": world}) + "\n"
-                )
+            line = json.dumps({"time": time.time(), "pid": os.getpid(), "world": world})
+            storage.append_line(storage.join(ctx.run_dir, STARTS), line)
         return ctx
 
     @staticmethod
     def starts(run_dir: str | Path) -> int:
         """How many times a worker group of the run in ``run_dir`` started."""
-        path = Path(run_dir) / STARTS
-        return len(path.read_text().splitlines()) if path.is_file() else 0
+        path = storage.join(run_dir, STARTS)
+        return len(storage.read_text(path).splitlines()) if storage.is_file(path) else 0
 
     def generator(self, step: int) -> torch.Generator:
         """This rank's generator for ``step`` (see :func:`step_generator`)."""
@@ -137,12 +137,13 @@ class WorkerContext:
             return
         if self.rank != t.fail_rank:
             return
-        marker = self.run_dir / FAULT_MARKER
-        if marker.exists():
+        marker = storage.join(self.run_dir, FAULT_MARKER)
+        if storage.is_file(marker):
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {"step": step, "rank": self.rank, "in_checkpoint": in_checkpoint}
-        marker.write_text(json.dumps(info))
+        if not storage.is_uri(marker):
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        storage.write_text(marker, json.dumps(info))
         where = "while writing the checkpoint of" if in_checkpoint else "before"
         log.warning(
             "fault drill: killing rank %d (pid %d) %s step %d", self.rank, os.getpid(), where, step

@@ -9,12 +9,14 @@ retries, and :func:`fit` re-raises it on the driver as the same one-line error (
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from meddiff import storage as meddiff_storage
 from meddiff.errors import ClusterError, ConfigError, MeddiffError
 from meddiff.training.checkpoints import latest_checkpoint, read_marker
 from meddiff.training.strategy import resolve_precision
@@ -191,7 +193,7 @@ def fit(
     num_workers: int,
     use_gpu: bool,
     cpus_per_worker: float,
-    storage: Path,
+    storage: str | Path,
     name: str,
     section: str,
     datasets: dict[str, Any] | None = None,
@@ -201,7 +203,9 @@ def fit(
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers and return the ``Result``.
 
     ``section`` is the loop's config section (e.g. ``thor.train``), named in errors.
-    Checkpoints go to ``storage/name``; Ray Train keeps ``t.keep_checkpoints`` of them and
+    Checkpoints go to ``storage/name``: a local folder every node sees, or an object-store URI
+    (``s3://bucket/run/ray``), which each worker's node writes to through
+    :func:`meddiff.storage.filesystem` (no shared filesystem needed). Ray Train keeps ``t.keep_checkpoints`` of them and
     restarts a crashed worker group up to ``t.max_failures`` times from the newest one. With
     ``min_workers`` below ``num_workers`` training is elastic: after a node is lost it resumes from
     the newest checkpoint with the workers that still fit. ``resources_per_worker`` (e.g. a custom
@@ -222,6 +226,10 @@ def fit(
     workers = num_workers
     if min_workers is not None and min_workers != num_workers:
         workers = (min_workers, num_workers)  # elastic: Ray Train's (min, max)
+    if meddiff_storage.is_uri(storage):
+        # The workers open the run's bucket with the driver's filesystem (endpoint, credentials).
+        fs, _ = meddiff_storage.filesystem(storage)
+        loop = functools.partial(_with_filesystem, loop, str(storage), fs)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -231,7 +239,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            **_storage_args(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[_stop_callback()],
@@ -241,14 +249,28 @@ def fit(
     try:
         return trainer.fit()
     except Exception as err:
-        mapped = training_error(err, t.max_failures, section, storage / name)
+        mapped = training_error(err, t.max_failures, section, meddiff_storage.join(storage, name))
         if mapped is None:
             raise
         raise mapped from None  # one line for the CLI; Ray's traceback is in the job log
 
 
+def _with_filesystem(loop, uri: str, fs, config: dict[str, Any]):
+    """Run ``loop(config)`` in a worker that opens ``uri``'s bucket with ``fs``."""
+    meddiff_storage.use_filesystem(uri, fs)
+    return loop(config)
+
+
+def _storage_args(where: str | Path) -> dict[str, Any]:
+    """Ray Train's ``storage_path`` (and ``storage_filesystem`` for an object-store URI)."""
+    if not meddiff_storage.is_uri(where):
+        return {"storage_path": str(where)}
+    fs, inner = meddiff_storage.filesystem(where)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
 def training_error(
-    err: Exception, max_failures: int, section: str, run_dir: Path
+    err: Exception, max_failures: int, section: str, run_dir: str | Path
 ) -> MeddiffError | None:
     """What the user sees for a failed ``trainer.fit()``: the meddiff error a worker raised (bad
     input: its own message), a one-line :class:`ClusterError` for a run Ray Train gave up on
