@@ -158,6 +158,9 @@ def test_directory_outputs_upload_with_marker_last(store, tmp_path):
     store.client().delete_object(Bucket=BUCKET, Key=f"outputs/report/{storage.COMPLETE}")
     with pytest.raises(DataError, match="incomplete"):
         storage.local_input(uri, cache=tmp_path / "cache")
+    # Gone entirely: no empty folder markers (pyarrow's, left by deleting sub/a.json) remain.
+    storage.delete_dir(uri)
+    assert not storage.exists(uri)
 
 
 def test_prompt_pairs_on_s3_feed_the_synthesis_readers(store, tmp_path):
