@@ -491,9 +491,11 @@ def delete_dir(path: str | Path, *, keep: Sequence[str] = ()) -> None:
     names = [n for n in list_files(path) if n.split("/", 1)[0] not in keep]
     for rel in [m for m in MARKERS if m in names] + [n for n in names if n not in MARKERS]:
         retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
-    if urlparse(str(path)).scheme in AZURE and "/" in inner and not keep:
-        # Azure's flat namespace keeps an empty marker blob for each folder emptied by a delete
-        # (pyarrow's emulation of directories); drop them so the prefix no longer "exists".
+    if urlparse(str(path)).scheme in (*AZURE, "s3") and "/" in inner and not keep:
+        # pyarrow emulates directories on S3 and on Azure's flat namespace: a delete leaves an
+        # empty marker object for each folder it emptied; drop them so the prefix no longer
+        # "exists" (a failed job's output must not ask the next run for --overwrite). Not with
+        # ``keep``: deleting a folder deletes what is in it.
         retry(str(path), lambda: _delete_tree(fs, inner))
 
 
@@ -503,8 +505,15 @@ def _delete_file(fs: pyarrow.fs.FileSystem, path: str) -> None:
 
 
 def _delete_tree(fs: pyarrow.fs.FileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(path)
+    """Remove the (emptied) folders under ``path`` and ``path`` itself, deepest first: SeaweedFS
+    keeps a folder whose marker is deleted while a subfolder still exists, and goes on listing it."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=True)
+    folders = [i.path for i in fs.get_file_info(selector) if i.type.name == "Directory"]
+    for folder in [*sorted(folders, key=lambda p: p.count("/"), reverse=True), path]:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_dir(folder)
 
 
 # Files whose presence says a directory-like output is complete; written last, deleted first.

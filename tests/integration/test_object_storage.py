@@ -159,6 +159,9 @@ def test_directory_outputs_upload_with_marker_last(store, tmp_path):
     store.client().delete_object(Bucket=BUCKET, Key=f"outputs/report/{storage.COMPLETE}")
     with pytest.raises(DataError, match="incomplete"):
         storage.local_input(uri, cache=tmp_path / "cache")
+    # Gone entirely: no empty folder markers (pyarrow's, left by deleting sub/a.json) remain.
+    storage.delete_dir(uri)
+    assert not storage.exists(uri)
 
 
 def test_prompt_pairs_on_s3_feed_the_synthesis_readers(store, tmp_path):
@@ -264,6 +267,82 @@ def test_prompts_synth_train_and_generate_from_and_to_s3(store, pcam_uri, tmp_pa
     assert remote.num_rows == local.num_rows > 0
     got, want = read_rows(remote, 0, remote.num_rows), read_rows(local, 0, local.num_rows)
     np.testing.assert_array_equal(got["image"], want["image"])
+
+
+@pytest.mark.slow
+def test_prompts_build_workers_write_shards_to_s3_and_match_a_local_build(
+    store, sample_pcam_dir, tmp_path, monkeypatch
+):
+    """With an s3:// --out the Ray workers write pass 1's shards and the pairs straight under
+    the prefix (any node reaches it; nothing of theirs lands in the driver's staging folder),
+    the driver downloads them, and the upload leaves one complete output equal to a local
+    build's."""
+    import json
+
+    from meddiff.data import shards
+    from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV, SUMMARY
+
+    _cfg(store)
+    out = f"s3://{BUCKET}/built/prompts"
+    written: list[str | Path] = []
+    fetched: list[Path] = []
+    write_shards, download_dir = shards.write_shards, storage.download_dir
+
+    def spy_write(ds, out_dir, **kwargs):
+        written.append(out_dir)
+        return write_shards(ds, out_dir, **kwargs)
+
+    def spy_download(uri, dst, **kwargs):
+        # The driver's staging folder (local_output's temporary one) holds no shard file
+        # the workers wrote there: only what earlier downloads brought.
+        staging = next(p for p in Path(dst).parents if p.name.startswith("meddiff-out-"))
+        stray = [
+            p for p in staging.rglob("*.parquet") if not any(p.is_relative_to(d) for d in fetched)
+        ]
+        assert stray == [], stray
+        fetched.append(Path(dst))
+        return download_dir(uri, dst, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shards", spy_write)
+    monkeypatch.setattr(storage, "download_dir", spy_download)
+    build = ["prompts", "build", "--input", str(sample_pcam_dir), "--limit", "64", *_common(store)]
+    assert main([*build, "--out", out]) == 0
+    assert written == [f"{out}/_work/checked", f"{out}/{PAIRS}"]
+    assert [p.relative_to(p.parents[1]).as_posix() for p in fetched] == [
+        "_work/checked",
+        "prompts.partial/pairs",
+    ]
+
+    # One complete output: the marker lists every object, and no worker scratch is left
+    # beside it (pass 1's shards were replaced by the upload; nothing outside the prefix).
+    assert storage.is_complete(out)
+    names = storage.list_files(out)
+    listed = json.loads(storage.read_text(f"{out}/{storage.COMPLETE}"))["files"]
+    assert sorted([*listed, storage.COMPLETE]) == names
+    assert not [n for n in names if n.startswith("_work/") or ".partial" in n]
+    assert all(n.startswith("prompts/") for n in storage.list_files(f"s3://{BUCKET}/built"))
+
+    written.clear()
+    local = tmp_path / "local"
+    assert main([*build, "--out", str(local)]) == 0
+    assert written == [local.with_name("local.partial") / "_work" / "checked",
+                       local.with_name("local.partial") / PAIRS]  # fmt: skip
+    assert len(fetched) == 2  # nothing downloaded for a local --out
+    # The same layout (Parquet names are Ray's, per run; the CLI indexes a local --out only).
+    local_names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert [n for n in names if n != storage.COMPLETE and not n.endswith(".parquet")] == [
+        n for n in local_names if n != "index.html" and not n.endswith(".parquet")
+    ]
+    assert storage.read_bytes(f"{out}/{PROMPTS_CSV}") == (local / PROMPTS_CSV).read_bytes()
+    remote_summary = json.loads(storage.read_text(f"{out}/{SUMMARY}"))
+    assert remote_summary["out"] == out and remote_summary["kept"] > 0
+    remote, here = shards.load_shards(f"{out}/{PAIRS}"), shards.load_shards(local / PAIRS)
+    assert len(remote["index"]) == len(here["index"]) == remote_summary["kept"]
+    order_r = np.lexsort((remote["index"], remote["source"].astype(str)))
+    order_l = np.lexsort((here["index"], here["source"].astype(str)))
+    for col in ("source", "index", "label", "cluster", "prompt"):
+        assert list(remote[col][order_r]) == list(here[col][order_l]), col
+    np.testing.assert_array_equal(remote["image"][order_r], here["image"][order_l])
 
 
 @pytest.mark.slow

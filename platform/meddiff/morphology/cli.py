@@ -71,7 +71,8 @@ def _build(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"prompts.cluster.model={args.model}"]
     cfg = config_from_args(args)
     # A local --out is refused by the job when it exists without --overwrite; a URI is checked
-    # by local_output, which then hands the job an empty local folder to replace.
+    # by local_output, which then hands the job an empty local folder to replace. With a URI the
+    # Ray workers write their shards under it (from any node) and the upload completes it.
     uri = storage.is_uri(args.out)
     with storage.local_output(args.out, overwrite=args.overwrite) as out:
         summary = build_prompts(
@@ -81,6 +82,7 @@ def _build(args: argparse.Namespace) -> int:
             overwrite=args.overwrite or uri,
             split=args.split,
             limit=args.limit,
+            out_uri=str(args.out) if uri else None,
         )
         summary = storage.rebase(summary, out, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "cluster_sizes"}, indent=2))

@@ -14,7 +14,9 @@ Passes over the data (each streamed, memory bounded by block size, not by datase
    ``pairs`` shard directory.
 
 Everything is built under ``<out>.partial`` and renamed to ``<out>`` at the end, so a directory
-named ``out`` is always complete.
+named ``out`` is always complete. For an object-store output (``out_uri``) the stages Ray workers
+write (1 and 3) go straight under the URI from whichever node runs them and are downloaded into
+``<out>.partial`` for the driver's passes, so no node needs a shared filesystem.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def build_prompts(
     overwrite: bool = False,
     split: str = "train",
     limit: int | None = None,
+    out_uri: str | None = None,
 ) -> dict[str, Any]:
     """Build (image, prompt) pairs from ``source`` into ``out``; returns a JSON-able summary.
 
@@ -76,14 +79,32 @@ def build_prompts(
     provenance), ``out/prompts.csv``, ``out/morphology_model`` (morphology only),
     ``out/gallery.html`` with ``out/gallery/`` and ``out/summary.json``; logs them to MLflow.
 
+    ``out_uri`` is the object-store prefix (``s3://bucket/prompts``) that the local ``out`` is
+    uploaded to once this returns (as :func:`meddiff.storage.local_output` does for the CLI), or
+    None for a local output. Given, Ray workers write their shard stages straight under it
+    (``<out_uri>/_work/checked``, ``<out_uri>/pairs``) from any node, and the driver downloads
+    them into ``out``'s partial folder, so on several nodes ``out`` need not be on a shared
+    filesystem. What was at ``out_uri`` is removed first (refused without ``overwrite``): the
+    prefix carries no completion marker until the upload writes one, and the upload replaces the
+    workers' files with the final layout. A failed build removes what it wrote there; it never
+    resumes from an earlier run.
+
     Raises:
         DataError: bad source, wrong patch size, nothing left after filtering, k larger than the
-            number of patches, or ``out`` exists without ``overwrite``.
+            number of patches, or ``out`` (``out_uri``) exists without ``overwrite``.
         ModelError: DINO weights missing or unloadable; a reused morphology model is invalid.
     """
+    if out_uri is not None:
+        _clear_prefix(out_uri, overwrite)
     try:
-        return _build_prompts(cfg, source, out, overwrite=overwrite, split=split, limit=limit)
-    except Exception as err:
+        return _build_prompts(
+            cfg, source, out, overwrite=overwrite, split=split, limit=limit, out_uri=out_uri
+        )
+    except BaseException as err:
+        if out_uri is not None:
+            _discard_prefix(out_uri)
+        if not isinstance(err, Exception):
+            raise
         # Ray re-raises errors of Ray Data stages wrapped (RayTaskError(UserCodeException));
         # callers of the library get the DataError/ModelError itself, as the CLI prints it.
         from meddiff.cli import find_user_error
@@ -94,6 +115,25 @@ def build_prompts(
         raise user_error.with_traceback(None) from None
 
 
+def _clear_prefix(uri: str, overwrite: bool) -> None:
+    """Make room at ``uri`` for the workers' shards: an earlier output there is removed (its
+    marker first, so it never vouches for a mix of old and new files)."""
+    if storage.exists(uri):
+        if not overwrite:
+            raise DataError(f"{uri} already exists; choose another --out or pass --overwrite")
+        storage.delete_dir(uri)
+
+
+def _discard_prefix(uri: str) -> None:
+    """Remove what a failed build's workers wrote at ``uri`` (it has no marker, but would make
+    the next build need ``--overwrite``); a failure to do so is logged, not raised over the
+    build's own error."""
+    try:
+        storage.delete_dir(uri)
+    except DataError as err:
+        log.warning("could not remove the unfinished output at %s: %s", uri, err)
+
+
 def _build_prompts(
     cfg: Config,
     source: str | Path,
@@ -102,6 +142,7 @@ def _build_prompts(
     overwrite: bool,
     split: str,
     limit: int | None,
+    out_uri: str | None,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -114,18 +155,24 @@ def _build_prompts(
     morphology = pcfg.strategy == "morphology"
     partial = out.with_name(out.name + ".partial")
     checked = partial / WORK / CHECKED
+    # Where Ray workers write pass 1 and the pairs: the partial folder (local, or on a shared
+    # filesystem), or under the object-store prefix, which every node reaches.
+    workers = out_uri if out_uri is not None else partial
+    worker_checked = storage.join(workers, WORK, CHECKED)
+    worker_pairs = storage.join(workers, PAIRS)
+    where = str(out_uri or out)  # what the run and summary name: not the upload's staging folder
     seconds: dict[str, float] = {}
 
     runtime.connect(cfg.runtime)
     with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}):
-        mlflow.log_params({"input": str(source), "split": split, "out": str(out), "limit": limit})
+        mlflow.log_params({"input": str(source), "split": split, "out": where, "limit": limit})
         tracking.log_input(source, context="input")
         reused = _load_reused_model(cfg) if morphology and pcfg.cluster.model else None
         embed_cfg = _embedder_config(pcfg, reused)
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
 
         start = time.perf_counter()
-        resumed = _checkpoint_matches(checked, key)
+        resumed = out_uri is None and _checkpoint_matches(checked, key)
         if resumed:
             log.info("resuming from %s (embedding pass already complete)", checked)
             rows_in = _read_manifest(checked)["rows"]
@@ -137,8 +184,13 @@ def _build_prompts(
 
             ds = patch_dataset(source, cfg.data, split=split, limit=limit)
             manifest = check_and_embed(
-                cfg, ds, checked, embed_cfg if morphology else None, info={"fingerprint": key}
+                cfg,
+                ds,
+                worker_checked,
+                embed_cfg if morphology else None,
+                info={"fingerprint": key},
             )
+            _fetch_shards(worker_checked, checked)
             rows_in = manifest["rows"]
         seconds["embed"] = time.perf_counter() - start
 
@@ -171,11 +223,14 @@ def _build_prompts(
         seconds["cluster"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pairs_manifest = write_pairs(cfg, checked, partial / PAIRS, model)
+        pairs_manifest = write_pairs(cfg, worker_checked, worker_pairs, model)
+        _fetch_shards(worker_pairs, partial / PAIRS)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
         # Before anything is named complete: a template too long for the text encoder fails here.
-        tokens = check_table_tokens(cfg, [r.prompt for r in table], str(out / PROMPTS_CSV))
+        tokens = check_table_tokens(
+            cfg, [r.prompt for r in table], str(storage.join(where, PROMPTS_CSV))
+        )
         write_prompt_table(partial / PROMPTS_CSV, table, pcfg)
         sizes = cluster_sizes(labels, clusters)
         seconds["write"] = time.perf_counter() - start
@@ -184,7 +239,7 @@ def _build_prompts(
             "strategy": pcfg.strategy,
             "source": str(source),
             "split": split,
-            "out": str(out),
+            "out": where,
             "resumed": resumed,
             "rows_in": int(rows_in),
             "kept": int(kept),
@@ -219,6 +274,15 @@ def _build_prompts(
         _log_run(cfg, out, summary, gallery_page.name, morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, len(table), out)
     return summary
+
+
+def _fetch_shards(written: str | Path, local: Path) -> None:
+    """Bring a shard stage the workers wrote under an object-store prefix to the driver's
+    ``local`` folder (complete only: its manifest must be there); nothing to do when local."""
+    from meddiff.data.shards import MANIFEST
+
+    if storage.is_uri(written):
+        storage.download_dir(str(written), local, marker=MANIFEST)
 
 
 # --- pass 1: check + embed ------------------------------------------------------------------
@@ -260,12 +324,13 @@ def preflight(cfg: EmbedConfig, seed: int) -> None:
 def check_and_embed(
     cfg: Config,
     ds: Any,
-    out_dir: Path,
+    out_dir: str | Path,
     embed_cfg: EmbedConfig | None,
     info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pass 1: quality-flag every patch of ``ds`` and (if ``embed_cfg``) embed the kept ones;
-    write all rows (with ``reject`` and ``embedding``) as shards under ``out_dir``."""
+    write all rows (with ``reject`` and ``embedding``) as shards under ``out_dir`` (a local
+    folder or an object-store URI, written by the workers)."""
     from ray.data import ActorPoolStrategy
 
     from meddiff.data.shards import write_shards
@@ -515,8 +580,11 @@ class AssignPrompts:
 
 
 def write_pairs(
-    cfg: Config, checked: Path, out_dir: Path, model: MorphologyModel | None
+    cfg: Config, checked: str | Path, out_dir: str | Path, model: MorphologyModel | None
 ) -> dict[str, Any]:
+    """Pass 3: the kept rows of pass 1's shards ``checked`` with their cluster and prompt, as
+    the pairs shard set ``out_dir`` (each a local folder or an object-store URI, read and
+    written by the workers); returns its manifest."""
     from meddiff.data.shards import read_shards, write_shards
 
     ds = read_shards(checked).map_batches(
