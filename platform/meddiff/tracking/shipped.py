@@ -56,6 +56,9 @@ def write_shipped(out: str | Path, write_model: Callable[[Path], None], record: 
     tmp.mkdir(parents=True)
     write_model(tmp)
     write_json(tmp / PROVENANCE, record)
+    # Readable by all: the folder is package data (some writers create their files 0600).
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
