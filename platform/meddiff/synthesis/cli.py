@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from meddiff.storage import path_arg
 
@@ -52,6 +53,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(gen)
     gen.set_defaults(handler=_generate)
 
+    ship = cmds.add_parser(
+        "ship",
+        help="copy a finished training run's model with its provenance (the demo's model)",
+        description="Writes OUT: the run's pipeline (safetensors, prompts.csv) and "
+        "provenance.json (command, data digest, steps, loss, seconds, config, code version, "
+        "MLflow run), as platform/meddiff/synthesis/pretrained/pcam-tiny was made.",
+    )
+    ship.add_argument("--run", required=True, type=Path, help="`synth train --out` folder")
+    ship.add_argument("--pairs", required=True, type=Path, help="the pairs it trained on")
+    ship.add_argument("--out", required=True, type=Path, help="model folder to write")
+    ship.add_argument(
+        "--command", required=True, dest="made_by", metavar="COMMAND",
+        help="the commands that made the data and the model (recorded as provenance)",
+    )  # fmt: skip
+    ship.add_argument("--source", help="where the pairs' images came from (recorded)")
+    add_config_arguments(ship)
+    ship.set_defaults(handler=_ship)
+
 
 def _train(args: argparse.Namespace) -> int:
     from meddiff import storage
@@ -80,4 +99,15 @@ def _generate(args: argparse.Namespace) -> int:
         summary = storage.rebase(generate(cfg, args.model, prompts, out), out, args.out)
     print(json.dumps(summary, indent=2))
     print(f"\nSynthetic set: {summary['x']}\nGrids per prompt: {summary['grids']}")
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    from meddiff.cli import config_from_args
+    from meddiff.synthesis.shipped import ship
+    from meddiff.tracking.runs import configure
+
+    configure(config_from_args(args).tracking)  # the training run's store, for its code version
+    record = ship(args.run, args.pairs, args.out, args.made_by, source=args.source)
+    print(json.dumps(record, indent=2))
     return 0
