@@ -408,6 +408,12 @@ def list_files(path: str | Path, *, recursive: bool = True, limit: int | None = 
     """Names (relative to ``path``, ``/``-separated) of the files under ``path``, sorted.
 
     Empty for a missing prefix; DataError naming ``path`` for a missing bucket or container."""
+    names = sorted(file_sizes(path, recursive=recursive))
+    return names[:limit] if limit else names
+
+
+def file_sizes(path: str | Path, *, recursive: bool = True) -> dict[str, int]:
+    """Size in bytes of each file under ``path``, by name as :func:`list_files` gives it."""
     import pyarrow.fs as pafs
 
     fs, inner = filesystem(path)
@@ -415,8 +421,7 @@ def list_files(path: str | Path, *, recursive: bool = True, limit: int | None = 
     infos = retry(str(path), lambda: fs.get_file_info(selector))
     if not infos and is_uri(path):
         _check_bucket(path, fs, inner)
-    names = sorted(i.path[len(inner) :].lstrip("/") for i in infos if i.type.name == "File")
-    return names[:limit] if limit else names
+    return {i.path[len(inner) :].lstrip("/"): i.size for i in infos if i.type.name == "File"}
 
 
 # --- reading and writing -------------------------------------------------------------------------

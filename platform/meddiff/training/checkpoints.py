@@ -8,7 +8,7 @@ adds (a model directory, EMA weights) and, written last by rank 0, ``meddiff_che
     {"step": 40, "strategy": "ddp", "zero_stage": 1, "precision": "fp32", "world_size": 2,
      "model_config": {...}, "time": ..., ...loop extras}
 
-Every rank also writes ``meddiff_rank<r>.json`` once its own part is saved. A folder without the
+Every rank also writes ``meddiff_rank<r>.json`` once its own part is stored. A folder without the
 marker, or without every rank's file, was interrupted while being written and is never used.
 Ray Train commits a checkpoint once every rank has reported it, keeps the newest
 ``keep_checkpoints`` and hands the newest committed one to restarted workers
@@ -35,7 +35,6 @@ from typing import Any
 
 from meddiff import storage
 from meddiff.errors import DataError, ModelError
-from meddiff.files import write_json
 
 MARKER = "meddiff_checkpoint.json"
 PREFIX = "checkpoint_"
@@ -123,9 +122,16 @@ def save_and_report(
     """Write this rank's part of the step-``step`` checkpoint and report it to Ray Train.
 
     ``write(tmp)`` saves this rank's files (the strategy's state, the loop's model) into a fresh
-    folder; then rank 0 writes the marker holding ``info`` plus the step and time, and every rank
-    reports (Ray Train merges the ranks' folders). ``drill`` is the loop's training section: its
-    fault drill may kill the worker between the two, leaving an unmarked folder behind.
+    folder, which every rank reports (Ray Train uploads each rank's folder into the same
+    checkpoint under ``ctx.run_dir``). Then each rank waits until its files are all there with
+    their sizes and writes its rank file, and rank 0 the marker holding ``info`` plus the step
+    and time: on an object store Ray's upload can return before every object is stored, and a
+    worker killed then would otherwise leave a marked checkpoint with files missing. ``drill``
+    is the loop's training section: its fault drill may kill the worker before the report,
+    leaving a folder without its rank file behind.
+
+    Raises:
+        ModelError: this rank's files did not all appear in storage within ``PERSIST_TIMEOUT_S``.
     """
     import ray.train
 
@@ -134,10 +140,9 @@ def save_and_report(
         write(tmp)
         if drill is not None:
             ctx.fault_drill(drill, step, in_checkpoint=True)
-        write_json(tmp / _rank_file(ctx.rank), {"step": step})  # this rank's part is whole
-        if ctx.rank == 0:
-            # Written last: a checkpoint without it was interrupted while being written.
-            write_json(tmp / MARKER, {**info, "step": step, "time": time.time()})
+        sizes = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()
+        }
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
@@ -145,6 +150,32 @@ def save_and_report(
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    stored = storage.join(ctx.run_dir, checkpoint_name(step))
+    _wait_stored(stored, sizes)
+    storage.write_text(storage.join(stored, _rank_file(ctx.rank)), json.dumps({"step": step}))
+    if ctx.rank == 0:
+        marker = {**info, "step": step, "time": time.time()}
+        storage.write_text(storage.join(stored, MARKER), json.dumps(marker, indent=2))
+
+
+# How long a rank waits for its checkpoint files to appear in storage after Ray's upload.
+PERSIST_TIMEOUT_S = 120.0
+
+
+def _wait_stored(stored: str | Path, sizes: dict[str, int]) -> None:
+    """Return once every file of ``sizes`` (name relative to ``stored``: bytes) is in storage."""
+    deadline = time.monotonic() + PERSIST_TIMEOUT_S
+    while True:
+        found = storage.file_sizes(stored)
+        missing = [name for name, size in sizes.items() if found.get(name) != size]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise ModelError(
+                f"checkpoint {stored}: {len(missing)} file(s) not in storage "
+                f"{PERSIST_TIMEOUT_S:.0f} s after the upload (e.g. {missing[0]})"
+            )
+        time.sleep(0.5)
 
 
 @contextmanager
