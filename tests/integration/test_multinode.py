@@ -199,18 +199,10 @@ def bucket(tmp_path_factory):
     from meddiff import storage
     from meddiff.config import StorageConfig
 
-    with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
-        s3.create_bucket("mn")
-        saved = {k: os.environ.get(k) for k in s3.env()}
-        os.environ.update(s3.env())
+    with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3, servers.environ(s3.env()):
+        s3.create_bucket("meddiff-mn")
         storage.configure(StorageConfig(endpoint_url=s3.endpoint))
         yield s3
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        os.environ.pop("AWS_ENDPOINT_URL", None)  # storage.configure exported it
         storage._settings = None
 
 
@@ -226,7 +218,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, b
 
     _ensure_worker(cluster)
     [worker] = cluster.alive_workers()
-    out, name = f"s3://mn/thor-{uuid.uuid4().hex[:6]}", f"thor-mn-{uuid.uuid4().hex[:6]}"
+    out, name = f"s3://meddiff-mn/thor-{uuid.uuid4().hex[:6]}", f"thor-mn-{uuid.uuid4().hex[:6]}"
     sid = f"meddiff-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
     submitted = cluster.submit(

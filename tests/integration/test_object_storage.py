@@ -26,17 +26,10 @@ BUCKET = "meddiff-data"
 def store(tmp_path_factory):
     """SeaweedFS with a bucket; credentials in the AWS variables, the endpoint in config only."""
     with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        env = s3.env()
-        os.environ["AWS_ACCESS_KEY_ID"] = env["AWS_ACCESS_KEY_ID"]
-        os.environ["AWS_SECRET_ACCESS_KEY"] = env["AWS_SECRET_ACCESS_KEY"]
-        s3.create_bucket(BUCKET)
-        yield s3
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        keys = {k: v for k, v in s3.env().items() if k != "AWS_ENDPOINT_URL"}
+        with servers.environ(keys):
+            s3.create_bucket(BUCKET)
+            yield s3
         os.environ.pop("AWS_ENDPOINT_URL", None)  # storage.configure exported it
         storage._settings = None
 

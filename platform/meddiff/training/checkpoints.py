@@ -191,15 +191,19 @@ def restored(run_dir: str | Path) -> Iterator[Path | None]:
     # download (``as_directory``) shares one folder between the ranks of a node, which the first
     # rank done with it may delete while another still loads: each rank fetches its own copy.
     ckpt = None if storage.is_uri(run_dir) else ray.train.get_checkpoint()
-    if ckpt is None and on_storage is None:
-        yield None
-        return
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            # Ray commits a checkpoint once reported; its rank files follow the upload, so a
+            # worker lost in between leaves a committed one that is not complete: never used.
             ray_step = complete_step(d)
-            if on_storage is None or complete_step(on_storage) <= (ray_step or -1):
+            if ray_step is not None and (
+                on_storage is None or complete_step(on_storage) <= ray_step
+            ):
                 yield Path(d)
                 return
+    if on_storage is None:
+        yield None
+        return
     with _local(on_storage) as d:
         yield d
 
