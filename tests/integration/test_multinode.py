@@ -198,8 +198,9 @@ def bucket(tmp_path_factory):
 
     from meddiff import storage
     from meddiff.config import StorageConfig
+    from meddiff.runtime import _environ
 
-    with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3, servers.environ(s3.env()):
+    with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3, _environ(**s3.env()):
         s3.create_bucket("meddiff-mn")
         storage.configure(StorageConfig(endpoint_url=s3.endpoint))
         yield s3

@@ -18,6 +18,7 @@ from meddiff.config import StorageConfig, load_config
 from meddiff.data.ingest import ingest
 from meddiff.data.shards import MANIFEST, load_shards, read_manifest
 from meddiff.errors import DataError
+from meddiff.runtime import _environ
 
 BUCKET = "meddiff-data"
 
@@ -27,7 +28,7 @@ def store(tmp_path_factory):
     """SeaweedFS with a bucket; credentials in the AWS variables, the endpoint in config only."""
     with servers.seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
         keys = {k: v for k, v in s3.env().items() if k != "AWS_ENDPOINT_URL"}
-        with servers.environ(keys):
+        with _environ(**keys):
             s3.create_bucket(BUCKET)
             yield s3
         os.environ.pop("AWS_ENDPOINT_URL", None)  # storage.configure exported it

@@ -116,8 +116,6 @@ def _train(args: argparse.Namespace) -> int:
     # A URI --out: Ray Train's checkpoints go straight to its ray/ (from every node, kept by the
     # upload), so a rerun resumes from them; the rest is written locally and uploaded at the end.
     bucket = str(args.out) if storage.is_uri(args.out) else None
-    if bucket and args.fresh:
-        storage.delete_dir(bucket)  # all of it: an old model must not outlive its checkpoints
     with storage.local_output(args.out, keep=("ray",)) as out:
         summary = train_thor(cfg, data, out, fresh=args.fresh, bucket_out=bucket)
         summary = storage.rebase(summary, out, args.out)

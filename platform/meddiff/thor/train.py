@@ -71,7 +71,7 @@ def train_thor(
         shutil.rmtree(out)
     ray_storage = storage.join(bucket_out, "ray") if bucket_out else out / "ray"
     if fresh and bucket_out:
-        storage.delete_dir(ray_storage)
+        storage.delete_dir(bucket_out)  # all of it: an old model must not outlive its checkpoints
     out.mkdir(parents=True, exist_ok=True)
     run_dir = storage.join(ray_storage, RUN_NAME)
     runtime.connect(cfg.runtime)
