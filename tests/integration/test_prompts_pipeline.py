@@ -80,15 +80,18 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     sizes = summary["cluster_sizes"]
     assert sum(v["total"] for v in sizes.values()) == summary["kept"]
 
-    # The saved model (with its random-weight embedder) re-assigns the same clusters.
-    from meddiff.morphology.embed import DinoEmbedder
-    from meddiff.morphology.pipeline import EMBEDDER_WEIGHTS
+    # The saved model records its embedder (the tiny preset's trained EfficientNet-Lite0, named in
+    # the summary) and re-assigns the same clusters with it.
+    from meddiff.config.prompts import EmbedConfig
+    from meddiff.morphology.embed import PatchEmbedder
 
     model = MorphologyModel.load(out / "morphology_model")
-    embed_cfg = load_config("tiny").prompts.embed.model_copy(
-        update={"weights": str(out / "morphology_model" / EMBEDDER_WEIGHTS)}
+    embed_cfg = EmbedConfig.model_validate(model.info["embedder"])
+    assert embed_cfg.weights == "meddiff:efficientnet-lite0" == _cfg().prompts.embed.weights
+    assert summary["embedder"].startswith(
+        "tf_efficientnet_lite0 (224px; meddiff:efficientnet-lite0"
     )
-    emb = DinoEmbedder(embed_cfg).embed(pairs["image"][:16])
+    emb = PatchEmbedder(embed_cfg).embed(pairs["image"][:16])
     assert np.array_equal(model.assign(emb), pairs["cluster"][:16])
 
     # `prompts assign`: new patches through the saved model (no refit) get the same types.
@@ -108,6 +111,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
 
     page = (out / "gallery.html").read_text()
     images = re.findall(r"src=[\"'](gallery/[^\"']+)[\"']", page)
+    assert "tf_efficientnet_lite0" in page  # the gallery names the network
     assert len(images) >= len(table) and all((out / p).is_file() for p in images)
 
     runs = mlflow.search_runs(
@@ -115,6 +119,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     )
     done = runs[runs["status"] == "FINISHED"]  # the build and the assign run
     assert (done["metrics.kept"] == summary["kept"]).any()
+    assert (done["params.embedder"] == summary["embedder"]).all()  # build and assign: same net
     assert (runs["status"] == "FAILED").any()  # the k=500 attempt is recorded as failed
     assert summary["registered_model"].startswith("models:/meddiff-morphology/")
 
