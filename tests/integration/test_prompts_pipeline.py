@@ -169,12 +169,13 @@ def test_missing_weights_path_fails_before_any_work(sample_pcam_dir, tmp_path, c
 
 
 def test_slides_to_shards_to_prompts(tmp_path):
-    """Whole-slide path: tile a real-tissue slide into shards (CLI), then build prompts on them."""
+    """Whole-slide path: tile a real-tissue slide with pen marks into shards (CLI), then build
+    prompts on them: ink tiles are flagged at tiling, removed and counted, and shown."""
     from meddiff.cli import main
     from meddiff.data.samples import sample_wsi
 
     slides = tmp_path / "slides"
-    sample_wsi(slides, width=2048, height=1536, seed=1)
+    sample_wsi(slides, width=2048, height=1536, seed=1, pen_strokes=2)
     (slides / "labels.csv").write_text("slide,label\nsample_slide.svs,1\n")
     shards = tmp_path / "shards"
     rc = main(
@@ -188,6 +189,8 @@ def test_slides_to_shards_to_prompts(tmp_path):
         "1": manifest["rows"]
     }
     assert set(tiles["level"].tolist()) == {1} and (tiles["x"] % 192 == 0).all()
+    inked = int((tiles["artefact"] == "ink").sum())
+    assert inked >= 3 and set(tiles["artefact"].tolist()) == {"", "ink"}
     assert len(set(zip(tiles["x"].tolist(), tiles["y"].tolist(), strict=True))) == manifest["rows"]
 
     # Streaming mini-batch K-means here (the exact mode is covered above): the same outputs.
@@ -200,6 +203,10 @@ def test_slides_to_shards_to_prompts(tmp_path):
         summary["k"] == 4 and summary["mode"] == "streaming" and summary["silhouette"] is not None
     )
     assert set(pairs["label"].tolist()) == {1}
+    assert summary["removed"]["by_reason"]["ink"] >= inked
+    flagged = {int(i) for i, a in zip(tiles["index"], tiles["artefact"], strict=True) if a}
+    assert not flagged & set(pairs["index"].tolist())
+    assert (tmp_path / "prompts" / "gallery" / "rejected_ink.png").is_file()
     assert set(pairs["source"].tolist()) == {str(slides / "sample_slide.svs")}
     assert summary["prompts"] == len(set(pairs["cluster"].tolist())) <= 4
 

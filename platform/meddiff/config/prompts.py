@@ -17,15 +17,38 @@ from meddiff.config.base import Section
 
 
 class QualityConfig(Section):
-    """Outlier removal before embedding: background, blur and off-colour patches.
+    """Outlier removal before embedding: slide artefacts, background, blur and off-colour patches.
+
+    Slide artefacts (:mod:`meddiff.data.artefacts`) are tested first: marker ink, folds, bubbles
+    and coverslip edges; for slide tiles also those whole-slide tissue detection found.
 
     H, S and V are on PIL's 0-255 scale; the Laplacian variance is taken on the 0-255 grey image
     (PIL's "L"); contours are counted on that grey image thresholded at ``contour_threshold``.
     A patch is removed when any test fails; it is reported under the first failing reason, in the
-    order dark, grey, flat, blurry, few_contours, off_colour. ``null`` disables a test.
+    order dark, ink, fold, bubble, grey, flat, blurry, few_contours, off_colour (a slide tile's
+    artefact from tissue detection before all). ``null`` disables a test.
     """
 
     enabled: bool = True
+    max_ink_fraction: float | None = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="'ink': more than this fraction of the patch is marker ink (a non-stain "
+        "colour on a dense floor, or dense and untextured, or dense and grey).",
+    )
+    max_fold_fraction: float | None = Field(
+        default=0.4,
+        ge=0,
+        le=1,
+        description="'fold': more than this fraction is a dense, textured double layer.",
+    )
+    min_bubble_rim_pixels: int | None = Field(
+        default=96,
+        ge=1,
+        description="'bubble': empty glass bounded by at least this many pixels of a thin grey "
+        "line (an air bubble's rim or a coverslip edge).",
+    )
     min_mean_value: float | None = Field(
         default=70.0, description="'dark': mean V below this (paper: 70)."
     )
