@@ -12,7 +12,9 @@ from PIL import Image
 
 from meddiff.config import load_config
 from meddiff.prompts import PromptRow, write_prompt_table
-from meddiff.serving.api import LocalBackend, build_synthesis_app
+from meddiff.serving import auth
+from meddiff.serving.api import LocalBackend, ServiceOptions, build_synthesis_app
+from meddiff.serving.schemas import SEED_MAX
 from meddiff.serving.runners import SynthesisRunner
 from meddiff.synthesis import components as C
 
@@ -35,8 +37,11 @@ def runner(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(runner):
-    return TestClient(build_synthesis_app(LocalBackend(runner), TOKEN, max_images=3))
+def client(runner, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    (root / "token").write_text(TOKEN)
+    opts = ServiceOptions(auth.Credentials(root / "token", root / "none.yaml"), 64 * 1024)
+    return TestClient(build_synthesis_app(LocalBackend(runner), opts, max_images=3))
 
 
 def decode(b64: str) -> np.ndarray:
@@ -59,7 +64,7 @@ def test_prompts_and_generation_match_the_runner(client, runner):
 
 @pytest.mark.parametrize(
     ("payload", "fragment"),
-    [({"prompt": "x", "n": 4}, "n: 4"), ({"prompt": "tissue " * 30}, "tokens"),
+    [({"prompt": "x", "n": 4}, "n: over"), ({"prompt": "tissue " * 30}, "tokens"),
      ({"label": 1}, "prompt: required"), ({"label": 1, "cluster": 7}, "no such prompt"),
      ({"prompt": "x", "label": 1, "cluster": 0}, "not both"), ({"prompt": "x", "n": 0}, "n"),
      ({"prompt": "x", "steps": 3}, "steps"), ({"prompt": "x", "seed": -1}, "seed")],
