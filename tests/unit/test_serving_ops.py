@@ -320,3 +320,63 @@ def test_png_helpers_keep_messages_clean():
         "cannot identify image file <object>"
     )
     assert len(clean("x" * 10_000)) == 400
+
+
+def test_replica_follows_the_registry_and_says_when_its_version_is_gone(tmp_path):
+    """The model replica's registry loop on a real registry and real (tiny) THOR models: a
+    canary is loaded beside the alias's version and dropped; a served version deleted from the
+    registry makes it not ready (problem, metric, event); a new promotion is followed."""
+    import mlflow
+    import torch
+
+    from meddiff.config import load_config
+    from meddiff.config.serving import ModelUserConfig
+    from meddiff.config.thor import ScheduleConfig, UNetConfig
+    from meddiff.serving.deployments import _ModelHolder
+    from meddiff.thor.model import save_model
+    from meddiff.thor.unet import DiffusionUNet
+    from meddiff.tracking import register_model, start_run
+    from meddiff.tracking.aliases import end_canary, promote, set_canary
+
+    plan = ["thor.infer.stride=50", "thor.infer.noise_level=100",
+            "thor.infer.harmonization_steps=[50]"]  # fmt: skip
+    cfg = load_config("tiny", overrides=plan)
+    unet = UNetConfig(image_size=16, channels=(8, 16), attention_levels=(False, False),
+                      norm_groups=4, num_head_channels=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "m", DiffusionUNet(unet), unet, ScheduleConfig())
+    for _ in range(3):
+        with start_run(cfg, "test-holder"):
+            register_model(model, "holder-test")
+    promote("holder-test", "1", "production", cfg.tracking)
+
+    class Holder(_ModelHolder):
+        kind = "anomaly"
+
+    h = Holder({"preset": "tiny", "set": plan})
+    h.user = ModelUserConfig(model="models:/holder-test@production", refresh_s=1)
+
+    async def scenario():
+        await h._load(h.user.model)
+        await h._check_registry()
+        assert (h.runner.model.version, h.problem, h.candidate) == ("1", None, None)
+        set_canary("holder-test", "2", 50, "production", cfg.tracking)
+        await h._check_registry()
+        assert h.candidate.model.version == "2" and h.canary_percent == 50
+        assert (await h.info())["canary"] == {"version": "2", "percent": 50.0}
+        end_canary("holder-test", "production", cfg.tracking)
+        await h._check_registry()
+        assert h.candidate is None
+        mlflow.MlflowClient().delete_model_version("holder-test", "1")
+        await h._check_registry()
+        assert "version 1 of holder-test was deleted" in h.problem
+        assert (await h.info())["problem"] == h.problem and h.runner.model.version == "1"
+        promote("holder-test", "3", "production", cfg.tracking)
+        await h._check_registry()
+        assert (h.runner.model.version, h.problem) == ("3", None)
+
+    asyncio.run(scenario())
+    events = h.recorder.take()
+    assert ("in_registry", "local", False) in events and ("in_registry", "local", True) in events
+    kinds = [e[1] for e in events if e[0] == "event"]
+    assert kinds == ["load", "canary_on", "canary_off", "registry_missing", "swap"]

@@ -103,7 +103,9 @@ class _ModelHolder:
         self.pending = 0
         self.replica = _replica_id()
         # One replica uses the CPUs Serve gave it (ray_actor_options.num_cpus), not every core.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        cpus = ray.is_initialized() and ray.get_runtime_context().get_assigned_resources().get(
+            "CPU"
+        )
         if cpus:
             torch.set_num_threads(max(1, int(cpus)))
 
