@@ -99,7 +99,10 @@ def test_seed_from_content_is_stable_and_batch_independent(client, runner):
     imgs = [decode_png(b, size=SIZE), decode_png(a, size=SIZE)]
     batched = runner.run(imgs, [content_seed(i) for i in imgs])[1]
     alone = decode_png(base64.b64decode(first["anomaly_map_png"]))
-    np.testing.assert_allclose(np.round(batched.anomaly_map * 65535) / 65535, alone, atol=1e-6)
+    # docs/serving.md, "Seeds": the noise never depends on the batch, the arithmetic may, by at
+    # most one 16-bit step in a few pixels.
+    diff = np.abs(np.round(batched.anomaly_map * 65535) / 65535 - alone)
+    assert diff.max() <= 1.0001 / 65535 and np.mean(diff > 1e-7) < 0.01
 
 
 def test_accept_png_returns_the_map_with_score_header(client):
