@@ -145,7 +145,7 @@ def test_metrics_scrape_and_audit_lines(tiny):
     v1 = tiny["versions"][0]
     assert ask(tiny, seed=11).status_code == 200
     assert requests.get(f"{tiny['url']}/v1/models", timeout=30).status_code == 401
-    time.sleep(2)  # replicas report to the Monitor twice a second
+    time.sleep(3)  # replicas report to the Monitor once a second
     url = metrics_urls(["anomaly"])["anomaly"]
     assert url.startswith("http://127.0.0.1:")
     text = requests.get(url, timeout=30).text

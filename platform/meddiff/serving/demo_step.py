@@ -55,7 +55,7 @@ def serve_demo(
     check_config(out / "serve.yaml")
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        urls = deploy(data)
+        urls = deploy(data, timeout_s=600)  # a cold start on a busy 2-core machine
         r = requests.post(
             f"{urls['anomaly']}/v1/anomaly",
             data=slice_png.read_bytes(),

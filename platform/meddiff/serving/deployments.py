@@ -50,7 +50,7 @@ from meddiff.tracking.aliases import canary_of, parse_ref, resolve
 
 log = logging.getLogger(__name__)
 
-FLUSH_S = 0.5  # how often a replica sends its metric events (and learns of a drain)
+FLUSH_S = 1.0  # how often a replica sends its metric events (and learns of a drain)
 
 
 def service_config(args: AppArgs) -> Config:
@@ -293,7 +293,12 @@ class SynthesisModel(_ModelHolder):
 
 
 @serve.deployment(
-    name="Monitor", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    name="Monitor",
+    num_replicas=1,
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0},
+    # Every replica reports once a second: Serve's access line per report would drown the log.
+    logging_config={"enable_access_log": False},
 )
 class Monitor:
     """The application's metrics server and drain flag (see the module's docstring)."""

@@ -93,7 +93,7 @@ def metrics_urls(names: list[str]) -> dict[str, str]:
 
 def drain(names: list[str], grace_s: float, poll_s: float = 0.2) -> dict[str, int]:
     """Stop accepting and let requests in flight finish: every ingress replica of ``names``
-    answers new ``/v1`` requests 503 + Retry-After (and ``/readyz`` 503) within a second, and
+    answers new ``/v1`` requests 503 + Retry-After (and ``/readyz`` 503) within about a second, and
     this waits until each has reported no request in flight, or ``grace_s`` passed.
 
     Returns {application: requests still in flight when it returned} (0 when all finished).
@@ -108,7 +108,7 @@ def drain(names: list[str], grace_s: float, poll_s: float = 0.2) -> dict[str, in
         left = {}
         for n, m in monitors.items():
             reports = m.status.remote().result(timeout_s=30)["reports"]
-            # Replicas report every half second: one silent for 5 s before the drain is gone.
+            # Replicas report every second: one silent for 5 s before the drain is gone.
             ingress = [r for r in reports.values()
                        if r["kind"] == "ingress" and r["at"] > since[n] - 5]  # fmt: skip
             settled = [r for r in ingress if r.get("draining") and r["at"] > since[n]]
