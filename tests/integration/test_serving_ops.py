@@ -229,7 +229,7 @@ def test_canary_splits_by_version_then_promotion_and_deletion(tiny):
     finally:
         stop.set()
     assert {c for _, c, _ in results} == {200}
-    time.sleep(2)
+    time.sleep(3)
     text = requests.get(metrics_urls(["anomaly"])["anomaly"], timeout=30).text
     for v in (v1, v2):
         assert f'model_version="{v}",route="/v1/anomaly",service="anomaly",status="200"' in text
