@@ -70,11 +70,12 @@ def register(root: Path, store: str) -> tuple[list[str], object]:
     return versions, cfg
 
 
-def config(root: Path, store: str) -> Path:
+def config(root: Path, store: str, plan: list[str], grace_s: float) -> Path:
     data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
     app = data["applications"][0]
     app["args"].update(token_file=str(root / "token"), audit_log=str(root / "audit.jsonl"),
-                       metrics_port=0, set=[*app["args"]["set"], f"tracking.uri={store}"])  # fmt: skip
+                       metrics_port=0, drain_grace_s=grace_s,
+                       set=[*app["args"]["set"], *plan, f"tracking.uri={store}"])  # fmt: skip
     app["deployments"][0]["user_config"].update(model=f"models:/{NAME}@production", refresh_s=1)
     data["applications"] = [app]
     data["http_options"]["port"] = free_port()
@@ -97,6 +98,7 @@ class Clients:
         self.url, self.png, self.timeout_s = url, png, timeout_s
         self.phase = "steady"
         self.rows: list[tuple[str, str, str | None]] = []
+        self.details: dict[tuple[str, str], str] = {}  # the first answer of each kind, per phase
         self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)
@@ -113,6 +115,7 @@ class Clients:
             except requests.RequestException as err:
                 kind = classify(err)
                 self.rows.append((phase, kind, None))
+                self.details.setdefault((phase, kind), repr(err)[:200])
                 time.sleep(0.5 if kind == "refused" else 0)
                 continue
             code = str(r.status_code)
@@ -120,6 +123,8 @@ class Clients:
                 code = "503+RA"
                 time.sleep(min(float(r.headers["Retry-After"]), 2.0))
             self.rows.append((phase, code, r.headers.get("X-Model-Version")))
+            if r.status_code != 200:
+                self.details.setdefault((phase, code), r.text[:200])
 
     def start(self) -> None:
         for t in self.threads:
@@ -169,7 +174,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--phase-s", type=float, default=20.0)
-    p.add_argument("--request-timeout-s", type=float, default=120.0)
+    p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--grace-s", type=float, default=30.0, help="args.drain_grace_s")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="plan",
+        help="more overrides of the anomaly app (e.g. thor.infer.stride=50)",
+    )
     p.add_argument("--timeout-s", type=float, default=1200.0, help="bound on the whole run")
     args = p.parse_args()
     from meddiff.data.images import encode_png
@@ -183,7 +196,8 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meddiff.cli", "serve", "run", "--config", str(config(tmp, store))],
+        [sys.executable, "-m", "meddiff.cli", "serve", "run", "--config",
+         str(config(tmp, store, args.plan, args.grace_s))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     out: list[str] = []
@@ -221,8 +235,15 @@ def main() -> int:
             clients.join()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    (tmp / "serve.log").write_text("".join(out))
     print("".join(line for line in out if "drained" in line), end="")
-    print(f"\n{args.clients} clients, {args.phase_s:g} s phases; models under {tmp}\n")
+    for (phase, kind), detail in sorted(clients.details.items()):
+        print(f"first {kind} in {phase}: {detail}")
+    plan = " ".join(args.plan) or "tiny.yaml's"
+    print(
+        f"\n{args.clients} clients, {args.phase_s:g} s phases, plan {plan}, drain grace "
+        f"{args.grace_s:g} s; models and the server's log under {tmp}\n"
+    )
     print(table(clients.rows, ["steady", "kill replica", "promote", "SIGTERM"]))
     return 0
 
