@@ -360,10 +360,6 @@ def _base_app(title: str, service: str, backend, page: str, opts: ServiceOptions
     return app, router
 
 
-def _serve(app: FastAPI, service: str, opts: ServiceOptions):
-    return Guard(app, service, opts)
-
-
 def build_anomaly_app(
     backend: AnomalyBackend,
     opts: ServiceOptions,
@@ -443,7 +439,7 @@ def build_anomaly_app(
         return JSONResponse(result.model_dump(), headers=headers)
 
     app.include_router(router)
-    return _serve(app, "anomaly", opts)
+    return Guard(app, "anomaly", opts)
 
 
 def parse_json(body: bytes) -> Any:
@@ -534,7 +530,7 @@ def build_synthesis_app(
         return JSONResponse(result.model_dump(), headers=headers)
 
     app.include_router(router)
-    return _serve(app, "synthesis", opts)
+    return Guard(app, "synthesis", opts)
 
 
 async def _pick_prompt(backend: SynthesisBackend, req: S.SynthesisRequest) -> str:
