@@ -147,6 +147,7 @@ def test_named_tokens_rotate_and_revoke_without_restart(tmp_path, caplog):
     assert models(alice) == 401 and models(path.read_text().strip()) == 200
     auth.revoke("alice", cred)
     assert models(path.read_text().strip()) == 401 and models(TOKEN) == 200
+    assert auth.parse_credentials(cred.read_text(), "c") == {}  # the last name revoked
     cred.write_text("alice: not-a-hash\n")  # a broken file lets none of its names in
     assert models(path.read_text().strip()) == 401 and models(TOKEN) == 200
 

@@ -69,7 +69,7 @@ def parse_credentials(text: str, source: str) -> dict[str, str]:
             digits (named with ``source``; the value is never echoed).
     """
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        data = yaml.safe_load(text) or {}  # empty, or comments only: no tokens
     except yaml.YAMLError:
         raise ConfigError(f"credentials {source}: not valid YAML") from None
     if not isinstance(data, dict):
