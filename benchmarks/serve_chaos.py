@@ -197,7 +197,7 @@ def main() -> int:
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "meddiff.cli", "serve", "run", "--config",
-         str(config(tmp, store, args.plan, args.grace_s))],
+         str(config(tmp, store, args.plan, args.grace_s)), "--timeout-s", "1200"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     out: list[str] = []

@@ -264,13 +264,14 @@ def test_sigterm_drains_requests_in_flight(tiny, tmp_path):
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meddiff.cli", "serve", "run", "--config", str(tmp_path / "serve.yaml")],
+        [sys.executable, "-m", "meddiff.cli", "serve", "run", "--config", str(tmp_path / "serve.yaml"),
+         "--timeout-s", "1200"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     out: list[str] = []
     threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 1300
         while not any("SIGTERM drains" in line for line in out):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(out[-30:])
             time.sleep(0.5)

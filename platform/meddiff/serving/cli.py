@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
     run.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else embedded)")
+    run.add_argument(
+        "--timeout-s", type=float, default=600.0,
+        help="how long the applications may take to start (a cold start on a busy machine)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
     check = s.add_parser("check", help="validate a Serve config strictly and resolve its models")
@@ -138,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     data = read_config(args.config)
     apps = {a["name"]: AppArgs.model_validate(a.get("args") or {}) for a in data["applications"]}
     sources = {auth.ensure_token(a.token_file, a.credentials_file) for a in apps.values()}
-    urls = deploy(data, address=args.address)
+    urls = deploy(data, address=args.address, timeout_s=args.timeout_s)
     print(f"tokens from: {'; '.join(sorted(sources))} (send 'Authorization: Bearer <token>')")
     metrics = metrics_urls(list(urls))
     for name, url in urls.items():
