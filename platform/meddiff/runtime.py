@@ -60,7 +60,7 @@ def connect(cfg: RuntimeConfig) -> None:
 
 
 def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
-    """Start a local Ray, retrying with exponential backoff (2 s, 4 s, ... 30 s) for up to
+    """Start a local Ray (without Ray's metrics exporter), retrying with exponential backoff (2 s, 4 s, ... 30 s) for up to
     ``cfg.start_timeout_s``: on a loaded machine Ray's raylet can miss its fixed 30 s startup
     bound. Processes a failed try left behind are stopped before the next (by PID).
 
@@ -87,6 +87,10 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
                     include_dashboard=False,
                     log_to_driver=True,
                     runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+                    # Ray's metrics exporter listens on every interface without auth, and
+                    # nothing scrapes an embedded Ray (no dashboard): it is not started. The
+                    # services' own metrics are on a port of their own (docs/serving.md).
+                    _system_config={"enable_metrics_collection": False},
                 )
             return
         except Exception as err:  # Ray raises bare Exception on a startup timeout

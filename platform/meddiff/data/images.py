@@ -238,6 +238,16 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     return arr != 0
 
 
+def _reason(err: Exception) -> str:
+    """Why Pillow could not read an image, without the object repr Pillow puts in the message of
+    an in-memory file ("cannot identify image file <_io.BytesIO object at 0x…>")."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow can identify"
+    return str(err)
+
+
 def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
     """(height, width) of a grayscale PNG from its header alone (no pixel decoding).
 
@@ -261,7 +271,7 @@ def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
     except DataError:
         raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable PNG ({err})") from None
+        raise DataError(f"{path}: not a readable PNG ({_reason(err)})") from None
 
 
 def check_headers(
@@ -317,7 +327,7 @@ def _read_gray(path: Path, what: str, data: bytes | None = None) -> np.ndarray:
     except DataError:
         raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable PNG ({err})") from None
+        raise DataError(f"{path}: not a readable PNG ({_reason(err)})") from None
     except Image.DecompressionBombError as err:
         raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
     if arr.ndim != 2:
@@ -384,7 +394,7 @@ def decode_png(
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"{name}: not a readable PNG ({err})") from None
+            raise DataError(f"{name}: not a readable PNG ({_reason(err)})") from None
         except Image.DecompressionBombError as err:
             raise DataError(f"{name}: refused as a decompression bomb ({err})") from None
         if (h, w) != (size, size):
