@@ -340,3 +340,19 @@ def test_append_line_adds_to_a_file_or_an_object(bucket, tmp_path):
         storage.append_line(path, "one")
         storage.append_line(path, "two")
         assert storage.read_text(path) == "one\ntwo\n"
+
+
+def test_only_the_storage_package_asks_whether_a_path_is_remote():
+    """Jobs, Ray workers and the training core take locations and paths: no module outside
+    ``meddiff.storage`` branches on ``is_uri`` (it did in 17 files, 26 times)."""
+    root = Path(__file__).resolve().parents[2]
+    package = root / "platform" / "meddiff" / "storage"
+    sources = [*(root / "platform").rglob("*.py"), *(root / "jobs").rglob("*.py")]
+    found = [
+        f"{p.relative_to(root)}:{n}"
+        for p in sources
+        if not p.is_relative_to(package)
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "is_uri(" in line
+    ]
+    assert sources and not found, found

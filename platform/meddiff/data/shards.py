@@ -19,8 +19,6 @@ last, after the files moved into place, so an interrupted write never looks fini
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +28,6 @@ import numpy as np
 
 from meddiff import storage
 from meddiff.errors import DataError
-from meddiff.files import read_format_json
 
 if TYPE_CHECKING:
     import ray.data
@@ -93,35 +90,44 @@ def write_shards(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir``, all or nothing.
+    """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir`` (a path or an
+    :class:`~meddiff.storage.OutputLocation`), all or nothing; returns the manifest.
 
-    Files are written to ``<out_dir>.partial`` and moved into place only when every block is
-    written; the manifest goes in last. Returns the manifest.
+    The Ray workers write the files where every node reaches them: beside a local ``out_dir``
+    (``<out_dir>.partial``, put in place when every block is written), or straight under an
+    object-store prefix (which has no directory rename). The manifest goes in last: until then a
+    reader refuses the output as incomplete, and a rewrite deletes the old manifest first, so it
+    never vouches for new files.
 
     Raises:
         DataError: ``out_dir`` already holds shards and ``overwrite`` is False.
     """
     info = {**(info or {}), **_producer()}
-    if storage.is_uri(out_dir):
-        return _write_remote(ds, str(out_dir), rows_per_file, info, overwrite)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    start = time.perf_counter()
-    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-    encoded.write_parquet(str(partial), min_rows_per_file=rows_per_file)
-    files = sorted(p.name for p in partial.glob("*.parquet"))
-    if not files:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise DataError(f"nothing to write to {out}: the input produced no patches")
-    manifest = _describe(partial, files, info, time.perf_counter() - start)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with storage.OutputLocation.use(out_dir) as loc:
+        _refuse_existing(loc, overwrite)
+        loc.clear()  # leftovers of an interrupted write, or what --overwrite replaces
+        where = loc.shared(loc.staging.with_name(loc.staging.name + ".partial"))
+        if where != loc.target:
+            storage.delete_dir(where)  # an interrupted local write's leftovers
+        fs, inner = storage.filesystem(where)
+        start = time.perf_counter()
+        encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
+        encoded.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_file)
+        files = [n for n in storage.list_files(where, recursive=False) if n.endswith(".parquet")]
+        if not files:
+            storage.delete_dir(where)
+            raise DataError(f"nothing to write to {loc.target}: the input produced no patches")
+        manifest = _describe(where, files, info, time.perf_counter() - start)
+        loc.install(where)
+        storage.write_text(loc.join(MANIFEST), json.dumps(manifest, indent=2))
     return manifest
+
+
+def _refuse_existing(loc: storage.OutputLocation, overwrite: bool) -> None:
+    if overwrite or not storage.exists(loc.target):
+        return
+    if is_shard_dir(loc.target) or not loc.remote:
+        raise DataError(f"{loc.target} already exists; choose another --out or pass --overwrite")
 
 
 def concat_shards(
@@ -165,29 +171,6 @@ def _producer() -> dict[str, str]:
     return {"mlflow_run_id": run.info.run_id} if run else {}
 
 
-def _write_remote(
-    ds: ray.data.Dataset, out: str, rows_per_file: int, info: Mapping[str, Any], overwrite: bool
-) -> dict[str, Any]:
-    """Object storage has no directory rename: write straight under the prefix with Ray Data's
-    native Parquet writer and put the manifest last. Until then a reader refuses the prefix as
-    incomplete; a rewrite deletes the old manifest first, so it never vouches for new files."""
-    if storage.exists(out):
-        if is_shard_dir(out) and not overwrite:
-            raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
-        storage.delete_dir(out)  # leftovers of an interrupted write, or what --overwrite replaces
-    fs, inner = storage.filesystem(out)
-    start = time.perf_counter()
-    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-    encoded.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_file)
-    files = [n for n in storage.list_files(out, recursive=False) if n.endswith(".parquet")]
-    if not files:
-        storage.delete_dir(out)
-        raise DataError(f"nothing to write to {out}: the input produced no patches")
-    manifest = _describe(out, files, info, time.perf_counter() - start)
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
-    return manifest
-
-
 def _describe(
     root: Path | str, files: list[str], info: Mapping[str, Any] | None, seconds: float
 ) -> dict[str, Any]:
@@ -221,30 +204,18 @@ def _describe(
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a complete shard directory.
+    """The manifest of a complete shard directory (or object-store prefix).
 
     Raises:
         DataError: not a directory, or no manifest (never written, or the write was interrupted).
     """
-    if storage.is_uri(path):
-        return _read_remote_manifest(str(path))
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"shard directory {root} does not exist")
-    missing = (
-        f"{root} is not a complete meddiff shard directory (no {MANIFEST}; was the write "
-        "interrupted?)"
-    )
-    return read_format_json(root / MANIFEST, FORMAT, DataError, missing)
-
-
-def _read_remote_manifest(uri: str) -> dict[str, Any]:
-    target = storage.join(uri, MANIFEST)
+    kind = storage.noun(path)
+    target = storage.join(path, MANIFEST)
     if not storage.is_file(target):
-        if not storage.is_dir(uri):
-            raise DataError(f"shard prefix {uri} does not exist")
+        if not storage.is_dir(path):
+            raise DataError(f"shard {kind} {path} does not exist")
         raise DataError(
-            f"{uri} is not a complete meddiff shard prefix (no {MANIFEST}; was the write "
+            f"{path} is not a complete meddiff shard {kind} (no {MANIFEST}; was the write "
             "interrupted?)"
         )
     try:

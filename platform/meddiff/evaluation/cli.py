@@ -171,8 +171,8 @@ def _fidelity(args: argparse.Namespace) -> int:
         )
 
     if args.out is not None:
-        with storage.local_output(args.out) as out:
-            result = storage.rebase(run(out), out, args.out)
+        with storage.OutputLocation.open(args.out) as loc:
+            result = loc.rebase(run(loc.staging))
     else:
         import tempfile
 
@@ -192,9 +192,8 @@ def _classifier(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     real, synthetic = _input(args.real), _input(args.synthetic)
-    with storage.local_output(args.out) as out:
-        result = run_classifier(cfg, real, synthetic, out, arms=args.arms)
-        result = storage.rebase(result, out, args.out)
+    with storage.OutputLocation.open(args.out) as loc:
+        result = loc.rebase(run_classifier(cfg, real, synthetic, loc.staging, arms=args.arms))
     for arm in result["arms"].values():
         arm.pop("roc", None)  # the curve is in roc.png and classifier.json
     _emit(args, result)
@@ -209,11 +208,11 @@ def _rs_export(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     rs = cfg.evaluation.reader_study
     real, synthetic = _input(args.real), _input(args.synthetic)
-    with storage.local_output(args.out) as out:
+    with storage.OutputLocation.open(args.out) as loc:
         key = export_study(
             real,
             synthetic,
-            out,
+            loc.staging,
             num_real=args.num_real or rs.num_real,
             num_synthetic=args.num_synthetic or rs.num_synthetic,
             real_split=cfg.evaluation.real_split,
@@ -247,11 +246,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     data = _input(args.data)
-    with storage.local_output(args.out) as out:
+    with storage.OutputLocation.open(args.out) as loc:
         result = compare_prompting(
-            cfg, data, out, strategies=args.strategies, classifier=not args.no_classifier
+            cfg, data, loc.staging, strategies=args.strategies, classifier=not args.no_classifier
         )
-        result = storage.rebase(result, out, args.out)
+        result = loc.rebase(result)
     _emit(args, result)
     if args.json:
         print(f"report: {result['report']}")

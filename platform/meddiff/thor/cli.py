@@ -113,12 +113,10 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     data = storage.local_input(args.data)
-    # A URI --out: Ray Train's checkpoints go straight to its ray/ (from every node, kept by the
-    # upload), so a rerun resumes from them; the rest is written locally and uploaded at the end.
-    bucket = str(args.out) if storage.is_uri(args.out) else None
-    with storage.local_output(args.out, keep=("ray",)) as out:
-        summary = train_thor(cfg, data, out, fresh=args.fresh, bucket_out=bucket)
-        summary = storage.rebase(summary, out, args.out)
+    # Ray Train's checkpoints go straight to --out's ray/ (from every node; kept by an object
+    # store's upload), so a rerun resumes from them.
+    with storage.OutputLocation.open(args.out, keep=("ray",)) as loc:
+        summary = loc.rebase(train_thor(cfg, data, loc, fresh=args.fresh))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -132,8 +130,8 @@ def _detect(args: argparse.Namespace) -> int:
     if args.method:
         cfg = method_config(cfg, args.method)
     images = storage.local_input(args.images)
-    with storage.local_output(args.out) as out:
-        summary = storage.rebase(detect_folder(cfg, args.model, images, out), out, args.out)
+    with storage.OutputLocation.open(args.out) as loc:
+        summary = loc.rebase(detect_folder(cfg, args.model, images, loc))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -149,12 +147,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     box = {"auto": None, "on": True, "off": False}[args.box_protocol]
     images, masks = storage.local_input(args.images), storage.local_input(args.masks)
     with (
-        storage.local_output(args.out) if args.out else contextlib.nullcontext()
-    ) as out:  # fmt: skip
+        storage.OutputLocation.open(args.out) if args.out else contextlib.nullcontext()
+    ) as loc:  # fmt: skip
         summary = evaluate_folder(
-            cfg, args.model, images, masks, list(dict.fromkeys(methods)), out, box
+            cfg, args.model, images, masks, list(dict.fromkeys(methods)), loc and loc.staging, box
         )
-        summary = storage.rebase(summary, out, args.out) if out else summary
+        summary = loc.rebase(summary) if loc else summary
     print(json.dumps(summary, indent=2))
     return 0
 

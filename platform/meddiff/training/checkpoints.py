@@ -93,21 +93,17 @@ def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
     Raises:
         DataError: ``run_dir`` is in a bucket that does not exist (or cannot be reached).
     """
-    if not storage.is_uri(run_dir):
-        dirs = [d for d in Path(run_dir).glob(f"{PREFIX}*") if d.is_dir()]
-        found = [(step, d) for d in dirs if (step := complete_step(d))]
-        return max(found)[1] if found else None
     listed: dict[str, set[str]] = {}
     for name in storage.list_files(run_dir):  # one listing for every checkpoint's files
         top, _, rest = name.partition("/")
         if top.startswith(PREFIX) and rest:
             listed.setdefault(top, set()).add(rest)
-    found_uri = [
+    found = [
         (step, storage.join(run_dir, top))
         for top, names in listed.items()
         if (step := complete_step(storage.join(run_dir, top), names))
     ]
-    return max(found_uri)[1] if found_uri else None
+    return max(found)[1] if found else None
 
 
 def save_and_report(
@@ -180,39 +176,25 @@ def _wait_stored(stored: str | Path, sizes: dict[str, int]) -> None:
 
 @contextmanager
 def restored(run_dir: str | Path) -> Iterator[Path | None]:
-    """The checkpoint to resume from, as a local folder: the one Ray Train hands this worker
-    (the newest it committed) or, when newer, the newest complete one under ``run_dir`` that Ray
-    had not yet committed (on an object store: downloaded for the block's duration); None when
-    the run starts from scratch."""
-    import ray.train
+    """The checkpoint to resume from, as a local folder: the newest complete one under
+    ``run_dir`` (on an object store: downloaded for the block's duration); None when the run
+    starts from scratch.
 
-    on_storage = latest_checkpoint(run_dir)
-    # On an object store every checkpoint Ray committed is in the listing too, and Ray's own
-    # download (``as_directory``) shares one folder between the ranks of a node, which the first
-    # rank done with it may delete while another still loads: each rank fetches its own copy.
-    ckpt = None if storage.is_uri(run_dir) else ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            # Ray commits a checkpoint once reported; its rank files follow the upload, so a
-            # worker lost in between leaves a committed one that is not complete: never used.
-            ray_step = complete_step(d)
-            if ray_step is not None and (
-                on_storage is None or complete_step(on_storage) <= ray_step
-            ):
-                yield Path(d)
-                return
-    if on_storage is None:
+    Ray Train hands a restarted worker the newest checkpoint it committed
+    (``ray.train.get_checkpoint``), but its controller learns of a report asynchronously, so a
+    worker killed just after reporting can leave a newer complete one on storage: the listing
+    sees both, and a committed one without every rank's file is never used. Each rank fetches
+    its own copy: Ray's download (``as_directory``) shares one folder between the ranks of a
+    node, which the first rank done with it may delete while another still loads.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
         yield None
         return
-    with _local(on_storage) as d:
+    with _local(found) as d:
         yield d
 
 
-@contextmanager
-def _local(path: str | Path) -> Iterator[Path]:
+def _local(path: str | Path):
     """``path`` itself when local; a downloaded copy of an object-store checkpoint otherwise."""
-    if not storage.is_uri(path):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="meddiff-restore-") as tmp:
-        yield storage.download_dir(str(path), Path(tmp) / storage.name(path), marker=None)
+    return storage.local_copy(path)
