@@ -96,6 +96,46 @@ def test_incomplete_or_existing_prefix_is_refused(store, pcam_uri):
     assert sorted(names) == sorted([*manifest["files"], MANIFEST])
 
 
+def test_existing_outputs_are_refused_and_foreign_objects_survive(
+    store, pcam_uri, capsys, tmp_path
+):
+    """With an s3:// --out an earlier output is refused without --overwrite; --overwrite removes
+    only what meddiff wrote (its manifest lists it), never another object under the prefix; a
+    bucket root or an object as --out is refused before any work."""
+    cfg = _cfg(store)
+    out = f"s3://{BUCKET}/shards/mixed"
+    client = store.client()
+    client.put_object(Bucket=BUCKET, Key="shards/mixed/README.txt", Body=b"theirs")
+    with pytest.raises(DataError, match="meddiff did not write, e.g. README.txt"):
+        ingest(cfg, pcam_uri, out, split="valid", limit=8)
+    first = ingest(cfg, pcam_uri, out, split="valid", limit=8, overwrite=True)
+    second = ingest(cfg, pcam_uri, out, split="valid", limit=8, overwrite=True)
+    assert sorted(storage.list_files(out)) == sorted([*second["files"], MANIFEST, "README.txt"])
+    assert not set(first["files"]) & set(second["files"])  # the first output's files went
+    assert client.get_object(Bucket=BUCKET, Key="shards/mixed/README.txt")["Body"].read() == (
+        b"theirs"
+    )
+
+    before = sorted(storage.list_files(f"s3://{BUCKET}/shards"))
+    common = _common(store)
+    err = _one_line_error(
+        capsys, ["data", "ingest", "--input", pcam_uri, "--out", f"s3://{BUCKET}", *common]
+    )
+    assert f"s3://{BUCKET}: a bucket or container root cannot be an output" in err
+    err = _one_line_error(
+        capsys, ["data", "ingest", "--input", pcam_uri, "--out", f"{out}/README.txt", *common]
+    )
+    assert f"{out}/README.txt is a file (an object)" in err
+    from meddiff.data.images import write_png
+
+    write_png(tmp_path / "images" / "a.png", np.zeros((32, 32), np.float32))
+    err = _one_line_error(capsys, ["thor", "detect", "--model", str(tmp_path / "no-model"),
+                                   "--images", str(tmp_path / "images"), "--out",
+                                   f"s3://{BUCKET}/", *common])  # fmt: skip
+    assert "a bucket or container root cannot be an output" in err  # before any detection
+    assert sorted(storage.list_files(f"s3://{BUCKET}/shards")) == before
+
+
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     # (MLflow may log its own lines to stderr the first time it creates the session's store.)

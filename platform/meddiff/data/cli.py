@@ -147,17 +147,17 @@ def _sample_brain(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.data.ingest import ingest
 
-    manifest = ingest(
-        config_from_args(args),
-        args.input,
-        args.out,
-        split=args.split,
-        limit=args.limit,
-        overwrite=args.overwrite,
-    )
+    cfg = config_from_args(args)
+    # Opened before any work: a missing bucket, refused credentials or an existing --out fail
+    # now. The shard manifest is the output's marker.
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite, marker=None) as loc:
+        manifest = ingest(
+            cfg, args.input, loc, split=args.split, limit=args.limit, overwrite=args.overwrite
+        )
     print(
         json.dumps({"out": str(args.out), "rows": manifest["rows"], "labels": manifest["labels"]})
     )

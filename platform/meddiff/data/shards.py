@@ -96,38 +96,47 @@ def write_shards(
     The Ray workers write the files where every node reaches them: beside a local ``out_dir``
     (``<out_dir>.partial``, put in place when every block is written), or straight under an
     object-store prefix (which has no directory rename). The manifest goes in last: until then a
-    reader refuses the output as incomplete, and a rewrite deletes the old manifest first, so it
-    never vouches for new files.
+    reader refuses the output as incomplete. The files are named ``meddiff-<token>-...``, so the
+    leftovers of an interrupted write are told from anything else there; a rewrite removes the
+    old manifest (first) and the files it lists, never a file meddiff did not write.
 
     Raises:
-        DataError: ``out_dir`` already holds shards and ``overwrite`` is False.
+        DataError: ``out_dir`` already holds an output and ``overwrite`` is False; it is a
+            bucket root or a file.
     """
     info = {**(info or {}), **_producer()}
-    with storage.OutputLocation.use(out_dir) as loc:
-        _refuse_existing(loc, overwrite)
-        loc.clear()  # leftovers of an interrupted write, or what --overwrite replaces
-        where = loc.shared(loc.staging.with_name(loc.staging.name + ".partial"))
-        if where != loc.target:
-            storage.delete_dir(where)  # an interrupted local write's leftovers
+    with storage.OutputLocation.use(out_dir, overwrite=overwrite, marker=None) as loc:
+        loc.clear()  # what --overwrite replaces, or an interrupted write's leftovers
+        partial = loc.staging.with_name(loc.staging.name + ".partial")
+        where = loc.shared(partial)  # the prefix itself for an object store
+        if where == partial:
+            storage.delete_dir(partial)  # an interrupted local write's leftovers
+        token = storage.write_token()
         fs, inner = storage.filesystem(where)
         start = time.perf_counter()
         encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-        encoded.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_file)
-        files = [n for n in storage.list_files(where, recursive=False) if n.endswith(".parquet")]
+        encoded.write_parquet(
+            inner, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=_Names(token)
+        )
+        files = [n for n in storage.list_files(where, recursive=False) if n.startswith(token)]
         if not files:
-            storage.delete_dir(where)
             raise DataError(f"nothing to write to {loc.target}: the input produced no patches")
         manifest = _describe(where, files, info, time.perf_counter() - start)
         loc.install(where)
-        storage.write_text(loc.join(MANIFEST), json.dumps(manifest, indent=2))
+        storage.write_text(
+            storage.join(loc.shared(loc.staging), MANIFEST), json.dumps(manifest, indent=2)
+        )
     return manifest
 
 
-def _refuse_existing(loc: storage.OutputLocation, overwrite: bool) -> None:
-    if overwrite or not storage.exists(loc.target):
-        return
-    if is_shard_dir(loc.target) or not loc.remote:
-        raise DataError(f"{loc.target} already exists; choose another --out or pass --overwrite")
+class _Names:
+    """Ray Data file names for one write: ``<token><write uuid>_<task>-<i>.parquet``."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.token}{write_uuid}_{task_index:06}"
 
 
 def concat_shards(

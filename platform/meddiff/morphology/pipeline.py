@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -92,9 +91,9 @@ def build_prompts(
         ModelError: DINO weights missing or unloadable; a reused morphology model is invalid.
     """
     with storage.OutputLocation.use(out, overwrite=overwrite) as loc:
-        loc.clear()  # room for the workers' shards (an earlier output, refused w/o overwrite)
+        loc.clear()  # room for the workers' shards: the earlier output (refused w/o overwrite)
         try:
-            return _build_prompts(cfg, source, loc, overwrite=overwrite, split=split, limit=limit)
+            return _build_prompts(cfg, source, loc, split=split, limit=limit)
         except BaseException as err:
             loc.discard()
             if not isinstance(err, Exception):
@@ -114,7 +113,6 @@ def _build_prompts(
     source: str | Path,
     loc: storage.OutputLocation,
     *,
-    overwrite: bool,
     split: str,
     limit: int | None,
 ) -> dict[str, Any]:
@@ -123,8 +121,6 @@ def _build_prompts(
     from meddiff import runtime, tracking
 
     out = loc.staging
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
     pcfg = cfg.prompts
     morphology = pcfg.strategy == "morphology"
     partial = out.with_name(out.name + ".partial")
@@ -241,9 +237,7 @@ def _build_prompts(
 
         shutil.rmtree(partial / WORK)
         (partial / SUMMARY).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        loc.install(partial)
 
         _log_run(cfg, out, summary, gallery_page.name, morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, len(table), out)

@@ -54,12 +54,22 @@ from meddiff.storage.inputs import (
     resolve,
     stamp,
 )
-from meddiff.storage.location import Location, OutputLocation, local_output, rebase
+from meddiff.storage.location import (
+    OWN_NAME,
+    Location,
+    OutputLocation,
+    local_output,
+    rebase,
+    record_files,
+    upload_dir,
+    write_token,
+)
 from meddiff.storage.operations import (
     COMPLETE,
     MARKERS,
     append_line,
     delete_dir,
+    delete_files,
     download_dir,
     exists,
     file_sizes,
@@ -71,7 +81,7 @@ from meddiff.storage.operations import (
     read_bytes,
     read_text,
     retry,
-    upload_dir,
+    upload_file,
     write_bytes,
     write_text,
 )
@@ -106,6 +116,7 @@ __all__ = [
     "GCS",
     "MARKERS",
     "SCHEMES",
+    "OWN_NAME",
     "Location",
     "OutputLocation",
     "_shipped",
@@ -116,6 +127,7 @@ __all__ = [
     "cached_file",
     "configure",
     "delete_dir",
+    "delete_files",
     "download_dir",
     "exists",
     "fetch",
@@ -141,11 +153,14 @@ __all__ = [
     "read_bytes",
     "read_text",
     "rebase",
+    "record_files",
     "resolve",
     "retry",
     "stamp",
     "upload_dir",
+    "upload_file",
     "use_filesystem",
     "write_bytes",
     "write_text",
+    "write_token",
 ]

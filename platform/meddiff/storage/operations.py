@@ -3,7 +3,8 @@ directory uploads and downloads, each retried on transient errors with every att
 
 Object stores have no atomic rename of a directory, so the all-or-nothing rule is kept by a
 marker: a directory-like output is complete only once its manifest or marker object exists, and
-that object is written last (see :mod:`meddiff.data.shards` and :func:`upload_dir`).
+that object is written last (see :mod:`meddiff.data.shards` and
+:mod:`meddiff.storage.location`).
 
 Errors: a missing bucket or key, refused credentials or an unreachable endpoint raise
 :class:`~meddiff.errors.DataError` with a one-line message naming the URI. Errors that may pass
@@ -289,34 +290,47 @@ COMPLETE = "_meddiff_complete.json"
 MARKERS = ("_meddiff_shards.json", COMPLETE)
 
 
-def upload_dir(
-    local: str | Path, uri: str, *, marker: str | None = COMPLETE, keep: Sequence[str] = ()
-) -> list[str]:
-    """Copy the local directory ``local`` to ``uri`` (replacing what was there but the
-    sub-folders in ``keep``), then write ``marker`` (a JSON list of the files) last, so a reader
-    can tell a complete upload.
-
-    Returns the uploaded names. A file named like the marker in ``local`` is uploaded last too.
-    """
-    import json
-
-    local = Path(local)
-    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    delete_dir(uri, keep=keep)
-    fs, inner = filesystem(uri)
-    last = [n for n in names if n in MARKERS]
-    for rel in [n for n in names if n not in MARKERS] + last:
-        retry(
-            f"{uri}/{rel}",
-            lambda r=rel: _upload_file(fs, local / r, f"{inner}/{r}"),
-        )
-    if marker and marker not in last:
-        write_text(join(uri, marker), json.dumps({"files": names}, indent=2))
-    return names
+def delete_files(path: str | Path, names: Sequence[str]) -> None:
+    """Delete the files ``names`` (relative to the folder ``path``, in this order; absent ones
+    are skipped), then the folders they leave empty (``path`` too, if it ends up empty): an
+    emptied output must not go on "existing". Nothing else under ``path`` is touched."""
+    if not names:
+        return
+    fs, inner = filesystem(path)
+    for rel in names:
+        retry(str(join(path, rel)), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
+    folders = {""}
+    for rel in names:
+        parts = rel.split("/")[:-1]
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for folder in sorted(folders, key=lambda f: (f.count("/"), len(f)), reverse=True):
+        where = f"{inner}/{folder}".rstrip("/")
+        retry(str(join(path, folder)) if folder else str(path), lambda w=where: _prune(fs, w))
 
 
-def _upload_file(fs: pyarrow.fs.FileSystem, src: Path, dst: str) -> None:
-    with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+def _prune(fs: pyarrow.fs.FileSystem, folder: str) -> None:
+    """Remove ``folder`` if nothing is left in it (never a bucket: no ``/`` in its path)."""
+    import pyarrow.fs as pafs
+
+    if "/" not in folder.strip("/"):
+        return
+    selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
+    if fs.get_file_info(selector):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if fs.get_file_info(folder).type == pafs.FileType.Directory:
+            fs.delete_dir(folder)
+
+
+def upload_file(src: Path, dst: str | Path) -> None:
+    """Copy the local file ``src`` to ``dst`` (a local path, its folders made, or a URI)."""
+    fs, inner = filesystem(dst)
+    try:
+        stream = fs.open_output_stream(inner)
+    except FileNotFoundError:  # a filesystem with real folders (local, or a local stand-in)
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        stream = fs.open_output_stream(inner)
+    with open(src, "rb") as f, stream as out:
         shutil.copyfileobj(f, out, length=8 * 2**20)
 
 

@@ -70,7 +70,7 @@ def train_synthesis(
         DataError: pairs missing, incomplete, without the prompt columns, or empty.
         ModelError: the model source cannot be loaded; a checkpoint cannot be resumed.
     """
-    with storage.OutputLocation.use(out, keep=("ray",)) as loc:
+    with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
         return _train_synthesis(cfg, storage.resolve(pairs), loc)
 
 

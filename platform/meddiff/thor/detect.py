@@ -260,9 +260,7 @@ def _detect_folder(
             },
         }
         (tmp / "detect.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        loc.install(tmp)
         mlflow.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
         mlflow.log_metrics({"images": len(result.names), "images_per_s": result.images_per_s})
         mlflow.log_artifact(str(out / "scores.csv"))

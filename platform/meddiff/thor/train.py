@@ -57,7 +57,7 @@ def train_thor(
         ConfigError: impossible settings (fp16 without GPUs, DeepSpeed without its package, ...);
             a checkpoint in ``out`` written with another strategy or architecture.
     """
-    with storage.OutputLocation.use(out, keep=("ray",)) as loc:
+    with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
         return _train_thor(cfg, data, loc, fresh=fresh)
 
 
@@ -70,7 +70,7 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
 
     tc = cfg.thor.train
     if fresh:
-        loc.start_over()  # all of it: an old model must not outlive its checkpoints
+        loc.start_over()  # all meddiff wrote: an old model must not outlive its checkpoints
     out = loc.staging.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ray_storage = loc.sub("ray")
