@@ -98,10 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             index_output(args, words, time.time() - start, start)
         return rc
     except Exception as err:
-        user_error = find_user_error(err)
+        from meddiff.storage import explain_error, name_uris
+
+        user_error = find_user_error(err) or explain_error(err)
         if user_error is None:
             raise
-        print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
+
+        print(f"meddiff: error: {name_uris(user_message(user_error))}", file=sys.stderr)
         return 2
     finally:
         _set_command(None)

@@ -459,3 +459,57 @@ def test_shard_leftovers_are_meddiffs_by_name(bucket):
     loc = storage.OutputLocation.prepare("s3://bkt/shards", marker=None)
     loc.clear()
     assert storage.list_files("s3://bkt/shards") == []
+
+
+# Every printable ASCII character but the separator: S3 allows each in a key (some only with
+# the URL-encoding its clients do, which is why keys must never be URL-parsed here).
+KEY_CHARS = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "/"]
+
+
+def test_keys_are_keys_on_a_filesystem_bucket(bucket, tmp_path):
+    """``#``, ``?``, ``%``, spaces and every other printable character stay in the key: write,
+    read, list, upload, download and delete round-trip (``urlparse`` cut ``#``/``?``)."""
+    assert (
+        storage.filesystem_path("s3://bkt/scan#7/run?x=1/100%/a b") == "bkt/scan#7/run?x=1/100%/a b"
+    )
+    assert storage.filesystem_path("abfs://c@acct.dfs.core.windows.net/a#b") == "c/a#b"
+    assert storage.is_uri("s3://bkt/a#b") and not storage.is_uri("s3:/bkt/a")
+    base = "s3://bkt/scan#7/run?x=1/100% done"
+    names = [f"f{c}x.txt" for c in KEY_CHARS]
+    for n in names:
+        storage.write_text(f"{base}/{n}", n)
+    assert storage.list_files(base) == sorted(names)
+    assert all(storage.read_text(f"{base}/{n}") == n for n in names)
+    src = tmp_path / "src"
+    for n in names:
+        _write(src, n)
+    assert storage.upload_dir(src, f"{base}/up") == sorted(names)
+    got = storage.download_dir(f"{base}/up", tmp_path / "down")
+    assert sorted(p.name for p in got.iterdir()) == sorted(names)
+    assert storage.local_input(f"{base}/up/f#x.txt").read_text() == "f#x.txt"
+    storage.write_text("s3://bkt/run#1/x", "one")
+    storage.write_text("s3://bkt/run#2/x", "two")
+    assert (bucket / "run#1" / "x").read_text() == "one" and storage.read_text(
+        "s3://bkt/run#2/x"
+    ) == "two"
+    with storage.OutputLocation.open(base, overwrite=True) as loc:
+        _write(loc.staging, "new?.txt")
+    assert storage.list_files(base) == sorted([storage.COMPLETE, "new?.txt", *names])
+    storage.delete_files(base, names)
+    assert storage.list_files(base) == [storage.COMPLETE, "new?.txt"]
+
+
+def test_errors_about_an_object_name_its_uri_not_the_local_copy(
+    bucket, tmp_path, capsys, monkeypatch
+):
+    """``data inspect`` of a corrupt slide object: the slide library reads meddiff's local copy,
+    and the one-line error names the object."""
+    from meddiff.cli import main
+
+    monkeypatch.setenv("MEDDIFF_CACHE", str(tmp_path / "cache"))
+    (bucket / "slides").mkdir()
+    (bucket / "slides" / "case#1.svs").write_bytes(b"not a slide at all")
+    assert main(["data", "inspect", "s3://bkt/slides/case#1.svs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meddiff: error: ") and "cache" not in err, err
+    assert "s3://bkt/slides/case#1.svs is not a TIFF whole-slide image" in err

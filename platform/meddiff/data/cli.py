@@ -173,6 +173,7 @@ def _inspect(args: argparse.Namespace) -> int:
     wsi_cfg = config_from_args(args).data.wsi
     if shards.is_shard_dir(args.path):
         summary = shards.read_manifest(args.path)
+        shards.check_files(args.path, summary)  # the rows are there only if the files are
     elif pcam.available_splits(args.path):
         summary = {}
         for split in pcam.available_splits(args.path):

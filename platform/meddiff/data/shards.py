@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 MANIFEST = "_meddiff_shards.json"
 FORMAT = "meddiff-shards/1"
 PROVENANCE = ("source", "index", "level", "x", "y")
+T = TypeVar("T")
 
 
 def provenance(source: str, index: np.ndarray, level=-1, x=-1, y=-1) -> dict[str, np.ndarray]:
@@ -111,14 +112,26 @@ def write_shards(
         where = loc.shared(partial)  # the prefix itself for an object store
         if where == partial:
             storage.delete_dir(partial)  # an interrupted local write's leftovers
-        token = storage.write_token()
-        fs, inner = storage.filesystem(where)
         start = time.perf_counter()
         encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-        encoded.write_parquet(
-            inner, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=_Names(token)
-        )
-        files = [n for n in storage.list_files(where, recursive=False) if n.startswith(token)]
+        tokens: list[str] = []
+
+        def write() -> str:
+            # A fresh token per attempt: what a failed attempt wrote is told apart, and removed.
+            tokens.append(storage.write_token())
+            fs, inner = storage.filesystem(where)
+            encoded.write_parquet(
+                inner,
+                filesystem=fs,
+                min_rows_per_file=rows_per_file,
+                filename_provider=_Names(tokens[-1]),
+            )
+            return tokens[-1]
+
+        token = storage.retry(str(loc.target), write, only_transient=True)
+        written = storage.list_files(where, recursive=False)
+        files = [n for n in written if n.startswith(token)]
+        storage.delete_files(where, [n for n in written if n.startswith(tuple(tokens[:-1]))])
         if not files:
             raise DataError(f"nothing to write to {loc.target}: the input produced no patches")
         manifest = _describe(where, files, info, time.perf_counter() - start)
@@ -186,17 +199,18 @@ def _describe(
     import pyarrow.parquet as pq
 
     fs, inner = storage.filesystem(root)
+    sizes = storage.file_sizes(root, recursive=False)
     rows = 0
     schema = None
     labels: dict[str, int] = {}
     for name in files:
         path = f"{inner}/{name}"
-        meta = storage.retry(path, lambda p=path: pq.read_metadata(p, filesystem=fs))
+        meta = _parquet(root, name, lambda p=path: pq.read_metadata(p, filesystem=fs))
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
         if "label" in schema.names:
-            table = storage.retry(
-                path, lambda p=path: pq.read_table(p, columns=["label"], filesystem=fs)
+            table = _parquet(
+                root, name, lambda p=path: pq.read_table(p, columns=["label"], filesystem=fs)
             )
             values, counts = np.unique(table["label"], return_counts=True)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
@@ -205,6 +219,7 @@ def _describe(
         "format": FORMAT,
         "rows": rows,
         "files": files,
+        "sizes": {name: sizes[name] for name in files},
         "columns": schema.names if schema is not None else [],
         "labels": dict(sorted(labels.items())),
         "write_seconds": round(seconds, 3),
@@ -237,6 +252,49 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The smallest Parquet file: "PAR1", a footer length and "PAR1" again.
+PARQUET_MIN_BYTES = 12
+
+
+def check_files(path: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Every file the manifest of ``path`` lists is there, with the size the manifest recorded
+    (older manifests: at least a Parquet file's): one listing, no file read.
+
+    Raises:
+        DataError: naming the first missing, emptied or replaced file (its URI for a prefix).
+    """
+    found = storage.file_sizes(path, recursive=False)
+    sizes = manifest.get("sizes") or {}
+    for name in manifest["files"]:
+        got, want = found.get(name), sizes.get(name)
+        where = storage.join(path, name)
+        if got is None:
+            raise DataError(
+                f"{where}: listed in {MANIFEST} but missing (deleted after the write?); "
+                "write the shards again"
+            )
+        if (want is not None and got != want) or got < PARQUET_MIN_BYTES:
+            expected = f"{MANIFEST} says {want}" if want is not None else "not a Parquet file"
+            raise DataError(
+                f"{where}: {got} bytes, {expected} (emptied or replaced after the write?); "
+                "write the shards again"
+            )
+
+
+def _parquet(path: str | Path, name: str, read: Callable[[], T]) -> T:
+    """``read()`` of the Parquet file ``name`` under ``path`` (all of them for ""), retried on
+    transient errors; an unreadable file is a DataError naming it, not a traceback."""
+    import pyarrow as pa
+
+    where = str(storage.join(path, name)) if name else str(path)
+    try:
+        return storage.retry(where, read)
+    except pa.ArrowException as err:
+        raise DataError(
+            f"{where}: not a readable Parquet file ({storage.first_line(err)})"
+        ) from None
+
+
 def is_shard_dir(path: str | Path) -> bool:
     return storage.is_file(storage.join(path, MANIFEST))
 
@@ -253,6 +311,7 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.
                 f"{path}: shards have no column(s) {missing}; have {manifest['columns']}"
             )
         columns = sorted({*columns, "image", "height", "width", "channels"})
+    check_files(path, manifest)
     fs, inner = storage.filesystem(path)
     files = [f"{inner}/{name}" for name in manifest["files"]]
     ds = ray.data.read_parquet(files, columns=columns, filesystem=fs)
@@ -265,10 +324,7 @@ def read_file(path: str | Path, name: str, columns: list[str] | None = None):
 
     fs, inner = storage.filesystem(path)
     target = f"{inner}/{name}"
-    return storage.retry(
-        str(storage.join(path, name)),
-        lambda: pq.read_table(target, columns=columns, filesystem=fs),
-    )
+    return _parquet(path, name, lambda: pq.read_table(target, columns=columns, filesystem=fs))
 
 
 def load_shards(path: str | Path) -> dict[str, np.ndarray]:
@@ -276,9 +332,10 @@ def load_shards(path: str | Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     manifest = read_manifest(path)
+    check_files(path, manifest)
     fs, inner = storage.filesystem(path)
     files = [f"{inner}/{name}" for name in manifest["files"]]
-    table = storage.retry(str(path), lambda: pq.read_table(files, filesystem=fs))
+    table = _parquet(path, "", lambda: pq.read_table(files, filesystem=fs))
     return decode_batch(
         {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     )

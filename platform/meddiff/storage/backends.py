@@ -52,9 +52,18 @@ def config() -> StorageConfig:
     return storage._settings or StorageConfig()
 
 
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``(scheme, root, key)`` of an object-store URI: ``("s3", "bucket", "a/b#7")`` for
+    ``s3://bucket/a/b#7``. The key is taken as it is, character for character: no URL parsing
+    (which would cut it at ``#`` or ``?`` and read ``%xx`` as an escape)."""
+    scheme, _, rest = uri.partition("://")
+    root, _, key = rest.partition("/")
+    return scheme.lower(), root, key
+
+
 def is_uri(path: str | Path) -> bool:
     """True for an object-store URI (``s3://...``), False for a local path."""
-    return isinstance(path, str) and urlparse(path).scheme in SCHEMES
+    return isinstance(path, str) and "://" in path and split_uri(path)[0] in SCHEMES
 
 
 def path_arg(text: str) -> str | Path:
@@ -77,8 +86,8 @@ def name(path: str | Path) -> str:
 def root_uri(uri: str) -> str:
     """The bucket (or container) a URI lies in, as a URI: ``s3://bucket`` for
     ``s3://bucket/key``."""
-    parsed = urlparse(uri)
-    return f"{parsed.scheme}://{parsed.netloc}"
+    scheme, root, _ = split_uri(uri)
+    return f"{scheme}://{root}"
 
 
 def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -94,15 +103,15 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
     if not is_uri(path):
         return pafs.LocalFileSystem(), str(Path(path).absolute())
     path = str(path)
-    parsed = urlparse(path)
-    shipped = _shipped.get(f"{parsed.scheme}://{parsed.netloc}")
+    scheme = split_uri(path)[0]
+    shipped = _shipped.get(root_uri(path))
     if shipped is not None:
         return shipped, filesystem_path(path)
-    if parsed.scheme in AZURE:
+    if scheme in AZURE:
         return _azure_filesystem(path), filesystem_path(path)
-    if parsed.scheme in GCS:
+    if scheme in GCS:
         return _gcs_filesystem(), filesystem_path(path)
-    if parsed.scheme != "s3":
+    if scheme != "s3":
         try:
             return pafs.FileSystem.from_uri(path)
         except (OSError, ValueError) as err:
@@ -129,7 +138,7 @@ def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
         kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    return pafs.S3FileSystem(**kwargs), filesystem_path(path)
 
 
 # Filesystems a driver built and shipped to this process (see ``use_filesystem``), by bucket.
@@ -144,8 +153,7 @@ def use_filesystem(uri: str, fs: pyarrow.fs.FileSystem) -> None:
     environment lacks them (started before they were set, or on a node without them) reads and
     writes the same store the driver does.
     """
-    parsed = urlparse(uri)
-    _shipped[f"{parsed.scheme}://{parsed.netloc}"] = fs
+    _shipped[root_uri(uri)] = fs
 
 
 def first_line(err: BaseException) -> str:
@@ -169,7 +177,7 @@ def _azure_filesystem(uri: str) -> pyarrow.fs.AzureFileSystem:
     before they were set, or on a node without them) carries them."""
     import pyarrow.fs as pafs
 
-    host = urlparse(uri).netloc.partition("@")[2]  # container@ACCOUNT.dfs.core.windows.net
+    host = split_uri(uri)[1].partition("@")[2]  # container@ACCOUNT.dfs.core.windows.net
     endpoint = azure_endpoint()
     url = urlparse(endpoint) if endpoint else None
     # ACCOUNT.blob.SUFFIX: Azure's own naming (another cloud's suffix), not a path-style server.
@@ -241,11 +249,10 @@ def filesystem_path(uri: str | Path) -> str:
     ``abfs://container@account.dfs.core.windows.net/path``."""
     if not is_uri(uri):
         return str(Path(uri).absolute())
-    parsed = urlparse(str(uri))
-    root = parsed.netloc
-    if parsed.scheme in AZURE:
+    scheme, root, key = split_uri(str(uri))
+    if scheme in AZURE:
         root = root.partition("@")[0]
-    return f"{root}{parsed.path}".rstrip("/")
+    return f"{root}/{key}".rstrip("/")
 
 
 def s3_endpoint() -> str:

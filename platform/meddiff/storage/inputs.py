@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 
+# The local copies this process made of object-store inputs (copy -> URI), so messages about a
+# file in one name the object, not meddiff's cache (see :func:`name_uris`).
+_copies: dict[str, str] = {}
+
+
+def name_uris(text: str) -> str:
+    """``text`` with every local copy of an object-store input this process fetched named by
+    its URI (``~/.cache/meddiff/objects/<key>-images/a.png`` -> ``s3://lab/images/a.png``)."""
+    for local in sorted(_copies, key=len, reverse=True):
+        text = text.replace(local, _copies[local])
+    return text
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDDIFF_CACHE", Path.home() / ".cache" / "meddiff"))
 
@@ -58,6 +71,7 @@ def cached_file(
     key = hashlib.sha1(f"{uri}:{found.size}:{found.mtime_ns}".encode()).hexdigest()[:16]
     root = Path(cache) if cache else cache_dir() / "objects"
     out = root / f"{key}-{name(uri)}"
+    _copies[str(out)] = str(uri)
     if out.is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +105,7 @@ def local_input(path: str | Path, cache: str | Path | None = None) -> Path:
         raise DataError(f"{path} is incomplete (no {COMPLETE}; was the upload interrupted?)")
     key = hashlib.sha1(f"{path}:{found.size}:{found.mtime_ns}".encode()).hexdigest()[:16]
     out = (Path(cache) if cache else cache_dir() / "objects") / f"{key}-{name(path)}"
+    _copies[str(out)] = path
     if not out.is_dir():
         if not is_dir(path):
             raise DataError(f"{path} does not exist")

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import urlparse
 
 from meddiff import files
 from meddiff.errors import DataError
@@ -37,6 +36,7 @@ from meddiff.storage.backends import (
     is_uri,
     join,
     s3_endpoint,
+    split_uri,
 )
 
 if TYPE_CHECKING:
@@ -57,19 +57,25 @@ _TRANSIENT = re.compile(
 )
 
 
-def retry(what: str, fn: Callable[[], T]) -> T:
+def retry(what: str, fn: Callable[[], T], *, only_transient: bool = False) -> T:
     """``fn()``, tried again on transient errors up to ``storage.retries`` times (each attempt is
     logged); a permanent error, or the last transient one, becomes a one-line :class:`DataError`
-    naming ``what``."""
+    naming ``what``. With ``only_transient`` a permanent error is raised as it is (``fn`` runs
+    other code whose errors say what is wrong themselves, e.g. a Ray Data write).
+
+    Each attempt is bounded by ``storage.timeout_s`` per request (S3, GCS), so a store that
+    stops answering costs at most about ``retries × timeout_s`` before the error.
+    """
     attempts = max(1, config().retries)
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except FileNotFoundError as err:
-            raise DataError(f"{what}: {_explain(err)}") from None
         except OSError as err:
+            transient = _TRANSIENT.search(str(err)) is not None
+            if only_transient and not transient:
+                raise
             message = _explain(err)
-            if not _TRANSIENT.search(str(err)) or attempt == attempts:
+            if not transient or attempt == attempts:
                 suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise DataError(f"{what}: {message}{suffix}") from None
             wait = min(8.0, 0.5 * 2 ** (attempt - 1))
@@ -83,6 +89,20 @@ def retry(what: str, fn: Callable[[], T]) -> T:
             )
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def explain_error(err: BaseException) -> DataError | None:
+    """The one-line :class:`DataError` for an object-store failure anywhere in ``err``'s chain
+    (raised in a Ray task, or by Ray Data or Ray Train with pyarrow), naming the endpoint;
+    None when it is not one."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if isinstance(err, OSError) and re.search(r"AWS Error|Azure Error|google::cloud", text):
+            return DataError(_explain(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 def _explain(err: BaseException) -> str:
@@ -145,7 +165,7 @@ def info(path: str | Path) -> pyarrow.fs.FileInfo:
 def _check_bucket(path: str | Path, fs: pyarrow.fs.FileSystem, inner: str) -> None:
     bucket = inner.split("/", 1)[0]
     if retry(str(path), lambda: fs.get_file_info(bucket)).type.name == "NotFound":
-        word = "container" if urlparse(str(path)).scheme in AZURE else "bucket"
+        word = "container" if split_uri(str(path))[0] in AZURE else "bucket"
         raise DataError(f"{path}: no such {word} '{bucket}'")
 
 
@@ -225,7 +245,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     fs, inner = filesystem(path)
 
     def write() -> None:
-        with fs.open_output_stream(inner) as f:
+        with _open_output(fs, inner) as f:
             f.write(data)
 
     retry(str(path), write)
@@ -260,7 +280,7 @@ def delete_dir(path: str | Path, *, keep: Sequence[str] = ()) -> None:
     names = [n for n in list_files(path) if n.split("/", 1)[0] not in keep]
     for rel in [m for m in MARKERS if m in names] + [n for n in names if n not in MARKERS]:
         retry(str(path), lambda r=rel: _delete_file(fs, f"{inner}/{r}"))
-    if urlparse(str(path)).scheme in (*AZURE, "s3") and "/" in inner and not keep:
+    if split_uri(str(path))[0] in (*AZURE, "s3") and "/" in inner and not keep:
         # pyarrow emulates directories on S3 and on Azure's flat namespace: a delete leaves an
         # empty marker object for each folder it emptied; drop them so the prefix no longer
         # "exists" (a failed job's output must not ask the next run for --overwrite). Not with
@@ -325,13 +345,18 @@ def _prune(fs: pyarrow.fs.FileSystem, folder: str) -> None:
 def upload_file(src: Path, dst: str | Path) -> None:
     """Copy the local file ``src`` to ``dst`` (a local path, its folders made, or a URI)."""
     fs, inner = filesystem(dst)
-    try:
-        stream = fs.open_output_stream(inner)
-    except FileNotFoundError:  # a filesystem with real folders (local, or a local stand-in)
-        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        stream = fs.open_output_stream(inner)
-    with open(src, "rb") as f, stream as out:
+    with open(src, "rb") as f, _open_output(fs, inner) as out:
         shutil.copyfileobj(f, out, length=8 * 2**20)
+
+
+def _open_output(fs: pyarrow.fs.FileSystem, inner: str):
+    """``fs.open_output_stream(inner)``; on a filesystem with real folders (local, or a local
+    stand-in for a bucket) the missing folders are made first."""
+    try:
+        return fs.open_output_stream(inner)
+    except FileNotFoundError:
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        return fs.open_output_stream(inner)
 
 
 def is_complete(uri: str | Path, marker: str = COMPLETE) -> bool:

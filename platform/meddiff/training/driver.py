@@ -273,6 +273,12 @@ def training_error(
     user = worker_user_error(err)
     if user is not None:
         return user
+    store = meddiff_storage.explain_error(err)
+    if store is not None:  # Ray Train's own checkpoint upload failed: the store stopped answering
+        return type(store)(
+            f"{store}; the complete checkpoints stay in {run_dir}: run the same command again "
+            "to resume once it answers"
+        )
     if isinstance(err, ray.train.TrainingFailedError):
         return ClusterError(
             f"training failed after {section}.max_failures={max_failures} restarts "
