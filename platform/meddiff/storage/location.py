@@ -212,9 +212,11 @@ class OutputLocation(Location):
         keep: Sequence[str] = (),
         resume: bool = False,
         marker: str | None = COMPLETE,
+        stage: bool = True,
     ) -> OutputLocation:
-        """The checks of :meth:`open` and what is at ``path`` now; for a local target also
-        the staging folder, cleared of the earlier output (unless ``resume``) and claimed."""
+        """The checks of :meth:`open` and what is at ``path`` now; with ``stage``, for a local
+        target also the staging folder, cleared of the earlier output (unless ``resume``) and
+        claimed (without: for :meth:`publish` alone)."""
         base = Location.of(path)
         _refuse_root_or_file(base)
         listing = file_sizes(base.target)  # a missing bucket or refused credentials fail here
@@ -233,7 +235,7 @@ class OutputLocation(Location):
             previous=owned,
             foreign=foreign,
         )
-        if not base.remote:
+        if stage and not base.remote:
             loc._stage_locally(resume)
         return loc
 
@@ -500,7 +502,9 @@ def upload_dir(
     (never a foreign file: one of the same name is an error) but the sub-folders in ``keep``,
     then write ``marker`` (a JSON list of the files) last, so a reader can tell a complete
     upload. Returns the uploaded names (a file named like the marker is uploaded last too)."""
-    loc = OutputLocation.prepare(uri, overwrite=True, keep=keep, resume=True, marker=marker)
+    loc = OutputLocation.prepare(
+        uri, overwrite=True, keep=keep, resume=True, marker=marker, stage=False
+    )
     return loc.publish(Path(local))
 
 

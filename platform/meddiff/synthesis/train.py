@@ -82,6 +82,9 @@ def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation
     out = loc.staging.resolve()
     cache_mod.check_pairs(pairs)  # an object-store prefix is read in place
     run_dir = loc.join("ray", RUN_NAME)
+    done = training.finished_run(loc.join("summary.json"), run_dir, cfg.synthesis.train.max_steps)
+    if done is not None:
+        return {**done, "model": str(loc.join("model"))}
     _check_run(cfg, run_dir, loc)
     out.mkdir(parents=True, exist_ok=True)
     for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "thor-train"
 MODEL_DIR = "model"
+SUMMARY = "train_summary.json"  # written last: the run finished (and registered)
 FRESH = "rerun with --fresh to start over"
 
 
@@ -75,6 +76,9 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
     out.mkdir(parents=True, exist_ok=True)
     ray_storage = loc.sub("ray")
     run_dir = ray_storage.join(RUN_NAME)
+    done = training.finished_run(loc.join(SUMMARY), run_dir, tc.steps)
+    if done is not None:
+        return {**done, "model": str(loc.join(MODEL_DIR))}
     runtime.connect(cfg.runtime)
     use_gpu = tc.use_gpu
     if use_gpu is None:
@@ -156,8 +160,8 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
                 model_dir, tc.register_as
             )
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_dict(summary, "train_summary.json")
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        mlflow.log_dict(summary, SUMMARY)
     return summary
 
 

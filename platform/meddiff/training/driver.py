@@ -77,6 +77,32 @@ def check_run(
     return precision
 
 
+def finished_run(summary: str | Path, run_dir: str | Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a training run that already finished in this output, or None: its
+    summary file ``summary`` is there (written after registration, last) and its newest
+    checkpoint under ``run_dir`` reached ``steps``. A rerun then trains and registers nothing
+    (it registered the same weights again as a new version); a rerun with more ``steps``
+    goes on training from that checkpoint.
+    """
+    if not meddiff_storage.is_file(summary):
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    reached = int(read_marker(ckpt).get("step", 0)) if ckpt is not None else 0
+    if reached < steps:
+        return None
+    try:
+        record = json.loads(meddiff_storage.read_text(summary))
+    except json.JSONDecodeError:
+        return None
+    log.info(
+        "%s: training already complete (step %d of %d); nothing trained or registered",
+        run_dir,
+        reached,
+        steps,
+    )
+    return {**record, "already_complete": True}
+
+
 def marker_info(t, *, world: int, precision: str, model_config: dict[str, Any]) -> dict:
     """What a checkpoint records about the run that wrote it (checked by :func:`check_resume`)."""
     return {
