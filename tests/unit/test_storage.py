@@ -513,3 +513,19 @@ def test_errors_about_an_object_name_its_uri_not_the_local_copy(
     err = capsys.readouterr().err.strip()
     assert err.startswith("meddiff: error: ") and "cache" not in err, err
     assert "s3://bkt/slides/case#1.svs is not a TIFF whole-slide image" in err
+
+
+def test_demo_fresh_and_ship_never_delete_a_folder_meddiff_did_not_make(tmp_path):
+    from meddiff.config import load_config
+    from meddiff.demo import run_demo
+    from meddiff.tracking.shipped import write_shipped
+
+    _write(tmp_path / "mine", "thesis.tex")
+    with pytest.raises(DataError, match="not a meddiff demo folder"):
+        run_demo(load_config("tiny"), tmp_path / "mine", fresh=True)
+    with pytest.raises(DataError, match="not a shipped model folder"):
+        write_shipped(tmp_path / "mine", lambda d: (d / "w.bin").write_bytes(b"w"), {})
+    assert storage.list_files(tmp_path / "mine") == ["thesis.tex"]
+    write_shipped(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"w"), {})
+    write_shipped(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"v"), {})  # re-ship
+    assert (tmp_path / "model" / "w.bin").read_bytes() == b"v"
