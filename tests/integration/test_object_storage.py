@@ -444,9 +444,9 @@ def test_prompts_build_workers_write_shards_to_s3_and_match_a_local_build(
     assert len(fetched) == 2  # nothing downloaded for a local --out
     # The same layout (Parquet names are Ray's, per run; the CLI indexes a local --out only).
     local_names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    assert [n for n in names if n != storage.COMPLETE and not n.endswith(".parquet")] == [
+    assert [n for n in names if not n.endswith(".parquet")] == [
         n for n in local_names if n != "index.html" and not n.endswith(".parquet")
-    ]
+    ]  # the completion marker included: a local output carries it too
     assert storage.read_bytes(f"{out}/{PROMPTS_CSV}") == (local / PROMPTS_CSV).read_bytes()
     remote_summary = json.loads(storage.read_text(f"{out}/{SUMMARY}"))
     assert remote_summary["out"] == out and remote_summary["kept"] > 0
