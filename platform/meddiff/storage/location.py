@@ -302,6 +302,7 @@ class OutputLocation(Location):
         from an empty staging folder. Foreign files stay."""
         self.clear(kept=True)
         self.previous = frozenset()
+        self.before = self.foreign  # from now on, all but the foreign files is this run's
         self.staging.mkdir(parents=True, exist_ok=True)
 
     def install(self, built: str | Path) -> None:
