@@ -255,6 +255,11 @@ def _configure_data(cfg: RuntimeConfig) -> None:
     # keep their type (a DataError naming the bad file) instead of a generic UserCodeException.
     ctx.max_errored_blocks = 0
     ctx.raise_original_map_exception = True
+    # Ray Data retries an object-store error up to 10 times per file operation with up to 32 s
+    # of back-off, logged at debug level only: a store that stopped answering kept a job
+    # silent for minutes. meddiff's storage layer retries instead, storage.retries times with
+    # a warning per attempt, then stops with one line naming the endpoint.
+    ctx.retried_io_errors = []
     if cfg.data_memory_mb:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(

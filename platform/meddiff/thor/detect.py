@@ -156,9 +156,9 @@ def run_folder(
 
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
-    if storage.is_uri(model_ref):
-        # Fetched here, where the storage settings and credentials are, as `synth generate`
-        # fetches a registry model: the Ray workers get the local copy.
+    if not str(model_ref).startswith(("models:/", "runs:/")):
+        # An object-store model is fetched here, where the storage settings and credentials
+        # are, as `synth generate` fetches a registry model: the Ray workers get the local copy.
         from meddiff.tracking import fetch_model
 
         model_ref = str(fetch_model(model_ref, cfg.tracking))
@@ -209,18 +209,29 @@ def run_folder(
 
 
 def detect_folder(
-    cfg: Config, model_ref: str, images_dir: str | Path, out_dir: str | Path
+    cfg: Config,
+    model_ref: str,
+    images_dir: str | Path,
+    out_dir: str | Path | storage.OutputLocation,
 ) -> dict[str, Any]:
     """Write ``OUT/maps/<name>.png`` (16-bit, value = anomaly map in [0, 1)),
     ``OUT/reconstructions/<name>.png``, ``OUT/scores.csv`` and ``OUT/detect.json``.
 
-    The folder is assembled under a temporary name and renamed when complete.
+    ``out_dir`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened
+    here). The folder is assembled under a temporary name and put in place when complete.
     """
+    with storage.OutputLocation.use(out_dir) as loc:
+        return _detect_folder(cfg, model_ref, images_dir, loc)
+
+
+def _detect_folder(
+    cfg: Config, model_ref: str, images_dir: str | Path, loc: storage.OutputLocation
+) -> dict[str, Any]:
     import mlflow
 
     from meddiff import tracking
 
-    out = Path(out_dir)
+    out = loc.staging
     with tracking.start_run(cfg, "thor-detect", nested=mlflow.active_run() is not None):
         result = run_folder(cfg, model_ref, images_dir)
         plan = result.plan
@@ -249,9 +260,7 @@ def detect_folder(
             },
         }
         (tmp / "detect.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        loc.install(tmp)
         mlflow.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
         mlflow.log_metrics({"images": len(result.names), "images_per_s": result.images_per_s})
         mlflow.log_artifact(str(out / "scores.csv"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,28 +36,33 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "thor-train"
 MODEL_DIR = "model"
+SUMMARY = "train_summary.json"  # written last: the run finished (and registered)
 FRESH = "rerun with --fresh to start over"
 
 
 def train_thor(
     cfg: Config,
     data: str | Path,
-    out: str | Path,
+    out: str | Path | storage.OutputLocation,
     *,
     fresh: bool = False,
-    bucket_out: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) and return a summary: model dir, steps, loss, registry version.
 
-    Ray Train's checkpoints go to ``out/ray``; with ``bucket_out`` (the object-store URI that
-    ``out`` is uploaded to when the job ends) to ``bucket_out/ray`` instead, which every node
-    writes to and a rerun resumes from.
+    ``out`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened here):
+    Ray Train's checkpoints go straight to its ``ray/`` (for an object store, from every node),
+    which a rerun resumes from; the rest is written to its staging folder.
 
     Raises:
         DataError: the training data cannot be read (named file).
         ConfigError: impossible settings (fp16 without GPUs, DeepSpeed without its package, ...);
             a checkpoint in ``out`` written with another strategy or architecture.
     """
+    with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
+        return _train_thor(cfg, data, loc, fresh=fresh)
+
+
+def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, fresh: bool):
     import mlflow
     import ray
 
@@ -66,14 +70,15 @@ def train_thor(
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
 
     tc = cfg.thor.train
-    out = Path(out).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    ray_storage = storage.join(bucket_out, "ray") if bucket_out else out / "ray"
-    if fresh and bucket_out:
-        storage.delete_dir(bucket_out)  # all of it: an old model must not outlive its checkpoints
+    if fresh:
+        loc.start_over()  # all meddiff wrote: an old model must not outlive its checkpoints
+    out = loc.staging.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = storage.join(ray_storage, RUN_NAME)
+    ray_storage = loc.sub("ray")
+    run_dir = ray_storage.join(RUN_NAME)
+    done = training.finished_run(loc.join(SUMMARY), run_dir, tc.steps)
+    if done is not None:
+        return {**done, "model": str(loc.join(MODEL_DIR))}
     runtime.connect(cfg.runtime)
     use_gpu = tc.use_gpu
     if use_gpu is None:
@@ -155,8 +160,8 @@ def train_thor(
             summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
                 model_dir, tc.register_as
             )
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_dict(summary, "train_summary.json")
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        mlflow.log_dict(summary, SUMMARY)
     return summary
 
 

@@ -73,17 +73,14 @@ def fetch_model(ref: str | Path, tracking: TrackingConfig, dst: str | Path | Non
     """
     from meddiff import storage
 
-    if storage.is_uri(ref):
-        local = storage.local_input(ref)
-        if not local.is_dir():
-            raise ModelError(f"model {ref} is a single object, not a model directory")
-        return local
-    ref = str(ref)
-    if not ref.startswith(("models:/", "runs:/")):
-        path = Path(ref)
-        if not path.is_dir():
+    if not str(ref).startswith(("models:/", "runs:/")):
+        path = storage.local_input(ref)  # an object-store prefix: a local copy
+        if not path.exists():
             raise ModelError(f"model directory {path} does not exist")
+        if not path.is_dir():
+            raise ModelError(f"model {ref} is a single file or object, not a model directory")
         return path
+    ref = str(ref)
 
     import mlflow
 
