@@ -238,8 +238,10 @@ class InferConfig(Section):
     batch_size: int = Field(default=16, ge=1, description="Images denoised together.")
     lpips: str = Field(
         default="download",
-        description="LPIPS squeeze backbone: 'download' (torchvision model zoo), a local path to "
-        "squeezenet1_1 weights, 'off' (residual-only maps) or 'random' (tests only).",
+        description="LPIPS trunk: 'vgg16-hed' (HED's VGG16, installs offline), "
+        "'vgg16-hed-lin' (the same with LPIPS's per-channel weights), 'download' (SqueezeNet "
+        "from the torchvision model zoo), a local path to squeezenet1_1 weights, 'off' "
+        "(residual-only maps) or 'random' (tests only).",
     )
     lpips_sigma: float = Field(default=2.0, ge=0, description="Gaussian blur of the LPIPS map.")
     morph_kernel: int = Field(
