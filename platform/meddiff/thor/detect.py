@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from meddiff.data.images import (
     write_png,
 )
 from meddiff.errors import ConfigError
+from meddiff.thor.reference import check_images
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class FolderResult:
     masks: np.ndarray | None  # bool (N, H, W)
     plan: dict[str, Any]
     seconds: float
+    # Per image: why it looks unlike the model's training data ("" when it does not).
+    unlike: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -196,16 +199,28 @@ def run_folder(
     seconds = time.perf_counter() - start
     merged = {k: np.concatenate(v) for k, v in rows.items()}
     order = np.argsort(merged["name"].astype(str), kind="stable")
+    names = [str(n) for n in merged["name"][order]]
+    images = merged["image"][order]
+    unlike, plan["data_check"] = check_images(model_reference(cfg, model_ref), images, names)
     return FolderResult(
-        names=[str(n) for n in merged["name"][order]],
+        names=names,
         scores=merged["score"][order],
         maps=merged["anomaly_map"][order],
         reconstructions=merged["reconstruction"][order],
-        images=merged["image"][order],
+        images=images,
         masks=merged["mask"][order] if "mask" in merged else None,
         plan=plan,
         seconds=seconds,
+        unlike=unlike,
     )
+
+
+def model_reference(cfg: Config, model_ref: str) -> dict[str, Any] | None:
+    """The training-image statistics a model recorded (``info.reference``), or None."""
+    from meddiff.thor.model import read_model_config
+    from meddiff.tracking import fetch_model
+
+    return read_model_config(fetch_model(model_ref, cfg.tracking))[2].get("reference")
 
 
 def detect_folder(
@@ -232,9 +247,9 @@ def detect_folder(
             write_png(tmp / "reconstructions" / name, rec, bits=16)
         with open(tmp / "scores.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["name", "score", "method", "map_kind"])
-            for name, score in zip(result.names, result.scores, strict=True):
-                writer.writerow([name, f"{score:.6g}", plan["method"], plan["map_kind"]])
+            writer.writerow(["name", "score", "method", "map_kind", "unlike_training"])
+            for name, score, unlike in zip(result.names, result.scores, result.unlike, strict=True):
+                writer.writerow([name, f"{score:.6g}", plan["method"], plan["map_kind"], unlike])
         summary = {
             "images": len(result.names),
             "model": str(model_ref),
@@ -245,7 +260,9 @@ def detect_folder(
             "outputs": {
                 "maps": "maps/<name>.png, 16-bit grayscale, value/65535 = anomaly map",
                 "reconstructions": "reconstructions/<name>.png, pseudo-healthy image",
-                "scores": "scores.csv: name, score (mean of the map), method, map_kind",
+                "scores": "scores.csv: name, score (mean of the map), method, map_kind, "
+                "unlike_training (why the image looks unlike the model's training data; empty "
+                "when it does not)",
             },
         }
         (tmp / "detect.json").write_text(json.dumps(summary, indent=2))
@@ -253,7 +270,13 @@ def detect_folder(
             shutil.rmtree(out)
         os.replace(tmp, out)
         mlflow.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
-        mlflow.log_metrics({"images": len(result.names), "images_per_s": result.images_per_s})
+        mlflow.log_metrics(
+            {
+                "images": len(result.names),
+                "images_per_s": result.images_per_s,
+                "unlike_training": sum(bool(u) for u in result.unlike),
+            }
+        )
         mlflow.log_artifact(str(out / "scores.csv"))
         mlflow.log_dict(summary, "detect.json")
     return summary
