@@ -167,6 +167,13 @@ class TrainConfig(TrainingSection):
         description="Images per data epoch: a small set is repeated up to this so the Ray Data "
         "pipeline restarts rarely (each repeat gets fresh augmentation).",
     )
+    min_images: int = Field(
+        default=16,
+        ge=1,
+        description="Refuse training data with fewer slices than this: a DDPM fitted to a "
+        "handful of images (each repeated hundreds of times per epoch) learns those images, "
+        "not healthy anatomy.",
+    )
     log_every: int = Field(default=50, ge=1, description="Steps between loss logs.")
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     sample_every: int = Field(
