@@ -99,10 +99,10 @@ def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_p
     assert sorted(p.name for p in (out / "maps").glob("*.png")) == names
     rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
     assert [r["name"] for r in rows] == names
-    assert all(r["map_kind"] == "residual-only (LPIPS off)" for r in rows)
+    assert all(r["map_kind"] == "residual_x_lpips_vgg16_hed" for r in rows)  # the tiny default
     assert all(float(r["score"]) >= 0 for r in rows)
     summary = json.loads(capsys.readouterr().out)
-    assert summary["residual_only"] is True and summary["forwards_per_image"] == 8
+    assert summary["residual_only"] is False and summary["forwards_per_image"] == 8
     assert summary["intensity"]["read_as"] == {"type: 16-bit / 65535": len(names)}
     # Held-out slices of the training brain look like the training slices: nothing to say.
     assert all(r["unlike_training"] == "" for r in rows)
@@ -147,9 +147,10 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     assert thor["metrics"]["pixel"]["chance_auprc"] == pytest.approx(chance)
     assert thor["plan"]["data_check"]["checked"] is True
     assert thor["plan"]["harmonization_steps"] == [300, 150, 50]
-    assert any("residual-only" in n for n in summary["notes"])
+    assert thor["plan"]["map_kind"] == "residual_x_lpips_vgg16_hed"
+    assert not any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
-    assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert "residual_x_lpips_vgg16_hed" in html and html.count("<img") >= 4 * 6
     assert "pixel_auprc_chance" in html
     assert "scaled by data.images.scaling=significant_bits" in html
     assert model in html and "meddiff thor evaluate --model" in html  # what made the page

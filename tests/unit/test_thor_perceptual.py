@@ -52,6 +52,9 @@ def test_squeeze_distance_equals_the_lpips_package():
         # The split the inferer uses (the reference image's features once) gives the same map.
         split = mine.distance(mine.features(a), mine.features(b), (32, 32))
         torch.testing.assert_close(split, expected, atol=1e-6, rtol=1e-5)
+        # An image's map is the same, to the bit, whatever batch it is in.
+        alone = mine.distance(mine.features(a[1:]), mine.features(b[1:]), (32, 32))
+        assert torch.equal(alone[0], split[1])
 
 
 def test_hed_trunk_is_loaded_as_hed_computes_edges(hed):
@@ -125,3 +128,22 @@ def test_thor_plan_and_maps_say_which_perceptual_term_made_them():
     torch.manual_seed(0)
     det = inferer(DiffusionUNet(small).eval(), torch.rand(2, 1, 32, 32), seeds=[1, 2])
     assert det.anomaly_map.shape == (2, 1, 32, 32) and float(det.anomaly_map.max()) > 0
+
+
+def test_images_too_small_for_vgg16_are_refused_before_any_work(tmp_path):
+    from meddiff.config import load_config
+    from meddiff.config.thor import UNetConfig
+    from meddiff.errors import ConfigError
+    from meddiff.thor.detect import plan_for
+    from meddiff.thor.model import save_model
+    from meddiff.thor.unet import DiffusionUNet
+
+    small = UNetConfig(
+        image_size=8, channels=(8, 8), attention_levels=(False, False), norm_groups=4,
+        num_head_channels=8,
+    )  # fmt: skip
+    out = save_model(tmp_path / "m", DiffusionUNet(small), small, ScheduleConfig())
+    with pytest.raises(ConfigError, match=r"lpips=vgg16-hed needs images of at least 16x16"):
+        plan_for(load_config("tiny"), str(out))
+    off = load_config("tiny", overrides=["thor.infer.lpips=off"])
+    assert plan_for(off, str(out))["residual_only"] is True

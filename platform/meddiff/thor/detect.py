@@ -119,7 +119,7 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
     against the model's schedule (T, harmonization steps) before any work starts."""
     from meddiff.thor.inferer import ThorInferer
     from meddiff.thor.model import read_model_config
-    from meddiff.thor.perceptual import map_kind
+    from meddiff.thor.perceptual import map_kind, min_image_size
     from meddiff.thor.schedule import DDPMSchedule
     from meddiff.tracking import fetch_model
 
@@ -142,6 +142,13 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
             f"as training did: {setting}"
         )
     plan = {**inferer.describe(), "image_size": unet_cfg.image_size}
+    smallest = min_image_size(cfg.thor.infer.lpips)
+    if cfg.thor.infer.method == "thor" and unet_cfg.image_size < smallest:
+        raise ConfigError(
+            f"thor.infer.lpips={cfg.thor.infer.lpips} needs images of at least {smallest}x"
+            f"{smallest} pixels; the model {model_ref} takes {unet_cfg.image_size}x"
+            f"{unet_cfg.image_size} (set thor.infer.lpips=off for residual-only maps)"
+        )
     if cfg.thor.infer.method == "thor":
         plan["map_kind"] = map_kind(cfg.thor.infer.lpips)
         plan["residual_only"] = cfg.thor.infer.lpips == "off"
