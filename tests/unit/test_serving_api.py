@@ -86,7 +86,8 @@ def test_answer_is_the_inferers_for_the_same_seed(client, runner):
     assert out["score"] == pytest.approx(direct.score, abs=1e-7)
     assert out["reconstruction_png"] is not None
     assert out["model"]["kind"] == "anomaly" and out["model"]["plan"]["method"] == "thor"
-    assert out["model"]["plan"]["residual_only"] is True  # tiny preset: lpips off, and it says so
+    # The tiny preset's perceptual term, LPIPS over HED's VGG16, named in the answer.
+    assert out["model"]["plan"]["map_kind"] == "residual_x_lpips_vgg16_hed"
     assert r.headers["X-Model-Version"] == "None"  # a directory has no registry version
 
 

@@ -68,6 +68,7 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
 
     from meddiff import runtime, tracking
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
+    from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
 
     tc = cfg.thor.train
     if fresh:
@@ -97,16 +98,19 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
         tracking.log_input(data, context="training")
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
-        repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
+        repeated, epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
         if epoch_rows < tc.batch_size:
             raise DataError(
                 f"{data}: an epoch has {epoch_rows} slices, fewer than one batch of "
                 f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
             )
-        # Reconstruction grids show slices spread over the (first 512 of the) training set.
-        pool = [r["image"] for r in base.take(512)]
+        # Reconstruction grids show slices spread over the (first 512 of the) training set; the
+        # statistics detection compares its images with come from the first 1024.
+        pool = np.stack([r["image"] for r in base.take(REFERENCE_IMAGES)])
+        reference = reference_statistics(pool)
+        pool = pool[:512]
         pick = np.linspace(0, len(pool) - 1, min(tc.num_samples, len(pool))).round().astype(int)
-        samples = np.stack([pool[i] for i in pick])
+        samples = pool[pick]
         # Augmentation runs as tasks: an actor pool would be restarted at every epoch.
         ds = repeated.map_batches(
             augment_batch_task,
@@ -127,6 +131,7 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
                 "use_gpu": use_gpu,
                 "samples": samples,
                 "epoch_rows": epoch_rows,
+                "reference": reference,
             },
             tc,
             num_workers=tc.num_workers,
@@ -167,7 +172,8 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
 
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker. ``config``: cfg (model_dump), tracking (uri, run_id), run_dir,
-    use_gpu, samples (reconstruction-grid slices), epoch_rows."""
+    use_gpu, samples (reconstruction-grid slices), epoch_rows, reference (the training slices'
+    statistics, saved with the model)."""
     import ray.train
 
     from meddiff.thor.noise import make_noise
@@ -260,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
             if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
-                _checkpoint(ctx, strategy, cfg, step, metrics, info)
+                _checkpoint(ctx, strategy, cfg, step, metrics, info, config.get("reference"))
             if step % tc.log_every == 0:
                 tick = time.perf_counter()  # images_per_s times training steps, not saving
             if last:
@@ -307,7 +313,9 @@ def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarr
     return (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def _checkpoint(ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict) -> None:
+def _checkpoint(
+    ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict, reference: dict | None
+) -> None:
     from meddiff.thor.model import save_model
 
     def write(tmp: Path) -> None:
@@ -325,6 +333,8 @@ def _checkpoint(ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict
                     # Inference refuses a T the model never saw (see detect.plan_for).
                     "max_timestep": cfg.thor.train.max_timestep,
                     "intensity": cfg.data.images.reading(),  # detection must read the same way
+                    # What the training slices look like: detection warns when its images differ.
+                    "reference": reference,
                 },
             )
 
