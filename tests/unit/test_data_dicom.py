@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import JPEGLossless
 
 from meddiff.data import dicom, dicom_results
-from meddiff.data.dicom_samples import mr_series, write_series
+from meddiff.data.volume_samples import mr_series, write_series
 from meddiff.data.volumes import Volume
 from meddiff.errors import DataError
 from volume_helpers import PLANTED_ID, PLANTED_NAME, brain

@@ -194,7 +194,7 @@ def retrieve_series(location: Location, cfg: DicomConfig) -> list[tuple[str, Any
         raise DataError(f"{location}: the location names no series (.../studies/UID/series/UID)")
     web = client(location.base_url, cfg)
     what = f"series on {location}"
-    datasets = call(what, lambda: web.retrieve_series(location.study_uid, location.series_uid), cfg)
+    datasets = call(what, lambda: _retrieve(web, location, what), cfg)
     if not datasets:
         raise DataError(f"{what}: the PACS returned no instances")
     datasets = sorted(datasets, key=lambda ds: int(getattr(ds, "InstanceNumber", 0) or 0))
@@ -202,6 +202,18 @@ def retrieve_series(location: Location, cfg: DicomConfig) -> list[tuple[str, Any
     return [
         (f"instance {getattr(ds, 'InstanceNumber', k + 1)}", ds) for k, ds in enumerate(datasets)
     ]
+
+
+def _retrieve(web: Any, location: Location, what: str) -> list[Any]:
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return web.retrieve_series(location.study_uid, location.series_uid)
+    except InvalidDicomError:
+        raise DataError(
+            f"{what}: the PACS sent an instance that is not a DICOM Part 10 file (no 'DICM' "
+            "header: stored without its preamble), which pydicom does not read"
+        ) from None
 
 
 def store(base_url: str, datasets: Sequence[Any], cfg: DicomConfig) -> list[str]:
@@ -213,6 +225,12 @@ def store(base_url: str, datasets: Sequence[Any], cfg: DicomConfig) -> list[str]
     """
     web = client(base_url, cfg)
     what = f"store on {base_url}"
+    for ds in datasets:
+        # A Part 10 file has a 128-byte preamble and 'DICM'; dicomweb-client writes a dataset
+        # without one as bare data, which readers (dicomweb-client's own WADO-RS included)
+        # refuse when the PACS sends it back.
+        if getattr(ds, "preamble", None) is None:
+            ds.preamble = b"\0" * 128
     answer = call(what, lambda: web.store_instances(list(datasets)), cfg, store=True)
     failed = getattr(answer, "FailedSOPSequence", None) or []
     if failed:

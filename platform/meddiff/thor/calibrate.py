@@ -57,7 +57,9 @@ def healthy_threshold(maps: np.ndarray, images: np.ndarray, quantile: float) -> 
     values = maps[images > 0]
     if values.size == 0:
         raise DataError("the healthy slices have no non-zero pixel to calibrate on")
-    return float(np.quantile(values, quantile)), int(values.size)
+    # "higher": a value of the data at or above the quantile, so at most 1 - quantile of the
+    # pixels lie strictly above it (linear interpolation could leave up to one pixel more).
+    return float(np.quantile(values, quantile, method="higher")), int(values.size)
 
 
 def calibrate(

@@ -68,10 +68,14 @@ class VolumeResult:
     loaded: Loaded
     geometry: SliceGeometry
     result: FolderResult  # per kept slice, names "zNNNN" in axial order
+    brain_threshold: float = 0.0  # data.mri.brain_threshold the slices were cut with
 
     def volume_map(self) -> np.ndarray:
-        """float32 (I, J, K): the anomaly map on the input's voxel grid."""
-        return unslice(self.result.maps, self.geometry)
+        """float32 (I, J, K): the anomaly map on the input's voxel grid, 0 outside the brain
+        (the slices' background was 0; resizing the map back would smear the brain's edge
+        into it)."""
+        brain = self.loaded.volume.data > self.brain_threshold
+        return unslice(self.result.maps, self.geometry) * brain
 
 
 def is_volume_input(source: Any) -> bool:
@@ -140,9 +144,7 @@ def read_mask(path: Any, geometry: SliceGeometry) -> np.ndarray:
     return slice_mask(data, geometry, str(path))
 
 
-def run_volume(
-    cfg: Config, model_ref: str, source: Any, masks: Any = None, loaded: Loaded | None = None
-) -> VolumeResult:
+def run_volume(cfg: Config, model_ref: str, source: Any, masks: Any = None) -> VolumeResult:
     """Slice ``source``, run THOR on every slice through Ray Data, results in memory."""
     from meddiff.thor.detect import infer_items, plan_for
 
@@ -151,7 +153,7 @@ def run_volume(
     if plan["image_size"] != cfg.data.mri.image_size:
         # The slices must be the model's size; data.mri.image_size follows the model.
         cfg = _with_image_size(cfg, plan["image_size"])
-    loaded = loaded or load(source, cfg)
+    loaded = load(source, cfg)
     canonical = loaded.canonical or (None, None)
     slices, geometry = slice_volume(
         loaded.volume, cfg.data.mri, data=canonical[0], spacing=canonical[1]
@@ -164,7 +166,7 @@ def run_volume(
     if mask_slices is not None:
         for item, m in zip(items, mask_slices, strict=True):
             item["mask"] = m
-    plan["input"] = {"kind": loaded.kind, "slices": len(names), "shape": list(geometry.shape)}
+    plan["volume"] = {"kind": loaded.kind, "slices": len(names), "shape": list(geometry.shape)}
     merged, seconds = infer_items(cfg, model_ref, items)
     order = np.argsort(merged["name"].astype(str), kind="stable")
     result = FolderResult(
@@ -177,7 +179,7 @@ def run_volume(
         plan=plan,
         seconds=seconds,
     )
-    return VolumeResult(loaded, geometry, result)
+    return VolumeResult(loaded, geometry, result, cfg.data.mri.brain_threshold)
 
 
 def run_input(cfg: Config, model_ref: str, images: Any, masks: Any = None) -> FolderResult:
@@ -278,7 +280,7 @@ def detect_volume(
         res = run_volume(cfg, model_ref, source)
         summary = _write(res, out, model_ref, threshold, command)
         if store is not None:
-            summary["stored"] = _store(res, out, summary, store, cfg)
+            summary["stored"] = _store(out, store, cfg)
             write_json(out / "detect.json", summary)
         _track(summary)
     return summary
@@ -348,7 +350,7 @@ def _write_dicom(res: VolumeResult, amap: np.ndarray, folder: Path, model_ref: s
     series = res.loaded.series
     algorithm = dicom_results.Algorithm(
         model=str(model_ref)[-64:],
-        version=f"{Path(str(model_ref)).name} (meddiff {__version__})"[:64],
+        version=f"{_model_name(str(model_ref))} (meddiff {__version__})"[:64],
         threshold=float(threshold["threshold"]),
     )
     frames = series.to_frames(amap)
@@ -359,7 +361,14 @@ def _write_dicom(res: VolumeResult, amap: np.ndarray, folder: Path, model_ref: s
     pm.save_as(folder / "anomaly_map.dcm", enforce_file_format=True)
 
 
-def _store(res: VolumeResult, out: Path, summary: dict, base_url: str, cfg: Config) -> dict:
+def _model_name(ref: str) -> str:
+    """``NAME/VERSION`` of a registry reference, else the model folder's name."""
+    return ref.removeprefix("models:/") if ref.startswith("models:/") else Path(ref).name
+
+
+def _store(out: Path, base_url: str, cfg: Config) -> dict:
+    """STOW-RS the SEG and map written in ``out/dicom``; any failure names ``out``, which keeps
+    them."""
     import pydicom
 
     datasets = [pydicom.dcmread(out / "dicom" / n) for n in ("seg.dcm", "anomaly_map.dcm")]
