@@ -224,7 +224,7 @@ def threshold_for(cfg: Config, model_ref: str) -> dict[str, Any] | None:
     return found
 
 
-def detect(cfg: Config, model_ref: str, images: Any, out: Any, command: str = "") -> dict[str, Any]:
+def detect(cfg: Config, model_ref: str, images: Any, out: Any) -> dict[str, Any]:
     """``thor detect`` on a volume input, or with a PACS as ``out``: the whole job (module
     docstring). ``out`` is a folder, an object-store prefix, or a DICOMweb server; with a server
     the results are written to a local folder first, kept there, and stored with STOW-RS.
@@ -240,11 +240,9 @@ def detect(cfg: Config, model_ref: str, images: Any, out: Any, command: str = ""
         local = (
             storage.cache_dir() / "dicomweb-results" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
         )
-        return detect_volume(
-            cfg, model_ref, local_source(images), local, command, store=target.base_url
-        )
+        return detect_volume(cfg, model_ref, local_source(images), local, store=target.base_url)
     with storage.local_output(out) as local:
-        summary = detect_volume(cfg, model_ref, local_source(images), local, command)
+        summary = detect_volume(cfg, model_ref, local_source(images), local)
         return storage.rebase(summary, local, out)
 
 
@@ -253,7 +251,6 @@ def detect_volume(
     model_ref: str,
     source: Any,
     out_dir: str | Path,
-    command: str = "",
     store: str | None = None,
 ) -> dict[str, Any]:
     """Write the outputs of the module docstring for one volume into ``out_dir`` (assembled under
@@ -278,7 +275,7 @@ def detect_volume(
                 "data.dicom.seg_threshold"
             )
         res = run_volume(cfg, model_ref, source)
-        summary = _write(res, out, model_ref, threshold, command)
+        summary = _write(res, out, model_ref, threshold)
         if store is not None:
             summary["stored"] = _store(out, store, cfg)
             write_json(out / "detect.json", summary)
@@ -286,9 +283,7 @@ def detect_volume(
     return summary
 
 
-def _write(
-    res: VolumeResult, out: Path, model_ref: str, threshold: dict | None, command: str
-) -> dict[str, Any]:
+def _write(res: VolumeResult, out: Path, model_ref: str, threshold: dict | None) -> dict[str, Any]:
     g, r = res.geometry, res.result
     amap = res.volume_map()
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
