@@ -102,3 +102,25 @@ def test_masks_and_maps_of_the_wrong_shape_are_named():
         unslice(np.zeros((2, 48, 48), np.float32), geometry)
     with pytest.raises(DataError, match="expected 3D"):
         slice_volume(Volume(np.zeros((4, 4), np.float32), np.eye(4), "flat"), CFG)
+
+
+def test_sample_volume_writes_the_same_volume_as_nifti_and_dicom(tmp_path):
+    from meddiff.data.dicom import read_series
+    from meddiff.data.volume_samples import sample_volume
+
+    manifest = sample_volume(tmp_path / "sample", voxel_mm=(5.0, 5.0, 8.0), degrees=10.0)
+    volume, _, _ = read_nifti(tmp_path / "sample" / "volume.nii.gz", CFG)
+    lesion = np.asarray(nib.load(str(tmp_path / "sample" / "lesion_mask.nii.gz")).dataobj) > 0
+    assert lesion.sum() == manifest["lesion_voxels"] > 0
+    assert volume.data[lesion].mean() < 0.5 * volume.data[(volume.data > 0) & ~lesion].mean()
+    series = read_series(tmp_path / "sample" / "dicom")
+    # The same world grid (the series may run the other way along its normal).
+    corners = np.array([[0, 0, 0, 1], [*np.array(volume.data.shape) - 1, 1]], float)
+    world = corners @ volume.affine.T
+    back = world @ np.linalg.inv(series.volume.affine).T
+    assert {tuple(np.round(b[:3]).astype(int)) for b in back} <= {
+        (i, j, k) for i in (0, volume.data.shape[0] - 1) for j in (0, volume.data.shape[1] - 1)
+        for k in (0, volume.data.shape[2] - 1)
+    }  # fmt: skip
+    with pytest.raises(DataError, match="already exists"):
+        sample_volume(tmp_path / "sample")
