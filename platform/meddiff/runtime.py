@@ -19,13 +19,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from meddiff.config import RuntimeConfig
 from meddiff.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # RAY_ADDRESS as it was before connect() exported one; restored by shutdown().
 _UNSET = object()
@@ -280,3 +282,23 @@ def shutdown() -> None:
         else:
             os.environ["RAY_ADDRESS"] = str(_saved_address)
         _saved_address = _UNSET
+
+
+def progress(
+    items: Iterable[T], *, total: int | None, desc: str, show: bool, unit: str = "batches"
+) -> Iterator[T]:
+    """``items`` with a progress bar (``show``, i.e. ``runtime.progress``: on a terminal), else
+    with one log line when the stage starts and one when it ends (count, seconds, rate), so a
+    log file gets two lines instead of one per redraw."""
+    if show:
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        return
+    log.info("%s: started (%s %s)", desc, "?" if total is None else total, unit)
+    start, count = time.perf_counter(), 0
+    for item in items:
+        yield item
+        count += 1
+    seconds = time.perf_counter() - start
+    log.info("%s: %d %s in %.1f s (%.2f/s)", desc, count, unit, seconds, count / max(seconds, 1e-9))

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meddiff.config.base import Section
+from meddiff.config.dicom import DicomConfig
 
 
 class PCamConfig(Section):
@@ -196,6 +197,7 @@ class DataConfig(Section):
     wsi: WsiConfig = WsiConfig()
     mri: MriConfig = MriConfig()
     images: ImageConfig = ImageConfig()
+    dicom: DicomConfig = DicomConfig()
 
 
 TINY: dict = {

@@ -71,6 +71,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(brain)
     brain.set_defaults(handler=_sample_brain)
 
+    volume = cmds.add_parser(
+        "sample-volume",
+        help="write a brain volume with a drawn lesion as NIfTI and as a synthetic DICOM MR "
+        "series (oblique, anisotropic), to try volume detection on",
+    )
+    volume.add_argument("out", type=Path, help="output directory (volume.nii.gz, dicom/, ...)")
+    volume.add_argument(
+        "--voxel-size", type=float, nargs=3, default=(2.5, 3.0, 8.0), metavar=("X", "Y", "Z"),
+        help="voxel edges in mm (default 2.5 3 8)",
+    )  # fmt: skip
+    volume.add_argument("--oblique", type=float, default=15.0, help="rotation in degrees")
+    volume.add_argument(
+        "--lesion-radius", type=float, default=16.0, help="lesion radius in mm (0: no lesion)"
+    )
+    volume.add_argument(
+        "--enhanced", action="store_true", help="one enhanced multi-frame DICOM instance"
+    )
+    volume.set_defaults(handler=_sample_volume)
+
     ingest = cmds.add_parser(
         "ingest",
         help="stream a PCam directory, shard directory, slide or slide directory into Parquet "
@@ -147,6 +166,16 @@ def _sample_brain(args: argparse.Namespace) -> int:
     )
     keys = ("image_size", "train", "test_lesion", "test_normal", "test_source", "strata")
     print(json.dumps({"out": str(args.out), **{k: manifest[k] for k in keys}}, indent=2))
+    return 0
+
+
+def _sample_volume(args: argparse.Namespace) -> int:
+    from meddiff.data.volume_samples import sample_volume
+
+    manifest = sample_volume(
+        args.out, tuple(args.voxel_size), args.oblique, args.lesion_radius, args.enhanced
+    )
+    print(json.dumps({"out": str(args.out), **manifest}, indent=2))
     return 0
 
 

@@ -294,6 +294,10 @@ class MriSlices:
     images: np.ndarray  # float32 (N, S, S) in [0, 1]
     brain: np.ndarray  # bool (N, S, S)
     z: np.ndarray  # int64 (N,) index of each slice along the canonical superior axis
+    # How the slices were cut, so maps can be put back (meddiff.data.volumes): the square box
+    # (row0, col0, side) in the in-plane-isotropic slices, whose (rows, cols) is ``plane``.
+    box: tuple[int, int, int] = (0, 0, 0)
+    plane: tuple[int, int] = (0, 0)
 
 
 def volume_to_slices(
@@ -351,6 +355,8 @@ def volume_to_slices(
         images=resize_slices(crop_square(images, box), cfg.image_size),
         brain=resize_slices(crop_square(brains, box), cfg.image_size, order=0),
         z=keep.astype(np.int64),
+        box=box,
+        plane=(int(images.shape[1]), int(images.shape[2])),
     )
 
 

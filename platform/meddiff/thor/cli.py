@@ -1,4 +1,5 @@
-"""``meddiff thor``: train the DDPM, detect anomalies in a folder, evaluate against masks."""
+"""``meddiff thor``: train the DDPM, detect anomalies in a folder or a volume (NIfTI, DICOM,
+a PACS), evaluate against masks, calibrate the SEG threshold."""
 
 from __future__ import annotations
 
@@ -45,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "detect", help="write an anomaly map PNG per image and a CSV of image scores"
     )
     _model_args(detect)
-    detect.add_argument("--out", required=True, type=path_arg, help="output folder or s3:// prefix")
+    detect.add_argument(
+        "--out", required=True, type=location_arg,
+        help="output folder or s3:// prefix, or a PACS (dicomweb://HOST:PORT/PREFIX) to store a "
+        "DICOM input's SEG and map in (kept locally too)",
+    )  # fmt: skip
     detect.add_argument(
         "--overwrite",
         action="store_true",
@@ -60,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(evaluate)
     evaluate.add_argument(
-        "--masks", required=True, type=path_arg, help="PNG masks, same file names (or s3://)"
-    )
+        "--masks", required=True, type=path_arg,
+        help="PNG masks, same file names (or s3://); for a volume, a NIfTI mask on its voxel grid",
+    )  # fmt: skip
     evaluate.add_argument(
         "--method", action="append", choices=METHODS,
         help="method to evaluate (repeat for several; default thor)",
@@ -80,6 +86,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_config_arguments(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+    calibrate = cmds.add_parser(
+        "calibrate",
+        help="measure the SEG threshold on healthy slices and store it with the model",
+    )
+    _model_args(calibrate)
+    calibrate.add_argument(
+        "--quantile", type=float, default=0.95,
+        help="threshold = this quantile of the map over healthy brain pixels (0.95: at most 5%% "
+        "of them exceed it)",
+    )  # fmt: skip
+    add_config_arguments(calibrate)
+    calibrate.set_defaults(handler=_calibrate)
 
     ship = cmds.add_parser(
         "ship", help="copy a finished training run's model with its provenance (the demo's model)"
@@ -104,12 +123,22 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         "models:/NAME@ALIAS",
     )  # fmt: skip
     parser.add_argument(
-        "--images", required=True, type=path_arg, help="folder of grayscale PNGs (or s3://)"
-    )
+        "--images", required=True, type=location_arg,
+        help="folder of grayscale PNGs (or s3://), a NIfTI volume, a folder holding one DICOM "
+        "series, or a series on a PACS: dicomweb://HOST:PORT/PREFIX/studies/UID/series/UID",
+    )  # fmt: skip
     parser.add_argument(
         "--stride", type=int,
         help="fast mode: visit every STRIDE-th step with DDIM updates (thor.infer.stride)",
     )  # fmt: skip
+
+
+def location_arg(text: str) -> str | Path:
+    """A path, an object-store URI, or a DICOMweb location (kept as text: ``Path`` would fold
+    ``dicomweb://`` to ``dicomweb:/``)."""
+    return (
+        text if text.startswith(("dicomweb://", "dicomwebs://", "dicomweb:/")) else path_arg(text)
+    )
 
 
 def _config(args: argparse.Namespace):
@@ -136,12 +165,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     from meddiff import storage
+    from meddiff.thor import volumes
     from meddiff.thor.detect import detect_folder
     from meddiff.thor.evaluate import method_config
 
     cfg = _config(args)
     if args.method:
         cfg = method_config(cfg, args.method)
+    if volumes.is_volume_input(args.images) or volumes.dicomweb.is_dicomweb(args.out):
+        summary = volumes.detect(cfg, args.model, args.images, args.out, overwrite=args.overwrite)
+        print(json.dumps(summary, indent=2))
+        return 0
     images = storage.local_input(args.images)
     with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
         summary = loc.rebase(detect_folder(cfg, args.model, images, loc))
@@ -154,11 +188,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from meddiff import storage
     from meddiff.thor.evaluate import evaluate_folder
+    from meddiff.thor.volumes import local_source
 
     cfg = _config(args)
     methods = args.method or [cfg.thor.infer.method]
     box = {"auto": None, "on": True, "off": False}[args.box_protocol]
-    images, masks = storage.local_input(args.images), storage.local_input(args.masks)
+    images, masks = local_source(args.images), storage.local_input(args.masks)
     with (
         storage.OutputLocation.open(args.out, overwrite=args.overwrite)
         if args.out
@@ -169,6 +204,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         summary = loc.rebase(summary) if loc else summary
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from meddiff import storage
+    from meddiff.thor.calibrate import calibrate
+
+    cfg = _config(args)
+    command = shlex.join(["meddiff", *sys.argv[1:]])
+    record = calibrate(cfg, args.model, storage.local_input(args.images), args.quantile, command)
+    print(json.dumps(record, indent=2))
     return 0
 
 

@@ -47,7 +47,8 @@ def image_seed(name: str, base: int) -> int:
 
 
 class ThorStage:
-    """Ray Data stage: ``{"path", ["mask_path"]}`` batches → maps, reconstructions and scores.
+    """Ray Data stage: ``{"path", ["mask_path"]}`` batches (or in-memory ``{"name", "image",
+    ["mask"]}`` slices) → maps, reconstructions and scores.
 
     Output columns: ``name``, ``score`` float, ``anomaly_map`` and ``reconstruction`` float32
     (n, H, W), ``image`` float32 (n, H, W) and, with masks, ``mask`` bool (n, H, W).
@@ -75,9 +76,13 @@ class ThorStage:
         import torch
 
         size = self.model.image_size
-        paths = [str(p) for p in batch["path"]]
-        images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
-        names = [Path(p).name for p in paths]
+        if "image" in batch:  # slices cut from a volume (meddiff.thor.volumes), already in [0, 1]
+            images = np.stack(list(batch["image"])).astype(np.float32)
+            names = [str(n) for n in batch["name"]]
+        else:
+            paths = [str(p) for p in batch["path"]]
+            images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
+            names = [Path(p).name for p in paths]
         seeds = [image_seed(n, self.cfg.runtime.seed) for n in names]
         det = self.inferer(self.model.unet, torch.from_numpy(images)[:, None], seeds=seeds)
         out = {
@@ -87,7 +92,9 @@ class ThorStage:
             "reconstruction": det.reconstruction[:, 0].numpy(),
             "image": images,
         }
-        if "mask_path" in batch:
+        if "mask" in batch:
+            out["mask"] = np.stack(list(batch["mask"])).astype(bool)
+        elif "mask_path" in batch:
             out["mask"] = np.stack(
                 [read_mask(m, img.shape) for m, img in zip(batch["mask_path"], images, strict=True)]
             )
@@ -159,11 +166,6 @@ def run_folder(
     cfg: Config, model_ref: str, images_dir: str | Path, masks_dir: str | Path | None = None
 ) -> FolderResult:
     """Run detection on every PNG of ``images_dir`` through Ray Data; results in memory."""
-    import ray
-    import ray.data
-
-    from meddiff import runtime
-
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
     if not str(model_ref).startswith(("models:/", "runs:/")):
@@ -175,11 +177,39 @@ def run_folder(
     plan = plan_for(cfg, str(model_ref))
     check_headers(files, plan["image_size"], masks)
     plan["intensity"] = intensity_summary(files, cfg.data.images)
-    runtime.connect(cfg.runtime)
     items = [{"path": str(f)} for f in files]
     if masks is not None:
         for item, m in zip(items, masks, strict=True):
             item["mask_path"] = str(m)
+    merged, seconds = infer_items(cfg, str(model_ref), items)
+    order = np.argsort(merged["name"].astype(str), kind="stable")
+    names = [str(n) for n in merged["name"][order]]
+    images = merged["image"][order]
+    unlike, plan["data_check"] = check_images(model_reference(cfg, model_ref), images, names)
+    return FolderResult(
+        names=names,
+        scores=merged["score"][order],
+        maps=merged["anomaly_map"][order],
+        reconstructions=merged["reconstruction"][order],
+        images=images,
+        masks=merged["mask"][order] if "mask" in merged else None,
+        plan=plan,
+        seconds=seconds,
+        unlike=unlike,
+    )
+
+
+def infer_items(
+    cfg: Config, model_ref: str, items: list[dict[str, Any]]
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run :class:`ThorStage` over ``items`` (rows of PNG paths or in-memory slices) on Ray Data;
+    returns its output columns, concatenated in no particular order, and the seconds taken."""
+    import ray
+    import ray.data
+
+    from meddiff import runtime
+
+    runtime.connect(cfg.runtime)
     ic = cfg.thor.infer
     # Asked of the cluster, not the driver: on a cluster the head has no GPU, the workers do.
     gpus = ic.num_gpus
@@ -204,22 +234,7 @@ def run_folder(
         for k, v in batch.items():
             rows.setdefault(k, []).append(v)
     seconds = time.perf_counter() - start
-    merged = {k: np.concatenate(v) for k, v in rows.items()}
-    order = np.argsort(merged["name"].astype(str), kind="stable")
-    names = [str(n) for n in merged["name"][order]]
-    images = merged["image"][order]
-    unlike, plan["data_check"] = check_images(model_reference(cfg, model_ref), images, names)
-    return FolderResult(
-        names=names,
-        scores=merged["score"][order],
-        maps=merged["anomaly_map"][order],
-        reconstructions=merged["reconstruction"][order],
-        images=images,
-        masks=merged["mask"][order] if "mask" in merged else None,
-        plan=plan,
-        seconds=seconds,
-        unlike=unlike,
-    )
+    return {k: np.concatenate(v) for k, v in rows.items()}, seconds
 
 
 def model_reference(cfg: Config, model_ref: str) -> dict[str, Any] | None:

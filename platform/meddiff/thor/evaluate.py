@@ -18,7 +18,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.files import write_json, write_text
 from meddiff.reports import provenance
-from meddiff.thor.detect import FolderResult, run_folder
+from meddiff.thor.detect import FolderResult
 from meddiff.thor.metrics import evaluate_maps, summary_row
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def evaluate_folder(
     import mlflow
 
     from meddiff import tracking
+    from meddiff.thor.volumes import input_label, run_input
 
     if not isinstance(methods, Mapping):
         methods = {m: method_config(cfg, m) for m in methods}
@@ -60,10 +61,11 @@ def evaluate_folder(
     outputs: dict[str, dict[str, np.ndarray]] = {}
     first: FolderResult | None = None
     with tracking.start_run(cfg, "thor-evaluate", nested=mlflow.active_run() is not None):
-        mlflow.log_params({"thor.eval.images": str(images_dir), "thor.eval.masks": str(masks_dir)})
+        shown = input_label(images_dir)
+        mlflow.log_params({"thor.eval.images": shown, "thor.eval.masks": str(masks_dir)})
         for label, mcfg in methods.items():
-            log.info("evaluating %s on %s", label, images_dir)
-            res = run_folder(mcfg, model_ref, images_dir, masks_dir)
+            log.info("evaluating %s on %s", label, shown)
+            res = run_input(mcfg, model_ref, images_dir, masks_dir)
             first = first or res
             metrics = evaluate_maps(res.maps, res.masks, res.scores, mcfg.thor.eval, box_protocol)
             results[label] = {
@@ -83,7 +85,7 @@ def evaluate_folder(
         notes = _notes(results)
         summary = {
             "model": str(model_ref),
-            "images": str(images_dir),
+            "images": shown,
             "masks": str(masks_dir),
             "notes": notes,
             "methods": results,

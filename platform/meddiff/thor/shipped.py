@@ -117,8 +117,11 @@ def provenance(model_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
 
 
 def register_shipped(cfg: Config, model_dir: str | Path = SHIPPED_DIR) -> str:
-    """Register the shipped model (a new version of ``thor-ddpm-shipped``) with its provenance as
-    model-version tags; returns its ``models:/`` URI."""
+    """Register the shipped model (a new version of ``thor-ddpm-shipped``) with its provenance and
+    its calibrated SEG thresholds (:mod:`meddiff.thor.calibrate`) as model-version tags; returns
+    its ``models:/`` URI."""
+    from meddiff.thor import calibrate
+
     return common.register_shipped(
         cfg,
         model_dir,
@@ -126,4 +129,5 @@ def register_shipped(cfg: Config, model_dir: str | Path = SHIPPED_DIR) -> str:
         name=REGISTERED_NAME,
         job="thor-shipped",
         what="Shipped THOR model",
+        tags=calibrate.version_tags(model_dir),
     )

@@ -102,12 +102,20 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
 
 
 def register_shipped(
-    cfg: Config, model_dir: str | Path, record: dict[str, Any], *, name: str, job: str, what: str
+    cfg: Config,
+    model_dir: str | Path,
+    record: dict[str, Any],
+    *,
+    name: str,
+    job: str,
+    what: str,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Register ``model_dir`` as a new version of ``name`` with ``record`` (its provenance) as
     model-version tags and as an artifact of the registering run (MLflow job ``job``, nested
     under an active run); returns its ``models:/`` URI. ``what`` starts the version's
-    description (e.g. ``"Shipped THOR model"``)."""
+    description (e.g. ``"Shipped THOR model"``); ``tags`` are further model-version tags (a THOR
+    model's calibrated thresholds)."""
     import mlflow
 
     from meddiff import tracking
@@ -117,7 +125,7 @@ def register_shipped(
         version = tracking.register_model(
             model_dir,
             name,
-            tags=version_tags(record),
+            tags={**version_tags(record), **(tags or {})},
             description=f"{what}, made by: {record.get('command', '')}",
         )
     return f"models:/{name}/{version}"
