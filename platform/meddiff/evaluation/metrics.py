@@ -124,6 +124,26 @@ def fd(real: np.ndarray, fake: np.ndarray) -> float:
     return frechet_distance(*feature_stats(real), *feature_stats(fake))
 
 
+def fid(real_features: np.ndarray, synthetic_features: np.ndarray) -> float:
+    """FID (Heusel et al. 2017): the Fréchet distance of TF-FID Inception-v3 pool features,
+    float (n, 2048) and (m, 2048), e.g. from
+    :func:`meddiff.evaluation.features.inception_features`. Lower is closer; 0 for one set
+    against itself. Biased upward at small n (Chong & Forsyth 2020): compare values at equal set
+    sizes only.
+
+    Raises:
+        DataError: features that are not 2048-d (not Inception pool features), empty, or not
+            finite.
+    """
+    real, fake = _check_pair(real_features, synthetic_features)
+    if real.shape[1] != 2048:
+        raise DataError(
+            f"FID needs 2048-d Inception pool features, got {real.shape[1]}-d (use fd() for "
+            "other networks' features)"
+        )
+    return fd(real, fake)
+
+
 # --- KID ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,105 @@
+"""FID on the installed TF-FID Inception: its defining properties on real PCam patches.
+
+The features of a few real patches and of their blurred and JPEG-compressed versions are
+extracted once for the module (the Inception at 299 px is what costs time on a CPU).
+The degradations are applied to the same images, so FID measures the degradation and not the
+sampling difference of two small sets.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meddiff.data import pcam
+from meddiff.evaluation import metrics as M
+from meddiff.evaluation.features import inception_features
+
+pytestmark = (
+    pytest.mark.slow
+)  # minutes on a loaded 2-core CPU (Inception at 299 px, FD at d = 2048)
+
+N = 24
+SIGMAS = (1.0, 2.0, 4.0)
+QUALITIES = (50, 20, 5)
+
+
+def blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    out = gaussian_filter(images.astype(np.float32), sigma=(0, sigma, sigma, 0), mode="reflect")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def feats(sample_pcam_dir: Path) -> dict[str, np.ndarray]:
+    def rows(split: str) -> np.ndarray:
+        return pcam.read_rows(pcam.open_pcam(sample_pcam_dir, split, patch_size=None), 0, N)[
+            "image"
+        ]
+
+    train, test = rows("train"), rows("test")
+    sets = {"train": train, "test": test}
+    sets.update({f"blur{s:g}": blur(train, s) for s in SIGMAS})
+    sets.update({f"jpeg{q}": jpeg(train, q) for q in QUALITIES})
+    names = list(sets)
+    # One call: the batches mix sets, as a pipeline would.
+    out = inception_features(np.concatenate([sets[n] for n in names]), batch_size=32)
+    return {n: out[i * N : (i + 1) * N] for i, n in enumerate(names)}
+
+
+def test_fid_of_a_set_against_itself_is_zero(feats, sample_pcam_dir):
+    assert M.fid(feats["train"], feats["train"]) == pytest.approx(0.0, abs=1e-6)
+    # The same images extracted again, in other batches: still 0 up to float noise.
+    again = inception_features(
+        pcam.read_rows(pcam.open_pcam(sample_pcam_dir, "train", patch_size=None), 0, N)["image"],
+        batch_size=5,
+    )
+    assert M.fid(feats["train"], again) < 0.05
+    assert M.fid(feats["train"], feats["test"]) > 10  # other real patches are far from 0
+
+
+def test_fid_grows_with_blur(feats):
+    values = [M.fid(feats["train"], feats[f"blur{s:g}"]) for s in SIGMAS]
+    assert 0 < values[0] < values[1] < values[2], values
+
+
+def test_fid_grows_as_jpeg_quality_drops(feats):
+    values = [M.fid(feats["train"], feats[f"jpeg{q}"]) for q in QUALITIES]
+    assert 0 < values[0] < values[1] < values[2], values
+
+
+def test_fid_equals_an_independent_frechet_computation(feats):
+    # Another route to the same number, in float64: with centred data A (n × d), Σ = AᵀA/(n-1),
+    # and the eigenvalues of Σ1Σ2 are the squared singular values of A1A2ᵀ/(n-1), so
+    # Tr (Σ1Σ2)^½ is the sum of those singular values (an n × n problem; scipy's sqrtm of the
+    # 2048 × 2048 product takes minutes on a CPU and is checked on smaller features in
+    # test_eval_metrics.py, as is pytorch-fid's formula).
+    x, y = (feats[k].astype(np.float64) for k in ("train", "blur2"))
+    a, b = x - x.mean(0), y - y.mean(0)
+    n = len(x)
+    trace_sqrt = np.linalg.svd(a @ b.T / (n - 1), compute_uv=False).sum()
+    mean_term = ((x.mean(0) - y.mean(0)) ** 2).sum()
+    expected = mean_term + ((a**2).sum() + (b**2).sum()) / (n - 1) - 2 * trace_sqrt
+    assert M.fid(feats["train"], feats["blur2"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_needs_inception_features():
+    from meddiff.errors import DataError
+
+    with pytest.raises(DataError, match="2048-d Inception pool features, got 128-d"):
+        M.fid(np.ones((4, 128)), np.ones((4, 128)))
