@@ -1,6 +1,10 @@
 """Fidelity and diversity of a synthetic set against a real one: overall and per stratum
 (prompt, label), each metric with a bootstrap confidence interval.
 
+The Fréchet distance's interval is corrected for the bootstrap's bias
+(:func:`meddiff.evaluation.metrics.fd_interval`): a plain percentile interval of a set against
+itself would exclude its own value 0.
+
 Strata: per label always (both sets carry labels); per prompt when both sets carry one prompt per
 image (a synthetic set's ``..._meta.csv``; for the real set its own meta or a prompts CSV from the
 prompt-building stage, columns ``index,prompt``).
@@ -56,8 +60,14 @@ def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) ->
     conf, boot = cfg.confidence, cfg.bootstrap
 
     value = M.fd(real, fake)
-    ci = M.percentile_ci(M.bootstrap_fd(real, fake, boot, seed), conf) if boot else None
-    out[fd_key] = {"value": value, "ci": ci, **fd_reliability(len(real), len(fake), real.shape[1])}
+    interval = (
+        M.fd_interval(value, M.bootstrap_fd(real, fake, boot, seed), conf) if boot else {"ci": None}
+    )
+    out[fd_key] = {
+        "value": value,
+        **interval,
+        **fd_reliability(len(real), len(fake), real.shape[1]),
+    }
 
     subsets = M.kid_subsets(real, fake, cfg.kid_subsets, cfg.kid_subset_size, seed)
     ci = M.percentile_ci(M.bootstrap_means(subsets, boot, seed), conf) if boot else None
