@@ -83,6 +83,42 @@ class MetricsConfig(Section):
     )
 
 
+class MemorizationConfig(Section):
+    """The memorization audit: does a synthetic image copy a real (training) image?
+
+    Each synthetic image's nearest real image is found in the feature space (the metrics'
+    network) and in pixels; it counts as a copy when that distance is at most the
+    ``percentile``-th percentile of the real images' own nearest-neighbour distances (real to
+    another real image). The copy rate is the share of copies in the feature space.
+    """
+
+    enabled: bool = Field(default=True, description="Run the audit in eval fidelity / evaluate.")
+    percentile: float = Field(
+        default=1.0,
+        gt=0,
+        lt=100,
+        description="Percentile (0-100) of the real-to-real nearest-neighbour distances below "
+        "which a synthetic image counts as a copy.",
+    )
+    threshold_queries: int = Field(
+        default=2000,
+        ge=10,
+        description="Real images (a seeded random subset) whose nearest other real image "
+        "estimates that percentile; every synthetic image is compared with all real images.",
+    )
+    pairs_shown: int = Field(
+        default=8, ge=0, description="Closest synthetic/real pairs shown in the report."
+    )
+    max_copy_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="`meddiff serve promote` refuses a synthesis model whose recorded copy rate "
+        "is above this (unless --force). Real images held out from training score about "
+        "percentile/100.",
+    )
+
+
 class UmapConfig(Section):
     """The 2-D coverage picture of real vs synthetic features."""
 
@@ -131,6 +167,7 @@ class ReaderStudyConfig(Section):
 class EvaluationConfig(Section):
     features: FeaturesConfig = FeaturesConfig()
     metrics: MetricsConfig = MetricsConfig()
+    memorization: MemorizationConfig = MemorizationConfig()
     umap: UmapConfig = UmapConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     reader_study: ReaderStudyConfig = ReaderStudyConfig()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff.config.evaluation import MetricsConfig
+from meddiff.config.evaluation import MemorizationConfig, MetricsConfig
 from meddiff.errors import DataError
 from meddiff.evaluation import metrics as M
 from meddiff.evaluation.features import FeatureSet, metric_prefix
@@ -121,8 +121,15 @@ def evaluate_sets(
     cfg: MetricsConfig,
     seed: int = 0,
     note: str = "",
+    memorization: MemorizationConfig | None = None,
 ) -> dict[str, Any]:
-    """Overall and stratified metrics of two feature sets (see :func:`compute_metrics`)."""
+    """Overall and stratified metrics of two feature sets (see :func:`compute_metrics`).
+
+    With ``memorization`` (enabled), also the memorization audit
+    (:mod:`meddiff.evaluation.memorization`, which reads the sets' images): ``memorization`` in
+    the report, and its copy rates in ``overall`` as ``copy_rate`` (feature space) and
+    ``copy_rate_pixels``.
+    """
     if real.network != fake.network:
         raise DataError(f"feature networks differ: real {real.network}, synthetic {fake.network}")
     fd_key, kd_key = metric_prefix(real.network)
@@ -137,6 +144,15 @@ def evaluate_sets(
         "model": generator_model(fake.source),
         "overall": compute_metrics(real.features, fake.features, cfg, real.network, seed),
     }
+    if memorization is not None and memorization.enabled:
+        from meddiff.evaluation.memorization import audit_sets
+
+        audit = audit_sets(real, fake, memorization, seed).summary(
+            cfg.confidence, memorization.pairs_shown
+        )
+        report["memorization"] = audit
+        report["overall"]["copy_rate"] = audit["copy_rate"]
+        report["overall"]["copy_rate_pixels"] = audit["copy_rate_pixels"]
     if "label" in cfg.stratify:
         report["by_label"] = _strata(real, fake, real.labels, fake.labels, cfg, seed)
     if "prompt" in cfg.stratify:

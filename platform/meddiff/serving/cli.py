@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("name", help="registered model name")
         if name == "promote":
             q.add_argument("version")
+            q.add_argument(
+                "--force",
+                action="store_true",
+                help="promote a synthesis model above evaluation.memorization.max_copy_rate",
+            )
         q.add_argument("--alias", default="production")
         add_config_arguments(q)  # tracking.uri / --set select the registry
         q.set_defaults(handler=_promote if name == "promote" else _rollback)
@@ -58,9 +63,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.memorization import check_promotion
     from meddiff.tracking.aliases import promote
 
-    before = promote(args.name, args.version, args.alias, _tracking(args))
+    cfg = config_from_args(args)
+    memorization = check_promotion(args.name, args.version, cfg, force=args.force)
+    if memorization:
+        print(memorization)
+    before = promote(args.name, args.version, args.alias, cfg.tracking)
     print(f"models:/{args.name}@{args.alias}: {before or 'unset'} -> {args.version}")
     return 0
 
