@@ -55,6 +55,21 @@ def test_fd_matches_pytorch_fid():
     assert ours == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("n, m, d", [(30, 20, 64), (64, 64, 64), (200, 150, 256)])
+def test_fd_from_rows_equals_the_covariance_route(n, m, d):
+    # The route fd() takes when no set has more rows than dimensions (Inception features of up
+    # to 2048 patches), with and without bootstrap weights.
+    rng = np.random.default_rng(n)
+    x, y = np.abs(rng.normal(size=(n, d))), np.abs(rng.normal(size=(m, d))) * 1.2 + 0.1
+    expected = M.frechet_distance(*M.feature_stats(x), *M.feature_stats(y))
+    assert M.fd_from_rows(x, y) == pytest.approx(expected, rel=1e-7)
+    assert M.fd(x, y) == pytest.approx(expected, rel=1e-7)
+    wx, wy = rng.multinomial(n, np.full(n, 1 / n)), rng.multinomial(m, np.full(m, 1 / m))
+    weighted = M.frechet_distance(*M.feature_stats(x, wx), *M.feature_stats(y, wy))
+    assert M.fd_from_rows(x, y, wx, wy) == pytest.approx(weighted, rel=1e-7)
+    assert M.fd_from_rows(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_fd_rank_deficient_matches_pytorch_fid():
     # Fewer samples than dimensions (as in small strata): singular covariances.
     from pytorch_fid.fid_score import calculate_frechet_distance

@@ -158,7 +158,8 @@ def judge_features(
         blocks += R.fidelity_blocks(name, rep)
         if rep.get("memorization"):
             audit = rep["memorization"]
-            audit["per_image_csv"] = str(write_per_image(audit, out / "memorization" / name))
+            if "per_image" in audit:
+                audit["per_image_csv"] = str(write_per_image(audit, out / "memorization" / name))
             blocks += R.memorization_blocks(name, audit, closest_pairs(real_fs, fakes[name], audit))
     blocks += extra_blocks or []
     write_text(out / "fidelity.json", json.dumps(result, indent=2, default=_json_default))

@@ -122,9 +122,53 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def fd(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance between two feature sets (n, d) and (m, d)."""
+    """Fréchet distance between two feature sets (n, d) and (m, d).
+
+    With no more rows than dimensions in either set (e.g. 1,024 patches of 2048-d Inception
+    features) it is computed from the rows (:func:`fd_from_rows`, the same value); otherwise from
+    the d × d covariances (:func:`frechet_distance`).
+    """
     real, fake = _check_pair(real, fake)
+    if max(len(real), len(fake)) <= real.shape[1]:
+        return fd_from_rows(real, fake)
     return frechet_distance(*feature_stats(real), *feature_stats(fake))
+
+
+def fd_from_rows(
+    x: np.ndarray,
+    y: np.ndarray,
+    wx: np.ndarray | None = None,
+    wy: np.ndarray | None = None,
+) -> float:
+    """The Fréchet distance of the (weighted) sets x (n, d) and y (m, d), from the rows: exactly
+    :func:`frechet_distance` of their :func:`feature_stats`, at O(n·m·d) instead of O(d³).
+
+    With A the deviations from the mean scaled so that Σx = AᵀA (rows √(w_i / (Σw − 1)) (x_i − μ)),
+    and B likewise for y, the non-zero eigenvalues of ΣxΣy = AᵀABᵀB are those of
+    (ABᵀ)(ABᵀ)ᵀ, so Tr (ΣxΣy)^½ is the sum of the singular values of the n × m matrix ABᵀ, and
+    Tr Σx = ‖A‖². Rows of weight 0 (not drawn by a bootstrap) are left out.
+    """
+    mx, a = _scaled_deviations(x, wx)
+    my, b = _scaled_deviations(y, wy)
+    from scipy.linalg import svdvals
+
+    trace_sqrt = float(svdvals(a @ b.T, check_finite=False).sum())
+    diff = mx - my
+    value = float(diff @ diff + np.einsum("ij,ij->", a, a) + np.einsum("ij,ij->", b, b))
+    return max(value - 2.0 * trace_sqrt, 0.0)
+
+
+def _scaled_deviations(x: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), rows (n', d)) with rows √(w_i / (Σw − 1)) (x_i − mean), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.ones(len(x)) if w is None else np.asarray(w, dtype=np.float64)
+    keep = w > 0
+    x, w = x[keep], w[keep]
+    total = float(w.sum())
+    if total < 2:
+        raise DataError(f"a covariance needs at least 2 samples, got {total:g}")
+    mu = (w @ x) / total
+    return mu, (x - mu) * np.sqrt(w / (total - 1))[:, None]
 
 
 def fid(real_features: np.ndarray, synthetic_features: np.ndarray) -> float:
@@ -283,11 +327,15 @@ def percentile_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
 def bootstrap_fd(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
     """FD of ``resamples`` bootstrap resamples (both sets resampled with replacement)."""
     rng = np.random.default_rng(seed)
+    rows = max(len(real), len(fake)) <= np.shape(real)[1]  # the route fd() takes
     out = np.empty(resamples)
     for b in range(resamples):
         wr = rng.multinomial(len(real), np.full(len(real), 1 / len(real)))
         wf = rng.multinomial(len(fake), np.full(len(fake), 1 / len(fake)))
-        out[b] = frechet_distance(*feature_stats(real, wr), *feature_stats(fake, wf))
+        if rows:
+            out[b] = fd_from_rows(real, fake, wr, wf)
+        else:
+            out[b] = frechet_distance(*feature_stats(real, wr), *feature_stats(fake, wf))
     return out
 
 
