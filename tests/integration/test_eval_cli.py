@@ -29,8 +29,25 @@ def sets(sample_pcam_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     }
 
 
-def test_fidelity_cli_fid_and_memorization_audit(sample_pcam_dir, sets, tmp_path: Path):
+def _generated_by_registered_model(folder: Path, tmp_path: Path) -> str:
+    """Register a (stand-in) synthesis model and name it in ``folder``'s summary.json, as
+    ``synth generate`` does for a set it generated from the registry."""
+    from meddiff.config import load_config
+    from meddiff.tracking import register_model, start_run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    with start_run(load_config("tiny"), "synthesis-train"):
+        version = register_model(model, "eval-cli-copier")
+    ref = f"models:/eval-cli-copier/{version}"
+    (folder / "summary.json").write_text(json.dumps({"model": ref, "model_version": ref}))
+    return version
+
+
+def test_fidelity_cli_fid_and_memorization_audit(sample_pcam_dir, sets, tmp_path: Path, capsys):
     out, js = tmp_path / "fid", tmp_path / "fid.json"
+    version = _generated_by_registered_model(sets["copies"], tmp_path)
     rc = main(
         [
             "eval", "fidelity", "--real", str(sample_pcam_dir),
@@ -57,6 +74,11 @@ def test_fidelity_cli_fid_and_memorization_audit(sample_pcam_dir, sets, tmp_path
     copies = result["sets"]["copies"]["memorization"]
     assert copies["copy_rate"]["value"] == 1.0 and copies["copy_rate_pixels"]["value"] == 1.0
     assert copies["network"] == "inception" and copies["n_synthetic"] == 32
+    # Recorded on the registry version that generated the set; promoting it is refused.
+    assert copies["recorded_on"] == f"models:/eval-cli-copier/{version}"
+    capsys.readouterr()
+    assert main(["serve", "promote", "eval-cli-copier", version, *TINY]) == 2
+    assert "copy rate 1 " in capsys.readouterr().err
     with open(out / "memorization" / "copies.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 32 and all(r["nearest_real_pixels"] == r["synthetic_index"] for r in rows)
