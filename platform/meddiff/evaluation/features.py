@@ -108,8 +108,8 @@ class InceptionExtractor:
     """The TF-FID Inception-v3: uint8 (n, H, W, 3) → float32 (n, 2048) pool features.
 
     The TorchScript file holds the network only (convolutions to the final 8×8 average pool; it
-    fails on inputs smaller than 299 px and returns several rows per image for larger ones), so
-    the preprocessing of TF's FID graph is done here: bilinear resize to 299 × 299
+    fails on inputs smaller than 299 px and, for much larger ones, returns several rows per
+    image), so the preprocessing of TF's FID graph is done here: bilinear resize to 299 × 299
     (:func:`resize_tf_bilinear`) and ``(x - 128) / 128`` (pixel values 0..255 to [-1, 0.992]).
     That input range is the TF graph's (and StyleGAN3's ``x = (img - 128) / 128``), and the file's
     first batch-norm statistics agree with it: on PCam patches the first convolution's outputs
