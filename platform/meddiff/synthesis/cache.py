@@ -69,7 +69,7 @@ def pair_prompts(pairs: str | Path) -> list[str]:
 def cache_key(cfg: Config, source: str, pairs: str | Path, manifest: dict[str, Any]) -> str:
     """What the cache depends on: the pairs, the model, the resolution and the cache kind."""
     parts = {
-        "pairs": str(pairs) if storage.is_uri(pairs) else str(Path(pairs).resolve()),
+        "pairs": str(storage.resolve(pairs)),
         "files": manifest["files"],
         "rows": manifest["rows"],
         "model": _model_identity(source),

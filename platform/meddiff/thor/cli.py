@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "training goes, the rest uploaded at the end); rerun to resume",
     )  # fmt: skip
     train.add_argument(
-        "--fresh", action="store_true", help="delete --out (also an s3:// one) and start over"
+        "--fresh",
+        action="store_true",
+        help="delete what meddiff wrote at --out (checkpoints, model; also an s3:// one) and "
+        "start over",
     )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
@@ -43,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(detect)
     detect.add_argument("--out", required=True, type=path_arg, help="output folder or s3:// prefix")
+    detect.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
+    )
     detect.add_argument("--method", choices=METHODS, help="default: thor.infer.method (thor)")
     add_config_arguments(detect)
     detect.set_defaults(handler=_detect)
@@ -60,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     evaluate.add_argument(
         "--out", type=path_arg, help="folder or s3:// prefix for metrics.json and report.html"
+    )
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
     )
     evaluate.add_argument(
         "--box-protocol", choices=("auto", "on", "off"), default="auto",
@@ -113,12 +126,10 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     data = storage.local_input(args.data)
-    # A URI --out: Ray Train's checkpoints go straight to its ray/ (from every node, kept by the
-    # upload), so a rerun resumes from them; the rest is written locally and uploaded at the end.
-    bucket = str(args.out) if storage.is_uri(args.out) else None
-    with storage.local_output(args.out, keep=("ray",)) as out:
-        summary = train_thor(cfg, data, out, fresh=args.fresh, bucket_out=bucket)
-        summary = storage.rebase(summary, out, args.out)
+    # Ray Train's checkpoints go straight to --out's ray/ (from every node; kept by an object
+    # store's upload), so a rerun resumes from them.
+    with storage.OutputLocation.open(args.out, keep=("ray",), resume=True) as loc:
+        summary = loc.rebase(train_thor(cfg, data, loc, fresh=args.fresh))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -132,8 +143,8 @@ def _detect(args: argparse.Namespace) -> int:
     if args.method:
         cfg = method_config(cfg, args.method)
     images = storage.local_input(args.images)
-    with storage.local_output(args.out) as out:
-        summary = storage.rebase(detect_folder(cfg, args.model, images, out), out, args.out)
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
+        summary = loc.rebase(detect_folder(cfg, args.model, images, loc))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -149,12 +160,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     box = {"auto": None, "on": True, "off": False}[args.box_protocol]
     images, masks = storage.local_input(args.images), storage.local_input(args.masks)
     with (
-        storage.local_output(args.out) if args.out else contextlib.nullcontext()
-    ) as out:  # fmt: skip
+        storage.OutputLocation.open(args.out, overwrite=args.overwrite)
+        if args.out
+        else contextlib.nullcontext()
+    ) as loc:  # fmt: skip
         summary = evaluate_folder(
-            cfg, args.model, images, masks, list(dict.fromkeys(methods)), out, box
+            cfg, args.model, images, masks, list(dict.fromkeys(methods)), loc and loc.staging, box
         )
-        summary = storage.rebase(summary, out, args.out) if out else summary
+        summary = loc.rebase(summary) if loc else summary
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -107,6 +107,10 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
             )
         elif "RANDOM" in r["plan"]["map_kind"]:
             notes.append(f"{label}: LPIPS used a RANDOM backbone (tests only); not perceptual.")
+    # Every method read the same images: one note about them, from the first.
+    check = next(iter(results.values()), {}).get("plan", {}).get("data_check") or {}
+    if check.get("warning"):
+        notes.append(f"Input: {check['warning']}.")
     return notes
 
 
@@ -135,13 +139,13 @@ def _write_outputs(out: Path, summary: dict[str, Any], html: str) -> None:
 
 def metric_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of the headline metrics, one row per method."""
-    cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc", "small_auprc",
-            "medium_auprc", "large_auprc"]  # fmt: skip
+    cols = ["pixel_auprc", "pixel_auprc_chance", "pixel_auroc", "best_dice", "image_auroc",
+            "small_auprc", "medium_auprc", "large_auprc"]  # fmt: skip
     # The schedule column is as wide as its longest entry, so the numbers stay aligned.
     width = max([8, *(len(r["plan"]["schedule"]) for r in summary["methods"].values())])
     head = (
         f"{'method':<12} {'schedule':<{width}} "
-        + " ".join(f"{c:>12}" for c in cols)
+        + " ".join(f"{c.replace('pixel_auprc_chance', 'auprc_chance'):>12}" for c in cols)
         + f" {'img/s':>8}"
     )
     lines = [head, "-" * len(head)]

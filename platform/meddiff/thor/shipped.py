@@ -88,10 +88,23 @@ def ship(run: str | Path, data: str | Path, out: str | Path, command: str) -> di
         "mlflow_run_id": summary.get("run_id"),
     }
     unet_cfg, schedule_cfg, _ = read_model_config(run / "model")
+    if not info.get("reference"):  # trained before runs recorded it: from the same slices
+        info = {**info, "reference": training_reference(data / "train", info.get("intensity"))}
     # Re-saved rather than copied, so the weights are safetensors whatever the run wrote.
     unet = load_model(run / "model").unet
     common.write_shipped(out, lambda d: save_model(d, unet, unet_cfg, schedule_cfg, info), record)
     return record
+
+
+def training_reference(folder: str | Path, intensity: dict | None) -> dict[str, Any]:
+    """:func:`meddiff.thor.reference.reference_statistics` of a folder of training slices, read
+    as the model read them (``info.intensity``, the ``data.images`` settings)."""
+    from meddiff.config.data import ImageConfig
+    from meddiff.data.images import load_folder
+    from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
+
+    images = load_folder(folder, cfg=ImageConfig.model_validate(intensity or {})).images
+    return reference_statistics(images[:REFERENCE_IMAGES])
 
 
 def provenance(model_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from meddiff.config import Config
-from meddiff.errors import ModelError
+from meddiff.errors import DataError, ModelError
 from meddiff.files import read_format_json, write_json
 
 PROVENANCE = "provenance.json"
@@ -49,8 +49,14 @@ def run_record(run_id: str | None) -> tuple[dict[str, str], dict[str, str]]:
 def write_shipped(out: str | Path, write_model: Callable[[Path], None], record: dict) -> None:
     """Write a shipped model folder at ``out``, all or nothing: ``write_model(tmp)`` writes the
     model into a temporary folder, ``record`` goes beside it as ``provenance.json``, then the
-    folder is renamed over ``out``."""
+    folder is renamed over ``out``, an earlier shipped model (one with ``provenance.json``);
+    any other folder that holds files is refused (DataError), never deleted."""
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE).is_file():
+        raise DataError(
+            f"{out} holds files and is not a shipped model folder (no {PROVENANCE}); meddiff "
+            "replaces only its own: choose another --out"
+        )
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
