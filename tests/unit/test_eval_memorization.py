@@ -163,6 +163,26 @@ def test_promote_refuses_a_model_that_copies_unless_forced(tiny_cfg, tmp_path, c
     assert str(client.get_registered_model("mem-copier").aliases["staging"]) == version
 
 
+def test_canary_of_a_model_that_copies_is_refused_unless_forced(tiny_cfg, tmp_path, capsys):
+    from meddiff.tracking.aliases import canary_of
+
+    first = _register(tiny_cfg, tmp_path, "mem-canary")
+    MZ.record_on_model(f"models:/mem-canary/{first}", _summary(0.0), tiny_cfg)
+    assert _promote("mem-canary", first) == 0
+    (tmp_path / "v2").mkdir()
+    copier = _register(tiny_cfg, tmp_path / "v2", "mem-canary")
+    MZ.record_on_model(f"models:/mem-canary/{copier}", _summary(0.5), tiny_cfg)
+    canary = ["serve", "canary", "mem-canary", copier, "--percent", "10", "--preset", "tiny"]
+    capsys.readouterr()
+    assert main(canary) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert "copy rate 0.5" in err and "not given a canary (--force overrides)" in err
+    assert canary_of("mem-canary", "production", tiny_cfg.tracking) is None
+    assert main([*canary, "--force"]) == 0
+    assert "given a canary (--force)" in capsys.readouterr().out
+    assert canary_of("mem-canary", "production", tiny_cfg.tracking) == (copier, 10.0)
+
+
 def test_promote_allows_an_audited_model_and_says_when_there_is_no_audit(
     tiny_cfg, tmp_path, capsys
 ):

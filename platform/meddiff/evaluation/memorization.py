@@ -309,13 +309,16 @@ def record_on_model(ref: str | None, summary: dict[str, Any], cfg: Config) -> st
     return f"models:/{name}/{version}"
 
 
-def check_promotion(name: str, version: str, cfg: Config, *, force: bool = False) -> str:
+def check_promotion(
+    name: str, version: str, cfg: Config, *, force: bool = False, action: str = "promoted"
+) -> str:
     """Whether ``models:/NAME/VERSION`` may be promoted as far as memorization goes; returns a
     line to print ("" for a model that is not a synthesis model).
 
     A synthesis model (trained or shipped by meddiff's synthesis jobs, or carrying an audit)
     whose recorded copy rate is above ``evaluation.memorization.max_copy_rate`` is refused unless
-    ``force``; one without a recorded audit is allowed, with a line saying so.
+    ``force``; one without a recorded audit is allowed, with a line saying so. ``action`` names
+    what is refused or done in those lines (``serve canary`` passes "given a canary").
 
     Raises:
         ModelError: the copy rate is above the bound (and not ``force``); no such version.
@@ -352,10 +355,10 @@ def check_promotion(name: str, version: str, cfg: Config, *, force: bool = False
     if not force:
         raise ModelError(
             f"{what} is above evaluation.memorization.max_copy_rate {bound:g}: the model copies "
-            "training images; not promoted (--force promotes it anyway)"
+            f"training images; not {action} (--force overrides)"
         )
-    log.warning("%s is above %g; promoted anyway (--force)", what, bound)
-    return f"{what} is above evaluation.memorization.max_copy_rate {bound:g}; promoted (--force)"
+    log.warning("%s is above %g; %s anyway (--force)", what, bound, action)
+    return f"{what} is above evaluation.memorization.max_copy_rate {bound:g}; {action} (--force)"
 
 
 def read_audit(path: str | Path, set_name: str | None = None) -> dict[str, Any]:

@@ -47,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("name", help="registered model name")
         if name != "rollback":
             q.add_argument("version")
-        if name == "promote":
             q.add_argument(
                 "--force",
                 action="store_true",
@@ -99,9 +98,17 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _canary(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.memorization import check_promotion
     from meddiff.tracking.aliases import set_canary
 
-    current = set_canary(args.name, args.version, args.percent, args.alias, _tracking(args))
+    # A canary serves the candidate to real clients, so it passes the same memorization check.
+    cfg = config_from_args(args)
+    memorization = check_promotion(
+        args.name, args.version, cfg, force=args.force, action="given a canary"
+    )
+    if memorization:
+        print(memorization)
+    current = set_canary(args.name, args.version, args.percent, args.alias, cfg.tracking)
     print(
         f"models:/{args.name}@{args.alias}: canary {args.percent:g}% to version {args.version} "
         f"(the alias stays at {current}; X-Model-Version says which answered)"
