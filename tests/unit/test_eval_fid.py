@@ -84,14 +84,27 @@ def test_fid_grows_as_jpeg_quality_drops(feats):
 
 
 def test_fid_equals_an_independent_frechet_computation(feats):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
     # fid() on 24 rows of 2048-d features goes through the rows (an SVD of the 24 × 24 cross
-    # matrix); the covariance route is another algorithm for the same number: float64 d × d
-    # covariances, Tr (Σ1Σ2)^½ from two symmetric eigendecompositions. (Both are checked against
-    # pytorch-fid's scipy.linalg.sqrtm formula in test_eval_metrics.py; sqrtm of a 2048 × 2048
-    # product takes minutes on this CPU.)
-    x, y = feats["train"], feats["blur2"]
+    # matrix). The independent computation is pytorch-fid's (np.cov, scipy.linalg.sqrtm) on the
+    # coordinates of the features in an orthonormal basis Q of the span of both sets' deviations
+    # from their means and of the mean difference (rank ≤ 2·24 − 1): both covariances and the mean
+    # difference lie in that span, so ‖μ1 − μ2‖², Tr Σ and the nonzero eigenvalues of Σ1Σ2 are
+    # those of the 2048-d sets, and the Fréchet distance is the same number (sqrtm of a
+    # 2048 × 2048 product itself takes minutes on this CPU).
+    x, y = feats["train"].astype(np.float64), feats["blur2"].astype(np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    q, _ = np.linalg.qr(np.concatenate([x - mx, y - my, (mx - my)[None]]).T)
+    px, py = x @ q, y @ q
+    ref = calculate_frechet_distance(
+        px.mean(0), np.cov(px, rowvar=False), py.mean(0), np.cov(py, rowvar=False)
+    )
+    assert M.fid(feats["train"], feats["blur2"]) == pytest.approx(ref, rel=1e-4)
+    # meddiff's covariance route (d × d float64 covariances, two symmetric eigendecompositions)
+    # gives it too.
     by_covariances = M.frechet_distance(*M.feature_stats(x), *M.feature_stats(y))
-    assert M.fid(x, y) == pytest.approx(by_covariances, rel=1e-4)
+    assert by_covariances == pytest.approx(ref, rel=1e-4)
 
 
 def test_fid_needs_inception_features():
