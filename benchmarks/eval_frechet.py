@@ -13,8 +13,8 @@ speed ratio (target ≥ 1×: ours at least as fast). pytorch-fid computes the st
 
 Features: non-negative, correlated, 2048-d like Inception's pool features (|z A| + noise with a
 512-d latent), the synthetic set with a different mixing and a shift so the distance is far from
-zero. Then images/s of the FID Inception-v3 (299 px; random weights, which cost the same as the
-real ones), DINO ViT-B/8 (224 px) and the tiny preset's ViT on 96-px patches, batch 32 on CPU.
+zero. Then images/s of the FID Inception-v3 (299 px, the installed TF-FID weights), DINO ViT-B/8
+(224 px) and the tiny stand-in ViT on 96-px patches, batch 32 on CPU.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def bench_extract(batch: int, reps: int) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 96, 96, 3), dtype=np.uint8)
     nets = [
-        ("FID Inception-v3, 299 px", lambda: InceptionExtractor("random")),
+        ("FID Inception-v3, 299 px", lambda: InceptionExtractor()),
         ("DINO ViT-B/8, 224 px", lambda: DinoExtractor(vit_b8)),
-        ("tiny ViT (tiny preset), 64 px", lambda: DinoExtractor(tiny_vit)),
+        ("tiny stand-in ViT, 64 px", lambda: DinoExtractor(tiny_vit)),
     ]
     print(f"\nFeature extraction on CPU ({torch.get_num_threads()} torch threads), batch {batch}")
     for name, build in nets:

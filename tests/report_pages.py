@@ -146,7 +146,25 @@ def evaluation_page(out: Path) -> Path:
     ]
     for name, rep in reports.items():
         blocks += R.fidelity_blocks(name, rep)
+    pairs = RNG.integers(0, 256, (4 * 98 + 2, 3 * 98 + 2, 3), dtype=np.uint8)  # 4 rows of 3
+    blocks += R.memorization_blocks("baseline", memorization_audit(), pairs)
     return R.write_html(out / "evaluation" / "report.html", "Judging <synthetic>", blocks, PROV)
+
+
+def memorization_audit(pairs: int = 4) -> dict[str, Any]:
+    """A made-up audit of 64 synthetic images, in the layout memorization.Audit.summary gives."""
+    space = {"threshold": 3.21, "median_real_to_real": 8.5, "median_synthetic_to_real": 9.25,
+             "min_synthetic_to_real": 0.0}  # fmt: skip
+    closest = [{"synthetic_index": i, "nearest_real_features": 100 + i, "distance_features": 0.1 * i,
+                "copy_features": i < 2, "nearest_real_pixels": 100 + i, "distance_pixels": 0.5 * i,
+                "copy_pixels": i < 2} for i in range(pairs)]  # fmt: skip
+    return {"network": "inception", "percentile": 1.0, "reference": "/data/pcam (train)",
+            "n_real": 1024, "n_synthetic": 64, "threshold_queries": 1024, "confidence": 0.95,
+            "ci_method": "Wilson score interval of a binomial proportion",
+            "copy_rate": {"value": 0.03125, "ci": [0.0086, 0.1068], "copies": 2},
+            "copy_rate_pixels": {"value": 0.03125, "ci": [0.0086, 0.1068], "copies": 2},
+            "features": space, "pixels": {**space, "unit": "gray levels"},
+            "closest": closest}  # fmt: skip
 
 
 def study_page(out: Path, n: int = 8) -> Path:

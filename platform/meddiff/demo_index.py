@@ -61,13 +61,18 @@ def step_row(name: str, summary: Mapping[str, Any] | None, status: str, seconds,
 
 
 def evaluation_figures(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """FD named with its feature network, and the classifier AUCs of the evaluate step."""
+    """FID (or the FD named with its stand-in network), the copy rate of the memorization audit,
+    and the classifier AUCs of the evaluate step."""
     metrics = summary.get("metrics") or {}
     network = summary.get("network", "?")
     figures: dict[str, Any] = {}
     for metric, cell in metrics.items():
-        if metric == "fid" or metric.startswith("fd_"):
-            figures[f"FD ({'Inception-v3, i.e. FID' if metric == 'fid' else network})"] = cell
+        if metric == "fid":
+            figures["FID (TF-FID Inception-v3)"] = cell
+        elif metric.startswith("fd_"):
+            figures[f"FD ({network}, not FID)"] = cell
+        elif metric == "copy_rate":
+            figures["copy rate (memorization audit)"] = cell
         elif metric.startswith("classifier_") and metric.endswith("_auc"):
             arm = metric.removeprefix("classifier_").removesuffix("_auc")
             figures[f"classifier AUC, trained on {arm}"] = cell

@@ -3,6 +3,7 @@ and bad input as one-line errors with exit code 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from eval_helpers import make_synthetic
 from meddiff.cli import main
 
 TINY = ["--preset", "tiny", "--set", "runtime.progress=false"]
+# Plumbing tests use the tiny stand-in ViT (fast); the first test runs the TF-FID Inception.
+STAND_IN = [*TINY, "--set", "evaluation.features.network=dino"]
 
 
 @pytest.fixture(scope="module")
@@ -22,39 +25,70 @@ def sets(sample_pcam_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {
         "baseline": make_synthetic(sample_pcam_dir, tmp / "baseline", shift=30, noise=6, seed=1),
         "morphology": make_synthetic(sample_pcam_dir, tmp / "morph", shift=4, noise=2, seed=2),
+        "copies": make_synthetic(sample_pcam_dir, tmp / "copies"),  # the real patches as they are
     }
 
 
-def test_fidelity_cli_writes_json_report_and_umap(sample_pcam_dir, sets, tmp_path: Path):
+def _generated_by_registered_model(folder: Path, tmp_path: Path) -> str:
+    """Register a (stand-in) synthesis model and name it in ``folder``'s summary.json, as
+    ``synth generate`` does for a set it generated from the registry."""
+    from meddiff.config import load_config
+    from meddiff.tracking import register_model, start_run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    with start_run(load_config("tiny"), "synthesis-train"):
+        version = register_model(model, "eval-cli-copier")
+    ref = f"models:/eval-cli-copier/{version}"
+    (folder / "summary.json").write_text(json.dumps({"model": ref, "model_version": ref}))
+    return version
+
+
+def test_fidelity_cli_fid_and_memorization_audit(sample_pcam_dir, sets, tmp_path: Path, capsys):
     out, js = tmp_path / "fid", tmp_path / "fid.json"
+    version = _generated_by_registered_model(sets["copies"], tmp_path)
     rc = main(
         [
             "eval", "fidelity", "--real", str(sample_pcam_dir),
-            "--synthetic", f"baseline={sets['baseline']}",
-            "--synthetic", f"morphology={sets['morphology']}",
+            *[f"--synthetic={name}={path}" for name, path in sets.items()],
             "--out", str(out), "--json", str(js), *TINY,
+            # 32 images per set keep the Inception's CPU time to a minute.
+            "--set", "evaluation.features.max_images=32",
         ]
     )  # fmt: skip
     assert rc == 0
     result = json.loads(js.read_text())
-    assert result["network"] == "vit_base_patch8_224_dino_random"
-    for name in ("baseline", "morphology"):
+    assert result["network"] == "inception" and not result["note"]
+    for name in sets:
         overall = result["sets"][name]["overall"]
-        assert "fid" not in overall  # a random ViT never makes an FID
-        fd = overall["fd_vit_base_patch8_224_dino_random"]
-        assert fd["value"] > 0 and fd["ci"][0] <= fd["ci"][1]
+        assert result["sets"][name]["is_fid"] and "kid" in overall
+        assert not any(k.startswith("fd_") for k in overall)
+        fid = overall["fid"]
+        assert fid["ci"][0] <= fid["value"] <= fid["ci"][1]
         assert set(result["sets"][name]["by_label"]) == {"0", "1"}
-    # The milder perturbation is closer to the real set.
-    key = "fd_vit_base_patch8_224_dino_random"
-    assert (
-        result["sets"]["morphology"]["overall"][key]["value"]
-        < result["sets"]["baseline"]["overall"][key]["value"]
-    )
+    fid = {name: result["sets"][name]["overall"]["fid"]["value"] for name in sets}
+    # The same 32 rows of each set: copies are at 0, the milder perturbation is closer.
+    assert fid["copies"] == pytest.approx(0.0, abs=0.05)
+    assert 0.05 < fid["morphology"] < fid["baseline"]
+    copies = result["sets"]["copies"]["memorization"]
+    assert copies["copy_rate"]["value"] == 1.0 and copies["copy_rate_pixels"]["value"] == 1.0
+    assert copies["network"] == "inception" and copies["n_synthetic"] == 32
+    # Recorded on the registry version that generated the set; promoting it is refused.
+    assert copies["recorded_on"] == f"models:/eval-cli-copier/{version}"
+    capsys.readouterr()
+    assert main(["serve", "promote", "eval-cli-copier", version, *TINY]) == 2
+    assert "copy rate 1 " in capsys.readouterr().err
+    with open(out / "memorization" / "copies.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 32 and all(r["nearest_real_pixels"] == r["synthetic_index"] for r in rows)
     page = (out / "report.html").read_text()
     assert "Metric × strategy" in page and "Coverage" in page
-    assert len(re.findall(r"data:image/png;base64,", page)) >= 4  # UMAP + 3 sample grids
+    assert "Memorization audit: copies" in page and "nearest real in pixels" in page
+    # UMAP + 4 sample grids + 3 closest-pair pictures.
+    assert len(re.findall(r"data:image/png;base64,", page)) >= 8
     assert (out / "umap.png").stat().st_size > 1000
-    assert np.load(out / "features" / "real.npz")["features"].shape == (128, 128)
+    assert np.load(out / "features" / "real.npz")["features"].shape == (32, 2048)
 
 
 def test_fidelity_cli_bad_input_is_one_line_error(sample_pcam_dir, tmp_path: Path, capsys):
@@ -65,7 +99,7 @@ def test_fidelity_cli_bad_input_is_one_line_error(sample_pcam_dir, tmp_path: Pat
     assert "different sizes" in capsys.readouterr().err
     few = make_synthetic(sample_pcam_dir, tmp_path / "few", n=3)
     rc = main(["eval", "fidelity", "--real", str(sample_pcam_dir), "--synthetic", str(few),
-               "--local", "--no-umap", *TINY])  # fmt: skip
+               "--local", "--no-umap", *STAND_IN])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "synthetic set has 3 images" in err and err.count("\n") == 1
 
@@ -141,7 +175,7 @@ def test_fidelity_cli_without_out_leaves_no_temporary_folder(
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     rc = main(["eval", "fidelity", "--real", str(sample_pcam_dir), "--synthetic",
-               str(sets["morphology"]), "--local", "--no-umap", *TINY])  # fmt: skip
+               str(sets["morphology"]), "--local", "--no-umap", *STAND_IN])  # fmt: skip
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert list(scratch.iterdir()) == []

@@ -98,16 +98,18 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
     from jobs.compare_prompting import main
 
     out = tmp_path / "exp"
+    # The experiment's plumbing on the tiny stand-in ViT (the Inception's FID: test_eval_cli.py).
     args = ["--data", str(sample_pcam_dir), "--out", str(out), "--json", str(tmp_path / "r.json"),
-            *TINY, "--set", "evaluation.classifier.steps=20"]  # fmt: skip
+            *TINY, "--set", "evaluation.classifier.steps=20",
+            "--set", "evaluation.features.network=dino"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     fd = "fd_vit_base_patch8_224_dino_random"
     table = result["table"]
     assert set(table[fd]) == {"baseline", "morphology"}
     assert table[fd]["morphology"] < table[fd]["baseline"]  # the milder stand-in is closer
-    for metric in ("precision", "recall", "density", "coverage", "classifier_synthetic_auc",
-                   "classifier_real_auc"):  # fmt: skip
+    for metric in ("precision", "recall", "density", "coverage", "copy_rate",
+                   "classifier_synthetic_auc", "classifier_real_auc"):  # fmt: skip
         assert set(table[metric]) == {"baseline", "morphology"}, metric
     with open(result["table_csv"], newline="") as f:
         rows = list(csv.reader(f))
@@ -115,6 +117,7 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
     page = Path(result["report"]).read_text()
     assert "Metric × strategy" in page and "Downstream classifier" in page
     assert "Per prompt" in page and "morphology type 1" in page  # real prompts from the pairs
+    assert "Memorization audit: morphology" in page
     assert Path(result["umap"]).is_file() and Path(result["roc"]).is_file()
     for study in result["reader_studies"].values():
         assert Path(study).is_file() and (Path(study).parent / "key.json").is_file()

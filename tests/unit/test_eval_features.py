@@ -17,6 +17,9 @@ from meddiff.evaluation.features import (
     check_same_size,
     dino_name,
     extract_features,
+    inception_features,
+    metric_prefix,
+    resize_tf_bilinear,
     resolve_features,
 )
 
@@ -28,49 +31,102 @@ def images(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def random_inception() -> InceptionExtractor:
-    return InceptionExtractor("random")
+def test_inception_is_the_installed_tf_fid_network_named_fid():
+    ex = InceptionExtractor()
+    x = images(3)
+    feats = ex(x)
+    assert ex.name == "inception" and metric_prefix(ex.name) == ("fid", "kid")
+    assert feats.shape == (3, 2048) and feats.dtype == np.float32
+    assert (feats >= 0).all() and feats.std() > 0  # post-ReLU average pool
+    # A row does not depend on the batch it was computed in.
+    np.testing.assert_allclose(ex(x[1:2])[0], feats[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="uint8"):
+        ex(x.astype(np.float32))
 
 
-def test_inception_random_weights_shapes_and_name(random_inception):
-    # Random weights test the plumbing only; the name says so.
-    feats = random_inception(images(2))
-    assert feats.shape == (2, 2048) and feats.dtype == np.float32
-    assert random_inception.name == "inception_random"
+def test_inception_features_api_batches_and_any_size():
+    x = images(5, size=64)
+    feats = inception_features(x, batch_size=2)
+    assert feats.shape == (5, 2048)
+    np.testing.assert_allclose(feats, InceptionExtractor()(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="no images"):
+        inception_features(images(0))
 
 
-def test_inception_local_file_that_is_not_the_fid_weights(tmp_path: Path):
-    # A file with the right keys but not pytorch-fid's weights (its SHA-256 does not start with
-    # 6726825d) loads, but its distances are not called FID.
-    from unittest import mock
+def _tf1_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """TF 1's resize_bilinear (align_corners=False), written out: output j reads j·n/size."""
 
+    def axis(n):
+        src = np.arange(size) * n / size
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    r0, r1, fr = axis(img.shape[0])
+    c0, c1, fc = axis(img.shape[1])
+    fc = fc[None, :, None]
+    top = img[r0][:, c0] * (1 - fc) + img[r0][:, c1] * fc
+    bottom = img[r1][:, c0] * (1 - fc) + img[r1][:, c1] * fc
+    return top * (1 - fr)[:, None, None] + bottom * fr[:, None, None]
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (64, 80), (299, 299)])
+def test_resize_is_tensorflow_1_bilinear(shape):
     import torch
-    import torchvision
-    from pytorch_fid import inception as pfi
 
-    with (
-        mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None),
-    ):
-        arch = pfi.fid_inception_v3()  # the FID architecture, randomly initialised
-    path = tmp_path / "weights.pth"
-    torch.save(arch.state_dict(), path)
-    extractor = InceptionExtractor(str(path))
-    assert extractor.name == "inception_nonstandard"
-    assert extractor(images(1)).shape == (1, 2048)
+    img = np.random.default_rng(1).integers(0, 256, (*shape, 3)).astype(np.float64)
+    got = resize_tf_bilinear(torch.from_numpy(img).permute(2, 0, 1)[None].float())
+    assert got.shape == (1, 3, 299, 299)
+    np.testing.assert_allclose(got[0].permute(1, 2, 0).numpy(), _tf1_bilinear(img, 299), atol=0.01)
 
 
-def test_inception_missing_file_falls_back_to_dino_and_says_so(tmp_path: Path):
-    cfg = FeaturesConfig(
-        inception_weights=str(tmp_path / "nope.pth"),
-        **{k: v for k, v in TINY_DINO.items() if k != "network"},
-    )
+def test_inception_input_range_matches_the_files_batch_norm(sample_pcam_dir: Path):
+    # The first convolution's outputs on real patches have the variance its batch norm stores
+    # (within a few times) only for inputs scaled to [-1, 1], the scaling InceptionExtractor uses.
+    import torch
+
+    from meddiff.data import pcam
+    from meddiff.evaluation.features import _to_tensor, load_inception
+
+    x = pcam.read_rows(pcam.open_pcam(sample_pcam_dir, "test", patch_size=None), 0, 8)["image"]
+    conv = load_inception().net.layers.conv
+    t = resize_tf_bilinear(_to_tensor(x))
+
+    def ratio(inp):
+        with torch.inference_mode():
+            y = torch.conv2d(inp, conv.weight, None, conv.stride, conv.padding)
+        return float((y.var(dim=(0, 2, 3)) / conv.var).median())
+
+    assert 0.1 < ratio((t - 128) / 128) < 10
+    assert ratio(t) > 1000 and ratio(t / 255) < ratio((t - 128) / 128)
+
+
+def test_tiny_and_full_presets_use_the_tf_fid_inception():
+    from meddiff.config import load_config
+
+    for preset in ("tiny", "full"):
+        features = load_config(preset).evaluation.features
+        assert resolve_features(features).network == "inception", preset
+
+
+def test_altered_inception_file_falls_back_to_dino_and_says_so(tmp_path: Path):
+    bad = tmp_path / "default_1.pt"
+    bad.write_bytes(b"not the network")
+    cfg = FeaturesConfig(inception_weights=str(bad), dino=TINY_VIT)
     resolved = resolve_features(cfg)
     assert resolved.network == "vit_base_patch8_224_dino_random"
-    assert "FID Inception weights unavailable" in resolved.note and "nope.pth" in resolved.note
-    with pytest.raises(ModelError, match="nope.pth does not exist"):
+    assert "FID Inception weights unavailable" in resolved.note and "sha256" in resolved.note
+    with pytest.raises(ModelError, match="differs from the pinned"):
         resolve_features(cfg.model_copy(update={"fallback": "error"}))
+    missing = cfg.model_copy(update={"inception_weights": str(tmp_path / "nope.pt")})
+    assert "nope.pt: missing" in resolve_features(missing).note
+
+
+def test_old_inception_weight_sources_are_config_errors():
+    from pydantic import ValidationError
+
+    for value in ("download", "random"):
+        with pytest.raises(ValidationError, match="no longer a source of FID weights"):
+            FeaturesConfig(inception_weights=value)
 
 
 def test_dino_extractor_is_the_embedding_stage_and_named_honestly():

@@ -55,6 +55,21 @@ def test_fd_matches_pytorch_fid():
     assert ours == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("n, m, d", [(30, 20, 64), (64, 64, 64), (200, 150, 256)])
+def test_fd_from_rows_equals_the_covariance_route(n, m, d):
+    # The route fd() takes when no set has more rows than dimensions (Inception features of up
+    # to 2048 patches), with and without bootstrap weights.
+    rng = np.random.default_rng(n)
+    x, y = np.abs(rng.normal(size=(n, d))), np.abs(rng.normal(size=(m, d))) * 1.2 + 0.1
+    expected = M.frechet_distance(*M.feature_stats(x), *M.feature_stats(y))
+    assert M.fd_from_rows(x, y) == pytest.approx(expected, rel=1e-7)
+    assert M.fd(x, y) == pytest.approx(expected, rel=1e-7)
+    wx, wy = rng.multinomial(n, np.full(n, 1 / n)), rng.multinomial(m, np.full(m, 1 / m))
+    weighted = M.frechet_distance(*M.feature_stats(x, wx), *M.feature_stats(y, wy))
+    assert M.fd_from_rows(x, y, wx, wy) == pytest.approx(weighted, rel=1e-7)
+    assert M.fd_from_rows(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_fd_rank_deficient_matches_pytorch_fid():
     # Fewer samples than dimensions (as in small strata): singular covariances.
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -179,9 +194,52 @@ def test_compute_metrics_cis_bracket_the_values():
         lo, hi = out[name]["ci"]
         assert lo <= out[name]["value"] <= hi, name
     lo, hi = out["fd_dino"]["ci"]
-    assert lo < hi and hi > 0
-    # FD's bootstrap is centred near (a bit above: resampling adds noise) the point estimate.
-    assert lo < 2 * out["fd_dino"]["value"]
+    assert lo <= out["fd_dino"]["value"] <= hi and lo < hi
+    assert out["fd_dino"]["bootstrap_bias"] > 0  # resampling adds to the FD's upward bias
+
+
+# --- the Fréchet distance's bias-aware interval ----------------------------------------------
+
+
+def _fd_ci(x, y, resamples=60, seed=0):
+    value = M.fd(x, y)
+    boot = M.bootstrap_fd(x, y, resamples, seed)
+    return value, boot, M.fd_interval(value, boot, 0.95)["ci"]
+
+
+def test_fd_interval_of_a_set_against_itself_contains_zero():
+    x = gaussian(150, 12, seed=30)
+    value, boot, (lo, hi) = _fd_ci(x, x)
+    assert value == pytest.approx(0.0, abs=1e-8)
+    # The plain percentile interval excludes the value it is about (the bug this replaces) ...
+    assert M.percentile_ci(boot, 0.95)[0] > 0.05
+    # ... the bias-corrected one contains it.
+    assert lo == 0.0 and hi > 0
+
+
+@pytest.mark.parametrize(
+    "make_y",
+    [
+        lambda x: x + np.random.default_rng(31).normal(scale=0.05, size=x.shape),  # jittered copy
+        lambda x: gaussian(len(x), x.shape[1], seed=32),  # another sample of the same Gaussian
+    ],
+    ids=["jittered-copy", "same-distribution"],
+)
+def test_fd_interval_contains_the_estimate_on_near_identical_sets(make_y):
+    x = gaussian(150, 12, seed=30)
+    y = make_y(x)
+    value, boot, (lo, hi) = _fd_ci(x, y)
+    assert lo <= value <= hi
+    # The plain percentile interval sits above the estimate here too.
+    assert M.percentile_ci(boot, 0.95)[0] > value
+
+
+def test_fd_interval_still_separates_different_sets():
+    x = gaussian(150, 12, seed=30)
+    _, _, same = _fd_ci(x, gaussian(150, 12, seed=32))
+    value, _, (lo, hi) = _fd_ci(x, gaussian(150, 12, shift=0.5, seed=33))  # FD ≈ 12 · 0.25 = 3
+    assert lo <= value <= hi
+    assert lo > same[1]  # disjoint from the same-distribution interval, above it
 
 
 def _fs(x, labels, prompts=None, network="dino"):

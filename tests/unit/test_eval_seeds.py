@@ -46,6 +46,17 @@ def test_mean_sd_and_wins_respect_the_metric_direction(tmp_path):
     assert "fd_tiny_random,baseline,11,1,1,10 12 11" in rows
 
 
+def test_fid_kid_and_the_copy_rate_are_lower_is_better():
+    from meddiff.evaluation.seeds import summarize
+
+    tables = [{m: {"baseline": 1.0, "morphology": 2.0} for m in ("fid", "kid (label 0)",
+               "copy_rate", "copy_rate_pixels", "coverage")}]  # fmt: skip
+    out = summarize(tables)
+    for metric in ("fid", "kid (label 0)", "copy_rate", "copy_rate_pixels"):
+        assert out[metric]["baseline"]["best_in"] == 1, metric
+    assert out["coverage"]["morphology"]["best_in"] == 1
+
+
 def test_an_unfinished_run_is_named(tmp_path, capsys):
     done = _run(tmp_path, "s0", (1, 2), (0.5, 0.5))
     with pytest.raises(DataError, match="s1: no evaluation/comparison.json or metrics.json"):

@@ -175,7 +175,11 @@ def test_evaluation_report_shows_metrics_with_intervals_and_the_network(tmp_path
     assert "vit_base_patch8_224_dino_random (not the FID Inception" in page.words
     assert "fewer than 10 images" in page.cells  # a skipped stratum says why
     assert "Not computed: the synthetic set has no prompt column in its meta." in page.words
-    assert [decode(i["src"]).shape for i in page.imgs] == [(490, 490, 3)] * 2
+    assert [decode(i["src"]).shape for i in page.imgs] == [(490, 490, 3)] * 2 + [(394, 296, 3)]
+    # The memorization audit: both spaces with Wilson intervals, then the closest pairs.
+    assert "Memorization audit: baseline" in page.words
+    assert "0.03125 [0.0086, 0.1068]" in page.cells and "features (inception)" in page.cells
+    assert "nearest real in features | nearest real in pixels" in page.words
 
 
 def test_reader_study_page_is_blinded_and_works_offline(tmp_path: Path):
@@ -267,7 +271,7 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
     page = Page(write_demo_index(tiny_cfg, tmp_path, names, results, records).read_text())
     words = page.words
     assert "prompts found: 8" in words and "morphology types (k): 4" in words
-    assert f"FD ({P.FD.removeprefix('fd_')}): 123.4" in words
+    assert f"FD ({P.FD.removeprefix('fd_')}, not FID): 123.4" in words
     assert "classifier AUC, trained on synthetic: 0.71" in words
     assert "classifier AUC, trained on real+synthetic: 0.83" in words
     assert page.links == ["prompts/gallery.html", "thor/report.html"]
@@ -277,6 +281,20 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
     at = page.cells.index("thor", page.cells.index("method", 5))
     assert page.cells[at + 2 : at + 4] == ["0.4321", "0.9012"] and "ddpm" in page.cells
     assert "Synthetic set vs real (evaluate step)" in words and "brief demo training" in words
+
+
+def test_demo_index_and_printed_line_show_the_real_fid_and_the_copy_rate():
+    from meddiff.demo_index import step_row
+    from meddiff.evaluation.experiment import headline
+
+    metrics = {"fid": 93.12, "kid": 0.011, "precision": 0.5, "copy_rate": 0.0125}
+    row = step_row("evaluate", {"network": "inception", "metrics": metrics}, "done", 1.0)
+    assert row.figures == {
+        "FID (TF-FID Inception-v3)": 93.12,
+        "copy rate (memorization audit)": 0.0125,
+    }
+    assert headline(metrics) == "FID (TF-FID Inception-v3) 93.12, copy rate 0.0125"
+    assert headline({P.FD: 4.5}) == f"{P.FD} 4.5"  # a stand-in network is never called FID
 
 
 def test_a_command_names_itself_on_its_pages_and_indexes_its_out_folder(

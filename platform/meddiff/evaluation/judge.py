@@ -115,7 +115,9 @@ def judge_features(
     reports = dict(precomputed or {})
     for name, fs in fakes.items():
         if name not in reports:
-            reports[name] = evaluate_sets(real_fs, fs, ev.metrics, seed, resolved.note)
+            reports[name] = evaluate_sets(
+                real_fs, fs, ev.metrics, seed, resolved.note, memorization=ev.memorization
+            )
     result: dict[str, Any] = {
         "network": resolved.network,
         "note": resolved.note,
@@ -154,11 +156,53 @@ def judge_features(
     blocks += sample_grids(cfg, real_fs, fakes)
     for name, rep in reports.items():
         blocks += R.fidelity_blocks(name, rep)
+        if rep.get("memorization"):
+            audit = rep["memorization"]
+            if "per_image" in audit:
+                audit["per_image_csv"] = str(write_per_image(audit, out / "memorization" / name))
+            blocks += R.memorization_blocks(name, audit, closest_pairs(real_fs, fakes[name], audit))
     blocks += extra_blocks or []
     write_text(out / "fidelity.json", json.dumps(result, indent=2, default=_json_default))
     prov = provenance(cfg, model=resolved.network)
     result["report"] = str(R.write_html(out / "report.html", title, blocks, prov))
     return result
+
+
+def write_per_image(audit: dict[str, Any], stem: Path) -> Path:
+    """``stem.csv``: every synthetic image's nearest real images (moved out of ``audit``, whose
+    ``per_image`` table would make the JSON as long as the set)."""
+    import csv
+    import io
+
+    table = audit.pop("per_image")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(list(table))
+    writer.writerows(zip(*table.values(), strict=True))
+    path = stem.with_suffix(".csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, buf.getvalue())
+    return path
+
+
+def closest_pairs(
+    real_fs: FeatureSet, fake_fs: FeatureSet, audit: dict[str, Any]
+) -> np.ndarray | None:
+    """A grid of the audit's closest pairs, one per row: synthetic | nearest real image in
+    features | nearest real image in pixels."""
+    from meddiff import grids
+    from meddiff.evaluation.memorization import read_images
+
+    closest = audit["closest"]
+    if not closest:
+        return None
+    fake = read_images(fake_fs.source, fake_fs.split, [c["synthetic_index"] for c in closest])
+    rows = [c[k] for c in closest for k in ("nearest_real_features", "nearest_real_pixels")]
+    real = read_images(real_fs.source, real_fs.split, rows).reshape(
+        len(closest), 2, *fake.shape[1:]
+    )
+    triples = np.stack([fake, real[:, 0], real[:, 1]], axis=1).reshape(-1, *fake.shape[1:])
+    return np.asarray(grids.grid(triples, cols=3))
 
 
 def comparison_html(table: Mapping[str, Mapping[str, Any]], strategies: list[str]) -> R.Block:
@@ -225,7 +269,21 @@ def run_fidelity(
         for name, rep in result["sets"].items():
             mlflow.log_metrics(flat_metrics(rep, prefix=f"{name}/"))
         log_outputs(result)
+    record_audits(cfg, result)
     return result
+
+
+def record_audits(cfg: Config, result: Mapping[str, Any]) -> None:
+    """Tag the registry version that generated each judged set (its ``summary.json`` names it)
+    with the set's memorization audit, for ``meddiff serve promote``'s check."""
+    from meddiff.evaluation.memorization import record_on_model
+
+    for name, rep in result["sets"].items():
+        if rep.get("memorization"):
+            where = record_on_model(rep.get("model"), rep["memorization"], cfg)
+            if where:
+                rep["memorization"]["recorded_on"] = where
+                log.info("memorization audit of %s recorded on %s", name, where)
 
 
 def log_outputs(result: Mapping[str, Any]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from meddiff.reports import Provenance, png_data_uri, write_page
 
-METRIC_ORDER = ("precision", "recall", "density", "coverage")
+METRIC_ORDER = ("precision", "recall", "density", "coverage", "copy_rate", "copy_rate_pixels")
 
 Block = dict[str, Any]
 
@@ -86,7 +86,7 @@ def strata_block(report: Mapping[str, Any], key: str, title: str) -> list[Block]
         return []
     if "skipped" in strata and isinstance(strata["skipped"], str):
         return [heading(title, 3), paragraph(f"Not computed: {strata['skipped']}.", "small")]
-    metrics = metric_rows(report)
+    metrics = [m for m in metric_rows(report) if not m.startswith("copy_rate")]  # overall only
     rows = []
     for name, item in strata.items():
         cells = [item.get(m) if "skipped" not in item else None for m in metrics]
@@ -125,3 +125,50 @@ def fidelity_blocks(name: str, report: Mapping[str, Any]) -> list[Block]:
     blocks += strata_block(report, "by_label", "Per label")
     blocks += strata_block(report, "by_prompt", "Per prompt")
     return blocks
+
+
+def memorization_blocks(
+    name: str, audit: Mapping[str, Any], pairs: np.ndarray | None = None
+) -> list[Block]:
+    """The memorization audit of one synthetic set: copy rates, thresholds, and ``pairs`` (a
+    picture of the closest synthetic/real pairs, from :func:`meddiff.grids.grid`)."""
+    blocks = [
+        heading(f"Memorization audit: {name}"),
+        paragraph(
+            f"Each of the {audit['n_synthetic']} synthetic images against its nearest image of "
+            f"the real set {audit['reference']} ({audit['n_real']} images). A synthetic image "
+            f"counts as a copy when it is at most as far from a real image as percentile "
+            f"{audit['percentile']:g} of the real images' distances to their nearest other real "
+            f"image ({audit['threshold_queries']} real images measured). Brackets: "
+            f"{audit['confidence']:.0%} {audit['ci_method']}. Held-out real images would score "
+            f"about {audit['percentile'] / 100:.2g}.",
+            "small",
+        ),
+        _audit_table(audit),
+    ]
+    closest = audit["closest"]
+    if pairs is None or not closest:
+        return blocks
+    caption = (
+        f"The {len(closest)} synthetic images closest to a real image (feature distance), one "
+        "per row: synthetic | nearest real in features | nearest real in pixels"
+    )
+    keys = ("synthetic_index", "nearest_real_features", "distance_features",
+            "nearest_real_pixels", "distance_pixels")  # fmt: skip
+    rows = [[*(c[k] for k in keys), "yes" if c["copy_features"] else "no"] for c in closest]
+    headers = ["synthetic row", "nearest real (features)", "feature distance",
+               "nearest real (pixels)", "pixel distance", "copy"]  # fmt: skip
+    return [*blocks, figure(pairs, caption), table(headers, rows)]
+
+
+def _audit_table(audit: Mapping[str, Any]) -> Block:
+    headers = ["space", "copy rate [CI]", "copies", "threshold", "median real→real",
+               "median synthetic→real", "closest synthetic→real"]  # fmt: skip
+    rows = []
+    for label, rate, space in (
+        (f"features ({audit['network']})", audit["copy_rate"], audit["features"]),
+        ("pixels (RMS gray levels)", audit["copy_rate_pixels"], audit["pixels"]),
+    ):
+        rows.append([label, rate, rate["copies"], space["threshold"], space["median_real_to_real"],
+                     space["median_synthetic_to_real"], space["min_synthetic_to_real"]])  # fmt: skip
+    return table(headers, rows)

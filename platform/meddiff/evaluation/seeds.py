@@ -26,8 +26,9 @@ from meddiff.files import write_text
 TABLE = Path("evaluation") / "comparison.json"
 THOR_METRICS = Path("metrics.json")  # written by `meddiff thor evaluate --out`
 FIDELITY = Path("evaluation") / "fidelity.json"
-# Distances (Fréchet, kernel): lower is better; every other metric in the table is higher-better.
-LOWER_IS_BETTER = ("fd_", "kd_")  # also their per-label rows, "fd_... (label 0)"
+# Distances (Fréchet, kernel: FID/KID or a stand-in network's FD/KD) and the memorization audit's
+# copy rates: lower is better; every other metric in the table is higher-better.
+LOWER_IS_BETTER = ("fd_", "kd_", "fid", "kid", "copy_rate")  # also "fid (label 0)" rows
 
 
 def _value(cell: Any) -> float:

@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("name", help="registered model name")
         if name != "rollback":
             q.add_argument("version")
+            q.add_argument(
+                "--force",
+                action="store_true",
+                help="even a synthesis model above evaluation.memorization.max_copy_rate",
+            )
         if name == "canary":
             q.add_argument("--percent", type=float, required=True, help="share in (0, 100]")
         q.add_argument("--alias", default="production")
@@ -80,17 +85,30 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.memorization import check_promotion
     from meddiff.tracking.aliases import promote
 
-    before = promote(args.name, args.version, args.alias, _tracking(args))
+    cfg = config_from_args(args)
+    memorization = check_promotion(args.name, args.version, cfg, force=args.force)
+    if memorization:
+        print(memorization)
+    before = promote(args.name, args.version, args.alias, cfg.tracking)
     print(f"models:/{args.name}@{args.alias}: {before or 'unset'} -> {args.version}")
     return 0
 
 
 def _canary(args: argparse.Namespace) -> int:
+    from meddiff.evaluation.memorization import check_promotion
     from meddiff.tracking.aliases import set_canary
 
-    current = set_canary(args.name, args.version, args.percent, args.alias, _tracking(args))
+    # A canary serves the candidate to real clients, so it passes the same memorization check.
+    cfg = config_from_args(args)
+    memorization = check_promotion(
+        args.name, args.version, cfg, force=args.force, action="given a canary"
+    )
+    if memorization:
+        print(memorization)
+    current = set_canary(args.name, args.version, args.percent, args.alias, cfg.tracking)
     print(
         f"models:/{args.name}@{args.alias}: canary {args.percent:g}% to version {args.version} "
         f"(the alias stays at {current}; X-Model-Version says which answered)"

@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the commands that made the data and the model (recorded as provenance)",
     )  # fmt: skip
     ship.add_argument("--source", help="where the pairs' images came from (recorded)")
+    ship.add_argument(
+        "--audit", type=Path, metavar="FIDELITY_JSON",
+        help="`meddiff eval fidelity` JSON of this model's samples: its memorization audit (copy "
+        "rate) is recorded in the provenance and on the registered version",
+    )  # fmt: skip
+    ship.add_argument("--audit-set", metavar="NAME", help="the set in --audit (when several)")
     add_config_arguments(ship)
     ship.set_defaults(handler=_ship)
 
@@ -111,6 +117,13 @@ def _ship(args: argparse.Namespace) -> int:
     from meddiff.tracking.runs import configure
 
     configure(config_from_args(args).tracking)  # the training run's store, for its code version
-    record = ship(args.run, args.pairs, args.out, args.made_by, source=args.source)
+    audit = None
+    if args.audit is not None:
+        from meddiff.evaluation.memorization import read_audit
+
+        audit = read_audit(args.audit, args.audit_set)
+    record = ship(
+        args.run, args.pairs, args.out, args.made_by, source=args.source, memorization=audit
+    )
     print(json.dumps(record, indent=2))
     return 0

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from meddiff.config import Config
-from meddiff.errors import ModelError
+from meddiff.errors import DataError, ModelError
 from meddiff.tracking import shipped as common
 
 FORMAT = "meddiff-synthesis-provenance/1"
@@ -64,15 +64,23 @@ def pairs_digest(pairs: str | Path) -> str:
 
 
 def ship(
-    run: str | Path, pairs: str | Path, out: str | Path, command: str, source: str | None = None
+    run: str | Path,
+    pairs: str | Path,
+    out: str | Path,
+    command: str,
+    source: str | None = None,
+    memorization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the model of training run folder ``run`` (``meddiff synth train --out``) to ``out``
     with ``provenance.json``; ``pairs`` is the shard directory it trained on, ``source`` (free
-    text) where their images came from.
+    text) where their images came from; ``memorization`` the memorization audit of its samples
+    (:func:`meddiff.evaluation.memorization.read_audit`), recorded as ``memorization`` (and as
+    model-version tags when registered).
 
     Raises:
         ModelError: ``run`` has no finished model (``summary.json`` and a loadable ``model/``).
-        DataError: ``pairs`` is not a complete shard directory.
+        DataError: ``pairs`` is not a complete shard directory; the audit judged another
+            model's samples.
     """
     from meddiff.data import shards
     from meddiff.synthesis import components as C
@@ -86,6 +94,7 @@ def ship(
     if not (model / PROMPTS_FILE).is_file():
         raise ModelError(f"{model}: no {PROMPTS_FILE} (the prompts the model was trained on)")
     summary = json.loads(summary_file.read_text())
+    _check_audit(memorization, model)
     manifest = shards.read_manifest(pairs)
     tags, params = common.run_record(summary.get("mlflow_run_id"))
     record = {
@@ -111,6 +120,8 @@ def ship(
         "code_version": tags.get("meddiff.code_version"),
         "mlflow_run_id": summary.get("mlflow_run_id"),
     }
+    if memorization is not None:
+        record["memorization"] = memorization
     pipe = C.load_pipeline(model)  # ModelError when a component is missing or broken
 
     def write(folder: Path) -> None:
@@ -120,6 +131,18 @@ def ship(
 
     common.write_shipped(out, write, record)
     return record
+
+
+def _check_audit(audit: dict[str, Any] | None, model: Path) -> None:
+    """An audit of samples from a model folder must be of this one (a registry version cannot
+    be told apart here: it is recorded as given)."""
+    judged = (audit or {}).get("model")
+    if (
+        judged
+        and not str(judged).startswith("models:/")
+        and Path(judged).resolve() != model.resolve()
+    ):
+        raise DataError(f"{audit['audit']}: the audit judged samples of {judged}, not of {model}")
 
 
 def provenance(model_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:

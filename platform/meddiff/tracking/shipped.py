@@ -98,6 +98,10 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
     for key, value in record.get("data", {}).items():
         if not isinstance(value, dict | list):
             tags[f"provenance.data_{key}"] = str(value)
+    if record.get("memorization"):  # a synthesis model's audit, for `serve promote`'s check
+        from meddiff.evaluation.memorization import version_tags as audit_tags
+
+        tags.update(audit_tags(record["memorization"]))
     return tags
 
 
