@@ -19,16 +19,20 @@ split of ``meddiff data sample-pcam``, all of it, as the reference):
   latents decoded by the same VAE.
 
 Columns: ``FID`` against the reference with the TF-FID Inception-v3
-(``meddiff.weights.weight_file("inception-tf-fid")``: patches resized bilinearly to 299 px,
-values 0..255; Fréchet distance of the 2048-d pool features, :func:`meddiff.evaluation.metrics.fd`);
+(``meddiff.weights.weight_file("inception-tf-fid")`` with the TF FID graph's preprocessing:
+TF-1 bilinear resize to 299 px, (x − 128) / 128; Fréchet distance of the 2048-d pool features,
+:func:`meddiff.evaluation.metrics.fd`);
 ``FID vs recon`` (generated only): the generated set against the VAE reconstructions, i.e. how far
 the diffusion model is from what its VAE can show; ``lap var`` and ``HF power``: the mean
 variance of the Laplacian of the grey image (``skimage.filters.laplace``) and the mean share of
-spectral power above 1/4 cycle per pixel (half of Nyquist), each as a ratio to the held-out real
-patches (1.0 = as sharp as real); ``PSNR``/``SSIM`` (``skimage.metrics``, data range 255, colour)
+spectral power above 1/8 cycle per pixel (periods under 8 px: nucleus edges and membranes; a
+32-px grid shown at 96 px still holds up to 1/6), each as a ratio to the held-out real patches
+(1.0 = as sharp as real; the Laplacian weighs the finest pixel-scale detail most); ``PSNR``/``SSIM`` (``skimage.metrics``, data range 255, colour)
 of each reconstruction against its original.
 
-It writes ``OUT/<model>-arms.png`` (rows: real, grid only, VAE recon, generated) and ``OUT/table.md``.
+It writes ``OUT/<model>-arms.png`` (rows: real, grid only, VAE recon, generated), ``OUT/table.md``
+and ``OUT/table.json``; Inception features are kept in ``OUT/features/`` by image content, so a
+second run with another model only computes that model's.
 """
 
 from __future__ import annotations
@@ -41,12 +45,31 @@ from pathlib import Path
 import numpy as np
 
 
+def cached_features(images: np.ndarray, cache: Path) -> np.ndarray:
+    """:func:`inception_features`, kept in ``cache`` under the SHA-256 of the images' bytes (a
+    rerun with another model reuses the real patches' and the first model's features)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    path = cache / f"inception-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    feats = inception_features(images)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, feats)
+    return feats
+
+
 def inception_features(images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """uint8 (n, H, W, 3) → TF-FID Inception-v3 pool features float64 (n, 2048)."""
+    """uint8 (n, H, W, 3) → TF-FID Inception-v3 pool features float64 (n, 2048).
+
+    The TorchScript file is the network only; the TF FID graph's preprocessing is done here, as
+    meddiff's evaluation does it: TensorFlow 1's bilinear resize to 299 px (output pixel j reads
+    input coordinate j·H/299, no half-pixel centres) and (x − 128) / 128.
+    """
     import warnings
 
     import torch
-    import torch.nn.functional as F
 
     from meddiff.weights import weight_file
 
@@ -57,9 +80,22 @@ def inception_features(images: np.ndarray, batch: int = 32) -> np.ndarray:
     with torch.inference_mode():
         for lo in range(0, len(images), batch):
             x = torch.from_numpy(images[lo : lo + batch]).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(net(x).double().numpy())
+            out.append(net((_resize_tf(x, 299) - 128.0) / 128.0).double().numpy())
     return np.concatenate(out)
+
+
+def _resize_tf(x, size: int):
+    """TF 1's ``resize_bilinear`` (align_corners=False) of float (n, C, H, W) to ``size``."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    # affine_grid puts output pixel j at (2j + 1)/size − 1; shifted to input pixel j·w/size.
+    theta[:, 0, 2], theta[:, 1, 2] = 1 / w - 1 / size, 1 / h - 1 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grey(images: np.ndarray) -> np.ndarray:
@@ -74,7 +110,7 @@ def laplacian_variance(images: np.ndarray) -> float:
     return float(np.mean([laplace(g).var() for g in grey(images)]))
 
 
-def high_frequency_share(images: np.ndarray, cutoff: float = 0.25) -> float:
+def high_frequency_share(images: np.ndarray, cutoff: float = 0.125) -> float:
     """Mean over images of the share of spectral power (DC excluded) above ``cutoff``
     cycles/pixel (0.5 is Nyquist)."""
     g = grey(images)
@@ -195,9 +231,10 @@ def main() -> None:
     t0 = time.perf_counter()
     reference, held_out = load_real(args.real)
     held_out = held_out[: args.n]
-    ref_feats = inception_features(reference)
+    cache = args.out / "features"
+    ref_feats = cached_features(reference, cache)
     real_lap, real_hf = laplacian_variance(held_out), high_frequency_share(held_out)
-    rows = [_row("real held-out", held_out, ref_feats, real_lap, real_hf)]
+    rows = [_row("real held-out", held_out, ref_feats, real_lap, real_hf, cache)]
     for spec in args.model:
         name, _, path = spec.partition("=")
         pipe = C.load_pipeline(path)
@@ -211,7 +248,7 @@ def main() -> None:
         save_arms(args.out / f"{name}-arms.png", arms)
         feats = {}
         for arm, imgs in list(arms.items())[1:]:
-            row = _row(f"{name}: {arm}", imgs, ref_feats, real_lap, real_hf)
+            row = _row(f"{name}: {arm}", imgs, ref_feats, real_lap, real_hf, cache)
             feats[arm] = row.pop("_feats")
             if arm != "generated":
                 row["psnr"], row["ssim"] = psnr_ssim(imgs, held_out)
@@ -226,10 +263,10 @@ def main() -> None:
     (args.out / "table.json").write_text(json.dumps(rows, indent=2))
 
 
-def _row(name: str, images, ref_feats, real_lap: float, real_hf: float) -> dict:
+def _row(name: str, images, ref_feats, real_lap: float, real_hf: float, cache: Path) -> dict:
     from meddiff.evaluation.metrics import fd
 
-    feats = inception_features(images)
+    feats = cached_features(images, cache)
     return {
         "arm": name,
         "fid": fd(ref_feats, feats),
