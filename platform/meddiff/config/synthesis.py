@@ -60,7 +60,7 @@ class ArchConfig(Section):
         "warm-up VAE reconstructs blur where nuclei and membranes were.",
     )
     vae_perceptual_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the perceptual term against the pixel MSE."
+        default=0.5, ge=0, description="Weight of the perceptual term against the pixel MSE."
     )
     vae_warmup_crop: int | None = Field(
         default=None,

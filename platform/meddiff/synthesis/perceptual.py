@@ -17,10 +17,10 @@ summed over channels; the stages are added with equal weight. The paper reports 
 unweighted deep-feature distances already agree with human judgements far better than pixel
 metrics, across trunks (AlexNet, VGG, SqueezeNet).
 
-Why EfficientNet-Lite0 rather than the VGG16 trunk also available (``hed-vgg16``): up to its
-stride-16 stage it costs about 0.1 GFLOP per 96-px patch against ~3.4 GFLOP for VGG16 up to
-conv3_3, and the loss runs on the CPU in every tiny-preset run; ``benchmarks/
-synth_vae_perceptual.py`` measures what each buys for the VAE (docs/synthesis.md).
+Why EfficientNet-Lite0 rather than the VGG16 trunk also available (``hed-vgg16``), the usual
+perceptual-loss trunk: up to its stride-16 stage it costs 0.13 GFLOP per 96-px patch (torch's FLOP
+counter) against 3.4 GFLOP for VGG16 up to conv3_3, and the term runs on the CPU in every
+tiny-preset run. What it buys the VAE is measured in docs/synthesis.md (The shipped model).
 """
 
 from __future__ import annotations
