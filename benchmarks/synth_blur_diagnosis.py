@@ -44,14 +44,19 @@ from pathlib import Path
 
 import numpy as np
 
+# Part of the cache key: features made with other preprocessing are never reused.
+PREPROCESSING = "tf1-bilinear-299_x-128_div128"
+
 
 def cached_features(images: np.ndarray, cache: Path) -> np.ndarray:
-    """:func:`inception_features`, kept in ``cache`` under the SHA-256 of the images' bytes (a
-    rerun with another model reuses the real patches' and the first model's features)."""
+    """:func:`inception_features`, kept in ``cache`` under the SHA-256 of the images' bytes and
+    :data:`PREPROCESSING` (a rerun with another model reuses the real patches' and the first
+    model's features)."""
     import hashlib
 
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-    path = cache / f"inception-{digest}.npy"
+    h = hashlib.sha256(PREPROCESSING.encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    path = cache / f"inception-{h.hexdigest()[:16]}.npy"
     if path.is_file():
         return np.load(path)
     feats = inception_features(images)
