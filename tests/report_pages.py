@@ -29,7 +29,7 @@ def thor_inputs(n: int = 6, size: int = 32) -> dict[str, Any]:
     for i in range(n - 2):  # the last two slices are lesion-free
         masks[i, 4 : 8 + 3 * i, 4 : 8 + 3 * i] = True
     metrics = {
-        "pixel": {"auprc": 0.4321, "auroc": 0.9012, "best_dice": 0.3456},
+        "pixel": {"auprc": 0.4321, "chance_auprc": 0.0234, "auroc": 0.9012, "best_dice": 0.3456},
         "image_auroc": 0.777,
         "strata": {
             s: {"auprc": 0.1 * (k + 1), "best_dice": 0.05}

@@ -98,10 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             index_output(args, words, time.time() - start, start)
         return rc
     except Exception as err:
-        user_error = find_user_error(err)
+        from meddiff.storage import explain_error, name_uris
+
+        user_error = find_user_error(err) or explain_error(err)
         if user_error is None:
             raise
-        print(f"meddiff: error: {user_message(user_error)}", file=sys.stderr)
+
+        print(f"meddiff: error: {name_uris(user_message(user_error))}", file=sys.stderr)
         return 2
     finally:
         _set_command(None)
@@ -119,13 +122,15 @@ def _set_command(words: list[str] | None) -> None:
 
 def index_output(args: argparse.Namespace, words: list[str], seconds: float, start: float) -> None:
     """Give the job's ``--out`` folder an ``index.html`` linking its pages, unless the job wrote
-    its own there (the demo's lists every step)."""
+    its own there (the demo's lists every step) or one meddiff did not write is there; the
+    output's completion marker then lists it too."""
     out = getattr(args, "out", None)
     if not isinstance(out, Path) or not out.is_dir():
         return
     own = out / "index.html"
-    if own.is_file() and own.stat().st_mtime >= start:
+    if own.is_file() and (own.stat().st_mtime >= start or not _made_by_meddiff(own)):
         return
+    from meddiff import storage
     from meddiff.reports import index_folder
 
     lead = []  # the subcommand words, before the first option
@@ -135,6 +140,13 @@ def index_output(args: argparse.Namespace, words: list[str], seconds: float, sta
         lead.append(w)
     job = " ".join(["meddiff", *lead[:3]])
     index_folder(out, job, seconds=seconds, figures=_summary_figures(out))
+    storage.record_files(out, [own.name])
+
+
+def _made_by_meddiff(page: Path) -> bool:
+    """Whether ``page`` is one of meddiff's pages (the report kit names itself the generator)."""
+    with open(page, "rb") as f:
+        return b'<meta name="generator" content="meddiff' in f.read(4096)
 
 
 def _summary_figures(out: Path) -> dict[str, float]:

@@ -363,6 +363,19 @@ STEPS: list[tuple[str, Callable[[Demo], dict[str, Any]]]] = [
 ]
 
 
+def _check_demo_folder(out: Path) -> None:
+    """``--fresh`` deletes the demo's folder: refused for a folder the demo did not make (the
+    demo writes ``index.html`` after its first step), so nobody's data goes with it."""
+    from meddiff.errors import DataError
+
+    made = (out / "index.html").is_file() or (out / "summary.json").is_file()
+    if any(out.iterdir()) and not made:
+        raise DataError(
+            f"{out} is not a meddiff demo folder (no index.html or summary.json): --fresh "
+            "deletes only a demo's own folder; choose another --out"
+        )
+
+
 def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
     """Run every step under one parent MLflow run; returns the step summaries."""
     import mlflow
@@ -373,6 +386,7 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
 
     out = Path(out)
     if fresh and out.exists():
+        _check_demo_folder(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(cfg, out)

@@ -19,13 +19,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from meddiff.config import RuntimeConfig
 from meddiff.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # RAY_ADDRESS as it was before connect() exported one; restored by shutdown().
 _UNSET = object()
@@ -60,7 +62,7 @@ def connect(cfg: RuntimeConfig) -> None:
 
 
 def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
-    """Start a local Ray, retrying with exponential backoff (2 s, 4 s, ... 30 s) for up to
+    """Start a local Ray (without Ray's metrics exporter), retrying with exponential backoff (2 s, 4 s, ... 30 s) for up to
     ``cfg.start_timeout_s``: on a loaded machine Ray's raylet can miss its fixed 30 s startup
     bound. Processes a failed try left behind are stopped before the next (by PID).
 
@@ -87,6 +89,10 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
                     include_dashboard=False,
                     log_to_driver=True,
                     runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+                    # Ray's metrics exporter listens on every interface without auth, and
+                    # nothing scrapes an embedded Ray (no dashboard): it is not started. The
+                    # services' own metrics are on a port of their own (docs/serving.md).
+                    _system_config={"enable_metrics_collection": False},
                 )
             return
         except Exception as err:  # Ray raises bare Exception on a startup timeout
@@ -251,6 +257,11 @@ def _configure_data(cfg: RuntimeConfig) -> None:
     # keep their type (a DataError naming the bad file) instead of a generic UserCodeException.
     ctx.max_errored_blocks = 0
     ctx.raise_original_map_exception = True
+    # Ray Data retries an object-store error up to 10 times per file operation with up to 32 s
+    # of back-off, logged at debug level only: a store that stopped answering kept a job
+    # silent for minutes. meddiff's storage layer retries instead, storage.retries times with
+    # a warning per attempt, then stops with one line naming the endpoint.
+    ctx.retried_io_errors = []
     if cfg.data_memory_mb:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(
@@ -271,3 +282,23 @@ def shutdown() -> None:
         else:
             os.environ["RAY_ADDRESS"] = str(_saved_address)
         _saved_address = _UNSET
+
+
+def progress(
+    items: Iterable[T], *, total: int | None, desc: str, show: bool, unit: str = "batches"
+) -> Iterator[T]:
+    """``items`` with a progress bar (``show``, i.e. ``runtime.progress``: on a terminal), else
+    with one log line when the stage starts and one when it ends (count, seconds, rate), so a
+    log file gets two lines instead of one per redraw."""
+    if show:
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        return
+    log.info("%s: started (%s %s)", desc, "?" if total is None else total, unit)
+    start, count = time.perf_counter(), 0
+    for item in items:
+        yield item
+        count += 1
+    seconds = time.perf_counter() - start
+    log.info("%s: %d %s in %.1f s (%.2f/s)", desc, count, unit, seconds, count / max(seconds, 1e-9))

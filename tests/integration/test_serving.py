@@ -90,14 +90,14 @@ def service(tmp_path_factory, mlflow_store):
     model_dep["user_config"].update(
         model=f"models:/{NAME}@production", refresh_s=1, max_batch_size=4
     )
-    model_dep.pop("autoscaling_config")
+    model_dep.pop("autoscaling_config", None)
     model_dep.update(num_replicas=1, max_ongoing_requests=4, max_queued_requests=4)
     sd_app = data["applications"][1]
     sd_app["args"] = {"preset": "tiny", "set": [*SD_PLAN, f"tracking.uri={mlflow_store}"],
                       "token_file": str(root / "token"), "max_images": 4}  # fmt: skip
     sd_dep = sd_app["deployments"][0]
     sd_dep["user_config"].update(model=f"models:/{SD_NAME}@production")
-    sd_dep.pop("autoscaling_config")
+    sd_dep.pop("autoscaling_config", None)
     sd_dep.update(num_replicas=1)
     data["applications"] = [app, sd_app]
     data["http_options"]["port"] = free_port()
@@ -134,7 +134,9 @@ def ask(service, name: str, seed: int | None = None, timeout: float = 120):
 def check_equals_detect(service, name: str, out: dict) -> None:
     want = read_png(service["detect"] / "maps" / name)
     got = decode_png(base64.b64decode(out["anomaly_map_png"]))
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    # Batched here or there: at most one 16-bit step in a few pixels (docs/serving.md, "Seeds").
+    diff = np.abs(got - want)
+    assert diff.max() <= 1.0001 / 65535 and np.mean(diff > 1e-7) < 0.01
     scores = (service["detect"] / "scores.csv").read_text().splitlines()
     row = next(r for r in scores if r.startswith(name + ","))
     assert out["score"] == pytest.approx(float(row.split(",")[1]), rel=1e-5)
@@ -285,7 +287,7 @@ def test_synthesis_bad_input(service):
     url, auth = service["sd_url"] + "/v1/synthesis", service["auth"]
     assert requests.post(url, json={"prompt": "x"}, timeout=30).status_code == 401
     r = requests.post(url, json={"prompt": PROMPTS[0].prompt, "n": 5}, headers=auth, timeout=30)
-    assert r.status_code == 422 and "n: 5" in r.json()["detail"]
+    assert r.status_code == 422 and "n: over" in r.json()["detail"]
     r = requests.post(url, json={"prompt": "word " * 40}, headers=auth, timeout=30)
     assert r.status_code == 422 and "tokens" in r.json()["detail"]
     r = requests.post(url, json={"label": 1, "cluster": 9}, headers=auth, timeout=30)

@@ -10,6 +10,7 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
+from PIL import Image
 
 from meddiff.cli import main
 from meddiff.config.data import MriConfig
@@ -34,6 +35,21 @@ SMALL = [
     "--set", "runtime.progress=false",
 ]  # fmt: skip
 FAST = ["--stride", "50"]
+
+
+def _bomb_png(path, side: int = 100_000):
+    """A PNG whose header claims side x side pixels (far above Pillow's limit); no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +80,7 @@ def test_training_checkpoints_resumes_and_registers(trained):
     info = json.loads((out / "model" / "thor_model.json").read_text())["info"]
     assert info["steps"] == 4
     assert info["intensity"] == {"scaling": "significant_bits", "significant_bits": None}
+    assert info["reference"]["format"] == "meddiff-thor-reference/1"  # the training slices' stats
     client = mlflow.MlflowClient()
     resumed = client.get_metric_history(second["run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [2.0]
@@ -82,11 +99,34 @@ def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_p
     assert sorted(p.name for p in (out / "maps").glob("*.png")) == names
     rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
     assert [r["name"] for r in rows] == names
-    assert all(r["map_kind"] == "residual-only (LPIPS off)" for r in rows)
+    assert all(r["map_kind"] == "residual_x_lpips_vgg16_hed" for r in rows)  # the tiny default
     assert all(float(r["score"]) >= 0 for r in rows)
     summary = json.loads(capsys.readouterr().out)
-    assert summary["residual_only"] is True and summary["forwards_per_image"] == 8
+    assert summary["residual_only"] is False and summary["forwards_per_image"] == 8
     assert summary["intensity"]["read_as"] == {"type: 16-bit / 65535": len(names)}
+    # Held-out slices of the training brain look like the training slices: nothing to say.
+    assert all(r["unlike_training"] == "" for r in rows)
+    assert summary["data_check"]["checked"] is True and summary["data_check"]["warning"] is None
+
+
+def test_detect_warns_when_the_images_look_unlike_the_training_data(
+    trained, brain, tmp_path, capsys, caplog
+):
+    from meddiff.data.images import load_folder
+
+    flipped = tmp_path / "flipped"
+    test = load_folder(brain / "test" / "images")
+    for name, img in zip(test.names, test.images, strict=True):
+        write_png(flipped / name, img[::-1], bits=16)  # upside down
+    with caplog.at_level("WARNING"):
+        rc = main(["thor", "detect", "--model", str(trained[0] / "model"), "--images",
+                   str(flipped), "--out", str(tmp_path / "out"), *FAST, *SMALL])  # fmt: skip
+    assert rc == 0
+    warning = json.loads(capsys.readouterr().out)["data_check"]["warning"]
+    assert "unlike the model's training data" in warning and "upside down" in warning
+    assert "upside down" in caplog.text  # in the log too
+    saved = json.loads((tmp_path / "out" / "detect.json").read_text())
+    assert saved["data_check"]["warning"] == warning
 
 
 def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, capsys):
@@ -101,10 +141,17 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     thor = summary["methods"]["thor"]
     assert thor["metrics"]["images"] == {"lesion": 6, "normal": 2}
     assert 0 <= thor["metrics"]["pixel"]["auprc"] <= 1
+    masks = [np.asarray(Image.open(p)) > 0 for p in sorted((brain / "test" / "masks").glob("*"))]
+    lesion = [m for m in masks if m.any()]
+    chance = sum(m.sum() for m in lesion) / (len(lesion) * 32 * 32)  # the lesion pixel fraction
+    assert thor["metrics"]["pixel"]["chance_auprc"] == pytest.approx(chance)
+    assert thor["plan"]["data_check"]["checked"] is True
     assert thor["plan"]["harmonization_steps"] == [300, 150, 50]
-    assert any("residual-only" in n for n in summary["notes"])
+    assert thor["plan"]["map_kind"] == "residual_x_lpips_vgg16_hed"
+    assert not any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
-    assert "residual-only" in html and html.count("<img") >= 4 * 6
+    assert "residual_x_lpips_vgg16_hed" in html and html.count("<img") >= 4 * 6
+    assert "pixel_auprc_chance" in html
     assert "scaled by data.images.scaling=significant_bits" in html
     assert model in html and "meddiff thor evaluate --model" in html  # what made the page
     assert 'href="report.html"' in (out / "index.html").read_text()
@@ -143,6 +190,17 @@ def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
     err = run("--images", str(images), "--masks", str(masks),
               "--set", "data.images.scaling=percentiles")  # fmt: skip
     assert "trained on images read with" in err and "data.images.scaling=significant_bits" in err
+    # A PNG whose header claims 100 000 x 100 000 pixels, in evaluate's and detect's folders.
+    bombs = tmp_path / "bombs"
+    shutil.copytree(images, bombs)
+    _bomb_png(bombs / "huge.png")
+    err = run("--images", str(bombs), "--masks", str(masks))
+    assert err.count("huge.png: refused as a decompression bomb") == 1 and "Traceback" not in err
+    rc = main(["thor", "detect", "--model", model, "--images", str(bombs),
+               "--out", str(tmp_path / "bomb-out"), *FAST, *SMALL])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("meddiff: error: ")
+    assert "huge.png: refused as a decompression bomb" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -195,3 +195,53 @@ def test_unreachable_server_is_one_line_after_bounded_retries(team, capsys, tmp_
     assert "models:/no-such-model/1" in err
     with urllib.request.urlopen(f"{team['uri']}/health", timeout=10) as resp:
         assert resp.status == 200
+
+
+def test_concurrent_promotions_on_the_server_keep_the_history(team, tmp_path):
+    """Four `meddiff serve promote` processes at once against the team's server (PostgreSQL
+    registry): all four moves are in the alias history, in the order they happened."""
+    import mlflow
+
+    from meddiff.tracking import register_model, start_run
+    from meddiff.tracking.aliases import promote, rollback
+
+    cfg = _cfg(team)
+    (tmp_path / "w.txt").write_text("w")
+    versions = []
+    for _ in range(5):
+        with start_run(cfg, "test-race"):
+            versions.append(register_model(tmp_path, "race-server"))
+    promote("race-server", versions[0], "production", cfg.tracking)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PYTHONPATH"] = str(PLATFORM)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meddiff.cli",
+                "serve",
+                "promote",
+                "race-server",
+                v,
+                "--set",
+                f"tracking.uri={team['uri']}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for v in versions[1:]
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-500:] for _, e in outs]
+    replaced = {}
+    for out, _ in outs:
+        before, after = out.strip().splitlines()[-1].split(": ", 1)[1].split(" -> ")
+        replaced[after] = before
+    tags = mlflow.MlflowClient(team["uri"]).get_registered_model("race-server").tags
+    history = tags["meddiff.alias.production.history"].split(",")
+    assert history[0] == versions[0] and sorted(history[1:]) == sorted(versions[1:])
+    assert [replaced[v] for v in history[1:]] == history[:-1]
+    assert rollback("race-server", "production", cfg.tracking) == (history[-1], history[-2])

@@ -154,24 +154,50 @@ def test_12_bit_png_with_sbit_reads_over_its_own_range(tmp_path):
     np.testing.assert_allclose(read_png(replicated), out, atol=1e-6)
 
 
-def test_12_bit_png_without_sbit_warns_and_the_setting_decides(tmp_path, caplog):
+def test_12_bit_png_without_sbit_reads_over_12_bits_and_says_so(tmp_path, caplog):
     from meddiff.config.data import ImageConfig
     from meddiff.data.images import intensity_summary, png_significant_bits
 
     img = _slice()
     path = _png16(tmp_path / "scan.png", np.round(img * 4095))
     assert png_significant_bits(path) is None
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         summary = intensity_summary([path], ImageConfig())
-    assert "scan.png" in summary["warning"] and "data.images.significant_bits=12" in caplog.text
-    assert read_png(path).mean() == pytest.approx(img.mean() / 16, rel=0.01)  # as the file says
-    twelve = read_png(path, cfg=ImageConfig(significant_bits=12))
-    assert twelve.mean() == pytest.approx(img.mean(), abs=1e-3)
+    assert summary["warning"] is None  # read right, not "nearly black"
+    assert summary["read_as"] == {"no sBIT, values fit in 12 bits: 12-bit / 4095": 1}
+    assert "read as 12-bit" in caplog.text
+    assert read_png(path).mean() == pytest.approx(img.mean(), abs=1e-3)  # not 1/16 of it
+    np.testing.assert_array_equal(
+        read_png(path), read_png(path, cfg=ImageConfig(significant_bits=12))
+    )
+    # The file's own range, as before, when asked for.
+    full = read_png(path, cfg=ImageConfig(significant_bits=16))
+    assert full.mean() == pytest.approx(img.mean() / 16, rel=0.01)
+    with caplog.at_level("WARNING"):
+        assert (
+            "significant_bits=12"
+            in intensity_summary([path], ImageConfig(significant_bits=16))["warning"]
+        )
     observed = read_png(path, cfg=ImageConfig(scaling="observed_range"))
     assert observed.min() == 0 and observed.max() == 1
     pct = read_png(path, cfg=ImageConfig(scaling="percentiles", percentiles=(1, 99)))
     assert pct.max() == 1 and 0.2 < pct.mean() < 0.5
-    assert intensity_summary([path], ImageConfig(significant_bits=12))["warning"] is None
+
+
+def test_a_folder_mixing_12_and_16_bit_values_is_warned_about(tmp_path, caplog):
+    from meddiff.config.data import ImageConfig
+    from meddiff.data.images import intensity_summary
+
+    a = _png16(tmp_path / "a.png", np.round(_slice(0) * 4095))
+    b = _png16(tmp_path / "b.png", np.round(_slice(1) * 65535))
+    assert read_png(b).mean() == pytest.approx(_slice(1).mean(), abs=1e-3)  # 16-bit: as it is
+    with caplog.at_level("WARNING"):
+        summary = intensity_summary([a, b], ImageConfig())
+    assert "1 of 2 sampled 16-bit images" in summary["warning"]
+    assert "data.images.significant_bits" in caplog.text
+    # A dark 16-bit image beyond 12 bits still reads as 16-bit, and warns that it is dark.
+    dark = _png16(tmp_path / "dark.png", np.round(_slice() / 0.6 * 6000))  # max 6000
+    assert "reads nearly black" in intensity_summary([dark], ImageConfig())["warning"]
 
 
 def test_explicit_scaling_wins_over_sbit_and_a_wrong_sbit_is_named(tmp_path):
@@ -227,6 +253,30 @@ def test_detection_refuses_to_read_images_unlike_training(tmp_path):
         "tiny", overrides=["thor.infer.lpips=off", "data.images.significant_bits=12"]
     )
     assert plan_for(same, str(out))["image_size"] == 16
+
+
+def _bomb_png(path, side: int = 100_000):
+    """A PNG whose header claims side × side pixels (far above Pillow's limit); no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+def test_a_decompression_bomb_header_is_refused_naming_the_file(tmp_path):
+    write_png(tmp_path / "a.png", np.zeros((8, 8)))
+    bomb = _bomb_png(tmp_path / "huge.png")
+    for read in (lambda: check_headers(list_pngs(tmp_path), 8), lambda: read_png(bomb)):
+        with pytest.raises(DataError, match=r"huge\.png: refused as a decompression bomb"):
+            read()
 
 
 def test_rgba_png_error_is_said_once(tmp_path):

@@ -164,3 +164,42 @@ def test_implausible_voxel_sizes_are_named_and_the_setting_wins(tmp_path):
     # A plausible header is overridden too: the explicit setting wins.
     save(vol, np.diag([2.0, 2, 2, 1]), tmp_path / "v.nii")
     assert read_volume(tmp_path / "v.nii", voxel_size=(2, 6, 2))[1] == pytest.approx((2, 6, 2))
+
+
+# --- MRI as scanners write it: background noise, a single slice -------------------------------
+
+
+def test_background_noise_is_not_sliced_or_normalised_as_head(tmp_path, caplog):
+    """The MNI152 brain as a scanner's int16 magnitude image: Rician noise everywhere (the air
+    around the head included). Sliced without a mask it gives the clean volume's slices at the
+    clean volume's intensity, and says most of the volume is background."""
+    from meddiff.data.brain import mni152
+
+    vol, _ = mni152()
+    clean = np.round(vol / vol.max() * 1000).astype(np.int16)
+    rng = np.random.default_rng(0)
+    sigma = 20.0  # 2 % of the brightest tissue, a typical 3 T background
+    noisy = np.abs(clean + rng.normal(0, sigma, vol.shape) + 1j * rng.normal(0, sigma, vol.shape))
+    save(clean, np.eye(4), tmp_path / "clean.nii.gz")
+    save(np.round(noisy).astype(np.int16), np.eye(4), tmp_path / "noisy.nii.gz")
+    cfg = MriConfig(image_size=32)
+    expected = volume_to_slices(tmp_path / "clean.nii.gz", cfg)
+    with caplog.at_level("WARNING"):
+        got = volume_to_slices(tmp_path / "noisy.nii.gz", cfg)
+    assert len(expected.z) == 121  # the clean brain's slices (the template's own mask gives 121)
+    assert abs(len(got.z) - len(expected.z)) <= 1  # not 189: the noise-only slices are dropped
+    assert got.images.mean() == pytest.approx(expected.images.mean(), rel=0.05)  # not halved
+    assert "noisy.nii.gz" in caplog.text and "background" in caplog.text
+    assert "clean.nii.gz" not in caplog.text
+
+
+def test_a_single_slice_volume_is_refused_for_training(tmp_path):
+    from meddiff.thor.data import check_slice_count
+
+    one = ras_phantom()[:, :, 15:16]
+    save(one, np.eye(4), tmp_path / "one.nii.gz")
+    slices = volume_to_slices(tmp_path / "one.nii.gz", MriConfig(image_size=32))
+    assert len(slices.images) == 1
+    with pytest.raises(DataError, match=r"1 slice, fewer than thor\.train\.min_images=16.*4096"):
+        check_slice_count(len(slices.images), 4096, 16)
+    check_slice_count(16, 4096, 16)  # at the minimum: fine

@@ -137,7 +137,9 @@ def test_thor_report_shows_metrics_images_and_notes(tmp_path: Path):
     assert "residual-only" in page.words
     assert page.cells[:3] == ["method", "schedule", "map"]
     thor_row = page.cells[page.cells.index("thor") :]
-    assert thor_row[3:7] == ["0.432", "0.901", "0.346", "0.777"] and "12.500" in thor_row
+    # Pixel AUPRC, then its chance level (the lesion pixel fraction), AUROC, Dice, image AUROC.
+    assert thor_row[3:8] == ["0.432", "0.023", "0.901", "0.346", "0.777"] and "12.500" in thor_row
+    assert "pixel_auprc_chance" in page.cells and "share of lesion pixels" in page.words
     # Per method one row of 4 pictures per example; slices are 32 px, shown at 64 px.
     shown = pick_examples(P.thor_inputs()["masks"], 6)
     assert len(shown) == 5 and len(page.imgs) == 2 * len(shown) * 4

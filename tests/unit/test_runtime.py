@@ -125,3 +125,34 @@ def test_reachable_address_passes():
         s.bind(("127.0.0.1", 0))
         s.listen()
         runtime.check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}", attempts=1)
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:  # pragma: no cover - nothing is printed here
+        return len(text)
+
+
+@pytest.mark.parametrize(("stdout", "stderr", "bars"), [(True, True, True), (False, True, False)])
+def test_progress_bars_default_to_a_terminal_only(monkeypatch, stdout, stderr, bars):
+    monkeypatch.setattr("sys.stdout", _Stream(stdout))
+    monkeypatch.setattr("sys.stderr", _Stream(stderr))
+    assert RuntimeConfig().progress is bars
+    assert RuntimeConfig(progress=True).progress is True  # an explicit setting wins
+    assert RuntimeConfig(progress=False).progress is False
+
+
+def test_progress_off_a_terminal_logs_a_line_at_start_and_end(capsys, caplog):
+    caplog.set_level("INFO", logger="meddiff.runtime")
+    items = list(runtime.progress(range(7), total=7, desc="encode", show=False))
+    assert items == list(range(7))
+    lines = [r.getMessage() for r in caplog.records if r.name == "meddiff.runtime"]
+    assert lines[0] == "encode: started (7 batches)"
+    assert lines[1].startswith("encode: 7 batches in ") and len(lines) == 2
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err

@@ -43,11 +43,11 @@ def test_misspelt_deployment_key_is_named_with_suggestion(tmp_path):
 
 def test_nested_and_top_level_keys_are_checked(tmp_path):
     data = tiny()
-    data["applications"][0]["deployments"][0]["autoscaling_config"]["max_replica"] = 3
+    data["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpu"] = 3
     data["http_option"] = {}
     with pytest.raises(ConfigError) as err:
         check_config(write(tmp_path, data), resolve_models=False)
-    assert "autoscaling_config.max_replica: unknown key" in str(err.value)
+    assert "ray_actor_options.num_cpu: unknown key" in str(err.value)
     assert "http_option: unknown key" in str(err.value)
 
 
@@ -71,3 +71,18 @@ def test_unknown_builder_is_refused(tmp_path):
     data["applications"][0]["import_path"] = "mymod:app"
     with pytest.raises(ConfigError, match="import_path 'mymod:app'"):
         check_config(write(tmp_path, data), resolve_models=False)
+
+
+def test_tiny_config_fits_two_cores():
+    """Every replica serve/tiny.yaml can ask for (at its maximum scale) fits a 2-CPU machine
+    without a GPU; tests/integration/test_serving_ops.py deploys it to RUNNING."""
+    cpus = gpus = 0.0
+    for app in tiny()["applications"]:
+        for dep in app["deployments"]:
+            scale = dep.get("autoscaling_config", {}).get(
+                "max_replicas", dep.get("num_replicas", 1)
+            )
+            opts = dep.get("ray_actor_options", {})
+            cpus += scale * opts.get("num_cpus", 1)
+            gpus += scale * opts.get("num_gpus", 0)
+    assert cpus <= 2 and gpus == 0, (cpus, gpus)

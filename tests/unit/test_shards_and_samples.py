@@ -54,3 +54,34 @@ def test_sample_pcam_is_real_tissue_with_content_labels(tmp_path: Path):
     np.testing.assert_array_equal(
         pcam.read_rows(pcam.open_pcam(again, "train"), 0, 64)["image"], rows["image"]
     )
+
+
+@pytest.mark.parametrize("scheme", ["local", "s3"])
+def test_an_emptied_or_missing_shard_file_is_a_one_line_error(tmp_path, bucket, scheme):
+    """A complete shard folder whose Parquet file was emptied afterwards: readers (and ``data
+    inspect``'s check) name the file (its URI on an object store) instead of a traceback."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = bucket / "shards" if scheme == "s3" else tmp_path / "shards"
+    path = "s3://bkt/shards" if scheme == "s3" else root
+    root.mkdir()
+    batch = shards.encode_batch({"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.arange(3)})
+    for name in ("meddiff-a-0.parquet", "meddiff-a-1.parquet"):
+        pq.write_table(pa.table({k: list(v) for k, v in batch.items()}), root / name)
+    manifest = shards._describe(path, ["meddiff-a-0.parquet", "meddiff-a-1.parquet"], {}, 0.0)
+    (root / shards.MANIFEST).write_text(json.dumps(manifest))
+    assert len(shards.load_shards(path)["label"]) == 6
+    (root / "meddiff-a-1.parquet").write_bytes(b"")
+    want = rf"^{path}/meddiff-a-1\.parquet: 0 bytes, _meddiff_shards\.json says \d+"
+    with pytest.raises(DataError, match=want):
+        shards.check_files(path, shards.read_manifest(path))
+    with pytest.raises(DataError, match=want):
+        shards.load_shards(path)
+    with pytest.raises(DataError, match=rf"^{path}/meddiff-a-1\.parquet: not a readable Parquet"):
+        shards.read_file(path, "meddiff-a-1.parquet")
+    (root / "meddiff-a-1.parquet").unlink()
+    with pytest.raises(DataError, match="listed in _meddiff_shards.json but missing"):
+        shards.check_files(path, shards.read_manifest(path))

@@ -321,7 +321,8 @@ def test_an_upload_keeps_what_the_job_wrote_to_the_bucket_itself(bucket, tmp_pat
     rest (an old model) and writes the completion marker last."""
     (bucket / "run" / "ray" / "train").mkdir(parents=True)
     (bucket / "run" / "ray" / "train" / "ckpt.pt").write_bytes(b"state")
-    (bucket / "run" / "old-model.bin").write_bytes(b"old")
+    (bucket / "run" / "old-model.bin").write_bytes(b"old")  # an earlier upload's, listed:
+    (bucket / "run" / storage.COMPLETE).write_text(json.dumps({"files": ["old-model.bin"]}))
     with storage.local_output("s3://bkt/run", keep=("ray",)) as out:
         (out / "model.bin").write_bytes(b"new")
     assert storage.list_files("s3://bkt/run") == [
@@ -340,3 +341,191 @@ def test_append_line_adds_to_a_file_or_an_object(bucket, tmp_path):
         storage.append_line(path, "one")
         storage.append_line(path, "two")
         assert storage.read_text(path) == "one\ntwo\n"
+
+
+def test_only_the_storage_package_asks_whether_a_path_is_remote():
+    """Jobs, Ray workers and the training core take locations and paths: no module outside
+    ``meddiff.storage`` branches on ``is_uri`` (it did in 17 files, 26 times)."""
+    root = Path(__file__).resolve().parents[2]
+    package = root / "platform" / "meddiff" / "storage"
+    sources = [*(root / "platform").rglob("*.py"), *(root / "jobs").rglob("*.py")]
+    found = [
+        f"{p.relative_to(root)}:{n}"
+        for p in sources
+        if not p.is_relative_to(package)
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "is_uri(" in line
+    ]
+    assert sources and not found, found
+
+
+def _write(root: Path, *names: str) -> None:
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_text(n)
+
+
+@pytest.mark.parametrize("scheme", ["local", "s3"])
+def test_an_existing_output_is_refused_and_overwrite_replaces_only_meddiffs_files(
+    bucket, tmp_path, scheme
+):
+    """The rule on every scheme: an earlier output is refused without --overwrite (one line
+    naming it and the flag); --overwrite removes the files its marker lists, never a foreign
+    one; a foreign file the new output would replace stops the job before anything changes."""
+    root = bucket / "out" if scheme == "s3" else tmp_path / "out"
+    out = "s3://bkt/out" if scheme == "s3" else root
+    with storage.OutputLocation.open(out) as loc:
+        _write(loc.staging, "report.html", "maps/a.png", "maps/b.png")
+    listed = json.loads((root / storage.COMPLETE).read_text())["files"]
+    assert listed == ["maps/a.png", "maps/b.png", "report.html"]
+    _write(root, "notes.txt", "maps/mine.png")  # the user's own files beside the output
+
+    with pytest.raises(DataError) as err:
+        storage.OutputLocation.open(out).__enter__()
+    assert str(err.value).startswith(f"{out} already exists") and "--overwrite" in str(err.value)
+    assert "meddiff did not write, e.g. maps/mine.png" in str(err.value)
+
+    with storage.OutputLocation.open(out, overwrite=True) as loc:
+        _write(loc.staging, "report.html", "maps/c.png")
+    assert storage.list_files(out) == sorted(
+        [storage.COMPLETE, "maps/c.png", "maps/mine.png", "notes.txt", "report.html"]
+    )
+    assert (root / "notes.txt").read_text() == "notes.txt"
+    assert json.loads((root / storage.COMPLETE).read_text())["files"] == [
+        "maps/c.png",
+        "report.html",
+    ]
+
+    clash = pytest.raises(DataError, match=r"notes\.txt was not written by meddiff")
+    with clash, storage.OutputLocation.open(out, overwrite=True) as loc:
+        _write(loc.staging, "notes.txt")
+    assert (root / "notes.txt").read_text() == "notes.txt"  # the user's file, untouched
+
+
+def test_bucket_roots_and_objects_are_not_outputs(bucket):
+    (bucket / "file.bin").write_bytes(b"x")
+    for uri in ("s3://bkt", "s3://bkt/"):
+        with pytest.raises(DataError, match=r"^s3://bkt: a bucket or container root"):
+            storage.OutputLocation.open(uri, overwrite=True).__enter__()
+    with pytest.raises(DataError, match=r"^s3://bkt/file\.bin is a file \(an object\)"):
+        storage.OutputLocation.open("s3://bkt/file.bin", overwrite=True).__enter__()
+    assert (bucket / "file.bin").read_bytes() == b"x"
+
+
+def test_a_failed_local_job_leaves_nothing_and_a_killed_ones_files_are_known(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), storage.OutputLocation.open(out) as loc:
+        _write(loc.staging, "half.png")
+        raise RuntimeError("job failed")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # A job killed mid-way (no exception, no commit) leaves its files and its claim beside
+    # them; the next run replaces them without --overwrite, and nothing else.
+    loc = storage.OutputLocation.prepare(out)
+    _write(out, "half.png")
+    assert Path(f"{out}.meddiff-pending.json").is_file()
+    _write(tmp_path, "sibling.txt")
+    with storage.OutputLocation.open(out) as loc:
+        assert not (out / "half.png").exists()
+        _write(loc.staging, "full.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sibling.txt"]
+    assert storage.list_files(out) == [storage.COMPLETE, "full.png"]
+
+
+def test_resumable_outputs_keep_their_checkpoints_and_fresh_removes_only_meddiffs(bucket):
+    """A training location resumes there (no refusal); --fresh (start_over) removes what
+    meddiff wrote, checkpoints included, and leaves a foreign file."""
+    _write(bucket, "run/ray/train/ckpt.pt", "run/README.txt")
+    with storage.OutputLocation.open("s3://bkt/run", keep=("ray",), resume=True) as loc:
+        _write(loc.staging, "model/w.bin")
+    record = json.loads((bucket / "run" / storage.COMPLETE).read_text())
+    assert record == {"files": ["model/w.bin"], "folders": ["ray"]}
+    with storage.OutputLocation.open("s3://bkt/run", keep=("ray",), resume=True) as loc:
+        loc.start_over()
+        assert storage.list_files("s3://bkt/run") == ["README.txt"]
+        _write(loc.staging, "model/w.bin")
+    assert storage.list_files("s3://bkt/run") == sorted(
+        [storage.COMPLETE, "README.txt", "model/w.bin"]
+    )
+
+
+def test_shard_leftovers_are_meddiffs_by_name(bucket):
+    """A write interrupted before its manifest leaves files named meddiff-<token>-...: the
+    next write replaces them without --overwrite; a foreign Parquet file stays."""
+    token = storage.write_token()
+    _write(bucket, f"shards/{token}abc_000000-0.parquet", "shards/theirs.parquet")
+    with pytest.raises(DataError, match="already exists"):
+        storage.OutputLocation.open("s3://bkt/shards").__enter__()
+    (bucket / "shards" / "theirs.parquet").unlink()
+    loc = storage.OutputLocation.prepare("s3://bkt/shards", marker=None)
+    loc.clear()
+    assert storage.list_files("s3://bkt/shards") == []
+
+
+# Every printable ASCII character but the separator: S3 allows each in a key (some only with
+# the URL-encoding its clients do, which is why keys must never be URL-parsed here).
+KEY_CHARS = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "/"]
+
+
+def test_keys_are_keys_on_a_filesystem_bucket(bucket, tmp_path):
+    """``#``, ``?``, ``%``, spaces and every other printable character stay in the key: write,
+    read, list, upload, download and delete round-trip (``urlparse`` cut ``#``/``?``)."""
+    assert (
+        storage.filesystem_path("s3://bkt/scan#7/run?x=1/100%/a b") == "bkt/scan#7/run?x=1/100%/a b"
+    )
+    assert storage.filesystem_path("abfs://c@acct.dfs.core.windows.net/a#b") == "c/a#b"
+    assert storage.is_uri("s3://bkt/a#b") and not storage.is_uri("s3:/bkt/a")
+    base = "s3://bkt/scan#7/run?x=1/100% done"
+    names = [f"f{c}x.txt" for c in KEY_CHARS]
+    for n in names:
+        storage.write_text(f"{base}/{n}", n)
+    assert storage.list_files(base) == sorted(names)
+    assert all(storage.read_text(f"{base}/{n}") == n for n in names)
+    src = tmp_path / "src"
+    for n in names:
+        _write(src, n)
+    assert storage.upload_dir(src, f"{base}/up") == sorted(names)
+    got = storage.download_dir(f"{base}/up", tmp_path / "down")
+    assert sorted(p.name for p in got.iterdir()) == sorted(names)
+    assert storage.local_input(f"{base}/up/f#x.txt").read_text() == "f#x.txt"
+    storage.write_text("s3://bkt/run#1/x", "one")
+    storage.write_text("s3://bkt/run#2/x", "two")
+    assert (bucket / "run#1" / "x").read_text() == "one" and storage.read_text(
+        "s3://bkt/run#2/x"
+    ) == "two"
+    with storage.OutputLocation.open(base, overwrite=True) as loc:
+        _write(loc.staging, "new?.txt")
+    assert storage.list_files(base) == sorted([storage.COMPLETE, "new?.txt", *names])
+    storage.delete_files(base, names)
+    assert storage.list_files(base) == [storage.COMPLETE, "new?.txt"]
+
+
+def test_errors_about_an_object_name_its_uri_not_the_local_copy(
+    bucket, tmp_path, capsys, monkeypatch
+):
+    """``data inspect`` of a corrupt slide object: the slide library reads meddiff's local copy,
+    and the one-line error names the object."""
+    from meddiff.cli import main
+
+    monkeypatch.setenv("MEDDIFF_CACHE", str(tmp_path / "cache"))
+    (bucket / "slides").mkdir()
+    (bucket / "slides" / "case#1.svs").write_bytes(b"not a slide at all")
+    assert main(["data", "inspect", "s3://bkt/slides/case#1.svs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meddiff: error: ") and "cache" not in err, err
+    assert "s3://bkt/slides/case#1.svs is not a TIFF whole-slide image" in err
+
+
+def test_demo_fresh_and_ship_never_delete_a_folder_meddiff_did_not_make(tmp_path):
+    from meddiff.config import load_config
+    from meddiff.demo import run_demo
+    from meddiff.tracking.shipped import write_shipped
+
+    _write(tmp_path / "mine", "thesis.tex")
+    with pytest.raises(DataError, match="not a meddiff demo folder"):
+        run_demo(load_config("tiny"), tmp_path / "mine", fresh=True)
+    with pytest.raises(DataError, match="not a shipped model folder"):
+        write_shipped(tmp_path / "mine", lambda d: (d / "w.bin").write_bytes(b"w"), {})
+    assert storage.list_files(tmp_path / "mine") == ["thesis.tex"]
+    write_shipped(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"w"), {})
+    write_shipped(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"v"), {})  # re-ship
+    assert (tmp_path / "model" / "w.bin").read_bytes() == b"v"

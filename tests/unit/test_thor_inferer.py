@@ -177,7 +177,7 @@ def test_baselines_report_residual_maps_and_no_harmonization():
 def test_lpips_switched_off_in_config_gives_residual_only_plan_and_maps():
     from meddiff.config import load_config
 
-    assert load_config("tiny").thor.infer.lpips == "off"  # no weights can be had on the tiny path
+    assert load_config("tiny").thor.infer.lpips == "vgg16-hed"  # the trunk that installs offline
     inferer = ThorInferer.from_config(SCHEDULE, InferConfig(lpips="off"), SimplexConfig())
     assert inferer.perceptual is None and inferer.residual_only
     plan = inferer.describe()

@@ -95,6 +95,19 @@ def test_box_protocol_threshold_hits_and_false_regions():
     assert is_box_mask(masks[0]) and not is_box_mask(ell)
 
 
+def test_pixel_auprc_comes_with_its_chance_level():
+    """A map that knows nothing scores the lesion pixel fraction, which is reported beside it."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 64, 64), dtype=bool)
+    masks[:, 20:28, 30:40] = True  # 80 of 4096 pixels: 1.95 %
+    maps = rng.random(masks.shape)
+    out = evaluate_maps(maps, masks, maps.mean(axis=(1, 2)), ThorEvalConfig())
+    assert out["pixel"]["chance_auprc"] == pytest.approx(80 / 4096)
+    assert out["pixel"]["auprc"] == pytest.approx(80 / 4096, abs=0.003)
+    assert summary_row(out)["pixel_auprc_chance"] == pytest.approx(80 / 4096)
+    assert out["strata"]["medium"]["chance_auprc"] == pytest.approx(80 / 4096)
+
+
 def test_lpips_off_random_and_local_weights(tmp_path):
     import torchvision
 

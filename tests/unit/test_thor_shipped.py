@@ -19,6 +19,7 @@ from meddiff.thor.shipped import (
     provenance,
     register_shipped,
     ship,
+    training_reference,
 )
 from meddiff.thor.unet import DiffusionUNet
 
@@ -46,6 +47,10 @@ def test_ship_copies_the_model_with_its_provenance(tmp_path):
     out = tmp_path / "shipped"
     assert (out / WEIGHTS_FILE).is_file()  # safetensors, not a pickle
     assert provenance(out) == record
+    # A run from before models recorded their training slices' statistics gets them from its data.
+    info = load_model(out).info
+    assert info["reference"] == training_reference(data / "train", None)
+    assert info["reference"]["images"] == 3 and info["steps"] == 7
     assert record["training"]["steps"] == 7 and record["data"]["slices"] == 3
     assert record["data"]["sha256"] == data_digest(data / "train")
     x, t = torch.randn(1, 1, 16, 16), torch.tensor([3])
@@ -101,3 +106,6 @@ def test_the_bundled_model_loads_and_says_how_it_was_made(tmp_path):
     # The training data it records is what `sample-brain --preset tiny` writes here, byte for byte.
     sample_brain(tmp_path / "brain", cfg.data.mri, seed=record["data"]["seed"])
     assert data_digest(tmp_path / "brain" / "train") == record["data"]["sha256"]
+    # Its training-image statistics (detection compares images with them) are those slices'.
+    reference = training_reference(tmp_path / "brain" / "train", model.info.get("intensity"))
+    assert model.info["reference"] == json.loads(json.dumps(reference))

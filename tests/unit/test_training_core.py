@@ -279,3 +279,45 @@ def test_a_checkpoint_of_another_architecture_is_a_model_error(process_group, tm
                           grad_clip=None)  # fmt: skip
     with pytest.raises(ModelError, match="does not fit this model"):
         strat.load(tmp_path / "ddp-fp32")
+
+
+def _sized_checkpoint(run_dir, step, t, size=100):
+    d = _write_checkpoint(run_dir, step, t, {})
+    (d / "trainer_state.pt").write_bytes(b"x" * size)
+    record = {"step": step, "sizes": {"trainer_state.pt": size}}
+    (d / "meddiff_rank0.json").write_text(json.dumps(record))
+    return d
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, caplog):
+    """A file truncated after it was stored would fail every restart's load (and the advised
+    rerun): its checkpoint is skipped with a warning, the previous one is resumed from."""
+    import logging
+
+    t = load_config("tiny").thor.train
+    two, four = _sized_checkpoint(tmp_path, 2, t), _sized_checkpoint(tmp_path, 4, t)
+    assert latest_checkpoint(tmp_path) == four
+    (four / "trainer_state.pt").write_bytes(b"x" * 10)
+    with caplog.at_level(logging.WARNING, logger="meddiff.training.checkpoints"):
+        assert latest_checkpoint(tmp_path) == two
+        kw = dict(section="thor.train", model_section="thor.model", world=1, precision="fp32",
+                  fresh="rerun with --fresh")  # fmt: skip
+        assert check_resume(tmp_path, t, model_config={}, **kw) == two
+    assert f"{four} is damaged (trainer_state.pt is 10 bytes, rank 0 stored 100 bytes)" in (
+        caplog.text
+    )
+    (two / "trainer_state.pt").unlink()
+    assert latest_checkpoint(tmp_path) is None  # nothing good left: a fresh start
+
+
+def test_a_finished_run_is_complete_and_more_steps_go_on(tmp_path):
+    from meddiff.training import finished_run
+
+    t = load_config("tiny").thor.train
+    summary = tmp_path / "train_summary.json"
+    _sized_checkpoint(tmp_path / "ray", 4, t)
+    assert finished_run(summary, tmp_path / "ray", 4) is None  # no summary: not finished
+    summary.write_text(json.dumps({"steps": 4, "registered": "models:/m/1"}))
+    done = finished_run(summary, tmp_path / "ray", 4)
+    assert done == {"steps": 4, "registered": "models:/m/1", "already_complete": True}
+    assert finished_run(summary, tmp_path / "ray", 6) is None  # more steps: train on

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import sys
+
+from pydantic import Field, field_validator
 
 from meddiff.config.base import Section
+
+
+def on_terminal() -> bool:
+    """Whether both stdout and stderr are terminals (progress bars are for people watching, not
+    for `> log`, CI or `ray job submit` logs, where each redraw becomes a line)."""
+    return all(getattr(s, "isatty", lambda: False)() for s in (sys.stdout, sys.stderr))
 
 
 class RuntimeConfig(Section):
@@ -37,7 +45,18 @@ class RuntimeConfig(Section):
         "loaded machine before giving up with a one-line error. Ray's own bound per try is 30 s.",
     )
     seed: int = Field(default=0, description="Seed for sampling, shuffles and initialisation.")
-    progress: bool = Field(default=True, description="Show progress bars on long work.")
+    progress: bool | None = Field(
+        default=None,
+        validate_default=True,
+        description="Progress bars on long work: true, false, or null (the default) for bars on "
+        "a terminal only; off a terminal each stage logs one line at its start and end instead.",
+    )
+
+    @field_validator("progress", mode="after")
+    @classmethod
+    def _resolve_progress(cls, value: bool | None) -> bool:
+        # Resolved where the config is loaded (the driver): workers receive the decision.
+        return on_terminal() if value is None else value
 
 
 class TrackingConfig(Section):

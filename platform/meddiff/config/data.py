@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meddiff.config.base import Section
+from meddiff.config.dicom import DicomConfig
 
 
 class PCamConfig(Section):
@@ -129,10 +130,11 @@ class ImageConfig(Section):
     ``scaling``:
 
     - ``significant_bits`` (default): value / (2**b - 1), where b is ``significant_bits`` when set
-      (an explicit setting wins over the file), else the PNG's sBIT chunk, else the type's depth
-      (8 or 16). Scanners store 12-bit data unscaled in 16-bit PNGs; with sBIT = 12 (or
-      ``significant_bits: 12``) they read over 0..4095, not as near-black. Data left-shifted to
-      the full depth, as the PNG standard asks, are shifted back first.
+      (an explicit setting wins over the file), else the PNG's sBIT chunk, else 12 for a 16-bit
+      PNG whose values all fit in 12 bits (scanners store 12-bit data unscaled in 16-bit PNGs,
+      often without sBIT; read over 0..65535 they would be near-black), else the type's depth
+      (8 or 16). Data left-shifted to the full depth, as the PNG standard asks, are shifted back
+      first.
     - ``type_range``: value / 255 or / 65535, whatever the file says.
     - ``observed_range``: each image's own minimum..maximum to 0..1.
     - ``percentiles``: each image's ``percentiles`` to 0 and 1, clipped.
@@ -146,7 +148,8 @@ class ImageConfig(Section):
         ge=1,
         le=16,
         description="Bits that hold data (e.g. 12 for a 12-bit scanner); wins over the PNG's "
-        "sBIT chunk. null: sBIT when present, else the type's depth.",
+        "sBIT chunk. null: sBIT when present, else 12 for 16-bit values that fit in 12 bits, "
+        "else the type's depth.",
     )
     percentiles: tuple[float, float] = Field(
         default=(0.5, 99.5), description="Per-image window for scaling=percentiles."
@@ -188,6 +191,7 @@ class DataConfig(Section):
     wsi: WsiConfig = WsiConfig()
     mri: MriConfig = MriConfig()
     images: ImageConfig = ImageConfig()
+    dicom: DicomConfig = DicomConfig()
 
 
 TINY: dict = {

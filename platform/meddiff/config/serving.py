@@ -24,8 +24,44 @@ class AppArgs(Section):
     )
     token_file: str | None = Field(
         default=None,
-        description="File holding the bearer token when MEDDIFF_SERVE_TOKEN is not set "
-        "(default ~/.meddiff/serve_token).",
+        description="File holding one plain bearer token, name 'default' (default "
+        "~/.meddiff/serve_token); re-read when it changes.",
+    )
+    credentials_file: str | None = Field(
+        default=None,
+        description="YAML of token name: sha256:<hex> (default "
+        "~/.meddiff/serve_credentials.yaml; `meddiff serve token`); re-read when it changes.",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of the Prometheus metrics server (0.0.0.0: every interface).",
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus metrics server; 0, or a port already taken: a free "
+        "one (logged, and printed by `meddiff serve run`).",
+    )
+    audit_log: str | None = Field(
+        default=None,
+        description="File the audit lines (one JSON line per request) are appended to; they "
+        "always go to the ingress replica's log too.",
+    )
+    ready_timeout_s: float = Field(
+        default=1.0, gt=0, le=30, description="How long /readyz waits for a model replica."
+    )
+    retry_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long the one retry of a request whose model replica died may take "
+        "(else 503 + Retry-After).",
+    )
+    drain_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long `meddiff serve run` lets requests in flight finish "
+        "(new ones get 503 + Retry-After) before it stops the services.",
     )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (else 413)."

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import storage
 from meddiff.config.data import MriConfig
 from meddiff.data.images import write_png
 from meddiff.data.mri import volume_to_slices
@@ -89,7 +90,7 @@ def stratum(
 
 
 def sample_brain(
-    out_dir: str | Path,
+    out_dir: str | Path | storage.OutputLocation,
     cfg: MriConfig = MriConfig(),
     sizes: BrainSampleSizes = BrainSampleSizes(),
     seed: int = 0,
@@ -106,12 +107,22 @@ def sample_brain(
     the same axial levels as the template's test slices.
 
     Raises:
-        DataError: ``out_dir`` exists (and ``overwrite`` is False), sizes leave no data, or the
-            test volume cannot be read (named).
+        DataError: ``out_dir`` holds an output (and ``overwrite`` is False), sizes leave no data,
+            or the test volume cannot be read (named).
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another folder or pass --overwrite")
+    with storage.OutputLocation.use(out_dir, overwrite=overwrite) as loc:
+        return _sample_brain(loc, cfg, sizes, seed, test_volume, test_mask)
+
+
+def _sample_brain(
+    loc: storage.OutputLocation,
+    cfg: MriConfig,
+    sizes: BrainSampleSizes,
+    seed: int,
+    test_volume: str | Path | None,
+    test_mask: str | Path | None,
+) -> dict[str, Any]:
+    out = loc.staging
     if sizes.test_every < 2:
         raise DataError(f"test_every={sizes.test_every}: need at least 2 to keep training slices")
     if sizes.lesion < 1 and sizes.normal < 1:
@@ -203,9 +214,7 @@ def sample_brain(
         },
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    loc.install(tmp)
     return manifest
 
 

@@ -68,6 +68,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(brain)
     brain.set_defaults(handler=_sample_brain)
 
+    volume = cmds.add_parser(
+        "sample-volume",
+        help="write a brain volume with a drawn lesion as NIfTI and as a synthetic DICOM MR "
+        "series (oblique, anisotropic), to try volume detection on",
+    )
+    volume.add_argument("out", type=Path, help="output directory (volume.nii.gz, dicom/, ...)")
+    volume.add_argument(
+        "--voxel-size", type=float, nargs=3, default=(2.5, 3.0, 8.0), metavar=("X", "Y", "Z"),
+        help="voxel edges in mm (default 2.5 3 8)",
+    )  # fmt: skip
+    volume.add_argument("--oblique", type=float, default=15.0, help="rotation in degrees")
+    volume.add_argument(
+        "--lesion-radius", type=float, default=16.0, help="lesion radius in mm (0: no lesion)"
+    )
+    volume.add_argument(
+        "--enhanced", action="store_true", help="one enhanced multi-frame DICOM instance"
+    )
+    volume.set_defaults(handler=_sample_volume)
+
     ingest = cmds.add_parser(
         "ingest",
         help="stream a PCam directory, shard directory, slide or slide directory into Parquet "
@@ -146,18 +165,28 @@ def _sample_brain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_volume(args: argparse.Namespace) -> int:
+    from meddiff.data.volume_samples import sample_volume
+
+    manifest = sample_volume(
+        args.out, tuple(args.voxel_size), args.oblique, args.lesion_radius, args.enhanced
+    )
+    print(json.dumps({"out": str(args.out), **manifest}, indent=2))
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
+    from meddiff import storage
     from meddiff.cli import config_from_args
     from meddiff.data.ingest import ingest
 
-    manifest = ingest(
-        config_from_args(args),
-        args.input,
-        args.out,
-        split=args.split,
-        limit=args.limit,
-        overwrite=args.overwrite,
-    )
+    cfg = config_from_args(args)
+    # Opened before any work: a missing bucket, refused credentials or an existing --out fail
+    # now. The shard manifest is the output's marker.
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite, marker=None) as loc:
+        manifest = ingest(
+            cfg, args.input, loc, split=args.split, limit=args.limit, overwrite=args.overwrite
+        )
     print(
         json.dumps({"out": str(args.out), "rows": manifest["rows"], "labels": manifest["labels"]})
     )
@@ -173,16 +202,18 @@ def _inspect(args: argparse.Namespace) -> int:
     wsi_cfg = config_from_args(args).data.wsi
     if shards.is_shard_dir(args.path):
         summary = shards.read_manifest(args.path)
-    elif not storage.is_uri(args.path) and wsi.is_slide_input(args.path, wsi_cfg):
-        summary = {
-            str(p): wsi.plan_slide(p, wsi_cfg).summary()
-            for p in wsi.slide_files(args.path, wsi_cfg)
-        }
-    elif storage.is_dir(args.path) and pcam.available_splits(args.path):
+        shards.check_files(args.path, summary)  # the rows are there only if the files are
+    elif pcam.available_splits(args.path):
         summary = {}
         for split in pcam.available_splits(args.path):
             opened = pcam.open_pcam(args.path, split, patch_size=None)
             summary[split] = {"rows": opened.num_rows, "patch_size": opened.patch_size}
+    elif storage.is_vouched(args.path) and wsi.is_slide_input(
+        local := storage.local_input(args.path), wsi_cfg
+    ):
+        summary = {
+            str(p): wsi.plan_slide(p, wsi_cfg).summary() for p in wsi.slide_files(local, wsi_cfg)
+        }
     else:
         raise DataError(f"{args.path}: not a PCam directory, a meddiff shard directory nor a slide")
     print(json.dumps(summary, indent=2))

@@ -30,40 +30,38 @@ def patch_dataset(
     path: str | Path, cfg: DataConfig, split: str = "train", limit: int | None = None
 ) -> ray.data.Dataset:
     """A dataset of patch batches from a PCam directory (its ``split``), a shard directory, a
-    whole-slide image or a directory of slides (``split`` does not apply to the last three)."""
-    if storage.is_uri(path):
-        # Object storage: shard and PCam prefixes are read in place, by Ray tasks on any node.
-        # Slides need a local file (OpenSlide/tiffslide seek at random): one slide object is
-        # fetched once per node (storage.cached_file), a slide folder must be a complete upload.
-        if shards.is_shard_dir(path):
-            ds = shards.read_shards(path)
-            return ds.limit(limit) if limit else ds
-        if pcam.available_splits(path):
-            return pcam_dataset(path, split, cfg, limit=limit)
-        if storage.is_complete(path) or (
-            storage.is_file(path) and Path(str(path)).suffix.lower() in wsi.slide_suffixes(cfg.wsi)
-        ):
-            return patch_dataset(storage.local_input(path), cfg, split=split, limit=limit)
-        if not storage.exists(path):
-            raise DataError(f"input {path} does not exist")
-        raise DataError(
-            f"{path}: neither a PCam prefix (camelyonpatch_level_2_split_*_x.h5), a complete "
-            f"meddiff shard prefix ({shards.MANIFEST}), a slide object "
-            f"({', '.join(cfg.wsi.extensions)}) nor a complete upload ({storage.COMPLETE})"
-        )
-    path = Path(path)
+    whole-slide image or a directory of slides (``split`` does not apply to the last three).
+
+    Shard and PCam folders (local, or object-store prefixes) are read in place, by Ray tasks on
+    any node. Slides need a local file (OpenSlide/tiffslide seek at random): one slide object is
+    fetched once per node (:func:`meddiff.storage.local_input`), a slide folder in object
+    storage must be a complete upload.
+    """
     if shards.is_shard_dir(path):
         ds = shards.read_shards(path)
         return ds.limit(limit) if limit else ds
-    if path.is_dir() and pcam.available_splits(path):
+    if pcam.available_splits(path):
         return pcam_dataset(path, split, cfg, limit=limit)
-    if not path.exists():
+    if not storage.exists(path):
         raise DataError(f"input {path} does not exist")
-    if wsi.is_slide_input(path, cfg.wsi):
-        return slide_dataset(path, cfg, limit=limit)
-    raise DataError(
-        f"{path}: not a PCam directory (camelyonpatch_level_2_split_*_x.h5), a meddiff shard "
-        f"directory, a whole-slide image nor a directory of slides ({', '.join(cfg.wsi.extensions)})"
+    if storage.is_vouched(path):
+        local = storage.local_input(path)
+        if wsi.is_slide_input(local, cfg.wsi):
+            return slide_dataset(local, cfg, limit=limit)
+    raise DataError(f"{path}: {_not_an_input(storage.noun(path), cfg)}")
+
+
+def _not_an_input(kind: str, cfg: DataConfig) -> str:
+    slides = ", ".join(cfg.wsi.extensions)
+    if kind == "prefix":
+        return (
+            f"neither a PCam prefix (camelyonpatch_level_2_split_*_x.h5), a complete meddiff "
+            f"shard prefix ({shards.MANIFEST}), a slide object ({slides}) nor a complete upload "
+            f"({storage.COMPLETE})"
+        )
+    return (
+        "not a PCam directory (camelyonpatch_level_2_split_*_x.h5), a meddiff shard "
+        f"directory, a whole-slide image nor a directory of slides ({slides})"
     )
 
 

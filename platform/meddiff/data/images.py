@@ -4,8 +4,9 @@ The format (README, section Data; docs/thor.md), kept exact because other tools 
 
 - an image folder holds ``*.png`` files, 8- or 16-bit grayscale, one image each; intensities are
   read as floats in [0, 1] as ``data.images`` says (:class:`meddiff.config.data.ImageConfig`):
-  by default divided by 2**b - 1 for b significant bits (the PNG's sBIT chunk, else 8 or 16), so
-  12-bit scanner data stored in 16-bit PNGs read over their own range;
+  by default divided by 2**b - 1 for b significant bits (the PNG's sBIT chunk; else 12 for a
+  16-bit PNG whose values all fit in 12 bits; else 8 or 16), so 12-bit scanner data stored in
+  16-bit PNGs read over their own range;
 - a mask folder holds PNGs with the same file names and sizes; a non-zero pixel is anomalous.
 
 Hidden files (``.DS_Store``, ...) are ignored; anything else that is not a PNG is an error, as are
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 # (how some writers store 16-bit data).
 _GRAY_MODES = {"1", "L", "I;16", "I;16B", "I;16L", "I;16N", "I"}
 _CHANNELS = {"LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "LAB": 3, "HSV": 3, "PA": 2}
+# CT and MR scanners store 12 bits per pixel (DICOM BitsStored 12, the usual value), and 16-bit
+# PNGs exported from them keep the values unscaled: a 16-bit PNG without sBIT whose values all fit
+# in 12 bits is read as 12-bit (a 16-bit image using only 1/16 of its range would read near-black
+# anyway). How each image was read is in the outputs; a folder that mixes the two is warned about.
+SCANNER_BITS = 12
+INFERRED = f"no sBIT, values fit in {SCANNER_BITS} bits"
 
 
 def list_pngs(folder: str | Path, what: str = "image") -> list[Path]:
@@ -145,13 +152,15 @@ def _significant(
     else:
         sbit = png_significant_bits(path, data)
         bits, source = (sbit, "sBIT") if sbit is not None else (depth, "type")
+        if sbit is None and depth == 16 and int(values.max(initial=0)) <= 2**SCANNER_BITS - 1:
+            bits, source = SCANNER_BITS, INFERRED
         if not 1 <= bits <= depth:
             raise DataError(
                 f"{path}: its sBIT chunk declares {bits} significant bits in a {depth}-bit image; "
                 "override it with --set data.images.significant_bits=N or "
                 "data.images.scaling=type_range"
             )
-    if bits < depth:
+    if bits < depth and source != INFERRED:  # inferred: the values are unscaled by definition
         shift = depth - bits
         if _left_shifted(values, bits, shift):
             # Stored as the PNG standard asks: scaled up to the full depth. Undo the shift.
@@ -218,6 +227,16 @@ def intensity_summary(files: Sequence[Path], cfg: ImageConfig, sample: int = 16)
         _, scaling = read_scaled(files[i], cfg)
         read_as[scaling.how] = read_as.get(scaling.how, 0) + 1
         warning = warning or scaling.warning
+    inferred = sum(n for how, n in read_as.items() if how.startswith(INFERRED))
+    if inferred and inferred < sum(read_as.values()):
+        warning = warning or (
+            f"{Path(files[0]).parent}: {inferred} of {len(picks)} sampled 16-bit images without "
+            f"sBIT have values that fit in {SCANNER_BITS} bits and were read as {SCANNER_BITS}-"
+            "bit, the others were not: set data.images.significant_bits (12 or 16) so all are "
+            "read alike"
+        )
+    elif inferred:
+        log.info("%s: read as %d-bit (%s)", Path(files[0]).parent, SCANNER_BITS, INFERRED)
     if warning:
         log.warning("%s", warning)
     return {**cfg.reading(), "read_as": read_as, "warning": warning}
@@ -236,6 +255,16 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
             f"{shape[1]}x{shape[0]}; a mask must match its image"
         )
     return arr != 0
+
+
+def _reason(err: Exception) -> str:
+    """Why Pillow could not read an image, without the object repr Pillow puts in the message of
+    an in-memory file ("cannot identify image file <_io.BytesIO object at 0x…>")."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow can identify"
+    return str(err)
 
 
 def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
@@ -261,7 +290,9 @@ def png_header(path: str | Path, what: str = "image") -> tuple[int, int]:
     except DataError:
         raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable PNG ({err})") from None
+        raise DataError(f"{path}: not a readable PNG ({_reason(err)})") from None
+    except Image.DecompressionBombError as err:  # Pillow checks the header's size on open
+        raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
 
 
 def check_headers(
@@ -317,7 +348,7 @@ def _read_gray(path: Path, what: str, data: bytes | None = None) -> np.ndarray:
     except DataError:
         raise  # already names the file; a DataError is a ValueError, so not caught below
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable PNG ({err})") from None
+        raise DataError(f"{path}: not a readable PNG ({_reason(err)})") from None
     except Image.DecompressionBombError as err:
         raise DataError(f"{path}: refused as a decompression bomb ({err})") from None
     if arr.ndim != 2:
@@ -384,7 +415,7 @@ def decode_png(
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"{name}: not a readable PNG ({err})") from None
+            raise DataError(f"{name}: not a readable PNG ({_reason(err)})") from None
         except Image.DecompressionBombError as err:
             raise DataError(f"{name}: refused as a decompression bomb ({err})") from None
         if (h, w) != (size, size):

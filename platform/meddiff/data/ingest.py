@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meddiff import runtime, tracking
+from meddiff import runtime, storage, tracking
 from meddiff.config import Config
 from meddiff.data.datasets import patch_dataset
 from meddiff.data.shards import write_shards
@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 def ingest(
     cfg: Config,
     source: str | Path,
-    out: str | Path,
+    out: str | Path | storage.OutputLocation,
     *,
     split: str = "train",
     limit: int | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write ``source`` (PCam directory or shard directory) as shards under ``out``.
+    """Write ``source`` (PCam directory or shard directory) as shards under ``out`` (a path or
+    the command's :class:`~meddiff.storage.OutputLocation`).
 
     Returns the shard manifest (rows, files, label counts, ...), which is also logged.
     """

@@ -6,8 +6,11 @@ Steps, each a function so tools and tests can use them alone:
    (voxel axes: +x toward patient Right, +y Anterior, +z Superior), whatever the file's own axes;
    keep the voxel sizes (mm) from the header, or from ``data.mri.voxel_size`` when set (an
    explicit setting wins over the header; sizes outside what scanners produce are refused).
-2. ``brain_mask``: a given mask volume (non-zero = brain), else voxels above a threshold (for
-   skull-stripped scans such as the MNI152 template).
+2. ``brain_mask``: a given mask volume (non-zero = brain), else the head found by
+   ``foreground`` (Otsu's threshold, the largest connected component, holes filled; then the
+   voxels above the background's noise connected to it), so the noise around a scanner's head
+   is neither sliced nor counted in the intensity window; a warning when most of the voxels
+   above ``brain_threshold`` are such background.
 3. ``normalize_intensity``: robust window from percentiles of the brain voxels (1st and 99th by
    default) mapped to [0, 1], clipped; voxels outside the brain are 0. One window per volume, so
    slices of a volume stay comparable.
@@ -22,6 +25,7 @@ Steps, each a function so tools and tests can use them alone:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,8 @@ import numpy as np
 from meddiff.config.data import MriConfig
 from meddiff.errors import DataError
 
+log = logging.getLogger(__name__)
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Voxel edges scanners produce, in mm: micro-CT/MRI reach about 0.01 mm, thick clinical slices
 # about 10 mm. Outside, the header is wrong (zeros, or units lost), not the scan.
@@ -37,6 +43,11 @@ PLAUSIBLE_VOXEL_MM = (0.005, 30.0)
 # Relative difference of the in-plane voxel sizes below which a volume counts as isotropic.
 ANISOTROPY_TOLERANCE = 0.01
 _TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
+# Voxels between the head and the background sample used to measure the noise level (partial
+# volume at the head's edge is neither).
+BACKGROUND_GAP = 3
+# Warn when more than this share of the voxels above data.mri.brain_threshold is background.
+BACKGROUND_WARNING = 0.5
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -136,12 +147,60 @@ def _space_unit(img) -> str:
 def brain_mask(
     volume: np.ndarray, mask: np.ndarray | None = None, threshold: float = 0.0
 ) -> np.ndarray:
-    """Boolean brain mask (X, Y, Z): ``mask != 0`` if given, else ``volume > threshold``."""
+    """Boolean brain mask (X, Y, Z): ``mask != 0`` if given, else :func:`foreground`."""
     if mask is not None:
         if mask.shape != volume.shape:
             raise DataError(f"brain mask has shape {mask.shape} but the volume has {volume.shape}")
         return mask != 0
-    return volume > threshold
+    return foreground(volume, threshold)
+
+
+def foreground(volume: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """The head of a volume without a mask (X, Y, Z) → bool (X, Y, Z): voxels above
+    ``threshold`` and above the background's noise, connected to the head.
+
+    Scanners' magnitude images carry noise in the air around the head (Rician, a few per cent of
+    tissue intensity), so "above 0" is the whole volume there. The head: voxels above Otsu's
+    threshold (skimage) of the volume, its largest connected component, holes filled (scipy).
+    The noise level: the 99.9th percentile of the voxels more than :data:`BACKGROUND_GAP` voxels
+    from the head (0 for a skull-stripped volume, whose background is exactly 0). The mask: the
+    voxels above max(``threshold``, noise level) in connected components that touch the head
+    (hysteresis, so dark tissue at the head's edge, such as CSF below Otsu's threshold, stays).
+    On a clean skull-stripped volume this is ``volume > threshold`` less stray islands.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    if not (volume > threshold).any():
+        return np.zeros(volume.shape, dtype=bool)
+    head = _largest_component(volume > threshold_otsu(volume))
+    head = ndimage.binary_fill_holes(head)
+    near = ndimage.binary_dilation(head, iterations=BACKGROUND_GAP)
+    outside = volume[~near]
+    noise = float(np.percentile(outside, 99.9)) if outside.size else threshold
+    above = volume > max(threshold, noise)
+    labels, _ = ndimage.label(above)
+    touching = np.unique(labels[head & above])
+    return np.isin(labels, touching[touching > 0])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def background_share(volume: np.ndarray, brain: np.ndarray, threshold: float = 0.0) -> float:
+    """The share of the voxels above ``threshold`` that lie outside ``brain`` (0 when none is
+    above it): background that "above the threshold" alone would have taken for the head."""
+    above = volume > threshold
+    n = int(above.sum())
+    return float((above & ~brain).sum() / n) if n else 0.0
 
 
 def normalize_intensity(
@@ -235,6 +294,10 @@ class MriSlices:
     images: np.ndarray  # float32 (N, S, S) in [0, 1]
     brain: np.ndarray  # bool (N, S, S)
     z: np.ndarray  # int64 (N,) index of each slice along the canonical superior axis
+    # How the slices were cut, so maps can be put back (meddiff.data.volumes): the square box
+    # (row0, col0, side) in the in-plane-isotropic slices, whose (rows, cols) is ``plane``.
+    box: tuple[int, int, int] = (0, 0, 0)
+    plane: tuple[int, int] = (0, 0)
 
 
 def volume_to_slices(
@@ -271,6 +334,15 @@ def volume_to_slices(
                 f"{mask_path}: brain mask has shape {mask.shape} but {path} has {vol.shape}"
             )
     brain = brain_mask(vol, mask, cfg.brain_threshold)
+    if mask is None:
+        share = background_share(vol, brain, cfg.brain_threshold)
+        if share > BACKGROUND_WARNING:
+            log.warning(
+                "%s: %.0f%% of the voxels above data.mri.brain_threshold=%g are background "
+                "(noise around the head), not head; slices are chosen and normalised over the "
+                "head found in it (%d voxels). Give a brain mask volume if that is wrong",
+                path, 100 * share, cfg.brain_threshold, int(brain.sum()),
+            )  # fmt: skip
     norm = normalize_intensity(vol, brain, cfg.percentiles)
     images, brains = axial_slices(norm), axial_slices(brain)
     area = brains.sum(axis=(1, 2))
@@ -283,6 +355,8 @@ def volume_to_slices(
         images=resize_slices(crop_square(images, box), cfg.image_size),
         brain=resize_slices(crop_square(brains, box), cfg.image_size, order=0),
         z=keep.astype(np.int64),
+        box=box,
+        plane=(int(images.shape[1]), int(images.shape[2])),
     )
 
 

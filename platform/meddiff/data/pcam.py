@@ -74,30 +74,12 @@ class PCamSplit:
 
 
 def find_split_files(root: Path | str, split: str) -> tuple[Path | str, Path | str]:
-    """The x and y files of ``split`` under ``root`` (``.h5`` preferred over ``.h5.gz``)."""
+    """The x and y files of ``split`` under ``root`` (``.h5`` preferred over ``.h5.gz``), a
+    local folder or an object-store prefix."""
     if split not in SPLITS:
         raise DataError(f"unknown PCam split '{split}'; expected one of {', '.join(SPLITS)}")
-    if storage.is_uri(root):
-        return _find_remote(str(root), split)
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"PCam directory {root} does not exist")
-    found = []
-    for kind in ("x", "y"):
-        plain = root / pcam_filename(split, kind)
-        gz = plain.with_name(plain.name + ".gz")
-        if plain.is_file():
-            found.append(plain)
-        elif gz.is_file():
-            found.append(gz)
-        else:
-            raise DataError(f"{root}: missing {plain.name} (or {gz.name}) for split '{split}'")
-    return found[0], found[1]
-
-
-def _find_remote(root: str, split: str) -> tuple[str, str]:
     names = set(storage.list_files(root, recursive=False))
-    if not names:
+    if not names and not storage.is_dir(root):
         raise DataError(f"PCam directory {root} does not exist")
     found = []
     for kind in ("x", "y"):
@@ -113,15 +95,10 @@ def _find_remote(root: str, split: str) -> tuple[str, str]:
 
 def available_splits(root: Path | str) -> list[str]:
     """Splits of ``root`` (a directory or an object-store prefix) whose x file exists."""
-    if storage.is_uri(root):
-        names = set(storage.list_files(root, recursive=False))
-        return [s for s in SPLITS if {pcam_filename(s, "x"), pcam_filename(s, "x") + ".gz"} & names]
-    root = Path(root)
-    return [
-        s
-        for s in SPLITS
-        if any((root / (pcam_filename(s, "x") + ext)).is_file() for ext in ("", ".gz"))
-    ]
+    if not storage.is_dir(root):
+        return []
+    names = set(storage.list_files(root, recursive=False))
+    return [s for s in SPLITS if {pcam_filename(s, "x"), pcam_filename(s, "x") + ".gz"} & names]
 
 
 def open_pcam(
@@ -137,11 +114,11 @@ def open_pcam(
     in {0, 1}, and the two lengths agree. Every error names the file and the problem.
     """
     x_src, y_src = find_split_files(root, split)
-    remote: dict[str, Any] = {}
-    if storage.is_uri(root):
-        fs, _ = storage.filesystem(str(root))
-        cache = str(cache_dir) if cache_dir else None
-        remote = {"x_uri": str(x_src), "y_uri": str(y_src), "fs": fs, "cache_dir": cache}
+    # Where Ray read tasks read it: the files and the filesystem that serves them (pickled, with
+    # an object store's endpoint and credentials; each task fetches its node-local copy).
+    fs, _ = storage.filesystem(root)
+    cache = str(cache_dir) if cache_dir else None
+    remote = {"x_uri": str(x_src), "y_uri": str(y_src), "fs": fs, "cache_dir": cache}
     x_path = materialize(storage.cached_file(x_src), cache_dir)
     y_path = materialize(storage.cached_file(y_src), cache_dir)
     with _open_h5(x_path, x_src) as fx, _open_h5(y_path, y_src) as fy:

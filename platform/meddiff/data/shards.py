@@ -19,18 +19,15 @@ last, after the files moved into place, so an interrupted write never looks fini
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from meddiff import storage
 from meddiff.errors import DataError
-from meddiff.files import read_format_json
 
 if TYPE_CHECKING:
     import ray.data
@@ -38,6 +35,7 @@ if TYPE_CHECKING:
 MANIFEST = "_meddiff_shards.json"
 FORMAT = "meddiff-shards/1"
 PROVENANCE = ("source", "index", "level", "x", "y")
+T = TypeVar("T")
 
 
 def provenance(source: str, index: np.ndarray, level=-1, x=-1, y=-1) -> dict[str, np.ndarray]:
@@ -93,35 +91,65 @@ def write_shards(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir``, all or nothing.
+    """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir`` (a path or an
+    :class:`~meddiff.storage.OutputLocation`), all or nothing; returns the manifest.
 
-    Files are written to ``<out_dir>.partial`` and moved into place only when every block is
-    written; the manifest goes in last. Returns the manifest.
+    The Ray workers write the files where every node reaches them: beside a local ``out_dir``
+    (``<out_dir>.partial``, put in place when every block is written), or straight under an
+    object-store prefix (which has no directory rename). The manifest goes in last: until then a
+    reader refuses the output as incomplete. The files are named ``meddiff-<token>-...``, so the
+    leftovers of an interrupted write are told from anything else there; a rewrite removes the
+    old manifest (first) and the files it lists, never a file meddiff did not write.
 
     Raises:
-        DataError: ``out_dir`` already holds shards and ``overwrite`` is False.
+        DataError: ``out_dir`` already holds an output and ``overwrite`` is False; it is a
+            bucket root or a file.
     """
     info = {**(info or {}), **_producer()}
-    if storage.is_uri(out_dir):
-        return _write_remote(ds, str(out_dir), rows_per_file, info, overwrite)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    start = time.perf_counter()
-    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-    encoded.write_parquet(str(partial), min_rows_per_file=rows_per_file)
-    files = sorted(p.name for p in partial.glob("*.parquet"))
-    if not files:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise DataError(f"nothing to write to {out}: the input produced no patches")
-    manifest = _describe(partial, files, info, time.perf_counter() - start)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with storage.OutputLocation.use(out_dir, overwrite=overwrite, marker=None) as loc:
+        loc.clear()  # what --overwrite replaces, or an interrupted write's leftovers
+        partial = loc.staging.with_name(loc.staging.name + ".partial")
+        where = loc.shared(partial)  # the prefix itself for an object store
+        if where == partial:
+            storage.delete_dir(partial)  # an interrupted local write's leftovers
+        start = time.perf_counter()
+        encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
+        tokens: list[str] = []
+
+        def write() -> str:
+            # A fresh token per attempt: what a failed attempt wrote is told apart, and removed.
+            tokens.append(storage.write_token())
+            fs, inner = storage.filesystem(where)
+            encoded.write_parquet(
+                inner,
+                filesystem=fs,
+                min_rows_per_file=rows_per_file,
+                filename_provider=_Names(tokens[-1]),
+            )
+            return tokens[-1]
+
+        token = storage.retry(str(loc.target), write, only_transient=True)
+        written = storage.list_files(where, recursive=False)
+        files = [n for n in written if n.startswith(token)]
+        storage.delete_files(where, [n for n in written if n.startswith(tuple(tokens[:-1]))])
+        if not files:
+            raise DataError(f"nothing to write to {loc.target}: the input produced no patches")
+        manifest = _describe(where, files, info, time.perf_counter() - start)
+        loc.install(where)
+        storage.write_text(
+            storage.join(loc.shared(loc.staging), MANIFEST), json.dumps(manifest, indent=2)
+        )
     return manifest
+
+
+class _Names:
+    """Ray Data file names for one write: ``<token><write uuid>_<task>-<i>.parquet``."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.token}{write_uuid}_{task_index:06}"
 
 
 def concat_shards(
@@ -165,46 +193,24 @@ def _producer() -> dict[str, str]:
     return {"mlflow_run_id": run.info.run_id} if run else {}
 
 
-def _write_remote(
-    ds: ray.data.Dataset, out: str, rows_per_file: int, info: Mapping[str, Any], overwrite: bool
-) -> dict[str, Any]:
-    """Object storage has no directory rename: write straight under the prefix with Ray Data's
-    native Parquet writer and put the manifest last. Until then a reader refuses the prefix as
-    incomplete; a rewrite deletes the old manifest first, so it never vouches for new files."""
-    if storage.exists(out):
-        if is_shard_dir(out) and not overwrite:
-            raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
-        storage.delete_dir(out)  # leftovers of an interrupted write, or what --overwrite replaces
-    fs, inner = storage.filesystem(out)
-    start = time.perf_counter()
-    encoded = ds.map_batches(encode_batch, batch_format="numpy", zero_copy_batch=True)
-    encoded.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_file)
-    files = [n for n in storage.list_files(out, recursive=False) if n.endswith(".parquet")]
-    if not files:
-        storage.delete_dir(out)
-        raise DataError(f"nothing to write to {out}: the input produced no patches")
-    manifest = _describe(out, files, info, time.perf_counter() - start)
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
-    return manifest
-
-
 def _describe(
     root: Path | str, files: list[str], info: Mapping[str, Any] | None, seconds: float
 ) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     fs, inner = storage.filesystem(root)
+    sizes = storage.file_sizes(root, recursive=False)
     rows = 0
     schema = None
     labels: dict[str, int] = {}
     for name in files:
         path = f"{inner}/{name}"
-        meta = storage.retry(path, lambda p=path: pq.read_metadata(p, filesystem=fs))
+        meta = _parquet(root, name, lambda p=path: pq.read_metadata(p, filesystem=fs))
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
         if "label" in schema.names:
-            table = storage.retry(
-                path, lambda p=path: pq.read_table(p, columns=["label"], filesystem=fs)
+            table = _parquet(
+                root, name, lambda p=path: pq.read_table(p, columns=["label"], filesystem=fs)
             )
             values, counts = np.unique(table["label"], return_counts=True)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
@@ -213,6 +219,7 @@ def _describe(
         "format": FORMAT,
         "rows": rows,
         "files": files,
+        "sizes": {name: sizes[name] for name in files},
         "columns": schema.names if schema is not None else [],
         "labels": dict(sorted(labels.items())),
         "write_seconds": round(seconds, 3),
@@ -221,30 +228,18 @@ def _describe(
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a complete shard directory.
+    """The manifest of a complete shard directory (or object-store prefix).
 
     Raises:
         DataError: not a directory, or no manifest (never written, or the write was interrupted).
     """
-    if storage.is_uri(path):
-        return _read_remote_manifest(str(path))
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"shard directory {root} does not exist")
-    missing = (
-        f"{root} is not a complete meddiff shard directory (no {MANIFEST}; was the write "
-        "interrupted?)"
-    )
-    return read_format_json(root / MANIFEST, FORMAT, DataError, missing)
-
-
-def _read_remote_manifest(uri: str) -> dict[str, Any]:
-    target = storage.join(uri, MANIFEST)
+    kind = storage.noun(path)
+    target = storage.join(path, MANIFEST)
     if not storage.is_file(target):
-        if not storage.is_dir(uri):
-            raise DataError(f"shard prefix {uri} does not exist")
+        if not storage.is_dir(path):
+            raise DataError(f"shard {kind} {path} does not exist")
         raise DataError(
-            f"{uri} is not a complete meddiff shard prefix (no {MANIFEST}; was the write "
+            f"{path} is not a complete meddiff shard {kind} (no {MANIFEST}; was the write "
             "interrupted?)"
         )
     try:
@@ -255,6 +250,49 @@ def _read_remote_manifest(uri: str) -> dict[str, Any]:
     if found != FORMAT:
         raise DataError(f"{target}: format {found!r}, expected {FORMAT!r}")
     return data
+
+
+# The smallest Parquet file: "PAR1", a footer length and "PAR1" again.
+PARQUET_MIN_BYTES = 12
+
+
+def check_files(path: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Every file the manifest of ``path`` lists is there, with the size the manifest recorded
+    (older manifests: at least a Parquet file's): one listing, no file read.
+
+    Raises:
+        DataError: naming the first missing, emptied or replaced file (its URI for a prefix).
+    """
+    found = storage.file_sizes(path, recursive=False)
+    sizes = manifest.get("sizes") or {}
+    for name in manifest["files"]:
+        got, want = found.get(name), sizes.get(name)
+        where = storage.join(path, name)
+        if got is None:
+            raise DataError(
+                f"{where}: listed in {MANIFEST} but missing (deleted after the write?); "
+                "write the shards again"
+            )
+        if (want is not None and got != want) or got < PARQUET_MIN_BYTES:
+            expected = f"{MANIFEST} says {want}" if want is not None else "not a Parquet file"
+            raise DataError(
+                f"{where}: {got} bytes, {expected} (emptied or replaced after the write?); "
+                "write the shards again"
+            )
+
+
+def _parquet(path: str | Path, name: str, read: Callable[[], T]) -> T:
+    """``read()`` of the Parquet file ``name`` under ``path`` (all of them for ""), retried on
+    transient errors; an unreadable file is a DataError naming it, not a traceback."""
+    import pyarrow as pa
+
+    where = str(storage.join(path, name)) if name else str(path)
+    try:
+        return storage.retry(where, read)
+    except pa.ArrowException as err:
+        raise DataError(
+            f"{where}: not a readable Parquet file ({storage.first_line(err)})"
+        ) from None
 
 
 def is_shard_dir(path: str | Path) -> bool:
@@ -273,6 +311,7 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.
                 f"{path}: shards have no column(s) {missing}; have {manifest['columns']}"
             )
         columns = sorted({*columns, "image", "height", "width", "channels"})
+    check_files(path, manifest)
     fs, inner = storage.filesystem(path)
     files = [f"{inner}/{name}" for name in manifest["files"]]
     ds = ray.data.read_parquet(files, columns=columns, filesystem=fs)
@@ -285,10 +324,7 @@ def read_file(path: str | Path, name: str, columns: list[str] | None = None):
 
     fs, inner = storage.filesystem(path)
     target = f"{inner}/{name}"
-    return storage.retry(
-        str(storage.join(path, name)),
-        lambda: pq.read_table(target, columns=columns, filesystem=fs),
-    )
+    return _parquet(path, name, lambda: pq.read_table(target, columns=columns, filesystem=fs))
 
 
 def load_shards(path: str | Path) -> dict[str, np.ndarray]:
@@ -296,9 +332,10 @@ def load_shards(path: str | Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     manifest = read_manifest(path)
+    check_files(path, manifest)
     fs, inner = storage.filesystem(path)
     files = [f"{inner}/{name}" for name in manifest["files"]]
-    table = storage.retry(str(path), lambda: pq.read_table(files, filesystem=fs))
+    table = _parquet(path, "", lambda: pq.read_table(files, filesystem=fs))
     return decode_batch(
         {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     )

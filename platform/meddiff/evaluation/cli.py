@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     fid.add_argument("--no-umap", action="store_true", help="skip the UMAP picture")
     fid.add_argument("--local", action="store_true", help="extract features without Ray")
+    _overwrite_arg(fid)
     _json_arg(fid)
     add_config_arguments(fid)
     fid.set_defaults(handler=_fidelity)
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     clf.add_argument(
         "--out", required=True, type=path_arg, help="weights, roc.png, classifier.json (or s3://)"
     )
+    _overwrite_arg(clf)
     _json_arg(clf)
     add_config_arguments(clf)
     clf.set_defaults(handler=_classifier)
@@ -76,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--out", required=True, type=path_arg)
     exp.add_argument("--num-real", type=int, help="default: evaluation.reader_study.num_real")
     exp.add_argument("--num-synthetic", type=int, help="default: ...num_synthetic")
+    _overwrite_arg(exp)
     _json_arg(exp)
     add_config_arguments(exp)
     exp.set_defaults(handler=_rs_export)
@@ -100,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--strategies", nargs="+", default=["baseline", "morphology"], help="prompt strategies"
     )
     cmp_.add_argument("--no-classifier", action="store_true", help="skip the classifier arms")
+    _overwrite_arg(cmp_)
     _json_arg(cmp_)
     add_config_arguments(cmp_)
     cmp_.set_defaults(handler=_compare)
@@ -114,6 +118,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     seeds.add_argument("--out", type=Path, help="write seeds.json and seeds.csv here")
     seeds.set_defaults(handler=_seeds)
+
+
+def _overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
+    )
 
 
 def _json_arg(parser: argparse.ArgumentParser) -> None:
@@ -171,8 +183,8 @@ def _fidelity(args: argparse.Namespace) -> int:
         )
 
     if args.out is not None:
-        with storage.local_output(args.out) as out:
-            result = storage.rebase(run(out), out, args.out)
+        with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
+            result = loc.rebase(run(loc.staging))
     else:
         import tempfile
 
@@ -192,9 +204,9 @@ def _classifier(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     real, synthetic = _input(args.real), _input(args.synthetic)
-    with storage.local_output(args.out) as out:
-        result = run_classifier(cfg, real, synthetic, out, arms=args.arms)
-        result = storage.rebase(result, out, args.out)
+    # A rerun of the same plan resumes its Ray Train run there (the checkpoints stay).
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite, resume=True) as loc:
+        result = loc.rebase(run_classifier(cfg, real, synthetic, loc.staging, arms=args.arms))
     for arm in result["arms"].values():
         arm.pop("roc", None)  # the curve is in roc.png and classifier.json
     _emit(args, result)
@@ -209,11 +221,11 @@ def _rs_export(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     rs = cfg.evaluation.reader_study
     real, synthetic = _input(args.real), _input(args.synthetic)
-    with storage.local_output(args.out) as out:
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
         key = export_study(
             real,
             synthetic,
-            out,
+            loc.staging,
             num_real=args.num_real or rs.num_real,
             num_synthetic=args.num_synthetic or rs.num_synthetic,
             real_split=cfg.evaluation.real_split,
@@ -247,11 +259,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     data = _input(args.data)
-    with storage.local_output(args.out) as out:
+    # A rerun skips the steps an earlier run finished there (local --out).
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite, resume=True) as loc:
         result = compare_prompting(
-            cfg, data, out, strategies=args.strategies, classifier=not args.no_classifier
+            cfg, data, loc.staging, strategies=args.strategies, classifier=not args.no_classifier
         )
-        result = storage.rebase(result, out, args.out)
+        result = loc.rebase(result)
     _emit(args, result)
     if args.json:
         print(f"report: {result['report']}")

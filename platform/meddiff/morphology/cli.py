@@ -70,20 +70,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.model:
         args.overrides = [*args.overrides, f"prompts.cluster.model={args.model}"]
     cfg = config_from_args(args)
-    # A local --out is refused by the job when it exists without --overwrite; a URI is checked
-    # by local_output, which then hands the job an empty local folder to replace. With a URI the
-    # Ray workers write their shards under it (from any node) and the upload completes it.
-    uri = storage.is_uri(args.out)
-    with storage.local_output(args.out, overwrite=args.overwrite) as out:
-        summary = build_prompts(
-            cfg,
-            args.input,
-            out,
-            overwrite=args.overwrite or uri,
-            split=args.split,
-            limit=args.limit,
-            out_uri=str(args.out) if uri else None,
+    # With an object-store --out the Ray workers write their shards under it (from any node)
+    # and the location's upload completes it; a local --out is built beside and renamed.
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
+        summary = loc.rebase(
+            build_prompts(
+                cfg, args.input, loc, overwrite=args.overwrite, split=args.split, limit=args.limit
+            )
         )
-        summary = storage.rebase(summary, out, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "cluster_sizes"}, indent=2))
     return 0

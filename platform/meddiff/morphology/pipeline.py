@@ -14,7 +14,7 @@ Passes over the data (each streamed, memory bounded by block size, not by datase
    ``pairs`` shard directory.
 
 Everything is built under ``<out>.partial`` and renamed to ``<out>`` at the end, so a directory
-named ``out`` is always complete. For an object-store output (``out_uri``) the stages Ray workers
+named ``out`` is always complete. For an object-store output location the stages Ray workers
 write (1 and 3) go straight under the URI from whichever node runs them and are downloaded into
 ``<out>.partial`` for the driver's passes, so no node needs a shared filesystem.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -36,6 +35,7 @@ import numpy as np
 from meddiff import storage
 from meddiff.config import Config, PromptsConfig
 from meddiff.config.prompts import EmbedConfig
+from meddiff.data.shards import MANIFEST
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
@@ -64,12 +64,11 @@ EMBEDDER_WEIGHTS = "embedder.safetensors"
 def build_prompts(
     cfg: Config,
     source: str | Path,
-    out: str | Path,
+    out: str | Path | storage.OutputLocation,
     *,
     overwrite: bool = False,
     split: str = "train",
     limit: int | None = None,
-    out_uri: str | None = None,
 ) -> dict[str, Any]:
     """Build (image, prompt) pairs from ``source`` into ``out``; returns a JSON-able summary.
 
@@ -79,88 +78,59 @@ def build_prompts(
     provenance), ``out/prompts.csv``, ``out/morphology_model`` (morphology only),
     ``out/gallery.html`` with ``out/gallery/`` and ``out/summary.json``; logs them to MLflow.
 
-    ``out_uri`` is the object-store prefix (``s3://bucket/prompts``) that the local ``out`` is
-    uploaded to once this returns (as :func:`meddiff.storage.local_output` does for the CLI), or
-    None for a local output. Given, Ray workers write their shard stages straight under it
-    (``<out_uri>/_work/checked``, ``<out_uri>/pairs``) from any node, and the driver downloads
-    them into ``out``'s partial folder, so on several nodes ``out`` need not be on a shared
-    filesystem. What was at ``out_uri`` is removed first (refused without ``overwrite``): the
-    prefix carries no completion marker until the upload writes one, and the upload replaces the
-    workers' files with the final layout. A failed build removes what it wrote there; it never
-    resumes from an earlier run.
+    ``out`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened here).
+    For an object-store location the Ray workers write their shard stages straight under it
+    (``<out>/_work/checked``, ``<out>/pairs``) from any node, and the driver downloads them into
+    the staging folder's partial folder, so on several nodes no shared filesystem is needed; the
+    location's upload then replaces the workers' files with the final layout. A failed build
+    removes what its workers wrote there; it never resumes from an earlier run.
 
     Raises:
         DataError: bad source, wrong patch size, nothing left after filtering, k larger than the
-            number of patches, or ``out`` (``out_uri``) exists without ``overwrite``.
+            number of patches, or ``out`` exists without ``overwrite``.
         ModelError: DINO weights missing or unloadable; a reused morphology model is invalid.
     """
-    if out_uri is not None:
-        _clear_prefix(out_uri, overwrite)
-    try:
-        return _build_prompts(
-            cfg, source, out, overwrite=overwrite, split=split, limit=limit, out_uri=out_uri
-        )
-    except BaseException as err:
-        if out_uri is not None:
-            _discard_prefix(out_uri)
-        if not isinstance(err, Exception):
-            raise
-        # Ray re-raises errors of Ray Data stages wrapped (RayTaskError(UserCodeException));
-        # callers of the library get the DataError/ModelError itself, as the CLI prints it.
-        from meddiff.cli import find_user_error
+    with storage.OutputLocation.use(out, overwrite=overwrite) as loc:
+        loc.clear()  # room for the workers' shards: the earlier output (refused w/o overwrite)
+        try:
+            return _build_prompts(cfg, source, loc, split=split, limit=limit)
+        except BaseException as err:
+            loc.discard()
+            if not isinstance(err, Exception):
+                raise
+            # Ray re-raises errors of Ray Data stages wrapped (RayTaskError(UserCodeException));
+            # callers of the library get the DataError/ModelError itself, as the CLI prints it.
+            from meddiff.cli import find_user_error
 
-        user_error = find_user_error(err)
-        if user_error is None or user_error is err:
-            raise
-        raise user_error.with_traceback(None) from None
-
-
-def _clear_prefix(uri: str, overwrite: bool) -> None:
-    """Make room at ``uri`` for the workers' shards: an earlier output there is removed (its
-    marker first, so it never vouches for a mix of old and new files)."""
-    if storage.exists(uri):
-        if not overwrite:
-            raise DataError(f"{uri} already exists; choose another --out or pass --overwrite")
-        storage.delete_dir(uri)
-
-
-def _discard_prefix(uri: str) -> None:
-    """Remove what a failed build's workers wrote at ``uri`` (it has no marker, but would make
-    the next build need ``--overwrite``); a failure to do so is logged, not raised over the
-    build's own error."""
-    try:
-        storage.delete_dir(uri)
-    except DataError as err:
-        log.warning("could not remove the unfinished output at %s: %s", uri, err)
+            user_error = find_user_error(err)
+            if user_error is None or user_error is err:
+                raise
+            raise user_error.with_traceback(None) from None
 
 
 def _build_prompts(
     cfg: Config,
     source: str | Path,
-    out: str | Path,
+    loc: storage.OutputLocation,
     *,
-    overwrite: bool,
     split: str,
     limit: int | None,
-    out_uri: str | None,
 ) -> dict[str, Any]:
     import mlflow
 
     from meddiff import runtime, tracking
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = loc.staging
     pcfg = cfg.prompts
     morphology = pcfg.strategy == "morphology"
     partial = out.with_name(out.name + ".partial")
     checked = partial / WORK / CHECKED
     # Where Ray workers write pass 1 and the pairs: the partial folder (local, or on a shared
     # filesystem), or under the object-store prefix, which every node reaches.
-    workers = out_uri if out_uri is not None else partial
+    workers = loc.shared(partial)
     worker_checked = storage.join(workers, WORK, CHECKED)
     worker_pairs = storage.join(workers, PAIRS)
-    where = str(out_uri or out)  # what the run and summary name: not the upload's staging folder
+    where = loc.uri  # what the run and summary name: not the upload's staging folder
     seconds: dict[str, float] = {}
 
     runtime.connect(cfg.runtime)
@@ -172,7 +142,7 @@ def _build_prompts(
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
 
         start = time.perf_counter()
-        resumed = out_uri is None and _checkpoint_matches(checked, key)
+        resumed = _checkpoint_matches(checked, key)
         if resumed:
             log.info("resuming from %s (embedding pass already complete)", checked)
             rows_in = _read_manifest(checked)["rows"]
@@ -190,7 +160,7 @@ def _build_prompts(
                 embed_cfg if morphology else None,
                 info={"fingerprint": key},
             )
-            _fetch_shards(worker_checked, checked)
+            storage.fetch(worker_checked, checked, marker=MANIFEST)
             rows_in = manifest["rows"]
         seconds["embed"] = time.perf_counter() - start
 
@@ -224,7 +194,7 @@ def _build_prompts(
 
         start = time.perf_counter()
         pairs_manifest = write_pairs(cfg, worker_checked, worker_pairs, model)
-        _fetch_shards(worker_pairs, partial / PAIRS)
+        storage.fetch(worker_pairs, partial / PAIRS, marker=MANIFEST)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
         # Before anything is named complete: a template too long for the text encoder fails here.
@@ -267,22 +237,11 @@ def _build_prompts(
 
         shutil.rmtree(partial / WORK)
         (partial / SUMMARY).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        loc.install(partial)
 
         _log_run(cfg, out, summary, gallery_page.name, morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, len(table), out)
     return summary
-
-
-def _fetch_shards(written: str | Path, local: Path) -> None:
-    """Bring a shard stage the workers wrote under an object-store prefix to the driver's
-    ``local`` folder (complete only: its manifest must be there); nothing to do when local."""
-    from meddiff.data.shards import MANIFEST
-
-    if storage.is_uri(written):
-        storage.download_dir(str(written), local, marker=MANIFEST)
 
 
 # --- pass 1: check + embed ------------------------------------------------------------------
@@ -375,8 +334,8 @@ def fingerprint(
     and filter settings, and the embedder (not its scheduling: batch size, GPUs, actors)."""
     scheduling = {"batch_size", "num_gpus", "num_cpus", "threads", "concurrency", "max_concurrency"}
     parts = {
-        "source": str(source) if storage.is_uri(source) else str(Path(source).resolve()),
-        "stamp": _stamp(source),
+        "source": str(storage.resolve(source)),
+        "stamp": storage.stamp(source),
         "split": split,
         "limit": limit,
         "data": cfg.data.model_dump(mode="json"),
@@ -386,23 +345,6 @@ def fingerprint(
         "seed": cfg.runtime.seed if embed is not None and embed.weights is None else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _stamp(path: str | Path) -> list[Any]:
-    if storage.is_uri(path):
-        fs, inner = storage.filesystem(path)
-        names = storage.list_files(path, recursive=False)
-        infos = storage.retry(str(path), lambda: fs.get_file_info([f"{inner}/{n}" for n in names]))
-        return sorted([n, i.size, i.mtime_ns] for n, i in zip(names, infos, strict=True))
-    path = Path(path)
-    if path.is_file():
-        st = path.stat()
-        return [path.name, st.st_size, st.st_mtime_ns]
-    if path.is_dir():
-        return sorted(
-            [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir() if p.is_file()
-        )
-    return []
 
 
 def _checkpoint_matches(checked: Path, key: str) -> bool:

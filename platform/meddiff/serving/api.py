@@ -1,56 +1,89 @@
 """The FastAPI apps of the two services, built over a *backend* that runs the model.
 
-The app does everything HTTP: the token (401), body cap (413), content type (415), PNG decoding
-and field ranges (422), encoding results. The backend only runs the model: when deployed it is a
-Serve handle to the batched model deployment (:mod:`meddiff.serving.deployments`); in unit tests
-it is :class:`LocalBackend` over a runner, so the whole app is testable with FastAPI's
-TestClient without Ray.
+The app does everything HTTP. In front of FastAPI, :class:`Guard` (plain ASGI) answers before
+any body is read: a draining service (503), the bearer token (401), a declared body over the
+cap (413); it caps a chunked body while it streams (413), and writes the audit line and the
+metrics of every request. The routes then check content types (415), PNG decoding, JSON and
+field ranges (422) and encode results. The backend only runs the model: deployed it is a Serve
+handle to the batched model deployment (:mod:`meddiff.serving.deployments`); in unit tests it is
+:class:`LocalBackend` over a runner, so the whole app is testable with FastAPI's TestClient.
 
 Routes (every ``/v1`` route needs ``Authorization: Bearer <token>``):
 
 - anomaly: ``POST /v1/anomaly`` (body: PNG bytes; ``?seed=``, ``?reconstruction=``; JSON, or the
   map alone with ``Accept: image/png``), ``GET /v1/models``;
 - synthesis: ``POST /v1/synthesis`` (JSON), ``GET /v1/synthesis/prompts``, ``GET /v1/models``;
-- both: ``GET /healthz`` (liveness), ``GET /readyz`` (model loaded), ``GET /`` (a page for
-  people), ``GET /docs`` (OpenAPI).
+- both: ``GET /healthz`` (liveness), ``GET /readyz`` (a model replica answers, and its version is
+  still in the registry), ``GET /`` (a page for people), ``GET /docs`` (Swagger UI, its assets
+  served from the ``fastapi-offline`` package: no CDN).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import math
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from pydantic import ValidationError
 
 from meddiff.config.data import ImageConfig
 from meddiff.data.images import encode_png
 from meddiff.errors import DataError, MeddiffError
 from meddiff.reports import encode_png as encode_rgb_png
-from meddiff.serving import auth, limits
+from meddiff.serving import limits
 from meddiff.serving import schemas as S
+from meddiff.serving.auth import Credentials
+from meddiff.serving.metrics import Recorder, audit, version_label
 from meddiff.serving.runners import content_seed
 
 MODEL_VERSION_HEADER = "X-Model-Version"
 SCORE_HEADER = "X-Anomaly-Score"
+SEED_HEADER = "X-Seed"
+REQUEST_ID_HEADER = "X-Request-ID"
+ROUTES = ("/v1/anomaly", "/v1/synthesis", "/v1/synthesis/prompts", "/v1/models", "/healthz",
+          "/readyz", "/", "/docs", "/openapi.json")  # fmt: skip
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class Overloaded(Exception):
     """The model's queue is full: answered 503 with Retry-After."""
 
 
+class Unavailable(Exception):
+    """No model replica could answer (one died and the retry failed too): 503 + Retry-After."""
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by :class:`Guard`'s receive while a body streams past the cap."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
 class AnomalyBackend(Protocol):
     async def info(self) -> dict[str, Any]: ...
-    async def detect(self, image: np.ndarray, seed: int) -> dict[str, Any]: ...
+    async def detect(self, image: np.ndarray, seed: int, u: float = 0.0) -> dict[str, Any]: ...
 
 
 class SynthesisBackend(Protocol):
     async def info(self) -> dict[str, Any]: ...
     async def prompts(self) -> list[dict[str, Any]]: ...
     async def check_prompt(self, prompt: str) -> None: ...
-    async def generate(self, prompt: str, seed: int) -> dict[str, Any]: ...
+    async def generate(self, prompt: str, seed: int, u: float = 0.0) -> dict[str, Any]: ...
 
 
 class LocalBackend:
@@ -63,10 +96,10 @@ class LocalBackend:
     async def info(self) -> dict[str, Any]:
         return self.runner.info()
 
-    async def detect(self, image: np.ndarray, seed: int) -> dict[str, Any]:
+    async def detect(self, image: np.ndarray, seed: int, u: float = 0.0) -> dict[str, Any]:
         async with self._lock:
             (r,) = await asyncio.to_thread(self.runner.run, [image], [seed])
-        return {**r.__dict__, "model": self.runner.info()}
+        return {**r.__dict__, "model": self.runner.info(), "batch_size": 1}
 
     async def prompts(self) -> list[dict[str, Any]]:
         return self.runner.prompts
@@ -74,62 +107,235 @@ class LocalBackend:
     async def check_prompt(self, prompt: str) -> None:
         self.runner.check_prompt(prompt)
 
-    async def generate(self, prompt: str, seed: int) -> dict[str, Any]:
+    async def generate(self, prompt: str, seed: int, u: float = 0.0) -> dict[str, Any]:
         async with self._lock:
             (img,) = await asyncio.to_thread(self.runner.run, [prompt], [seed])
-        return {"image": img, "seed": seed, "model": self.runner.info()}
+        return {"image": img, "seed": seed, "model": self.runner.info(), "batch_size": 1}
+
+
+@dataclass
+class ServiceOptions:
+    """What an ingress needs besides the backend (from the application's ``args``)."""
+
+    credentials: Credentials
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_s: int = 2
+    ready_timeout_s: float = 1.0
+    recorder: Recorder = field(default_factory=Recorder)
+    state: IngressState | None = None
+
+
+@dataclass
+class IngressState:
+    """Shared between :class:`Guard` and the deployment: draining flag, requests inside."""
+
+    draining: bool = False
+    inflight: int = 0
+
+
+def clean(message: Any, limit: int = 400) -> str:
+    """An error message fit for a client: no object reprs (``<… object at 0x…>``), one line,
+    at most ``limit`` characters."""
+    text = _REPR.sub("<object>", str(message)).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def route_of(scope: dict) -> str:
+    """The route label of a request: one of :data:`ROUTES` or 'other' (never the raw path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    path = path.rstrip("/") or "/"
+    return path if path in ROUTES else "other"
+
+
+class Guard:
+    """ASGI middleware: the checks that must come before any body is read, the streaming body
+    cap, the drain gate, and one audit line and metric sample per request."""
+
+    def __init__(self, app, service: str, opts: ServiceOptions):
+        self.app, self.service, self.opts = app, service, opts
+        self.state = opts.state or IngressState()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        tele: dict[str, Any] = {}
+        scope.setdefault("state", {})["telemetry"] = tele
+        route = route_of(scope)
+        status = {"code": 500, "version": None}
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        protected = route.startswith("/v1") or (route == "other" and "/v1" in scope["path"])
+        try:
+            if protected:
+                early = self._gate(headers, tele)
+                if early is not None:
+                    await early(scope, receive, send_wrapped)
+                    return
+                receive = self._capped(receive)
+                self.state.inflight += 1
+            try:
+                await self.app(scope, receive, send_wrapped)
+            except BodyTooLarge as err:
+                if status["code"] != 500:
+                    raise
+                await _problem(413, err.detail)(scope, receive, send_wrapped)
+            finally:
+                if protected:
+                    self.state.inflight -= 1
+        finally:
+            self._record(scope, rid, route, status["code"], time.perf_counter() - start, tele)
+
+    def _gate(self, headers: dict[str, str], tele: dict) -> Response | None:
+        if self.state.draining:
+            return _problem(503, "the service is shutting down; retry on another instance",
+                            {"Retry-After": str(self.opts.retry_after_s),
+                             "Connection": "close"})  # fmt: skip
+        name = self.opts.credentials.identify(headers.get("authorization"))
+        if name is None:
+            return _problem(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        tele["token"] = name
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return _problem(400, "Content-Length is not a number")
+            if int(declared) > self.opts.max_body_bytes:
+                return _problem(413, f"request body exceeds {self.opts.max_body_bytes} bytes")
+        return None
+
+    def _capped(self, receive):
+        limit, seen = self.opts.max_body_bytes, [0]
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return wrapped
+
+    def _record(self, scope, rid: str, route: str, code: int, latency: float, tele: dict) -> None:
+        version = version_label(tele.get("version"))
+        self.opts.recorder.add("request", route, code, version, latency, tele.get("score"))
+        audit({
+            "request_id": rid, "service": self.service, "token": tele.get("token"),
+            "method": scope.get("method"), "route": route, "status": code,
+            "latency_ms": round(latency * 1000, 1), "model_version": tele.get("version"),
+            "seed": tele.get("seed"), "canary": tele.get("canary", False),
+        })  # fmt: skip
+
+
+def _problem(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) -> tuple:
-    app = FastAPI(
-        title=title,
-        version="1",
-        description="meddiff HTTP service; every /v1 route needs `Authorization: Bearer <token>`.",
-    )
+def _validation_detail(errors) -> list[dict[str, Any]]:
+    """Pydantic/FastAPI errors without the client's input or context (never echoed back: a
+    1 MB prompt or a NaN would come back whole, or fail to encode as JSON)."""
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": clean(e.get("msg", "")),
+         "type": e.get("type", "")}
+        for e in errors
+    ]  # fmt: skip
 
-    def check_token(request: Request) -> None:
-        if not auth.authorized(request.headers.get("authorization"), token):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
+
+def _handlers(app: FastAPI, retry_after_s: int) -> None:
+    retry = {"Retry-After": str(retry_after_s)}
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse(
-            {"detail": "the model is at capacity; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        return _problem(503, "the model is at capacity; retry later", retry)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable_replica(request: Request, exc: Unavailable) -> JSONResponse:
+        return _problem(503, f"no model replica could answer: {clean(exc)}", retry)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(DataError)
     async def _bad_data(request: Request, exc: DataError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return _problem(422, clean(exc))
 
     @app.exception_handler(MeddiffError)
     async def _unavailable(request: Request, exc: MeddiffError) -> JSONResponse:
         # A model that cannot be loaded or used right now: the service, not the request, is at
         # fault, and a retry may succeed once it is fixed.
-        return JSONResponse(
-            {"detail": f"model unavailable: {exc}"},
-            status_code=503,
-            headers={"Retry-After": str(retry_after_s)},
+        return _problem(503, f"model unavailable: {clean(exc)}", retry)
+
+
+def _docs(app: FastAPI) -> None:
+    """``/docs``: FastAPI's Swagger UI page with its script and style from the
+    ``fastapi-offline`` package's static files (served here, so it renders without internet)."""
+    from importlib.resources import files
+
+    from fastapi.staticfiles import StaticFiles
+
+    static = files("fastapi_offline") / "static"
+    app.mount("/docs-static", StaticFiles(directory=str(static)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}/docs-static/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-static/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs-static/favicon.png",
         )
+
+
+def _base_app(title: str, service: str, backend, page: str, opts: ServiceOptions) -> tuple:
+    app = FastAPI(
+        title=title,
+        version="1",
+        description="meddiff HTTP service; every /v1 route needs `Authorization: Bearer <token>`.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    state = opts.state = opts.state or IngressState()
+    _handlers(app, opts.retry_after_s)
+    _docs(app)
 
     @app.get("/healthz", summary="liveness (no token)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="model loaded (no token)", responses={503: {"model": S.Problem}})
+    @app.get("/readyz", summary="a model replica answers (no token)",
+             responses={503: {"model": S.Problem}})  # fmt: skip
     async def readyz():
+        if state.draining:
+            return _problem(503, "draining: the service is shutting down")
         try:
-            info = await backend.info()
+            info = await asyncio.wait_for(backend.info(), opts.ready_timeout_s)
+        except asyncio.TimeoutError:
+            return _problem(503, f"no model replica answered within {opts.ready_timeout_s:g} s")
         except Exception as err:  # not ready is an answer here, not an error
-            return JSONResponse({"detail": f"model not ready: {err}"}, status_code=503)
-        return {"status": "ready", "version": info.get("version")}
+            return _problem(503, f"model not ready: {clean(err)}")
+        if info.get("problem"):
+            return JSONResponse(
+                {"detail": clean(info["problem"]), "version": info.get("version")}, status_code=503
+            )
+        return {"status": "ready", "version": info.get("version"), "canary": info.get("canary")}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(request: Request) -> HTMLResponse:
@@ -139,11 +345,15 @@ def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) ->
         return HTMLResponse(render(page, base=request.scope.get("root_path", "").rstrip("/")))
 
     errors = {401: {"model": S.Problem}, 503: {"model": S.Problem}}
-    router = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses=errors)
+    # The dependency only declares the scheme in /openapi.json (and the docs' Authorize
+    # button): Guard has checked the token before FastAPI sees the request.
+    bearer = HTTPBearer(auto_error=False, description="a token from `meddiff serve token add`")
+    router = APIRouter(prefix="/v1", dependencies=[Security(bearer)], responses=errors)
 
     @router.get("/models", response_model=S.Models, summary="the served model")
-    async def models(response: Response) -> S.Models:
+    async def models(request: Request, response: Response) -> S.Models:
         info = await backend.info()
+        request.state.telemetry["version"] = info.get("version")
         response.headers[MODEL_VERSION_HEADER] = str(info.get("version"))
         return S.Models(models=[S.ModelInfo(**info)])
 
@@ -152,18 +362,16 @@ def _base_app(title: str, token: str, backend, page: str, retry_after_s: int) ->
 
 def build_anomaly_app(
     backend: AnomalyBackend,
-    token: str,
+    opts: ServiceOptions,
     image_size: int,
-    max_body_bytes: int = 4 * 1024 * 1024,
-    retry_after_s: int = 2,
     images: ImageConfig | None = None,
-) -> FastAPI:
-    """The anomaly service over ``backend``; ``image_size`` is the model's at start-up (slices of
-    another size are refused with 422, as ``meddiff thor detect`` refuses them, after asking the
-    backend once whether a promotion changed it) and ``images`` (``data.images``) says how
-    intensities are scaled, as for ``thor detect``."""
+) -> Guard:
+    """The anomaly service over ``backend`` (an ASGI app); ``image_size`` is the model's at
+    start-up (slices of another size are refused with 422, as ``meddiff thor detect`` refuses
+    them, after asking the backend once whether a promotion changed it) and ``images``
+    (``data.images``) says how intensities are scaled, as for ``thor detect``."""
     app, router = _base_app(
-        "meddiff anomaly detection (THOR)", token, backend, "anomaly.html", retry_after_s
+        "meddiff anomaly detection (THOR)", "anomaly", backend, "anomaly.html", opts
     )
     body_doc = {
         "requestBody": {
@@ -206,17 +414,19 @@ def build_anomaly_app(
         seed: int | None = Query(None, ge=0, le=S.SEED_MAX, description="noise seed"),
         reconstruction: bool = Query(True, description="include the pseudo-healthy image"),
     ):
-        body = await limits.read_body(request, max_body_bytes)
-        limits.require_png(request, body)
+        limits.require_content_type(request, "image/png")
+        body = await limits.read_body(request, opts.max_body_bytes)
+        limits.require_png(body)
         image = await decode(body)
         used = content_seed(image) if seed is None else seed
-        out = await backend.detect(image, used)
+        out = await backend.detect(image, used, random.random())
         info = out["model"]
-        headers = {MODEL_VERSION_HEADER: str(info.get("version"))}
+        request.state.telemetry.update(version=info.get("version"), seed=used,
+                                       score=out["score"], canary=out.get("canary", False))  # fmt: skip
+        headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(used),
+                   SCORE_HEADER: f"{out['score']:.9g}"}  # fmt: skip
         map_png = encode_png(out["anomaly_map"], bits=16)
         if "image/png" in request.headers.get("accept", "").lower():
-            headers[SCORE_HEADER] = f"{out['score']:.9g}"
-            headers["X-Seed"] = str(used)
             return Response(map_png, media_type="image/png", headers=headers)
         rec = encode_png(out["reconstruction"], bits=16) if reconstruction else None
         result = S.AnomalyResponse(
@@ -229,19 +439,49 @@ def build_anomaly_app(
         return JSONResponse(result.model_dump(), headers=headers)
 
     app.include_router(router)
-    return app
+    return Guard(app, "anomaly", opts)
+
+
+def parse_json(body: bytes) -> Any:
+    """A JSON body; ``NaN``, ``Infinity`` and numbers beyond a float (``1e400``) are refused
+    (422), as RFC 8259 has no such values.
+
+    Raises:
+        HTTPException: 422 naming what is wrong (never echoing the body).
+    """
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError("a number beyond the float range")
+        return value
+
+    try:
+        return json.loads(body, parse_constant=constant, parse_float=finite)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HTTPException(422, f"body: not valid JSON ({clean(err, 120)})") from None
+    except ValueError as err:  # from constant/finite, or an integer of > 4300 digits
+        raise HTTPException(422, f"body: {clean(err, 120)}") from None
+
+
+_SYNTH_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": S.SynthesisRequest.model_json_schema()}},
+    }
+}
 
 
 def build_synthesis_app(
-    backend: SynthesisBackend,
-    token: str,
-    max_images: int = 8,
-    max_body_bytes: int = 64 * 1024,
-    retry_after_s: int = 2,
-) -> FastAPI:
-    """The synthesis service over ``backend``; ``n`` is capped at ``max_images``."""
+    backend: SynthesisBackend, opts: ServiceOptions, max_images: int = 8
+) -> Guard:
+    """The synthesis service over ``backend`` (an ASGI app); ``n`` is capped at
+    ``max_images``."""
     app, router = _base_app(
-        "meddiff synthesis (Stable Diffusion)", token, backend, "synthesis.html", retry_after_s
+        "meddiff synthesis (Stable Diffusion)", "synthesis", backend, "synthesis.html", opts
     )
 
     @router.get("/synthesis/prompts", response_model=S.Prompts, summary="prompts it was trained on")
@@ -252,19 +492,33 @@ def build_synthesis_app(
         "/synthesis",
         response_model=S.SynthesisResponse,
         summary="n patches for a prompt (or label + cluster)",
+        openapi_extra=_SYNTH_DOC,
         responses={413: {"model": S.Problem}, 415: {"model": S.Problem}, 422: {"model": S.Problem}},
     )
-    async def synthesis(request: Request, req: S.SynthesisRequest) -> JSONResponse:
-        if int(request.headers.get("content-length") or 0) > max_body_bytes:
-            raise HTTPException(413, f"request body exceeds {max_body_bytes} bytes")
+    async def synthesis(request: Request) -> JSONResponse:
+        limits.require_content_type(request, "application/json")
+        body = await limits.read_body(request, opts.max_body_bytes)
+        try:
+            req = S.SynthesisRequest.model_validate(parse_json(body))
+        except ValidationError as err:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
+            ) from None
         if req.n > max_images:
-            raise HTTPException(422, f"n: {req.n} is over this service's limit of {max_images}")
+            raise HTTPException(422, f"n: over this service's limit of {max_images}")
+        base = req.seed or 0
+        if base + req.n - 1 > S.SEED_MAX:
+            raise HTTPException(
+                422, f"seed: seed + n - 1 must be at most {S.SEED_MAX} (image i gets seed + i)"
+            )
         prompt = await _pick_prompt(backend, req)
         await backend.check_prompt(prompt)
-        base = req.seed or 0
         seeds = [base + i for i in range(req.n)]
-        outs = await asyncio.gather(*(backend.generate(prompt, s) for s in seeds))
+        u = random.random()  # one draw per request: every image of it from the same version
+        outs = await asyncio.gather(*(backend.generate(prompt, s, u) for s in seeds))
         info = outs[-1]["model"]
+        request.state.telemetry.update(version=info.get("version"), seed=base,
+                                       canary=outs[-1].get("canary", False))  # fmt: skip
         result = S.SynthesisResponse(
             prompt=prompt,
             images=[
@@ -272,12 +526,11 @@ def build_synthesis_app(
             ],
             model=S.ModelInfo(**info),
         )
-        return JSONResponse(
-            result.model_dump(), headers={MODEL_VERSION_HEADER: str(info.get("version"))}
-        )
+        headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(base)}
+        return JSONResponse(result.model_dump(), headers=headers)
 
     app.include_router(router)
-    return app
+    return Guard(app, "synthesis", opts)
 
 
 async def _pick_prompt(backend: SynthesisBackend, req: S.SynthesisRequest) -> str:
@@ -292,7 +545,4 @@ async def _pick_prompt(backend: SynthesisBackend, req: S.SynthesisRequest) -> st
         if row["label"] == req.label and row["cluster"] == req.cluster:
             return row["prompt"]
     known = ", ".join(f"({r['label']}, {r['cluster']})" for r in table) or "none"
-    raise HTTPException(
-        422,
-        f"label {req.label}, cluster {req.cluster}: no such prompt; known (label, cluster): {known}",
-    )
+    raise HTTPException(422, f"label + cluster: no such prompt; known (label, cluster): {known}")

@@ -41,7 +41,7 @@ def serve_demo(
     (out / "slice.png").write_bytes(slice_png.read_bytes())  # the README's curl lines send it
     data = copy.deepcopy(read_config(CONFIG))
     models = {"anomaly": thor_model, "synthesis": sd_model}
-    token, _ = auth.ensure_token(out / "token")
+    token = auth.read_token(out / "token")
     for app in data["applications"]:
         ref = models[app["name"]]
         name, _, version = parse_ref(ref)
@@ -55,7 +55,7 @@ def serve_demo(
     check_config(out / "serve.yaml")
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        urls = deploy(data)
+        urls = deploy(data, timeout_s=600)  # a cold start on a busy 2-core machine
         r = requests.post(
             f"{urls['anomaly']}/v1/anomaly",
             data=slice_png.read_bytes(),

@@ -80,6 +80,45 @@ def _reason(message: str) -> str:
     return message.strip().splitlines()[-1] if message.strip() else "unknown"
 
 
+def metrics_urls(names: list[str]) -> dict[str, str]:
+    """{application: its Prometheus metrics URL}, asked of each application's Monitor."""
+    from ray import serve
+
+    out = {}
+    for n in names:
+        st = serve.get_deployment_handle("Monitor", n).status.remote().result(timeout_s=30)
+        out[n] = f"http://{st['host']}:{st['port']}/metrics"
+    return out
+
+
+def drain(names: list[str], grace_s: float, poll_s: float = 0.2) -> dict[str, int]:
+    """Stop accepting and let requests in flight finish: every ingress replica of ``names``
+    answers new ``/v1`` requests 503 + Retry-After (and ``/readyz`` 503) within about a second, and
+    this waits until each has reported no request in flight, or ``grace_s`` passed.
+
+    Returns {application: requests still in flight when it returned} (0 when all finished).
+    """
+    from ray import serve
+
+    monitors = {n: serve.get_deployment_handle("Monitor", n) for n in names}
+    since = {n: m.drain.remote().result(timeout_s=30) for n, m in monitors.items()}
+    deadline = time.monotonic() + grace_s
+    left: dict[str, int] = {}
+    while True:
+        left = {}
+        for n, m in monitors.items():
+            reports = m.status.remote().result(timeout_s=30)["reports"]
+            # Replicas report every second: one silent for 5 s before the drain is gone.
+            ingress = [r for r in reports.values()
+                       if r["kind"] == "ingress" and r["at"] > since[n] - 5]  # fmt: skip
+            settled = [r for r in ingress if r.get("draining") and r["at"] > since[n]]
+            busy = sum(r.get("inflight", 0) for r in ingress)
+            left[n] = busy if len(settled) == len(ingress) else max(busy, 1)
+        if not any(left.values()) or time.monotonic() > deadline:
+            return left
+        time.sleep(poll_s)
+
+
 def shutdown(names: list[str] | None = None) -> None:
     """Delete ``names`` (or shut Serve down entirely)."""
     from ray import serve

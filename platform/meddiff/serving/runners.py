@@ -21,6 +21,7 @@ import numpy as np
 from meddiff import storage
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
+from meddiff.serving.schemas import SEED_MAX
 from meddiff.tracking.aliases import ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def content_seed(image: np.ndarray) -> int:
     """The seed of an image sent without one: from its pixel values alone (CRC-32 of the float32
     array), so the same image always gets the same map whatever batch it lands in."""
-    return zlib.crc32(np.ascontiguousarray(image, dtype=np.float32).tobytes()) & 0x7FFFFFFF
+    return zlib.crc32(np.ascontiguousarray(image, dtype=np.float32).tobytes()) & SEED_MAX
 
 
 @dataclass

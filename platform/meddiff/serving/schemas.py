@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# One seed range everywhere (`?seed=`, synthesis seeds + i, content seeds, thor detect): the
+# non-negative int32 range, what torch.Generator.manual_seed and numpy take on every platform.
 SEED_MAX = 2**31 - 1
 
 

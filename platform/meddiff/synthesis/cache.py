@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff import storage
+from meddiff import runtime, storage
 from meddiff.config import Config
 from meddiff.data import shards
 from meddiff.errors import DataError
@@ -69,7 +69,7 @@ def pair_prompts(pairs: str | Path) -> list[str]:
 def cache_key(cfg: Config, source: str, pairs: str | Path, manifest: dict[str, Any]) -> str:
     """What the cache depends on: the pairs, the model, the resolution and the cache kind."""
     parts = {
-        "pairs": str(pairs) if storage.is_uri(pairs) else str(Path(pairs).resolve()),
+        "pairs": str(storage.resolve(pairs)),
         "files": manifest["files"],
         "rows": manifest["rows"],
         "model": _model_identity(source),
@@ -96,7 +96,6 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
     Returns the cache info (``cache.json``).
     """
     import ray.data
-    from tqdm import tqdm
 
     from meddiff.synthesis.stages import ImageEncoder, PromptEncoder
 
@@ -137,7 +136,7 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
     batches = ds.iter_batches(batch_size=tcfg.encode_batch_size, batch_format="numpy")
     total = -(-n // tcfg.encode_batch_size)
     desc = "encode latents" if tcfg.cache_latents else "cache images"
-    for batch in tqdm(batches, total=total, desc=desc, disable=not cfg.runtime.progress):
+    for batch in runtime.progress(batches, total=total, desc=desc, show=cfg.runtime.progress):
         m = len(batch["prompt"])
         cols = {
             "prompt_ids": np.array([ids[str(p)] for p in batch["prompt"]], dtype=np.int64),

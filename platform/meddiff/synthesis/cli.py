@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--prompts", required=True, type=path_arg, help="prompts.csv (or s3://)")
     gen.add_argument("--out", required=True, type=path_arg, help="output directory or s3:// prefix")
+    gen.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
+    )
     add_config_arguments(gen)
     gen.set_defaults(handler=_generate)
 
@@ -78,12 +83,10 @@ def _train(args: argparse.Namespace) -> int:
     from meddiff.synthesis.train import train_synthesis
 
     cfg = config_from_args(args)
-    # A URI --out: the checkpoints go straight to its ray/ (kept by the upload), so rerunning
-    # the same command resumes from them; the rest is written locally and uploaded at the end.
-    bucket = str(args.out) if storage.is_uri(args.out) else None
-    with storage.local_output(args.out, keep=("ray",)) as out:
-        summary = train_synthesis(cfg, args.pairs, out, bucket_out=bucket)
-        summary = storage.rebase(summary, out, args.out)
+    # The checkpoints go straight to --out's ray/ (kept by an object store's upload), so
+    # rerunning the same command resumes from them.
+    with storage.OutputLocation.open(args.out, keep=("ray",), resume=True) as loc:
+        summary = loc.rebase(train_synthesis(cfg, args.pairs, loc))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -95,8 +98,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     prompts = storage.local_input(args.prompts)
-    with storage.local_output(args.out) as out:
-        summary = storage.rebase(generate(cfg, args.model, prompts, out), out, args.out)
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
+        summary = loc.rebase(generate(cfg, args.model, prompts, loc.staging))
     print(json.dumps(summary, indent=2))
     print(f"\nSynthetic set: {summary['x']}\nGrids per prompt: {summary['grids']}")
     return 0

@@ -139,7 +139,6 @@ def generate(
     import mlflow
     import pandas as pd
     import ray.data
-    from tqdm import tqdm
 
     from meddiff import runtime, tracking
     from meddiff.synthesis.stages import ImageGenerator
@@ -178,8 +177,8 @@ def generate(
             # Rows are written in plan order: sort each batch, and the dataset keeps block order.
             batches = _in_order(ds, g.batch_size)
             total = -(-len(plan["index"]) // g.batch_size)
-            for batch in tqdm(
-                batches, total=total, desc="generate", disable=not cfg.runtime.progress
+            for batch in runtime.progress(
+                batches, total=total, desc="generate", show=cfg.runtime.progress
             ):
                 writer.write(
                     batch["image"],

@@ -52,14 +52,15 @@ ATTEMPTS = "attempts.jsonl"
 
 
 def train_synthesis(
-    cfg: Config, pairs: str | Path, out: str | Path, *, bucket_out: str | None = None
+    cfg: Config, pairs: str | Path, out: str | Path | storage.OutputLocation
 ) -> dict[str, Any]:
     """Fine-tune on the pairs shard directory ``pairs``; everything goes under ``out``.
 
-    With ``bucket_out`` (the object-store URI that ``out`` is uploaded to when the job ends) what
-    Ray Train's workers write or read goes there directly: the checkpoints (``bucket_out/ray``,
-    from every node; a rerun resumes from them), the base model built from config and the
-    training cache (``base/``, ``cache/``, uploaded before training and reused by a rerun).
+    ``out`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened here).
+    What Ray Train's workers write or read goes to the location itself: the checkpoints
+    (``out/ray``, from every node; a rerun resumes from them), the base model built from config
+    and the training cache (``base/``, ``cache/``: for an object store uploaded before training
+    and reused by a rerun); the rest is written to its staging folder.
 
     Returns a JSON-able summary: ``model`` (the final pipeline directory, ``out/model``),
     ``model_uri``/``version`` (registry), ``steps``, ``final_loss``, ``attempts`` (the step each
@@ -69,20 +70,25 @@ def train_synthesis(
         DataError: pairs missing, incomplete, without the prompt columns, or empty.
         ModelError: the model source cannot be loaded; a checkpoint cannot be resumed.
     """
+    with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
+        return _train_synthesis(cfg, storage.resolve(pairs), loc)
+
+
+def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation) -> dict:
     import mlflow
 
     from meddiff import runtime, tracking
 
-    out = Path(out).resolve()
-    pairs = pairs if storage.is_uri(pairs) else Path(pairs).resolve()  # s3://: read in place
-    cache_mod.check_pairs(pairs)
-    shared = bucket_out or out  # what the workers see
-    run_dir = storage.join(shared, "ray", RUN_NAME)
-    _check_run(cfg, run_dir, shared)
+    out = loc.staging.resolve()
+    cache_mod.check_pairs(pairs)  # an object-store prefix is read in place
+    run_dir = loc.join("ray", RUN_NAME)
+    done = training.finished_run(loc.join("summary.json"), run_dir, cfg.synthesis.train.max_steps)
+    if done is not None:
+        return {**done, "model": str(loc.join("model"))}
+    _check_run(cfg, run_dir, loc)
     out.mkdir(parents=True, exist_ok=True)
-    if bucket_out:
-        for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)
-            _fetch_previous(storage.join(bucket_out, part), out / part)
+    for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)
+        _fetch_previous(loc.join(part), out / part)
     runtime.connect(cfg.runtime)
     tcfg = cfg.synthesis.train
     start = time.perf_counter()
@@ -98,10 +104,8 @@ def train_synthesis(
         cache_mod.batch_indices(
             int(info["rows"]), 0, world=tcfg.num_workers, rank=0, batch=tcfg.batch_size, seed=0
         )
-        inputs = {"source": source, "cache": str(out / "cache")}
-        if bucket_out:
-            inputs = _upload_inputs(out, bucket_out, source)
-        result = _fit(cfg, inputs, shared, run.info.run_id, tracking.tracking_uri(cfg.tracking))
+        inputs = _share_inputs(out, loc, source)
+        result = _fit(cfg, inputs, loc, run.info.run_id, tracking.tracking_uri(cfg.tracking))
         if result.checkpoint is None:
             raise ModelError(f"training under {run_dir} finished without a checkpoint")
         ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
@@ -210,36 +214,41 @@ def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:
 
 
 def _fetch_previous(uri: str | Path, dst: Path) -> None:
-    """Copy what an earlier attempt uploaded to ``uri`` (base model, cache) into ``dst``."""
-    if storage.is_dir(uri):
+    """Copy what an earlier attempt uploaded to ``uri`` (base model, cache) into ``dst``
+    (nothing to do when ``uri`` is ``dst``: a local run keeps them in place)."""
+    if str(uri) != str(dst) and storage.is_dir(uri):
         copy_tree(storage.local_input(uri), dst)
 
 
-def _upload_inputs(out: Path, bucket_out: str, source: str) -> dict[str, str]:
-    """Upload the training cache (and a base model built under ``out``) next to the run in the
-    bucket, each with its completion marker, for workers on any node; their URIs."""
-    cache = str(storage.join(bucket_out, "cache"))
+def _share_inputs(out: Path, loc: storage.OutputLocation, source: str) -> dict[str, str]:
+    """The training cache (and a base model built under ``out``) where the workers read them:
+    beside the run at the location, each uploaded with its completion marker when the location
+    is an object store (workers on any node fetch them); their paths or URIs."""
+    cache = loc.join("cache")
     _upload_changed(out / "cache", cache, cache_mod.INFO)
     if Path(source) == out / "base":
-        source = str(storage.join(bucket_out, "base"))
+        source = str(loc.join("base"))
         _upload_changed(out / "base", source, C.BASE_INFO)
-    return {"source": source, "cache": cache}
+    return {"source": str(source), "cache": str(cache)}
 
 
-def _upload_changed(local: Path, uri: str, info: str) -> None:
-    """Upload ``local`` to ``uri`` unless a complete copy with the same ``info`` file (the
-    inputs it was built from) is there already, as after a rerun that reused it."""
+def _upload_changed(local: Path, uri: str | Path, info: str) -> None:
+    """Upload ``local`` to ``uri`` unless it is ``local`` itself, or a complete copy with the
+    same ``info`` file (the inputs it was built from) is there already, as after a rerun that
+    reused it."""
+    if str(local) == str(uri):
+        return
     same = storage.is_complete(uri) and storage.is_file(storage.join(uri, info))
     if not (same and storage.read_text(storage.join(uri, info)) == (local / info).read_text()):
-        storage.upload_dir(local, uri)
+        storage.upload_dir(local, str(uri))
 
 
-def _fit(cfg: Config, inputs: dict[str, str], shared: str | Path, run_id: str, uri: str):
+def _fit(cfg: Config, inputs: dict[str, str], loc: storage.OutputLocation, run_id: str, uri: str):
     tcfg = cfg.synthesis.train
     config = {
         "cfg": cfg.model_dump(mode="json"),
         **inputs,  # source (base model) and cache: local paths or URIs
-        "run_dir": str(storage.join(shared, "ray", RUN_NAME)),
+        "run_dir": str(loc.join("ray", RUN_NAME)),
         "tracking": {"uri": uri, "run_id": run_id},
     }
     return training.fit(
@@ -249,13 +258,13 @@ def _fit(cfg: Config, inputs: dict[str, str], shared: str | Path, run_id: str, u
         num_workers=tcfg.num_workers,
         use_gpu=tcfg.use_gpu,
         cpus_per_worker=tcfg.cpus_per_worker,
-        storage=storage.join(shared, "ray"),
+        storage=loc.sub("ray"),
         name=RUN_NAME,
         section="synthesis.train",
     )
 
 
-def _check_run(cfg: Config, run_dir: str | Path, shared: str | Path) -> None:
+def _check_run(cfg: Config, run_dir: str | Path, loc: storage.OutputLocation) -> None:
     """Settings and an existing checkpoint checked on the driver, before any worker starts."""
     tcfg = cfg.synthesis.train
     training.check_run(
@@ -265,7 +274,7 @@ def _check_run(cfg: Config, run_dir: str | Path, shared: str | Path) -> None:
         section="synthesis.train",
         model_section="synthesis.model",
         model_config=cfg.synthesis.model.model_dump(mode="json"),
-        fresh=f"delete {storage.join(shared, 'ray')} to start fresh",
+        fresh=f"delete {loc.join('ray')} to start fresh",
     )
 
 
@@ -305,8 +314,7 @@ class _Worker:
         self.cfg = Config.model_validate(config["cfg"])
         self.t = self.cfg.synthesis.train
         # URIs (an object-store --out) are fetched once per node into the local cache.
-        source = config["source"]
-        self.source: str = str(storage.local_input(source)) if storage.is_uri(source) else source
+        self.source: str = str(storage.localize(config["source"]))
         self.cache_dir = storage.local_input(config["cache"])
         self.ctx = training.WorkerContext.from_ray(
             use_gpu=self.t.use_gpu,

@@ -1,4 +1,5 @@
-"""``meddiff thor``: train the DDPM, detect anomalies in a folder, evaluate against masks."""
+"""``meddiff thor``: train the DDPM, detect anomalies in a folder or a volume (NIfTI, DICOM,
+a PACS), evaluate against masks, calibrate the SEG threshold."""
 
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "training goes, the rest uploaded at the end); rerun to resume",
     )  # fmt: skip
     train.add_argument(
-        "--fresh", action="store_true", help="delete --out (also an s3:// one) and start over"
+        "--fresh",
+        action="store_true",
+        help="delete what meddiff wrote at --out (checkpoints, model; also an s3:// one) and "
+        "start over",
     )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
@@ -42,7 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "detect", help="write an anomaly map PNG per image and a CSV of image scores"
     )
     _model_args(detect)
-    detect.add_argument("--out", required=True, type=path_arg, help="output folder or s3:// prefix")
+    detect.add_argument(
+        "--out", required=True, type=location_arg,
+        help="output folder or s3:// prefix, or a PACS (dicomweb://HOST:PORT/PREFIX) to store a "
+        "DICOM input's SEG and map in (kept locally too)",
+    )  # fmt: skip
+    detect.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
+    )
     detect.add_argument("--method", choices=METHODS, help="default: thor.infer.method (thor)")
     add_config_arguments(detect)
     detect.set_defaults(handler=_detect)
@@ -52,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(evaluate)
     evaluate.add_argument(
-        "--masks", required=True, type=path_arg, help="PNG masks, same file names (or s3://)"
-    )
+        "--masks", required=True, type=path_arg,
+        help="PNG masks, same file names (or s3://); for a volume, a NIfTI mask on its voxel grid",
+    )  # fmt: skip
     evaluate.add_argument(
         "--method", action="append", choices=METHODS,
         help="method to evaluate (repeat for several; default thor)",
@@ -62,11 +76,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", type=path_arg, help="folder or s3:// prefix for metrics.json and report.html"
     )
     evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace meddiff's earlier output at --out (files meddiff did not write stay)",
+    )
+    evaluate.add_argument(
         "--box-protocol", choices=("auto", "on", "off"), default="auto",
         help="5%%-FPR box protocol: auto applies it when every mask is made of rectangles",
     )  # fmt: skip
     add_config_arguments(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+    calibrate = cmds.add_parser(
+        "calibrate",
+        help="measure the SEG threshold on healthy slices and store it with the model",
+    )
+    _model_args(calibrate)
+    calibrate.add_argument(
+        "--quantile", type=float, default=0.95,
+        help="threshold = this quantile of the map over healthy brain pixels (0.95: at most 5%% "
+        "of them exceed it)",
+    )  # fmt: skip
+    add_config_arguments(calibrate)
+    calibrate.set_defaults(handler=_calibrate)
 
     ship = cmds.add_parser(
         "ship", help="copy a finished training run's model with its provenance (the demo's model)"
@@ -91,12 +123,22 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         "models:/NAME@ALIAS",
     )  # fmt: skip
     parser.add_argument(
-        "--images", required=True, type=path_arg, help="folder of grayscale PNGs (or s3://)"
-    )
+        "--images", required=True, type=location_arg,
+        help="folder of grayscale PNGs (or s3://), a NIfTI volume, a folder holding one DICOM "
+        "series, or a series on a PACS: dicomweb://HOST:PORT/PREFIX/studies/UID/series/UID",
+    )  # fmt: skip
     parser.add_argument(
         "--stride", type=int,
         help="fast mode: visit every STRIDE-th step with DDIM updates (thor.infer.stride)",
     )  # fmt: skip
+
+
+def location_arg(text: str) -> str | Path:
+    """A path, an object-store URI, or a DICOMweb location (kept as text: ``Path`` would fold
+    ``dicomweb://`` to ``dicomweb:/``)."""
+    return (
+        text if text.startswith(("dicomweb://", "dicomwebs://", "dicomweb:/")) else path_arg(text)
+    )
 
 
 def _config(args: argparse.Namespace):
@@ -113,27 +155,30 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     data = storage.local_input(args.data)
-    # A URI --out: Ray Train's checkpoints go straight to its ray/ (from every node, kept by the
-    # upload), so a rerun resumes from them; the rest is written locally and uploaded at the end.
-    bucket = str(args.out) if storage.is_uri(args.out) else None
-    with storage.local_output(args.out, keep=("ray",)) as out:
-        summary = train_thor(cfg, data, out, fresh=args.fresh, bucket_out=bucket)
-        summary = storage.rebase(summary, out, args.out)
+    # Ray Train's checkpoints go straight to --out's ray/ (from every node; kept by an object
+    # store's upload), so a rerun resumes from them.
+    with storage.OutputLocation.open(args.out, keep=("ray",), resume=True) as loc:
+        summary = loc.rebase(train_thor(cfg, data, loc, fresh=args.fresh))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _detect(args: argparse.Namespace) -> int:
     from meddiff import storage
+    from meddiff.thor import volumes
     from meddiff.thor.detect import detect_folder
     from meddiff.thor.evaluate import method_config
 
     cfg = _config(args)
     if args.method:
         cfg = method_config(cfg, args.method)
+    if volumes.is_volume_input(args.images) or volumes.dicomweb.is_dicomweb(args.out):
+        summary = volumes.detect(cfg, args.model, args.images, args.out, overwrite=args.overwrite)
+        print(json.dumps(summary, indent=2))
+        return 0
     images = storage.local_input(args.images)
-    with storage.local_output(args.out) as out:
-        summary = storage.rebase(detect_folder(cfg, args.model, images, out), out, args.out)
+    with storage.OutputLocation.open(args.out, overwrite=args.overwrite) as loc:
+        summary = loc.rebase(detect_folder(cfg, args.model, images, loc))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -143,19 +188,36 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from meddiff import storage
     from meddiff.thor.evaluate import evaluate_folder
+    from meddiff.thor.volumes import local_source
 
     cfg = _config(args)
     methods = args.method or [cfg.thor.infer.method]
     box = {"auto": None, "on": True, "off": False}[args.box_protocol]
-    images, masks = storage.local_input(args.images), storage.local_input(args.masks)
+    images, masks = local_source(args.images), storage.local_input(args.masks)
     with (
-        storage.local_output(args.out) if args.out else contextlib.nullcontext()
-    ) as out:  # fmt: skip
+        storage.OutputLocation.open(args.out, overwrite=args.overwrite)
+        if args.out
+        else contextlib.nullcontext()
+    ) as loc:  # fmt: skip
         summary = evaluate_folder(
-            cfg, args.model, images, masks, list(dict.fromkeys(methods)), out, box
+            cfg, args.model, images, masks, list(dict.fromkeys(methods)), loc and loc.staging, box
         )
-        summary = storage.rebase(summary, out, args.out) if out else summary
+        summary = loc.rebase(summary) if loc else summary
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from meddiff import storage
+    from meddiff.thor.calibrate import calibrate
+
+    cfg = _config(args)
+    command = shlex.join(["meddiff", *sys.argv[1:]])
+    record = calibrate(cfg, args.model, storage.local_input(args.images), args.quantile, command)
+    print(json.dumps(record, indent=2))
     return 0
 
 

@@ -152,20 +152,43 @@ def healthy_dataset(
     return ds.map_batches(ReadPng(image_size, images), batch_size=64).select_columns(["image"])
 
 
-def repeat_dataset(ds: ray.data.Dataset, min_rows: int) -> tuple[ray.data.Dataset, int]:
+def check_slice_count(n: int, epoch_images: int, min_images: int) -> None:
+    """Refuse a training set of ``n`` slices below ``min_images`` (``thor.train.min_images``).
+
+    Raises:
+        DataError: no slices, or fewer than ``min_images`` (the message says how often each
+            would be repeated per epoch of ``epoch_images``).
+    """
+    if n == 0:
+        raise DataError("the training data produced no slices")
+    if n < min_images:
+        them = "them" if n > 1 else "it"
+        raise DataError(
+            f"the training data gave {n} slice{'s' if n > 1 else ''}, fewer than "
+            f"thor.train.min_images={min_images}: each would be repeated "
+            f"{math.ceil(epoch_images / n)} times per epoch and the model would learn {them}, "
+            "not healthy anatomy; give more slices (or, knowingly, lower thor.train.min_images)"
+        )
+
+
+def repeat_dataset(
+    ds: ray.data.Dataset, min_rows: int, min_images: int = 1
+) -> tuple[ray.data.Dataset, int]:
     """``ds`` read once and, if smaller than ``min_rows``, repeated until an epoch has at least
     ``min_rows`` rows. Returns (dataset, rows per epoch).
 
     A large set is only materialised. A small one (repeated) is gathered and tiled in memory,
     which costs at most ``min_rows`` images; each repeat still gets its own augmentation
     downstream, and the pipeline restarts once per ``min_rows`` rows rather than per pass.
+
+    Raises:
+        DataError: fewer than ``min_images`` slices (``thor.train.min_images``).
     """
     import ray.data
 
     base = ds.materialize()
     n = base.count()
-    if n == 0:
-        raise DataError("the training data produced no slices")
+    check_slice_count(n, min_rows, min_images)
     reps = max(1, math.ceil(min_rows / n))
     if reps == 1:
         return base, n

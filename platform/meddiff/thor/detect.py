@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from meddiff.data.images import (
     write_png,
 )
 from meddiff.errors import ConfigError
+from meddiff.thor.reference import check_images
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def image_seed(name: str, base: int) -> int:
 
 
 class ThorStage:
-    """Ray Data stage: ``{"path", ["mask_path"]}`` batches → maps, reconstructions and scores.
+    """Ray Data stage: ``{"path", ["mask_path"]}`` batches (or in-memory ``{"name", "image",
+    ["mask"]}`` slices) → maps, reconstructions and scores.
 
     Output columns: ``name``, ``score`` float, ``anomaly_map`` and ``reconstruction`` float32
     (n, H, W), ``image`` float32 (n, H, W) and, with masks, ``mask`` bool (n, H, W).
@@ -74,9 +76,13 @@ class ThorStage:
         import torch
 
         size = self.model.image_size
-        paths = [str(p) for p in batch["path"]]
-        images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
-        names = [Path(p).name for p in paths]
+        if "image" in batch:  # slices cut from a volume (meddiff.thor.volumes), already in [0, 1]
+            images = np.stack(list(batch["image"])).astype(np.float32)
+            names = [str(n) for n in batch["name"]]
+        else:
+            paths = [str(p) for p in batch["path"]]
+            images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
+            names = [Path(p).name for p in paths]
         seeds = [image_seed(n, self.cfg.runtime.seed) for n in names]
         det = self.inferer(self.model.unet, torch.from_numpy(images)[:, None], seeds=seeds)
         out = {
@@ -86,7 +92,9 @@ class ThorStage:
             "reconstruction": det.reconstruction[:, 0].numpy(),
             "image": images,
         }
-        if "mask_path" in batch:
+        if "mask" in batch:
+            out["mask"] = np.stack(list(batch["mask"])).astype(bool)
+        elif "mask_path" in batch:
             out["mask"] = np.stack(
                 [read_mask(m, img.shape) for m, img in zip(batch["mask_path"], images, strict=True)]
             )
@@ -105,6 +113,8 @@ class FolderResult:
     masks: np.ndarray | None  # bool (N, H, W)
     plan: dict[str, Any]
     seconds: float
+    # Per image: why it looks unlike the model's training data ("" when it does not).
+    unlike: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -116,7 +126,7 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
     against the model's schedule (T, harmonization steps) before any work starts."""
     from meddiff.thor.inferer import ThorInferer
     from meddiff.thor.model import read_model_config
-    from meddiff.thor.perceptual import map_kind
+    from meddiff.thor.perceptual import map_kind, min_image_size
     from meddiff.thor.schedule import DDPMSchedule
     from meddiff.tracking import fetch_model
 
@@ -139,6 +149,13 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
             f"as training did: {setting}"
         )
     plan = {**inferer.describe(), "image_size": unet_cfg.image_size}
+    smallest = min_image_size(cfg.thor.infer.lpips)
+    if cfg.thor.infer.method == "thor" and unet_cfg.image_size < smallest:
+        raise ConfigError(
+            f"thor.infer.lpips={cfg.thor.infer.lpips} needs images of at least {smallest}x"
+            f"{smallest} pixels; the model {model_ref} takes {unet_cfg.image_size}x"
+            f"{unet_cfg.image_size} (set thor.infer.lpips=off for residual-only maps)"
+        )
     if cfg.thor.infer.method == "thor":
         plan["map_kind"] = map_kind(cfg.thor.infer.lpips)
         plan["residual_only"] = cfg.thor.infer.lpips == "off"
@@ -149,27 +166,50 @@ def run_folder(
     cfg: Config, model_ref: str, images_dir: str | Path, masks_dir: str | Path | None = None
 ) -> FolderResult:
     """Run detection on every PNG of ``images_dir`` through Ray Data; results in memory."""
-    import ray
-    import ray.data
-
-    from meddiff import runtime
-
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
-    if storage.is_uri(model_ref):
-        # Fetched here, where the storage settings and credentials are, as `synth generate`
-        # fetches a registry model: the Ray workers get the local copy.
+    if not str(model_ref).startswith(("models:/", "runs:/")):
+        # An object-store model is fetched here, where the storage settings and credentials
+        # are, as `synth generate` fetches a registry model: the Ray workers get the local copy.
         from meddiff.tracking import fetch_model
 
         model_ref = str(fetch_model(model_ref, cfg.tracking))
     plan = plan_for(cfg, str(model_ref))
     check_headers(files, plan["image_size"], masks)
     plan["intensity"] = intensity_summary(files, cfg.data.images)
-    runtime.connect(cfg.runtime)
     items = [{"path": str(f)} for f in files]
     if masks is not None:
         for item, m in zip(items, masks, strict=True):
             item["mask_path"] = str(m)
+    merged, seconds = infer_items(cfg, str(model_ref), items)
+    order = np.argsort(merged["name"].astype(str), kind="stable")
+    names = [str(n) for n in merged["name"][order]]
+    images = merged["image"][order]
+    unlike, plan["data_check"] = check_images(model_reference(cfg, model_ref), images, names)
+    return FolderResult(
+        names=names,
+        scores=merged["score"][order],
+        maps=merged["anomaly_map"][order],
+        reconstructions=merged["reconstruction"][order],
+        images=images,
+        masks=merged["mask"][order] if "mask" in merged else None,
+        plan=plan,
+        seconds=seconds,
+        unlike=unlike,
+    )
+
+
+def infer_items(
+    cfg: Config, model_ref: str, items: list[dict[str, Any]]
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run :class:`ThorStage` over ``items`` (rows of PNG paths or in-memory slices) on Ray Data;
+    returns its output columns, concatenated in no particular order, and the seconds taken."""
+    import ray
+    import ray.data
+
+    from meddiff import runtime
+
+    runtime.connect(cfg.runtime)
     ic = cfg.thor.infer
     # Asked of the cluster, not the driver: on a cluster the head has no GPU, the workers do.
     gpus = ic.num_gpus
@@ -194,33 +234,41 @@ def run_folder(
         for k, v in batch.items():
             rows.setdefault(k, []).append(v)
     seconds = time.perf_counter() - start
-    merged = {k: np.concatenate(v) for k, v in rows.items()}
-    order = np.argsort(merged["name"].astype(str), kind="stable")
-    return FolderResult(
-        names=[str(n) for n in merged["name"][order]],
-        scores=merged["score"][order],
-        maps=merged["anomaly_map"][order],
-        reconstructions=merged["reconstruction"][order],
-        images=merged["image"][order],
-        masks=merged["mask"][order] if "mask" in merged else None,
-        plan=plan,
-        seconds=seconds,
-    )
+    return {k: np.concatenate(v) for k, v in rows.items()}, seconds
+
+
+def model_reference(cfg: Config, model_ref: str) -> dict[str, Any] | None:
+    """The training-image statistics a model recorded (``info.reference``), or None."""
+    from meddiff.thor.model import read_model_config
+    from meddiff.tracking import fetch_model
+
+    return read_model_config(fetch_model(model_ref, cfg.tracking))[2].get("reference")
 
 
 def detect_folder(
-    cfg: Config, model_ref: str, images_dir: str | Path, out_dir: str | Path
+    cfg: Config,
+    model_ref: str,
+    images_dir: str | Path,
+    out_dir: str | Path | storage.OutputLocation,
 ) -> dict[str, Any]:
     """Write ``OUT/maps/<name>.png`` (16-bit, value = anomaly map in [0, 1)),
     ``OUT/reconstructions/<name>.png``, ``OUT/scores.csv`` and ``OUT/detect.json``.
 
-    The folder is assembled under a temporary name and renamed when complete.
+    ``out_dir`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened
+    here). The folder is assembled under a temporary name and put in place when complete.
     """
+    with storage.OutputLocation.use(out_dir) as loc:
+        return _detect_folder(cfg, model_ref, images_dir, loc)
+
+
+def _detect_folder(
+    cfg: Config, model_ref: str, images_dir: str | Path, loc: storage.OutputLocation
+) -> dict[str, Any]:
     import mlflow
 
     from meddiff import tracking
 
-    out = Path(out_dir)
+    out = loc.staging
     with tracking.start_run(cfg, "thor-detect", nested=mlflow.active_run() is not None):
         result = run_folder(cfg, model_ref, images_dir)
         plan = result.plan
@@ -232,9 +280,9 @@ def detect_folder(
             write_png(tmp / "reconstructions" / name, rec, bits=16)
         with open(tmp / "scores.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["name", "score", "method", "map_kind"])
-            for name, score in zip(result.names, result.scores, strict=True):
-                writer.writerow([name, f"{score:.6g}", plan["method"], plan["map_kind"]])
+            writer.writerow(["name", "score", "method", "map_kind", "unlike_training"])
+            for name, score, unlike in zip(result.names, result.scores, result.unlike, strict=True):
+                writer.writerow([name, f"{score:.6g}", plan["method"], plan["map_kind"], unlike])
         summary = {
             "images": len(result.names),
             "model": str(model_ref),
@@ -245,15 +293,21 @@ def detect_folder(
             "outputs": {
                 "maps": "maps/<name>.png, 16-bit grayscale, value/65535 = anomaly map",
                 "reconstructions": "reconstructions/<name>.png, pseudo-healthy image",
-                "scores": "scores.csv: name, score (mean of the map), method, map_kind",
+                "scores": "scores.csv: name, score (mean of the map), method, map_kind, "
+                "unlike_training (why the image looks unlike the model's training data; empty "
+                "when it does not)",
             },
         }
         (tmp / "detect.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        loc.install(tmp)
         mlflow.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
-        mlflow.log_metrics({"images": len(result.names), "images_per_s": result.images_per_s})
+        mlflow.log_metrics(
+            {
+                "images": len(result.names),
+                "images_per_s": result.images_per_s,
+                "unlike_training": sum(bool(u) for u in result.unlike),
+            }
+        )
         mlflow.log_artifact(str(out / "scores.csv"))
         mlflow.log_dict(summary, "detect.json")
     return summary

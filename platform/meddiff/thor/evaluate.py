@@ -18,7 +18,7 @@ import numpy as np
 from meddiff.config import Config
 from meddiff.files import write_json, write_text
 from meddiff.reports import provenance
-from meddiff.thor.detect import FolderResult, run_folder
+from meddiff.thor.detect import FolderResult
 from meddiff.thor.metrics import evaluate_maps, summary_row
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def evaluate_folder(
     import mlflow
 
     from meddiff import tracking
+    from meddiff.thor.volumes import input_label, run_input
 
     if not isinstance(methods, Mapping):
         methods = {m: method_config(cfg, m) for m in methods}
@@ -60,10 +61,11 @@ def evaluate_folder(
     outputs: dict[str, dict[str, np.ndarray]] = {}
     first: FolderResult | None = None
     with tracking.start_run(cfg, "thor-evaluate", nested=mlflow.active_run() is not None):
-        mlflow.log_params({"thor.eval.images": str(images_dir), "thor.eval.masks": str(masks_dir)})
+        shown = input_label(images_dir)
+        mlflow.log_params({"thor.eval.images": shown, "thor.eval.masks": str(masks_dir)})
         for label, mcfg in methods.items():
-            log.info("evaluating %s on %s", label, images_dir)
-            res = run_folder(mcfg, model_ref, images_dir, masks_dir)
+            log.info("evaluating %s on %s", label, shown)
+            res = run_input(mcfg, model_ref, images_dir, masks_dir)
             first = first or res
             metrics = evaluate_maps(res.maps, res.masks, res.scores, mcfg.thor.eval, box_protocol)
             results[label] = {
@@ -83,7 +85,7 @@ def evaluate_folder(
         notes = _notes(results)
         summary = {
             "model": str(model_ref),
-            "images": str(images_dir),
+            "images": shown,
             "masks": str(masks_dir),
             "notes": notes,
             "methods": results,
@@ -107,6 +109,10 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
             )
         elif "RANDOM" in r["plan"]["map_kind"]:
             notes.append(f"{label}: LPIPS used a RANDOM backbone (tests only); not perceptual.")
+    # Every method read the same images: one note about them, from the first.
+    check = next(iter(results.values()), {}).get("plan", {}).get("data_check") or {}
+    if check.get("warning"):
+        notes.append(f"Input: {check['warning']}.")
     return notes
 
 
@@ -135,13 +141,13 @@ def _write_outputs(out: Path, summary: dict[str, Any], html: str) -> None:
 
 def metric_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of the headline metrics, one row per method."""
-    cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc", "small_auprc",
-            "medium_auprc", "large_auprc"]  # fmt: skip
+    cols = ["pixel_auprc", "pixel_auprc_chance", "pixel_auroc", "best_dice", "image_auroc",
+            "small_auprc", "medium_auprc", "large_auprc"]  # fmt: skip
     # The schedule column is as wide as its longest entry, so the numbers stay aligned.
     width = max([8, *(len(r["plan"]["schedule"]) for r in summary["methods"].values())])
     head = (
         f"{'method':<12} {'schedule':<{width}} "
-        + " ".join(f"{c:>12}" for c in cols)
+        + " ".join(f"{c.replace('pixel_auprc_chance', 'auprc_chance'):>12}" for c in cols)
         + f" {'img/s':>8}"
     )
     lines = [head, "-" * len(head)]

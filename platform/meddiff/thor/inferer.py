@@ -201,6 +201,8 @@ class ThorInferer:
         x_t = self.schedule.add_noise(x * 2 - 1, eps, self.level)
         recorded: list[torch.Tensor] = []
         step_maps: dict[int, torch.Tensor] = {}
+        # The input is the same at every map step: its LPIPS features are computed once.
+        ref = self.perceptual.features(x) if self.perceptual is not None else None
         harmonize = set(self.harmonization)
         record = set(self.map_steps) if self.method == "thor" else set()
         for i, t in enumerate(self.steps):
@@ -222,7 +224,10 @@ class ThorInferer:
             if t not in record:
                 continue
             x0_img = ((x0 + 1) / 2).clamp(0.0, 1.0)
-            lp = self.perceptual(x0_img, x) if self.perceptual is not None else None
+            lp = None
+            if self.perceptual is not None:
+                feats = self.perceptual.features(x0_img)
+                lp = self.perceptual.distance(feats, ref, tuple(x.shape[-2:]))
             m = maps.anomaly_map(x0_img, x, lp, self.cfg.lpips_sigma)
             recorded.append(m)
             if keep_step_maps:

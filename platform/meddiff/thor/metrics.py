@@ -2,7 +2,8 @@
 
 Protocol (THOR's brain evaluation, from the official evaluator):
 
-- pixel AUPRC (average precision) and AUROC over all pixels of the lesion images,
+- pixel AUPRC (average precision) and AUROC over all pixels of the lesion images, with AUPRC's
+  chance level (the lesion pixel fraction) beside it,
 - best Dice over 101 thresholds in [0, 1] (a pixel is predicted anomalous when its map value is
   above the threshold; Dice pooled over all pixels),
 - the same per lesion-size stratum: small (3, 71], medium (71, 570], large > 570 lesion pixels at
@@ -33,10 +34,19 @@ def strata_bounds(cfg: ThorEvalConfig, image_size: int) -> dict[str, tuple[float
 
 
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, thresholds: int = 101) -> dict[str, Any]:
-    """AUPRC, AUROC and best Dice of maps (N, H, W) against bool masks (N, H, W)."""
+    """AUPRC, AUROC and best Dice of maps (N, H, W) against bool masks (N, H, W).
+
+    ``chance_auprc`` is the AUPRC of a map that knows nothing (random or constant): the share of
+    lesion pixels (the precision of every threshold of such a map, in expectation), so a pixel
+    AUPRC reads against it; AUROC's chance level is always 0.5.
+    """
     scores = maps.reshape(-1).astype(np.float64)
     labels = masks.reshape(-1).astype(bool)
-    out: dict[str, Any] = {"images": int(maps.shape[0]), "lesion_pixels": int(labels.sum())}
+    out: dict[str, Any] = {
+        "images": int(maps.shape[0]),
+        "lesion_pixels": int(labels.sum()),
+        "chance_auprc": float(labels.mean()) if labels.size else None,
+    }
     if labels.all() or not labels.any():
         out.update(auprc=None, auroc=None, best_dice=None, best_dice_threshold=None)
         return out
@@ -173,6 +183,7 @@ def summary_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     px = metrics.get("pixel") or {}
     row: dict[str, float | None] = {
         "pixel_auprc": px.get("auprc"),
+        "pixel_auprc_chance": px.get("chance_auprc"),
         "pixel_auroc": px.get("auroc"),
         "best_dice": px.get("best_dice"),
         "image_auroc": metrics.get("image_auroc"),

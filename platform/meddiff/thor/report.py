@@ -73,7 +73,7 @@ def render_report(
 ) -> str:
     """HTML text. ``results[method]`` holds ``metrics`` and ``plan``; ``outputs[method]`` holds
     ``maps`` and ``reconstructions`` (N, H, W) in the order of ``names``."""
-    cols = ["pixel_auprc", "pixel_auroc", "best_dice", "image_auroc"]
+    cols = ["pixel_auprc", "pixel_auprc_chance", "pixel_auroc", "best_dice", "image_auroc"]
     cols += [f"{s}_{m}" for s in STRATA for m in ("auprc", "dice")]
     if any("box" in r["metrics"] for r in results.values()):
         cols += ["box_precision", "box_recall", "box_f1"]

@@ -88,10 +88,23 @@ def ship(run: str | Path, data: str | Path, out: str | Path, command: str) -> di
         "mlflow_run_id": summary.get("run_id"),
     }
     unet_cfg, schedule_cfg, _ = read_model_config(run / "model")
+    if not info.get("reference"):  # trained before runs recorded it: from the same slices
+        info = {**info, "reference": training_reference(data / "train", info.get("intensity"))}
     # Re-saved rather than copied, so the weights are safetensors whatever the run wrote.
     unet = load_model(run / "model").unet
     common.write_shipped(out, lambda d: save_model(d, unet, unet_cfg, schedule_cfg, info), record)
     return record
+
+
+def training_reference(folder: str | Path, intensity: dict | None) -> dict[str, Any]:
+    """:func:`meddiff.thor.reference.reference_statistics` of a folder of training slices, read
+    as the model read them (``info.intensity``, the ``data.images`` settings)."""
+    from meddiff.config.data import ImageConfig
+    from meddiff.data.images import load_folder
+    from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
+
+    images = load_folder(folder, cfg=ImageConfig.model_validate(intensity or {})).images
+    return reference_statistics(images[:REFERENCE_IMAGES])
 
 
 def provenance(model_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
@@ -104,8 +117,11 @@ def provenance(model_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
 
 
 def register_shipped(cfg: Config, model_dir: str | Path = SHIPPED_DIR) -> str:
-    """Register the shipped model (a new version of ``thor-ddpm-shipped``) with its provenance as
-    model-version tags; returns its ``models:/`` URI."""
+    """Register the shipped model (a new version of ``thor-ddpm-shipped``) with its provenance and
+    its calibrated SEG thresholds (:mod:`meddiff.thor.calibrate`) as model-version tags; returns
+    its ``models:/`` URI."""
+    from meddiff.thor import calibrate
+
     return common.register_shipped(
         cfg,
         model_dir,
@@ -113,4 +129,5 @@ def register_shipped(cfg: Config, model_dir: str | Path = SHIPPED_DIR) -> str:
         name=REGISTERED_NAME,
         job="thor-shipped",
         what="Shipped THOR model",
+        tags=calibrate.version_tags(model_dir),
     )

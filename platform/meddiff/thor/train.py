@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,43 +36,50 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "thor-train"
 MODEL_DIR = "model"
+SUMMARY = "train_summary.json"  # written last: the run finished (and registered)
 FRESH = "rerun with --fresh to start over"
 
 
 def train_thor(
     cfg: Config,
     data: str | Path,
-    out: str | Path,
+    out: str | Path | storage.OutputLocation,
     *,
     fresh: bool = False,
-    bucket_out: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) and return a summary: model dir, steps, loss, registry version.
 
-    Ray Train's checkpoints go to ``out/ray``; with ``bucket_out`` (the object-store URI that
-    ``out`` is uploaded to when the job ends) to ``bucket_out/ray`` instead, which every node
-    writes to and a rerun resumes from.
+    ``out`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened here):
+    Ray Train's checkpoints go straight to its ``ray/`` (for an object store, from every node),
+    which a rerun resumes from; the rest is written to its staging folder.
 
     Raises:
         DataError: the training data cannot be read (named file).
         ConfigError: impossible settings (fp16 without GPUs, DeepSpeed without its package, ...);
             a checkpoint in ``out`` written with another strategy or architecture.
     """
+    with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
+        return _train_thor(cfg, data, loc, fresh=fresh)
+
+
+def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, fresh: bool):
     import mlflow
     import ray
 
     from meddiff import runtime, tracking
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
+    from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
 
     tc = cfg.thor.train
-    out = Path(out).resolve()
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    ray_storage = storage.join(bucket_out, "ray") if bucket_out else out / "ray"
-    if fresh and bucket_out:
-        storage.delete_dir(bucket_out)  # all of it: an old model must not outlive its checkpoints
+    if fresh:
+        loc.start_over()  # all meddiff wrote: an old model must not outlive its checkpoints
+    out = loc.staging.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = storage.join(ray_storage, RUN_NAME)
+    ray_storage = loc.sub("ray")
+    run_dir = ray_storage.join(RUN_NAME)
+    done = training.finished_run(loc.join(SUMMARY), run_dir, tc.steps)
+    if done is not None:
+        return {**done, "model": str(loc.join(MODEL_DIR))}
     runtime.connect(cfg.runtime)
     use_gpu = tc.use_gpu
     if use_gpu is None:
@@ -92,16 +98,19 @@ def train_thor(
         mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
         tracking.log_input(data, context="training")
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
-        repeated, epoch_rows = repeat_dataset(base, tc.epoch_images)
+        repeated, epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
         if epoch_rows < tc.batch_size:
             raise DataError(
                 f"{data}: an epoch has {epoch_rows} slices, fewer than one batch of "
                 f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
             )
-        # Reconstruction grids show slices spread over the (first 512 of the) training set.
-        pool = [r["image"] for r in base.take(512)]
+        # Reconstruction grids show slices spread over the (first 512 of the) training set; the
+        # statistics detection compares its images with come from the first 1024.
+        pool = np.stack([r["image"] for r in base.take(REFERENCE_IMAGES)])
+        reference = reference_statistics(pool)
+        pool = pool[:512]
         pick = np.linspace(0, len(pool) - 1, min(tc.num_samples, len(pool))).round().astype(int)
-        samples = np.stack([pool[i] for i in pick])
+        samples = pool[pick]
         # Augmentation runs as tasks: an actor pool would be restarted at every epoch.
         ds = repeated.map_batches(
             augment_batch_task,
@@ -122,6 +131,7 @@ def train_thor(
                 "use_gpu": use_gpu,
                 "samples": samples,
                 "epoch_rows": epoch_rows,
+                "reference": reference,
             },
             tc,
             num_workers=tc.num_workers,
@@ -155,14 +165,15 @@ def train_thor(
             summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
                 model_dir, tc.register_as
             )
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_dict(summary, "train_summary.json")
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        mlflow.log_dict(summary, SUMMARY)
     return summary
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker. ``config``: cfg (model_dump), tracking (uri, run_id), run_dir,
-    use_gpu, samples (reconstruction-grid slices), epoch_rows."""
+    use_gpu, samples (reconstruction-grid slices), epoch_rows, reference (the training slices'
+    statistics, saved with the model)."""
     import ray.train
 
     from meddiff.thor.noise import make_noise
@@ -255,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
             if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
-                _checkpoint(ctx, strategy, cfg, step, metrics, info)
+                _checkpoint(ctx, strategy, cfg, step, metrics, info, config.get("reference"))
             if step % tc.log_every == 0:
                 tick = time.perf_counter()  # images_per_s times training steps, not saving
             if last:
@@ -302,7 +313,9 @@ def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarr
     return (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def _checkpoint(ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict) -> None:
+def _checkpoint(
+    ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict, reference: dict | None
+) -> None:
     from meddiff.thor.model import save_model
 
     def write(tmp: Path) -> None:
@@ -320,6 +333,8 @@ def _checkpoint(ctx, strategy, cfg: Config, step: int, metrics: dict, info: dict
                     # Inference refuses a T the model never saw (see detect.plan_for).
                     "max_timestep": cfg.thor.train.max_timestep,
                     "intensity": cfg.data.images.reading(),  # detection must read the same way
+                    # What the training slices look like: detection warns when its images differ.
+                    "reference": reference,
                 },
             )
 

@@ -70,7 +70,7 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    uri = str(path) if storage.is_uri(path) else str(Path(path).absolute())
+    uri = storage.absolute(path)
     try:
         digest, kind = dataset_digest(path)
     except DataError as err:

@@ -73,17 +73,14 @@ def fetch_model(ref: str | Path, tracking: TrackingConfig, dst: str | Path | Non
     """
     from meddiff import storage
 
-    if storage.is_uri(ref):
-        local = storage.local_input(ref)
-        if not local.is_dir():
-            raise ModelError(f"model {ref} is a single object, not a model directory")
-        return local
-    ref = str(ref)
-    if not ref.startswith(("models:/", "runs:/")):
-        path = Path(ref)
-        if not path.is_dir():
+    if not str(ref).startswith(("models:/", "runs:/")):
+        path = storage.local_input(ref)  # an object-store prefix: a local copy
+        if not path.exists():
             raise ModelError(f"model directory {path} does not exist")
+        if not path.is_dir():
+            raise ModelError(f"model {ref} is a single file or object, not a model directory")
         return path
+    ref = str(ref)
 
     import mlflow
 
@@ -97,4 +94,36 @@ def fetch_model(ref: str | Path, tracking: TrackingConfig, dst: str | Path | Non
         raise ModelError(
             f"cannot fetch model '{ref}': {err.message}; registered models: {known or 'none'}"
         ) from None
-    return Path(local)
+    local = Path(local)
+    if not any(local.iterdir()):
+        # MLflow answers an empty folder when the artifacts are gone (the store was moved or
+        # emptied): say so, instead of letting the caller report a folder of the wrong kind.
+        if dst is None:
+            local.rmdir()
+        raise ModelError(
+            f"artifacts missing at {artifact_location(ref)} (for {ref}): the registry's "
+            "artifact store was moved or emptied; restore it there or register the model again"
+        )
+    return local
+
+
+def artifact_location(ref: str) -> str:
+    """Where the files of ``models:/…`` or ``runs:/RUN/PATH`` are stored (the run's artifact
+    URI joined with the path); ``ref`` itself when that cannot be found out."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            from meddiff.tracking.aliases import parse_ref
+
+            name, alias, version = parse_ref(ref)
+            if alias:
+                version = client.get_model_version_by_alias(name, alias).version
+            ref = client.get_model_version_download_uri(name, version)
+        if ref.startswith("runs:/"):
+            run_id, _, path = ref[len("runs:/") :].partition("/")
+            return client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path
+    except mlflow.exceptions.MlflowException:
+        pass
+    return ref

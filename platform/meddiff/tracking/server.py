@@ -76,11 +76,8 @@ def artifacts_location(dest: str) -> str:
     """``dest`` as MLflow takes it: a URI unchanged, a local directory (created) as file:// URI."""
     from meddiff import storage
 
-    if storage.is_uri(dest):
-        return dest
-    path = Path(dest).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    return path.as_uri()
+    storage.make_dirs(dest)
+    return storage.as_uri(dest)
 
 
 def server_env(artifacts_destination: str, endpoint_url: str | None) -> dict[str, str]:

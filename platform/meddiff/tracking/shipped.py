@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from meddiff.config import Config
-from meddiff.errors import ModelError
+from meddiff.errors import DataError, ModelError
 from meddiff.files import read_format_json, write_json
 
 PROVENANCE = "provenance.json"
@@ -49,8 +49,14 @@ def run_record(run_id: str | None) -> tuple[dict[str, str], dict[str, str]]:
 def write_shipped(out: str | Path, write_model: Callable[[Path], None], record: dict) -> None:
     """Write a shipped model folder at ``out``, all or nothing: ``write_model(tmp)`` writes the
     model into a temporary folder, ``record`` goes beside it as ``provenance.json``, then the
-    folder is renamed over ``out``."""
+    folder is renamed over ``out``, an earlier shipped model (one with ``provenance.json``);
+    any other folder that holds files is refused (DataError), never deleted."""
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE).is_file():
+        raise DataError(
+            f"{out} holds files and is not a shipped model folder (no {PROVENANCE}); meddiff "
+            "replaces only its own: choose another --out"
+        )
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,12 +102,20 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
 
 
 def register_shipped(
-    cfg: Config, model_dir: str | Path, record: dict[str, Any], *, name: str, job: str, what: str
+    cfg: Config,
+    model_dir: str | Path,
+    record: dict[str, Any],
+    *,
+    name: str,
+    job: str,
+    what: str,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Register ``model_dir`` as a new version of ``name`` with ``record`` (its provenance) as
     model-version tags and as an artifact of the registering run (MLflow job ``job``, nested
     under an active run); returns its ``models:/`` URI. ``what`` starts the version's
-    description (e.g. ``"Shipped THOR model"``)."""
+    description (e.g. ``"Shipped THOR model"``); ``tags`` are further model-version tags (a THOR
+    model's calibrated thresholds)."""
     import mlflow
 
     from meddiff import tracking
@@ -111,7 +125,7 @@ def register_shipped(
         version = tracking.register_model(
             model_dir,
             name,
-            tags=version_tags(record),
+            tags={**version_tags(record), **(tags or {})},
             description=f"{what}, made by: {record.get('command', '')}",
         )
     return f"models:/{name}/{version}"

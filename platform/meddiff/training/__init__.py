@@ -15,7 +15,14 @@ Nothing here imports a model family.
 
 from meddiff.training.checkpoints import latest_checkpoint, read_marker, restored, save_and_report
 from meddiff.training.context import WorkerContext, step_generator
-from meddiff.training.driver import check_resume, check_run, check_training, fit, marker_info
+from meddiff.training.driver import (
+    check_resume,
+    check_run,
+    check_training,
+    finished_run,
+    fit,
+    marker_info,
+)
 from meddiff.training.strategy import deepspeed_config, make_strategy, resolve_precision
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "check_run",
     "check_training",
     "deepspeed_config",
+    "finished_run",
     "fit",
     "latest_checkpoint",
     "make_strategy",

@@ -8,13 +8,16 @@ adds (a model directory, EMA weights) and, written last by rank 0, ``meddiff_che
     {"step": 40, "strategy": "ddp", "zero_stage": 1, "precision": "fp32", "world_size": 2,
      "model_config": {...}, "time": ..., ...loop extras}
 
-Every rank also writes ``meddiff_rank<r>.json`` once its own part is stored. A folder without the
-marker, or without every rank's file, was interrupted while being written and is never used.
-Ray Train commits a checkpoint once every rank has reported it, keeps the newest
-``keep_checkpoints`` and hands the newest committed one to restarted workers
-(``ray.train.get_checkpoint``). Its controller learns of a report asynchronously, so a worker
-killed just after reporting can leave a complete checkpoint on storage that Ray never committed:
-:func:`restored` takes the newer of the two, so a restart loses at most one interval.
+Every rank also writes ``meddiff_rank<r>.json`` once its own part is stored, with the size of
+each of its files (``{"step": 40, "sizes": {"trainer_state.pt": 123456, ...}}``). A folder
+without the marker, or without every rank's file, was interrupted while being written and is
+never used; one whose files no longer have their recorded sizes (truncated or replaced since) is
+skipped with a warning, and the newest good checkpoint is resumed from.
+Ray Train commits a checkpoint once every rank has reported it and keeps the newest
+``keep_checkpoints``. Its controller learns of a report asynchronously, so a worker killed just
+after reporting can leave a complete checkpoint on storage that Ray never committed:
+:func:`restored` resumes from the newest good one on storage, committed or not, so a restart
+loses at most one interval.
 
 The run directory is a local path on a filesystem every node sees, or an object-store URI
 (``s3://bucket/run/ray/thor-train``): Ray Train then uploads each checkpoint from the worker's
@@ -25,6 +28,7 @@ node, and every function here reads it through :mod:`meddiff.storage`, so a reru
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -35,6 +39,8 @@ from typing import Any
 
 from meddiff import storage
 from meddiff.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
 
 MARKER = "meddiff_checkpoint.json"
 PREFIX = "checkpoint_"
@@ -87,27 +93,52 @@ def complete_step(path: str | Path, files: set[str] | None = None) -> int | None
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
-    """The newest complete checkpoint (highest step, see :func:`complete_step`) under
-    ``run_dir`` (a local folder or an object-store URI: then a URI too), or None.
+    """The newest complete, undamaged checkpoint under ``run_dir`` (a local folder or an
+    object-store URI: then a URI too), or None.
+
+    Complete: see :func:`complete_step`. Undamaged: every file has the size its rank recorded
+    when it stored it (a file truncated or replaced since would fail the load on every restart):
+    a damaged newer checkpoint is skipped with a warning, and the newest good one is used.
 
     Raises:
         DataError: ``run_dir`` is in a bucket that does not exist (or cannot be reached).
     """
-    if not storage.is_uri(run_dir):
-        dirs = [d for d in Path(run_dir).glob(f"{PREFIX}*") if d.is_dir()]
-        found = [(step, d) for d in dirs if (step := complete_step(d))]
-        return max(found)[1] if found else None
-    listed: dict[str, set[str]] = {}
-    for name in storage.list_files(run_dir):  # one listing for every checkpoint's files
+    listed: dict[str, dict[str, int]] = {}
+    for name, size in storage.file_sizes(run_dir).items():  # one listing for every checkpoint
         top, _, rest = name.partition("/")
         if top.startswith(PREFIX) and rest:
-            listed.setdefault(top, set()).add(rest)
-    found_uri = [
-        (step, storage.join(run_dir, top))
-        for top, names in listed.items()
-        if (step := complete_step(storage.join(run_dir, top), names))
+            listed.setdefault(top, {})[rest] = size
+    found = [
+        (step, top)
+        for top, files in listed.items()
+        if (step := complete_step(storage.join(run_dir, top), set(files)))
     ]
-    return max(found_uri)[1] if found_uri else None
+    for _, top in sorted(found, reverse=True):
+        path = storage.join(run_dir, top)
+        problem = _damage(path, listed[top])
+        if problem is None:
+            return path
+        log.warning(
+            "checkpoint %s is damaged (%s): skipped, resuming from an older one", path, problem
+        )
+    return None
+
+
+def _damage(path: str | Path, files: dict[str, int]) -> str | None:
+    """What is wrong with the files of the complete checkpoint ``path`` (name: size, as listed)
+    against the sizes each rank recorded in its rank file; None when nothing is (or a rank
+    file records no sizes: written by an older meddiff)."""
+    world = int(read_marker(path).get("world_size") or 1)
+    for rank in range(world):
+        try:
+            recorded = json.loads(storage.read_text(storage.join(path, _rank_file(rank))))
+        except (DataError, json.JSONDecodeError):
+            return f"{_rank_file(rank)} unreadable"
+        for name, size in (recorded.get("sizes") or {}).items():
+            if files.get(name) != size:
+                got = "missing" if files.get(name) is None else f"{files[name]} bytes"
+                return f"{name} is {got}, rank {rank} stored {size} bytes"
+    return None
 
 
 def save_and_report(
@@ -152,7 +183,8 @@ def save_and_report(
         shutil.rmtree(tmp, ignore_errors=True)
     stored = storage.join(ctx.run_dir, checkpoint_name(step))
     _wait_stored(stored, sizes)
-    storage.write_text(storage.join(stored, _rank_file(ctx.rank)), json.dumps({"step": step}))
+    record = {"step": step, "sizes": sizes}  # checked by latest_checkpoint before a resume
+    storage.write_text(storage.join(stored, _rank_file(ctx.rank)), json.dumps(record))
     if ctx.rank == 0:
         marker = {**info, "step": step, "time": time.time()}
         storage.write_text(storage.join(stored, MARKER), json.dumps(marker, indent=2))
@@ -180,39 +212,25 @@ def _wait_stored(stored: str | Path, sizes: dict[str, int]) -> None:
 
 @contextmanager
 def restored(run_dir: str | Path) -> Iterator[Path | None]:
-    """The checkpoint to resume from, as a local folder: the one Ray Train hands this worker
-    (the newest it committed) or, when newer, the newest complete one under ``run_dir`` that Ray
-    had not yet committed (on an object store: downloaded for the block's duration); None when
-    the run starts from scratch."""
-    import ray.train
+    """The checkpoint to resume from, as a local folder: the newest complete one under
+    ``run_dir`` (on an object store: downloaded for the block's duration); None when the run
+    starts from scratch.
 
-    on_storage = latest_checkpoint(run_dir)
-    # On an object store every checkpoint Ray committed is in the listing too, and Ray's own
-    # download (``as_directory``) shares one folder between the ranks of a node, which the first
-    # rank done with it may delete while another still loads: each rank fetches its own copy.
-    ckpt = None if storage.is_uri(run_dir) else ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            # Ray commits a checkpoint once reported; its rank files follow the upload, so a
-            # worker lost in between leaves a committed one that is not complete: never used.
-            ray_step = complete_step(d)
-            if ray_step is not None and (
-                on_storage is None or complete_step(on_storage) <= ray_step
-            ):
-                yield Path(d)
-                return
-    if on_storage is None:
+    Ray Train hands a restarted worker the newest checkpoint it committed
+    (``ray.train.get_checkpoint``), but its controller learns of a report asynchronously, so a
+    worker killed just after reporting can leave a newer complete one on storage: the listing
+    sees both, and a committed one without every rank's file is never used. Each rank fetches
+    its own copy: Ray's download (``as_directory``) shares one folder between the ranks of a
+    node, which the first rank done with it may delete while another still loads.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
         yield None
         return
-    with _local(on_storage) as d:
+    with _local(found) as d:
         yield d
 
 
-@contextmanager
-def _local(path: str | Path) -> Iterator[Path]:
+def _local(path: str | Path):
     """``path`` itself when local; a downloaded copy of an object-store checkpoint otherwise."""
-    if not storage.is_uri(path):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="meddiff-restore-") as tmp:
-        yield storage.download_dir(str(path), Path(tmp) / storage.name(path), marker=None)
+    return storage.local_copy(path)

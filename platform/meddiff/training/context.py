@@ -141,8 +141,6 @@ class WorkerContext:
         if storage.is_file(marker):
             return
         info: dict[str, Any] = {"step": step, "rank": self.rank, "in_checkpoint": in_checkpoint}
-        if not storage.is_uri(marker):
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
         storage.write_text(marker, json.dumps(info))
         where = "while writing the checkpoint of" if in_checkpoint else "before"
         log.warning(

@@ -77,6 +77,32 @@ def check_run(
     return precision
 
 
+def finished_run(summary: str | Path, run_dir: str | Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a training run that already finished in this output, or None: its
+    summary file ``summary`` is there (written after registration, last) and its newest
+    checkpoint under ``run_dir`` reached ``steps``. A rerun then trains and registers nothing
+    (it registered the same weights again as a new version); a rerun with more ``steps``
+    goes on training from that checkpoint.
+    """
+    if not meddiff_storage.is_file(summary):
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    reached = int(read_marker(ckpt).get("step", 0)) if ckpt is not None else 0
+    if reached < steps:
+        return None
+    try:
+        record = json.loads(meddiff_storage.read_text(summary))
+    except json.JSONDecodeError:
+        return None
+    log.info(
+        "%s: training already complete (step %d of %d); nothing trained or registered",
+        run_dir,
+        reached,
+        steps,
+    )
+    return {**record, "already_complete": True}
+
+
 def marker_info(t, *, world: int, precision: str, model_config: dict[str, Any]) -> dict:
     """What a checkpoint records about the run that wrote it (checked by :func:`check_resume`)."""
     return {
@@ -193,7 +219,7 @@ def fit(
     num_workers: int,
     use_gpu: bool,
     cpus_per_worker: float,
-    storage: str | Path,
+    storage: str | Path | meddiff_storage.Location,
     name: str,
     section: str,
     datasets: dict[str, Any] | None = None,
@@ -203,9 +229,10 @@ def fit(
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers and return the ``Result``.
 
     ``section`` is the loop's config section (e.g. ``thor.train``), named in errors.
-    Checkpoints go to ``storage/name``: a local folder every node sees, or an object-store URI
-    (``s3://bucket/run/ray``), which each worker's node writes to through
-    :func:`meddiff.storage.filesystem` (no shared filesystem needed). Ray Train keeps ``t.keep_checkpoints`` of them and
+    Checkpoints go to ``storage/name``: a :class:`~meddiff.storage.Location` (or its path), a
+    local folder every node sees or an object-store prefix (``s3://bucket/run/ray``), which each
+    worker's node writes to with the location's filesystem (no shared filesystem needed); every
+    worker activates the location first. Ray Train keeps ``t.keep_checkpoints`` of them and
     restarts a crashed worker group up to ``t.max_failures`` times from the newest one. With
     ``min_workers`` below ``num_workers`` training is elastic: after a node is lost it resumes from
     the newest checkpoint with the workers that still fit. ``resources_per_worker`` (e.g. a custom
@@ -226,10 +253,9 @@ def fit(
     workers = num_workers
     if min_workers is not None and min_workers != num_workers:
         workers = (min_workers, num_workers)  # elastic: Ray Train's (min, max)
-    if meddiff_storage.is_uri(storage):
-        # The workers open the run's bucket with the driver's filesystem (endpoint, credentials).
-        fs, _ = meddiff_storage.filesystem(storage)
-        loop = functools.partial(_with_filesystem, loop, str(storage), fs)
+    where = meddiff_storage.Location.of(storage)
+    # The workers open the run's bucket with the driver's filesystem (endpoint, credentials).
+    loop = functools.partial(_in_location, loop, where)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -239,7 +265,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            **_storage_args(storage),
+            **where.ray_storage(),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[_stop_callback()],
@@ -249,24 +275,16 @@ def fit(
     try:
         return trainer.fit()
     except Exception as err:
-        mapped = training_error(err, t.max_failures, section, meddiff_storage.join(storage, name))
+        mapped = training_error(err, t.max_failures, section, where.join(name))
         if mapped is None:
             raise
         raise mapped from None  # one line for the CLI; Ray's traceback is in the job log
 
 
-def _with_filesystem(loop, uri: str, fs, config: dict[str, Any]):
-    """Run ``loop(config)`` in a worker that opens ``uri``'s bucket with ``fs``."""
-    meddiff_storage.use_filesystem(uri, fs)
+def _in_location(loop, where: meddiff_storage.Location, config: dict[str, Any]):
+    """Run ``loop(config)`` in a worker that reaches ``where`` as the driver does."""
+    where.activate()
     return loop(config)
-
-
-def _storage_args(where: str | Path) -> dict[str, Any]:
-    """Ray Train's ``storage_path`` (and ``storage_filesystem`` for an object-store URI)."""
-    if not meddiff_storage.is_uri(where):
-        return {"storage_path": str(where)}
-    fs, inner = meddiff_storage.filesystem(where)
-    return {"storage_path": inner, "storage_filesystem": fs}
 
 
 def training_error(
@@ -281,6 +299,12 @@ def training_error(
     user = worker_user_error(err)
     if user is not None:
         return user
+    store = meddiff_storage.explain_error(err)
+    if store is not None:  # Ray Train's own checkpoint upload failed: the store stopped answering
+        return type(store)(
+            f"{store}; the complete checkpoints stay in {run_dir}: run the same command again "
+            "to resume once it answers"
+        )
     if isinstance(err, ray.train.TrainingFailedError):
         return ClusterError(
             f"training failed after {section}.max_failures={max_failures} restarts "
