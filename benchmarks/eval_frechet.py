@@ -77,13 +77,12 @@ def bench_fd(rows: int, dim: int) -> None:
 def bench_extract(batch: int, reps: int) -> None:
     import torch
 
-    from meddiff.config.prompts import TINY as PROMPTS_TINY
-    from meddiff.config.prompts import EmbedConfig
+    from meddiff.config.prompts import RANDOM_TINY_VIT, EmbedConfig
     from meddiff.evaluation.features import DinoExtractor, InceptionExtractor
 
     threads = torch.get_num_threads()
     vit_b8 = EmbedConfig(weights=None, threads=threads)  # random weights: timing only
-    tiny_vit = EmbedConfig.model_validate({**PROMPTS_TINY["embed"], "threads": threads})
+    tiny_vit = EmbedConfig.model_validate({**RANDOM_TINY_VIT, "threads": threads})
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 96, 96, 3), dtype=np.uint8)

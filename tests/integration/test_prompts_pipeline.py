@@ -80,15 +80,18 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     sizes = summary["cluster_sizes"]
     assert sum(v["total"] for v in sizes.values()) == summary["kept"]
 
-    # The saved model (with its random-weight embedder) re-assigns the same clusters.
-    from meddiff.morphology.embed import DinoEmbedder
-    from meddiff.morphology.pipeline import EMBEDDER_WEIGHTS
+    # The saved model records its embedder (the tiny preset's trained EfficientNet-Lite0, named in
+    # the summary) and re-assigns the same clusters with it.
+    from meddiff.config.prompts import EmbedConfig
+    from meddiff.morphology.embed import PatchEmbedder
 
     model = MorphologyModel.load(out / "morphology_model")
-    embed_cfg = load_config("tiny").prompts.embed.model_copy(
-        update={"weights": str(out / "morphology_model" / EMBEDDER_WEIGHTS)}
+    embed_cfg = EmbedConfig.model_validate(model.info["embedder"])
+    assert embed_cfg.weights == "meddiff:efficientnet-lite0" == _cfg().prompts.embed.weights
+    assert summary["embedder"].startswith(
+        "tf_efficientnet_lite0 (224px; meddiff:efficientnet-lite0"
     )
-    emb = DinoEmbedder(embed_cfg).embed(pairs["image"][:16])
+    emb = PatchEmbedder(embed_cfg).embed(pairs["image"][:16])
     assert np.array_equal(model.assign(emb), pairs["cluster"][:16])
 
     # `prompts assign`: new patches through the saved model (no refit) get the same types.
@@ -108,6 +111,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
 
     page = (out / "gallery.html").read_text()
     images = re.findall(r"src=[\"'](gallery/[^\"']+)[\"']", page)
+    assert "tf_efficientnet_lite0" in page  # the gallery names the network
     assert len(images) >= len(table) and all((out / p).is_file() for p in images)
 
     runs = mlflow.search_runs(
@@ -115,6 +119,7 @@ def test_job_builds_morphology_prompts_and_resumes(sample_pcam_dir, tmp_path, ca
     )
     done = runs[runs["status"] == "FINISHED"]  # the build and the assign run
     assert (done["metrics.kept"] == summary["kept"]).any()
+    assert (done["params.embedder"] == summary["embedder"]).all()  # build and assign: same net
     assert (runs["status"] == "FAILED").any()  # the k=500 attempt is recorded as failed
     assert summary["registered_model"].startswith("models:/meddiff-morphology/")
 
@@ -164,12 +169,13 @@ def test_missing_weights_path_fails_before_any_work(sample_pcam_dir, tmp_path, c
 
 
 def test_slides_to_shards_to_prompts(tmp_path):
-    """Whole-slide path: tile a real-tissue slide into shards (CLI), then build prompts on them."""
+    """Whole-slide path: tile a real-tissue slide with pen marks into shards (CLI), then build
+    prompts on them: ink tiles are flagged at tiling, removed and counted, and shown."""
     from meddiff.cli import main
     from meddiff.data.samples import sample_wsi
 
     slides = tmp_path / "slides"
-    sample_wsi(slides, width=2048, height=1536, seed=1)
+    sample_wsi(slides, width=2048, height=1536, seed=1, pen_strokes=2)
     (slides / "labels.csv").write_text("slide,label\nsample_slide.svs,1\n")
     shards = tmp_path / "shards"
     rc = main(
@@ -183,6 +189,8 @@ def test_slides_to_shards_to_prompts(tmp_path):
         "1": manifest["rows"]
     }
     assert set(tiles["level"].tolist()) == {1} and (tiles["x"] % 192 == 0).all()
+    inked = int((tiles["artefact"] == "ink").sum())
+    assert inked >= 3 and set(tiles["artefact"].tolist()) == {"", "ink"}
     assert len(set(zip(tiles["x"].tolist(), tiles["y"].tolist(), strict=True))) == manifest["rows"]
 
     # Streaming mini-batch K-means here (the exact mode is covered above): the same outputs.
@@ -195,6 +203,10 @@ def test_slides_to_shards_to_prompts(tmp_path):
         summary["k"] == 4 and summary["mode"] == "streaming" and summary["silhouette"] is not None
     )
     assert set(pairs["label"].tolist()) == {1}
+    assert summary["removed"]["by_reason"]["ink"] >= inked
+    flagged = {int(i) for i, a in zip(tiles["index"], tiles["artefact"], strict=True) if a}
+    assert not flagged & set(pairs["index"].tolist())
+    assert (tmp_path / "prompts" / "gallery" / "rejected_ink.png").is_file()
     assert set(pairs["source"].tolist()) == {str(slides / "sample_slide.svs")}
     assert summary["prompts"] == len(set(pairs["cluster"].tolist())) <= 4
 

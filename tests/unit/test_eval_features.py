@@ -9,8 +9,7 @@ import pytest
 
 from eval_helpers import make_synthetic
 from meddiff.config.evaluation import FeaturesConfig
-from meddiff.config.prompts import TINY as PROMPTS_TINY
-from meddiff.config.prompts import EmbedConfig
+from meddiff.config.prompts import RANDOM_TINY_VIT, EmbedConfig
 from meddiff.errors import DataError, ModelError
 from meddiff.evaluation.features import (
     DinoExtractor,
@@ -21,7 +20,7 @@ from meddiff.evaluation.features import (
     resolve_features,
 )
 
-TINY_VIT = EmbedConfig.model_validate(PROMPTS_TINY["embed"])  # the tiny embedding stage's ViT
+TINY_VIT = EmbedConfig.model_validate(RANDOM_TINY_VIT)  # the tiny evaluation's fallback ViT
 TINY_DINO = dict(network="dino", dino=TINY_VIT)
 
 

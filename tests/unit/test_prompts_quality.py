@@ -65,8 +65,12 @@ def test_outliers_are_removed_with_reasons(tissue):
     assert set(reject_reasons(glass, cfg)) <= {"flat", "grey", "blurry", "few_contours"}
     assert list(reject_reasons(dark, cfg)) == ["dark"] * 3
     assert list(reject_reasons(blurred, cfg)) == ["blurry"] * 3
+    assert list(reject_reasons(green, cfg)) == ["ink"] * 3  # a green cast: no stain absorbs red
     # Green ink: with the earlier tests switched off, the hue test alone must catch it.
     only_hue = QualityConfig(
+        max_ink_fraction=None,
+        max_fold_fraction=None,
+        min_bubble_rim_pixels=None,
         min_mean_value=None,
         min_mean_saturation=None,
         min_std_value=None,

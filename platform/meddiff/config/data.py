@@ -36,7 +36,8 @@ class WsiConfig(Section):
     the file's metadata), else its objective power, else its pixel size (10 µm / mpp: 0.25 mpp is
     40x); metadata outside what scanners produce is refused with this override named. Tiles are cut on a grid at
     ``magnification`` from the nearest pyramid level at or above it (resized when no level matches)
-    and kept when at least ``min_tissue_fraction`` of their area is tissue on a low-resolution mask.
+    and kept when at least ``min_tissue_fraction`` of their area is tissue on a low-resolution mask;
+    marker ink on that mask is not tissue (``artefacts``).
     """
 
     tile_size: int = Field(default=96, ge=8, description="Tile edge in pixels at the target mag.")
@@ -67,6 +68,11 @@ class WsiConfig(Section):
     )
     tiles_per_task: int = Field(
         default=1024, ge=1, description="Tiles per Ray read task (bounds memory per task)."
+    )
+    artefacts: bool = Field(
+        default=True,
+        description="Find marker ink on the tissue mask: it is not tissue; tiles that are "
+        "mostly ink are read flagged (artefact column) for the quality filter to remove.",
     )
     extensions: list[str] = Field(
         default=[".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs"],

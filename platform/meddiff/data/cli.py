@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     slide.add_argument("--seed", type=int, default=0)
     slide.add_argument("--name", default="sample_slide.svs", help="file name of the slide")
+    slide.add_argument(
+        "--pen-strokes", type=int, default=0, help="marker-ink strokes drawn over the tissue"
+    )
     slide.set_defaults(handler=_sample_wsi)
 
     brain = cmds.add_parser(
@@ -136,6 +139,7 @@ def _sample_wsi(args: argparse.Namespace) -> int:
         magnification=args.magnification,
         seed=args.seed,
         name=args.name,
+        pen_strokes=args.pen_strokes,
     )
     with Slide(path) as slide:
         levels = [list(d) for d in slide.level_dimensions]

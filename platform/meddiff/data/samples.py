@@ -115,14 +115,17 @@ def sample_wsi(
     magnification: float = 20.0,
     seed: int = 0,
     name: str = "sample_slide.svs",
+    pen_strokes: int = 0,
 ) -> Path:
     """Write a pyramidal whole-slide TIFF (SVS layout) of real tissue; returns its path.
 
     The canvas is a patchwork of scikit-image's IHC tissue (irregular cells, each a randomly
     rotated, flipped and shifted view of the mirror-extended image) out to ``width`` × ``height``,
     with a smooth random variation of stain intensity and hue so no two regions are identical,
-    laid inside irregular tissue fragments on near-white glass. Level 0 is ``magnification`` (pixel size 10/magnification µm, so 20x is
-    0.5 µm/px); the pyramid halves down to about 256 px.
+    laid inside irregular tissue fragments on near-white glass. Level 0 is ``magnification``
+    (pixel size 10/magnification µm, so 20x is 0.5 µm/px); the pyramid halves down to about 256
+    px. ``pen_strokes`` marker strokes (:func:`paint_pen_stroke`, inks in :data:`PEN_INKS` order,
+    each an eighth of the shorter side wide) are drawn over it, as pathologists mark slides.
     """
     from meddiff.data.wsi import write_pyramid_tiff
 
@@ -141,6 +144,9 @@ def sample_wsi(
         a = alpha[y0:y1, :, None]
         noise = rng.normal(0.0, 1.5, size=(y1 - y0, width, 1)).astype(np.float32)
         rgb[y0:y1] = np.clip(a * t + (1 - a) * (glass + noise), 0, 255).round().astype(np.uint8)
+    inks = list(PEN_INKS.values())
+    for i in range(pen_strokes):
+        rgb, _ = paint_pen_stroke(rgb, inks[i % len(inks)], rng, width=min(width, height) / 8)
     return write_pyramid_tiff(
         Path(out_dir) / name,
         rgb,
@@ -237,3 +243,137 @@ def _stain_jitter(band: np.ndarray, y0: int, fields: np.ndarray) -> np.ndarray:
     for c in range(3):
         od[..., c] *= 1.0 + 0.08 * full[c + 1]
     return 256.0 * np.exp(-od) - 1.0
+
+
+# --- slide artefacts (tests, benchmarks and the sample slide's artefact variant) --------------
+
+# Marker inks as the transmittance of a dense stroke (RGB, 0-255): pathologists' pens.
+PEN_INKS: dict[str, tuple[int, int, int]] = {
+    "blue": (40, 70, 175),
+    "green": (35, 140, 70),
+    "black": (30, 30, 35),
+    "red": (205, 35, 45),
+    "navy": (25, 35, 95),
+    "teal": (25, 135, 140),
+    "violet": (110, 45, 155),
+}
+
+
+def _smooth_path(shape: tuple[int, int], rng: np.random.Generator, points: int = 4) -> np.ndarray:
+    """A smooth random curve across ``shape``: a Bézier curve of ``points`` control points, as
+    float (n, 2) row/column coordinates sampled every half pixel or finer."""
+    from math import comb
+
+    h, w = shape
+    ctrl = rng.uniform([-0.1 * h, -0.1 * w], [1.1 * h, 1.1 * w], size=(points, 2))
+    n = 4 * (h + w)
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    deg = points - 1
+    basis = [comb(deg, k) * t**k * (1 - t) ** (deg - k) for k in range(points)]
+    return sum(b * c for b, c in zip(basis, ctrl, strict=True))
+
+
+def _distance_to(path: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Euclidean distance float32 (H, W) of every pixel to the nearest point of ``path``."""
+    from scipy import ndimage
+
+    on = np.zeros(shape, bool)
+    rc = np.round(path).astype(int)
+    inside = (rc[:, 0] >= 0) & (rc[:, 0] < shape[0]) & (rc[:, 1] >= 0) & (rc[:, 1] < shape[1])
+    on[rc[inside, 0], rc[inside, 1]] = True
+    if not on.any():
+        return np.full(shape, np.inf, np.float32)
+    return ndimage.distance_transform_edt(~on).astype(np.float32)
+
+
+def paint_pen_stroke(
+    rgb: np.ndarray,
+    ink: tuple[int, int, int],
+    rng: np.random.Generator,
+    *,
+    width: float = 60.0,
+    density: float = 0.85,
+    edge: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A marker stroke on uint8 RGB (H, W, 3): a smooth curve ``width`` px wide whose ink layer
+    transmits ``ink`` (RGB 0-255) where dense. Returns the painted image and the ink coverage
+    float32 (H, W) in [0, 1].
+
+    The ink lies on the coverslip, over the tissue: light passes both, so transmittances multiply
+    (Beer-Lambert), ``out = rgb * (1 - a + a * ink / 255)`` with coverage ``a`` up to ``density``,
+    soft edges ``edge`` px wide (a felt tip, slightly out of focus) and ±10% streaks along it.
+    """
+    h, w = rgb.shape[:2]
+    dist = _distance_to(_smooth_path((h, w), rng), (h, w))
+    cover = np.clip((width / 2 - dist) / max(edge, 1e-3) + 0.5, 0.0, 1.0)
+    streaks = 1.0 + 0.1 * _smooth_field(
+        (h, w), (max(2, h // 40), max(2, w // 40)), int(rng.integers(2**31))
+    )
+    a = np.clip(cover * density * streaks, 0.0, 1.0)[..., None]
+    t = np.asarray(ink, np.float32) / 255.0
+    out = rgb.astype(np.float32) * (1.0 - a + a * t)
+    return np.clip(out, 0, 255).round().astype(np.uint8), cover.astype(np.float32)
+
+
+def paint_fold(
+    rgb: np.ndarray, rng: np.random.Generator, *, width: float = 80.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tissue fold on uint8 RGB (H, W, 3): along a smooth curve, a band ``width`` px wide where
+    the section lies over itself (a mirrored copy of the neighbouring tissue: two layers, so
+    transmittances multiply: darker and more saturated), with a dark crease at its edge.
+    Returns the image and the fold's mask float32 (H, W) in [0, 1]."""
+    h, w = rgb.shape[:2]
+    dist = _distance_to(_smooth_path((h, w), rng, points=3), (h, w))
+    band = np.clip((width / 2 - dist) / 2.0 + 0.5, 0.0, 1.0)
+    # The flipped-over layer: the same tissue, mirrored and displaced.
+    over = np.roll(rgb[::-1, ::-1].astype(np.float32), (7, -5), axis=(0, 1))
+    t = rgb.astype(np.float32) / 255.0
+    two = t * (over / 255.0)
+    crease = np.exp(-(((dist - width / 2) / 2.5) ** 2)) * 0.5
+    out = (t * (1 - band[..., None]) + two * band[..., None]) * (1 - crease[..., None])
+    return np.clip(out * 255, 0, 255).round().astype(np.uint8), band.astype(np.float32)
+
+
+def blur_region(
+    rgb: np.ndarray, rng: np.random.Generator, *, sigma: float = 3.0, radius: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """An out-of-focus patch of uint8 RGB (H, W, 3): Gaussian blur of ``sigma`` px inside a soft
+    ellipse (radius ``radius`` px, default a third of the image), as a region where the scanner's
+    focus missed the section. Returns the image and the blurred region's weight float32 (H, W)."""
+    from scipy import ndimage
+
+    h, w = rgb.shape[:2]
+    r = radius or min(h, w) / 3
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.hypot((yy - cy) / 1.3, xx - cx)
+    weight = np.clip((r - d) / (0.2 * r) + 0.5, 0.0, 1.0).astype(np.float32)
+    blurred = ndimage.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0))
+    out = rgb * (1 - weight[..., None]) + blurred * weight[..., None]
+    return np.clip(out, 0, 255).round().astype(np.uint8), weight
+
+
+def paint_bubble(
+    rgb: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    radius: float,
+    centre: tuple[float, float] | None = None,
+    glass: tuple[int, int, int] = (238, 236, 240),
+) -> tuple[np.ndarray, np.ndarray]:
+    """An air bubble under the coverslip on uint8 RGB (H, W, 3): an empty (glass-coloured)
+    disc of ``radius`` px whose edge refracts light away, a sharp dark rim ~3 px wide with a
+    bright halo just inside. A centre outside the image gives a straight-ish glass edge.
+    Returns the image and the disc's mask float32 (H, W)."""
+    h, w = rgb.shape[:2]
+    cy, cx = centre if centre is not None else (rng.uniform(0, h), rng.uniform(0, w))
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.hypot(yy - cy, xx - cx) - radius  # < 0 inside
+    inside = np.clip(-d / 1.0 + 0.5, 0.0, 1.0)[..., None]
+    noise = rng.normal(0.0, 1.5, size=(h, w, 1))
+    empty = np.asarray(glass, np.float32) + noise
+    out = rgb.astype(np.float32) * (1 - inside) + empty * inside
+    rim = np.exp(-((d / 1.6) ** 2))[..., None]  # dark line on the edge
+    halo = np.exp(-(((d + 4.0) / 1.5) ** 2))[..., None]  # bright line just inside
+    out = out * (1 - 0.75 * rim) + (255.0 - out) * 0.6 * halo
+    return np.clip(out, 0, 255).round().astype(np.uint8), inside[..., 0].astype(np.float32)

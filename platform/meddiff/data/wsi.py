@@ -3,12 +3,14 @@
 A slide is planned once on the driver (:func:`plan_slide`): its level-0 magnification is read from
 the metadata, a pyramid level at or above the target magnification is chosen, a tissue mask is
 computed from a low-resolution level, and the tiles of a regular grid that are mostly tissue are
-listed with their level-0 origin. Reading (:func:`read_tiles`) then happens in Ray tasks, each over
+listed with their level-0 origin. Marker ink (:mod:`meddiff.data.artefacts`) is not tissue: tiles
+that are mostly ink are listed too, flagged, so the quality filter removes and counts them (it
+also finds folds, bubbles and blur, which need full resolution). Reading (:func:`read_tiles`) then happens in Ray tasks, each over
 a bounded chunk of the plan, so memory does not grow with the slide.
 
 Tiles carry the provenance columns of :mod:`meddiff.data.shards`: ``source`` (slide path), ``index``
 (grid position ``row * cols + col``, stable across runs), ``level`` (pyramid level read) and ``x``,
-``y`` (tile origin in level-0 pixels).
+``y`` (tile origin in level-0 pixels), and ``artefact`` ("" for tissue, ``ink`` for a flagged tile).
 
 Slides open with tiffslide (TIFF-based formats: SVS, generic pyramidal TIFF, NDPI, ...) or, for
 other formats or when asked, with OpenSlide when it is installed.
@@ -17,6 +19,7 @@ other formats or when asked, with OpenSlide when it is installed.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,10 @@ from typing import Any
 import numpy as np
 
 from meddiff.config.data import WsiConfig
+from meddiff.data.artefacts import mask_artefacts
 from meddiff.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # Pixels of one micrometre at 10x: the usual convention, 0.25 µm/px is "40x", 1 µm/px is "10x".
 MPP_AT_10X = 1.0
@@ -38,6 +44,8 @@ PLAUSIBLE_MPP = (0.05, 10.0)
 PLAUSIBLE_OBJECTIVE = (1.0, 150.0)
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 LABELS_FILE = "labels.csv"
+# Codes of SlidePlan.kinds: "" is tissue.
+TILE_KINDS = ("", "ink")
 
 
 # --- opening --------------------------------------------------------------------------------
@@ -78,6 +86,19 @@ class Slide:
             if value not in (None, ""):
                 return value
         return None
+
+    def segment_rows(self, level: int) -> int | None:
+        """Rows of pixels the decoder must decode together at ``level``: the tile height of a
+        tiled TIFF page, the strip height of a stripped one (the whole image for a single strip);
+        None when unknown (OpenSlide)."""
+        if self.backend != "tiffslide":
+            return None
+        try:
+            page = self._handle.ts_tifffile.series[0].levels[level].keyframe
+        except (AttributeError, IndexError):
+            return None
+        rows = page.tilelength if page.is_tiled else page.rowsperstrip
+        return int(min(rows or page.imagelength, page.imagelength)) or None
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3) of the region whose origin is (x, y) in level-0 pixels."""
@@ -146,7 +167,9 @@ def _open_openslide(path: Path):
 
 @dataclass(frozen=True)
 class SlidePlan:
-    """Where to cut a slide's tiles. ``tiles`` is int64 (m, 3): grid index, level-0 x, y."""
+    """Where to cut a slide's tiles. ``tiles`` is int64 (m, 3): grid index, level-0 x, y;
+    ``kinds`` int8 (m,) indexes :data:`TILE_KINDS` (0: tissue, else the artefact a tile mostly
+    is: it is read flagged, for the quality filter to count and show)."""
 
     path: str
     label: int
@@ -160,6 +183,7 @@ class SlidePlan:
     rows: int
     tissue_threshold: float
     tiles: np.ndarray = field(repr=False)
+    kinds: np.ndarray = field(repr=False)
 
     @property
     def magnification(self) -> float:
@@ -176,9 +200,15 @@ class SlidePlan:
             "level": self.level,
             "read_size": self.read_size,
             "grid": [self.rows, self.cols],
-            "tissue_tiles": int(len(self.tiles)),
+            "tissue_tiles": int((self.kinds == 0).sum()),
+            "artefact_tiles": self.artefact_counts(),
             "tissue_threshold": round(self.tissue_threshold, 4),
         }
+
+    def artefact_counts(self) -> dict[str, int]:
+        """Tiles flagged per artefact kind (kinds with none left out)."""
+        counts = np.bincount(self.kinds, minlength=len(TILE_KINDS))
+        return {k: int(n) for k, n in zip(TILE_KINDS[1:], counts[1:], strict=True) if n}
 
 
 def base_magnification(slide: Slide, cfg: WsiConfig) -> tuple[float, str]:
@@ -261,14 +291,16 @@ def plan_slide(path: str | Path, cfg: WsiConfig, label: int = -1) -> SlidePlan:
                 f"slide {slide.path} is {width}x{height} px at level {level}, smaller than one "
                 f"{read_size}-px tile at {cfg.magnification:g}x"
             )
-        fraction, threshold = tissue_fraction(slide, level, read_size, cols, rows, cfg)
-        keep = np.flatnonzero(fraction.reshape(-1) >= max(cfg.min_tissue_fraction, 1e-9))
-        if keep.size == 0:
+        fraction, artefacts, threshold = tissue_fraction(slide, level, read_size, cols, rows, cfg)
+        kinds = tile_kinds(fraction, artefacts, cfg.min_tissue_fraction)
+        keep = np.flatnonzero(kinds >= 0)
+        if not (kinds == 0).any():
             raise DataError(
                 f"slide {slide.path}: no tissue found (no tile is at least "
                 f"{cfg.min_tissue_fraction:.0%} tissue at saturation > {threshold:.3f}); check "
                 "the slide or lower data.wsi.min_tissue_fraction / data.wsi.tissue_saturation"
             )
+        _warn_stripped(slide, level, read_size)
         ds = slide.level_downsamples[level]
         r, c = np.divmod(keep, cols)
         tiles = np.stack(
@@ -287,16 +319,21 @@ def plan_slide(path: str | Path, cfg: WsiConfig, label: int = -1) -> SlidePlan:
             rows=rows,
             tissue_threshold=threshold,
             tiles=tiles,
+            kinds=kinds[keep].astype(np.int8),
         )
 
 
 def tissue_fraction(
     slide: Slide, level: int, read_size: int, cols: int, rows: int, cfg: WsiConfig
-) -> tuple[np.ndarray, float]:
-    """Fraction of tissue in every grid tile, float (rows, cols), and the saturation threshold.
+) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """Fraction of tissue in every grid tile, float (rows, cols), the fraction of each artefact
+    kind found on the mask (``ink``: same shape; none when ``cfg.artefacts`` is off) and the
+    saturation threshold.
 
     The mask is built on the coarsest level that still gives ``mask_pixels_per_tile`` pixels
-    across a tile, read in bands so a slide without a small level cannot exhaust memory.
+    across a tile, read in bands so a slide without a small level cannot exhaust memory. Artefact
+    pixels are taken out of the tissue after holes are filled (a stroke across tissue would
+    otherwise be filled back in).
     """
     from scipy import ndimage
 
@@ -307,14 +344,38 @@ def tissue_fraction(
     sat = (vmax - rgb.min(axis=2)) / np.maximum(vmax, 1.0)
     threshold = cfg.tissue_saturation or _otsu_threshold(sat)
     # Very dark pixels (pen marks, scanner edge) are not tissue whatever their saturation.
-    mask = (sat > threshold) & (vmax > 0.15 * 255)
+    stained = (sat > threshold) & (vmax > 0.15 * 255)
     # Drop isolated specks of dust, close small gaps, and fill what tissue encloses (pale stroma
     # and lumen are tissue even when their colour is as faint as glass).
-    mask = ndimage.binary_opening(mask, np.ones((2, 2), bool))
+    mask = ndimage.binary_opening(stained, np.ones((2, 2), bool))
     mask = ndimage.binary_closing(mask, np.ones((3, 3), bool), border_value=0)
     mask = ndimage.binary_fill_holes(mask)
-    frac = mask.reshape(rows, m, cols, m).mean(axis=(1, 3))
-    return frac, float(threshold)
+
+    def per_tile(pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(rows, m, cols, m).mean(axis=(1, 3))
+
+    if not cfg.artefacts:
+        return per_tile(mask), {}, float(threshold)
+    # Ink over tissue or on glass (a ring drawn around a lesion is saturated like tissue).
+    ink = mask_artefacts(thumb) & (mask | stained)
+    return per_tile(mask & ~ink), {"ink": per_tile(ink)}, float(threshold)
+
+
+def tile_kinds(
+    tissue: np.ndarray, artefacts: dict[str, np.ndarray], min_fraction: float
+) -> np.ndarray:
+    """Per grid tile (flattened): 0 for tissue (at least ``min_fraction`` clean tissue), the
+    :data:`TILE_KINDS` code of the main artefact for a tile that is at least ``min_fraction``
+    tissue and artefacts together, -1 for the rest (glass)."""
+    floor = max(min_fraction, 1e-9)
+    flat = tissue.reshape(-1)
+    kinds = np.where(flat >= floor, 0, -1).astype(np.int64)
+    if not artefacts:
+        return kinds
+    stack = np.stack([artefacts[k].reshape(-1) for k in TILE_KINDS[1:]])
+    flagged = (kinds < 0) & (flat + stack.sum(axis=0) >= floor) & (stack.max(axis=0) > 0)
+    kinds[flagged] = 1 + stack.argmax(axis=0)[flagged]
+    return kinds
 
 
 def _otsu_threshold(sat: np.ndarray) -> float:
@@ -367,46 +428,101 @@ def _positive_float(value: Any) -> float | None:
 
 
 def read_tiles(
-    plan: SlidePlan, start: int = 0, stop: int | None = None, rows_per_block: int = 1024
+    plan: SlidePlan,
+    start: int = 0,
+    stop: int | None = None,
+    rows_per_block: int = 1024,
+    *,
+    whole_segments: bool | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Tiles ``plan.tiles[start:stop]`` in blocks of at most ``rows_per_block``.
 
-    Each block: ``image`` uint8 (n, T, T, 3), ``label`` int64 (n,) and the provenance columns.
-    Consecutive tiles of one grid row are read as one region (fewer decoder calls).
+    Each block: ``image`` uint8 (n, T, T, 3), ``label`` int64 (n,), ``artefact`` str (n,) ("" for
+    tissue) and the provenance columns. Tiles are read in regions: consecutive tiles of one grid
+    row (tiled slides), or, where the decoder must decode far more rows than a tile has (a
+    stripped TIFF: one strip can be the whole image), whole grid rows, or every tile of the block
+    at once for a single-strip image, so each strip is decoded once rather than once per tile.
+    ``whole_segments`` forces one way or the other (None: decide from the file).
     """
     from meddiff.data.shards import provenance
 
     tiles = plan.tiles[start:stop]
+    kinds = np.asarray(TILE_KINDS, dtype=object)[plan.kinds[start:stop]]
     t, r = plan.tile_size, plan.read_size
     with Slide(plan.path) as slide:
+        segment = slide.segment_rows(plan.level)
+        if whole_segments is None:
+            whole_segments = segment is not None and segment > 4 * r
+        height = slide.level_dimensions[plan.level][1]
         for lo in range(0, len(tiles), rows_per_block):
             chunk = tiles[lo : lo + rows_per_block]
             images = np.empty((len(chunk), t, t, 3), dtype=np.uint8)
-            for a, b in _runs(chunk[:, 0], plan.cols, max_len=32):
-                x, y = int(chunk[a, 1]), int(chunk[a, 2])
-                strip = slide.read(x, y, plan.level, r * (b - a), r)
-                for k in range(b - a):
-                    images[a + k] = _fit(strip[:, k * r : (k + 1) * r], t)
-            block = {"image": images, "label": np.full(len(chunk), plan.label, dtype=np.int64)}
+            if not whole_segments:
+                groups = _runs(chunk[:, 0], plan.cols, max_len=32)
+            elif segment is not None and segment >= height:
+                groups = iter([(0, len(chunk))])  # a single strip: decode it once
+            else:
+                groups = _runs(chunk[:, 0], plan.cols, max_len=None, consecutive=False)
+            for a, b in groups:
+                _read_group(slide, plan, chunk[a:b], images[a:b])
+            block = {
+                "image": images,
+                "label": np.full(len(chunk), plan.label, dtype=np.int64),
+                "artefact": kinds[lo : lo + len(chunk)],
+            }
             block.update(provenance(plan.path, chunk[:, 0], plan.level, chunk[:, 1], chunk[:, 2]))
             yield block
 
 
-def _runs(index: np.ndarray, cols: int, max_len: int) -> Iterator[tuple[int, int]]:
-    """[a, b) ranges of consecutive grid positions within one grid row."""
+def _read_group(slide: Slide, plan: SlidePlan, tiles: np.ndarray, out: np.ndarray) -> None:
+    """Read the bounding region of ``tiles`` (grid index, x, y) once and cut them into ``out``."""
+    r = plan.read_size
+    rows, cols = np.divmod(tiles[:, 0], plan.cols)
+    r0, c0 = int(rows.min()), int(cols.min())
+    x0, y0 = int(tiles[:, 1].min()), int(tiles[:, 2].min())  # the origin of grid cell (r0, c0)
+    region = slide.read(
+        x0, y0, plan.level, r * (int(cols.max()) - c0 + 1), r * (int(rows.max()) - r0 + 1)
+    )
+    for k, (row, col) in enumerate(zip(rows - r0, cols - c0, strict=True)):
+        out[k] = _fit(region[row * r : (row + 1) * r, col * r : (col + 1) * r], plan.tile_size)
+
+
+def _runs(
+    index: np.ndarray, cols: int, max_len: int | None, consecutive: bool = True
+) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges of grid positions within one grid row: consecutive ones (at most
+    ``max_len``), or with ``consecutive`` off every position of the row."""
     a = 0
     n = len(index)
     while a < n:
         b = a + 1
         while (
             b < n
-            and b - a < max_len
-            and index[b] == index[b - 1] + 1
+            and (max_len is None or b - a < max_len)
+            and (not consecutive or index[b] == index[b - 1] + 1)
             and index[b] // cols == index[a] // cols
         ):
             b += 1
         yield a, b
         a = b
+
+
+def _warn_stripped(slide: Slide, level: int, read_size: int) -> None:
+    """Log how a stripped (not tiled) TIFF level will be read: each strip once, in bands."""
+    segment = slide.segment_rows(level)
+    if segment is None or segment <= 4 * read_size:
+        return
+    width, height = slide.level_dimensions[level]
+    band = height if segment >= height else segment
+    log.warning(
+        "slide %s is not tiled (level %d is stored in strips of %d rows): its tiles are read in "
+        "regions of whole strips, holding up to %.0f MiB per read task; convert it to a tiled "
+        "pyramid (e.g. with vips tiffsave --tile --pyramid) to read it faster",
+        slide.path,
+        level,
+        segment,
+        band * width * 3 / 2**20,
+    )
 
 
 def _fit(tile: np.ndarray, size: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Passes over the data (each streamed, memory bounded by block size, not by datase
 
 1. **check + embed** (Ray Data): read the source, flag outliers (:class:`QualityFilter`, run as
    tasks fused with the read) and, for the morphology strategy, embed the kept patches with the
-   frozen DINO ViT (:class:`DinoEmbedder`, an actor pool: one model load per actor, GPUs on a
+   frozen network (:class:`PatchEmbedder`, an actor pool: one model load per actor, GPUs on a
    cluster). Every row is written to ``<out>.partial/_work/checked`` with its ``reject`` reason and
    embedding. This is the expensive pass and the checkpoint: a rerun with the same source and
    settings resumes after it.
@@ -88,7 +88,7 @@ def build_prompts(
     Raises:
         DataError: bad source, wrong patch size, nothing left after filtering, k larger than the
             number of patches, or ``out`` exists without ``overwrite``.
-        ModelError: DINO weights missing or unloadable; a reused morphology model is invalid.
+        ModelError: embedder weights missing or unloadable; a reused morphology model is invalid.
     """
     with storage.OutputLocation.use(out, overwrite=overwrite) as loc:
         loc.clear()  # room for the workers' shards: the earlier output (refused w/o overwrite)
@@ -139,6 +139,8 @@ def _build_prompts(
         tracking.log_input(source, context="input")
         reused = _load_reused_model(cfg) if morphology and pcfg.cluster.model else None
         embed_cfg = _embedder_config(pcfg, reused)
+        if morphology:  # which network made the features (a reused model brings its own)
+            mlflow.log_param("embedder", describe(embed_cfg))
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
 
         start = time.perf_counter()
@@ -271,13 +273,13 @@ def resolve_embed(cfg: EmbedConfig, embedded_ray: bool) -> EmbedConfig:
 
 
 def preflight(cfg: EmbedConfig, seed: int) -> None:
-    """Fail before any Ray work when the DINO weights cannot be loaded (missing file, no hub);
+    """Fail before any Ray work when the embedder weights cannot be loaded (missing file, no hub);
     for hub weights this also fills the download cache that actors on this node then use."""
-    from meddiff.morphology.embed import build_vit
+    from meddiff.morphology.embed import build_network
 
     if cfg.weights is None:
         return
-    build_vit(cfg, seed)
+    build_network(cfg, seed)
 
 
 def check_and_embed(
@@ -293,7 +295,7 @@ def check_and_embed(
     from ray.data import ActorPoolStrategy
 
     from meddiff.data.shards import write_shards
-    from meddiff.morphology.embed import DinoEmbedder
+    from meddiff.morphology.embed import PatchEmbedder
     from meddiff.morphology.quality import QualityFilter
 
     pcfg = cfg.prompts
@@ -313,7 +315,7 @@ def check_and_embed(
         size = ecfg.concurrency or 1
         pool = ActorPoolStrategy(min_size=size, max_size=max(size, ecfg.max_concurrency or size))
         ds = ds.map_batches(
-            DinoEmbedder,
+            PatchEmbedder,
             fn_constructor_kwargs={"cfg": ecfg.model_dump(), "seed": cfg.runtime.seed},
             batch_size=ecfg.batch_size,
             batch_format="numpy",
@@ -492,9 +494,9 @@ def _save_random_weights(cfg: EmbedConfig, seed: int, model_dir: Path) -> None:
     """A random-weight embedder is part of the model: save it so assignment later is exact."""
     from safetensors.torch import save_file
 
-    from meddiff.morphology.embed import build_vit
+    from meddiff.morphology.embed import build_network
 
-    state = {k: v.contiguous() for k, v in build_vit(cfg, seed).state_dict().items()}
+    state = {k: v.contiguous() for k, v in build_network(cfg, seed).state_dict().items()}
     save_file(state, str(model_dir / EMBEDDER_WEIGHTS))
 
 

@@ -1,7 +1,11 @@
-"""Patch quality filter: flag background, blurred and off-colour patches before embedding.
+"""Patch quality filter: flag slide artefacts, background, blurred and off-colour patches.
 
-Paper A removed outliers with thresholds on HSV statistics, the variance of the Laplacian and the
-number of contours (values in :class:`meddiff.config.prompts.QualityConfig`). The features are
+Slide artefacts (:mod:`meddiff.data.artefacts`): marker ``ink``, ``fold``s and ``bubble``s (or
+coverslip edges), found on the patch itself (after ``dark``: a patch too dark to show tissue is
+dark whatever darkened it), or given by whole-slide tissue detection in an ``artefact`` column
+(slide tiles; it comes first). Then paper A's outlier tests: thresholds on HSV statistics, the
+variance of the Laplacian (``blurry``: out of focus) and the number of contours (values in
+:class:`meddiff.config.prompts.QualityConfig`). The features are
 computed here for a whole batch: H, S, V and the grey image by PIL's "HSV" and "L" conversions
 (0-255 scales, as the paper), the Laplacian with the 4-neighbour kernel and mirrored borders, and
 contours as OpenCV's ``findContours(RETR_TREE)`` counts them on the thresholded grey image: one per
@@ -21,7 +25,9 @@ import numpy as np
 from meddiff.config.prompts import QualityConfig
 from meddiff.errors import DataError
 
-REASONS = ("dark", "grey", "flat", "blurry", "few_contours", "off_colour")
+# Test order: the first failing test names a removed patch. A patch too dark to show tissue is
+# "dark" whatever darkened it (black ink looks the same as an underexposed scan).
+REASONS = ("dark", "ink", "fold", "bubble", "grey", "flat", "blurry", "few_contours", "off_colour")
 
 
 def hsv(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,13 +117,25 @@ def quality_features(
     }
 
 
-def reject_reasons(images: np.ndarray, cfg: QualityConfig) -> np.ndarray:
-    """The first failing test of each patch (object array of str, "" when it passes)."""
+def reject_reasons(
+    images: np.ndarray, cfg: QualityConfig, artefacts: np.ndarray | None = None
+) -> np.ndarray:
+    """The first failing test of each patch (object array of str, "" when it passes), in the
+    order of :data:`REASONS`. ``artefacts`` (str (n,), "" for none) are the artefacts whole-slide
+    tissue detection found; they come before every test of the patch itself."""
+    from meddiff.data.artefacts import patch_artefacts
+
     n = len(images)
     reasons = np.full(n, "", dtype=object)
     if not cfg.enabled or n == 0:
         return reasons
     f = quality_features(images, cfg.contour_threshold)
+    found = patch_artefacts(
+        images,
+        max_ink_fraction=cfg.max_ink_fraction,
+        max_fold_fraction=cfg.max_fold_fraction,
+        min_rim_pixels=cfg.min_bubble_rim_pixels,
+    )
 
     def below(values: np.ndarray, limit: float | None) -> np.ndarray:
         return np.zeros(n, bool) if limit is None else values < limit
@@ -129,6 +147,7 @@ def reject_reasons(images: np.ndarray, cfg: QualityConfig) -> np.ndarray:
     off = in_band.mean(axis=1)
     tests = [
         ("dark", below(f["mean_v"], cfg.min_mean_value)),
+        *((kind, found == kind) for kind in ("ink", "fold", "bubble")),
         ("grey", below(f["mean_s"], cfg.min_mean_saturation)),
         (
             "flat",
@@ -148,6 +167,9 @@ def reject_reasons(images: np.ndarray, cfg: QualityConfig) -> np.ndarray:
     # Later tests first, so the earliest failing reason is the one that stays.
     for name, failed in reversed(tests):
         reasons[failed] = name
+    if artefacts is not None:
+        given = np.asarray(artefacts, dtype=object)
+        reasons = np.where(given != "", given, reasons)
     return reasons
 
 
@@ -172,7 +194,8 @@ def check_patches(batch: Mapping[str, np.ndarray], patch_size: int | None) -> No
 
 
 class QualityFilter:
-    """Ray Data stage: validate patch shape and add the ``reject`` reason column.
+    """Ray Data stage: validate patch shape and add the ``reject`` reason column; a slide's
+    ``artefact`` column (whole-slide tissue detection) is folded into it and dropped.
 
     Cheap numpy work, so the pipeline passes an *instance* to ``map_batches``, which Ray runs as
     tasks fused with the read (a class would hold an actor, and a CPU, for the whole job).
@@ -184,5 +207,6 @@ class QualityFilter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_patches(batch, self.patch_size)
-        batch["reject"] = reject_reasons(batch["image"], self.cfg)
+        given = batch.pop("artefact", None)
+        batch["reject"] = reject_reasons(batch["image"], self.cfg, given)
         return batch
