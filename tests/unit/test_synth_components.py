@@ -11,6 +11,7 @@ import torch
 from meddiff.config import load_config
 from meddiff.errors import ConfigError, ModelError
 from meddiff.synthesis import components as C
+from meddiff.synthesis.autoencoder import fit_vae
 from meddiff.synthesis.stages import ImageEncoder, ImageGenerator, PromptEncoder
 
 PROMPTS = [
@@ -131,7 +132,7 @@ def test_vae_warmup_learns_to_reconstruct():
             return float(((vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2).mean())
 
     before = error()
-    C.fit_vae(vae, images, 16, steps=60, batch_size=8, lr=1e-2)
+    fit_vae(vae, images, 16, steps=60, batch_size=8, lr=1e-2)
     assert error() < 0.65 * before
     assert not any(p.requires_grad for p in vae.parameters())  # frozen again
     assert C.latent_scale(vae, images, 16) > 0

@@ -388,11 +388,14 @@ def build_components(
     *,
     seed: int = 0,
     images: np.ndarray | None = None,
+    warmup: dict[str, Any] | None = None,
 ) -> Components:
     """Random-weight components of ``cfg.arch``'s sizes with a tokenizer over ``prompts``.
 
     With ``images`` (uint8 (n, H, W, 3)) and ``arch.vae_warmup_steps`` > 0 the VAE is first fitted
-    as an autoencoder on them, and the latent scaling factor is set to 1/std of their latents, as
+    as an autoencoder on them (:func:`meddiff.synthesis.autoencoder.fit_vae`, with the
+    perceptual term of ``arch.vae_perceptual``; ``warmup`` adds keyword arguments such as a
+    resumable ``state`` file), and the latent scaling factor is set to 1/std of their latents, as
     the latent-diffusion recipe does (SD's 0.18215 is that number for SD's own VAE).
     """
     import torch
@@ -407,45 +410,24 @@ def build_components(
     text_encoder = build_text_encoder(arch, tokenizer)
     if images is not None and len(images):
         if arch.vae_warmup_steps:
-            fit_vae(vae, images, cfg.resolution, arch.vae_warmup_steps, seed=seed)
+            from meddiff.synthesis.autoencoder import fit_vae
+
+            fit_vae(
+                vae,
+                images,
+                cfg.resolution,
+                arch.vae_warmup_steps,
+                batch_size=arch.vae_warmup_batch_size,
+                crop=arch.vae_warmup_crop,
+                perceptual=arch.vae_perceptual,
+                perceptual_weight=arch.vae_perceptual_weight,
+                seed=seed,
+                **(warmup or {}),
+            )
         vae.register_to_config(scaling_factor=latent_scale(vae, images, cfg.resolution))
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     return Components(unet, vae, text_encoder, tokenizer, DDPMScheduler.from_config(SD_SCHEDULE))
-
-
-def fit_vae(
-    vae: AutoencoderKL,
-    images: np.ndarray,
-    resolution: int,
-    steps: int,
-    *,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    kl_weight: float = 1e-6,
-    seed: int = 0,
-) -> float:
-    """Train ``vae`` as an autoencoder on ``images`` for ``steps`` steps; returns the last loss.
-
-    The KL weight is SD's (1e-6): enough to keep the latent bounded, small enough not to blur.
-    """
-    import torch
-
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    vae.train().requires_grad_(True)
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
-        x = preprocess_images(images[idx], resolution)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    vae.requires_grad_(False).eval()
-    return float(loss.detach())
 
 
 def latent_scale(vae: AutoencoderKL, images: np.ndarray, resolution: int, n: int = 256) -> float:

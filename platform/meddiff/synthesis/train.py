@@ -179,9 +179,22 @@ def prepare_base_model(cfg: Config, pairs: str | Path, out: Path) -> str:
         mcfg.resolution,
         len(prompts),
     )
-    comp = C.build_components(mcfg, prompts, seed=cfg.runtime.seed, images=images)
+    # The warm-up saves itself beside base/ and a rerun of the command continues it.
+    state = out.with_name(out.name + "-vae-warmup.pt")
+    warmup = {"state": state, "key": key, "on_log": _log_warmup}
+    comp = C.build_components(mcfg, prompts, seed=cfg.runtime.seed, images=images, warmup=warmup)
     C.save_pipeline(comp, out, extra={C.BASE_INFO: key})
+    state.unlink(missing_ok=True)
     return str(out)
+
+
+def _log_warmup(step: int, metrics: dict[str, float]) -> None:
+    """The VAE warm-up's loss terms, to the log and to the active MLflow run."""
+    import mlflow
+
+    log.info("VAE warm-up step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
 
 
 def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:
