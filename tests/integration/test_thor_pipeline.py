@@ -194,7 +194,10 @@ def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
     bombs = tmp_path / "bombs"
     shutil.copytree(images, bombs)
     _bomb_png(bombs / "huge.png")
-    err = run("--images", str(bombs), "--masks", str(masks))
+    bomb_masks = tmp_path / "bomb-masks"  # with a mask of its own, the header check is what fails
+    shutil.copytree(masks, bomb_masks)
+    shutil.copy(sorted(masks.glob("*.png"))[0], bomb_masks / "huge.png")
+    err = run("--images", str(bombs), "--masks", str(bomb_masks))
     assert err.count("huge.png: refused as a decompression bomb") == 1 and "Traceback" not in err
     rc = main(["thor", "detect", "--model", model, "--images", str(bombs),
                "--out", str(tmp_path / "bomb-out"), *FAST, *SMALL])  # fmt: skip
