@@ -25,11 +25,12 @@ features in an ``.npz`` so that a rerun skips the extraction (delete it to measu
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from pathlib import Path
 
 import numpy as np
+
+from meddiff.evaluation.degradations import blur, jpeg
 
 
 def input_range_check(images: np.ndarray) -> None:
@@ -45,24 +46,6 @@ def input_range_check(images: np.ndarray) -> None:
             y = torch.conv2d(inp, conv.weight, None, conv.stride, conv.padding)
         ratio = (y.var(dim=(0, 2, 3)) / conv.var).median().item()
         print(f"  {label:16s} median ratio {ratio:10.3f}")
-
-
-def blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    out = gaussian_filter(images.astype(np.float32), sigma=(0, sigma, sigma, 0), mode="reflect")
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
-    from PIL import Image
-
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    return out
 
 
 def features(arms: dict[str, np.ndarray], cache: Path | None) -> tuple[dict, float | None]:

@@ -8,7 +8,6 @@ sampling difference of two small sets.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 from meddiff.data import pcam
 from meddiff.evaluation import metrics as M
+from meddiff.evaluation.degradations import blur, jpeg
 from meddiff.evaluation.features import inception_features
 
 pytestmark = (
@@ -25,24 +25,6 @@ pytestmark = (
 N = 24
 SIGMAS = (1.0, 2.0, 4.0)
 QUALITIES = (50, 20, 5)
-
-
-def blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    out = gaussian_filter(images.astype(np.float32), sigma=(0, sigma, sigma, 0), mode="reflect")
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
-    from PIL import Image
-
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    return out
 
 
 @pytest.fixture(scope="module")
