@@ -162,19 +162,25 @@ def plan_for(cfg: Config, model_ref: str) -> dict[str, Any]:
     return plan
 
 
+def driver_model(cfg: Config, model_ref: str) -> str:
+    """``model_ref`` as the Ray workers should get it: a model folder or object-store prefix is
+    fetched here, where the storage settings and credentials are (as `synth generate` fetches a
+    registry model), and the workers get the local copy; a registry URI stays as it is."""
+    if str(model_ref).startswith(("models:/", "runs:/")):
+        return str(model_ref)
+    from meddiff.tracking import fetch_model
+
+    return str(fetch_model(model_ref, cfg.tracking))
+
+
 def run_folder(
     cfg: Config, model_ref: str, images_dir: str | Path, masks_dir: str | Path | None = None
 ) -> FolderResult:
     """Run detection on every PNG of ``images_dir`` through Ray Data; results in memory."""
     files = list_pngs(images_dir)
     masks = mask_paths(files, masks_dir) if masks_dir is not None else None
-    if not str(model_ref).startswith(("models:/", "runs:/")):
-        # An object-store model is fetched here, where the storage settings and credentials
-        # are, as `synth generate` fetches a registry model: the Ray workers get the local copy.
-        from meddiff.tracking import fetch_model
-
-        model_ref = str(fetch_model(model_ref, cfg.tracking))
-    plan = plan_for(cfg, str(model_ref))
+    model_ref = driver_model(cfg, model_ref)
+    plan = plan_for(cfg, model_ref)
     check_headers(files, plan["image_size"], masks)
     plan["intensity"] = intensity_summary(files, cfg.data.images)
     items = [{"path": str(f)} for f in files]

@@ -145,9 +145,9 @@ def read_mask(path: Any, geometry: SliceGeometry) -> np.ndarray:
 
 def run_volume(cfg: Config, model_ref: str, source: Any, masks: Any = None) -> VolumeResult:
     """Slice ``source``, run THOR on every slice through Ray Data, results in memory."""
-    from meddiff.thor.detect import infer_items, plan_for
+    from meddiff.thor.detect import driver_model, infer_items, plan_for
 
-    model_ref = _local_if_uri(cfg, model_ref)
+    model_ref = driver_model(cfg, model_ref)
     plan = plan_for(cfg, model_ref)
     if plan["image_size"] != cfg.data.mri.image_size:
         # The slices must be the model's size; data.mri.image_size follows the model.
@@ -191,14 +191,6 @@ def run_input(cfg: Config, model_ref: str, images: Any, masks: Any = None) -> Fo
     return run_folder(cfg, model_ref, images, masks)
 
 
-def _local_if_uri(cfg: Config, model_ref: str) -> str:
-    if not str(model_ref).startswith(("models:/", "runs:/")):  # as run_folder: fetched here,
-        from meddiff.tracking import fetch_model  # where the storage settings are
-
-        return str(fetch_model(model_ref, cfg.tracking))
-    return str(model_ref)
-
-
 def _with_image_size(cfg: Config, size: int) -> Config:
     data = cfg.model_dump(mode="json")
     data["data"]["mri"]["image_size"] = size
@@ -214,7 +206,7 @@ def threshold_for(cfg: Config, model_ref: str) -> dict[str, Any] | None:
 
     if cfg.data.dicom.seg_threshold is not None:
         return {"threshold": cfg.data.dicom.seg_threshold, "source": "data.dicom.seg_threshold"}
-    local = fetch_model(_local_if_uri(cfg, model_ref), cfg.tracking)
+    local = fetch_model(model_ref, cfg.tracking)
     found = lookup(cfg, model_ref, local, plan_for(cfg, str(local)))
     if found is not None:
         found["source"] = f"calibration {found['key']} of {model_ref}"
