@@ -30,7 +30,7 @@ spectral power above 1/8 cycle per pixel (periods under 8 px: nucleus edges and 
 (1.0 = as sharp as real; the Laplacian weighs the finest pixel-scale detail most); ``PSNR``/``SSIM`` (``skimage.metrics``, data range 255, colour)
 of each reconstruction against its original.
 
-It writes ``OUT/<model>-arms.png`` (rows: real, grid only, VAE recon, generated), ``OUT/table.md``
+It writes ``OUT/<model>-arms.png`` (rows: real, grid only, VAE recon, generated), ``OUT/table.txt`` (a Markdown table)
 and ``OUT/table.json``; Inception features are kept in ``OUT/features/`` by image content, so a
 second run with another model only computes that model's.
 """
@@ -264,7 +264,7 @@ def main() -> None:
         r.pop("_feats", None)
     table = _table(rows, len(reference), args.n)
     print(table)
-    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "table.txt").write_text(table + "\n")
     (args.out / "table.json").write_text(json.dumps(rows, indent=2))
 
 
