@@ -88,7 +88,10 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
                     object_store_memory=store,
                     include_dashboard=False,
                     log_to_driver=True,
-                    runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+                    runtime_env={
+                        "env_vars": {"RAY_ADDRESS": address},
+                        "worker_process_setup_hook": "meddiff.runtime.quiet_embedded_workers",
+                    },
                     # Ray's metrics exporter listens on every interface without auth, and
                     # nothing scrapes an embedded Ray (no dashboard): it is not started. The
                     # services' own metrics are on a port of their own (docs/serving.md).
@@ -208,6 +211,30 @@ def quiet_user_errors() -> None:
             isinstance(f, UserErrorFilter) for f in handler.filters
         ):
             handler.addFilter(UserErrorFilter())
+
+
+class StateApiNoiseFilter(logging.Filter):
+    """Drops Ray Train's "State API may be temporarily unavailable" warning.
+
+    Ray Train's placement-group cleaner asks the state API, every few seconds, whether the
+    training controller is alive; the state API is served by Ray's dashboard, which an embedded
+    Ray does not start, so on one machine each training run printed the warning hundreds of
+    times. Nothing is lost: an embedded Ray stops with its driver, placement groups included.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "State API may be temporarily unavailable" not in record.getMessage()
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_embedded_workers() -> None:
+    """Ray's ``worker_process_setup_hook`` for an embedded Ray: runs in each worker process
+    when it starts (:class:`StateApiNoiseFilter`)."""
+    logger = logging.getLogger(PG_CLEANER_LOGGER)
+    if not any(isinstance(f, StateApiNoiseFilter) for f in logger.filters):
+        logger.addFilter(StateApiNoiseFilter())
 
 
 def check_reachable(address: str, attempts: int = 3, delay_s: float = 2.0) -> None:

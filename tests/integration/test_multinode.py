@@ -119,17 +119,32 @@ def _wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_ingest_survives_losing_the_worker_node(cluster, sample_pcam_dir, tmp_path, record):
+# Rows of the node-loss ingest: one-row blocks read one at a time take long enough (several
+# seconds per 100 on a quiet machine) for the state API to report a finished task on the
+# worker node, and the kill to land, before the job ends (128 rows did not always: CI).
+NODE_LOSS_ROWS = 384
+
+
+@pytest.fixture(scope="module")
+def node_loss_pcam_dir(tmp_path_factory):
+    from meddiff.data.samples import SampleSizes, sample_pcam
+
+    root = tmp_path_factory.mktemp("pcam-node-loss")
+    sample_pcam(root, SampleSizes(train=NODE_LOSS_ROWS, valid=0, test=0), seed=0)
+    return root
+
+
+def test_ingest_survives_losing_the_worker_node(cluster, node_loss_pcam_dir, tmp_path, record):
     """Ray Data reruns the lost node's tasks on the head: every row exactly once."""
     _ensure_worker(cluster)
     [worker] = cluster.alive_workers()
     out = tmp_path / "shards"
     sid = f"meddiff-{uuid.uuid4().hex[:8]}"
-    # One-row blocks read one at a time: 128 read tasks, long enough to kill a node mid-way.
+    # One-row blocks read one at a time: a read task per row, long enough to kill a node mid-way.
     slow = [*INGEST, "--set", "data.pcam.rows_per_block=1", "--set", "data.read_concurrency=1"]
     start = time.perf_counter()
     submitted = cluster.submit(
-        ["python", "jobs/ingest.py", "--input", str(sample_pcam_dir), "--split", "train",
+        ["python", "jobs/ingest.py", "--input", str(node_loss_pcam_dir), "--split", "train",
          "--out", str(out), *slow],
         submission_id=sid, wait=False,
     )  # fmt: skip
@@ -149,11 +164,11 @@ def test_ingest_survives_losing_the_worker_node(cluster, sample_pcam_dir, tmp_pa
     logs = cluster.job_logs(sid)
     assert "SUCCEEDED" in status, logs[-4000:]
     rows = _rows(out)  # asserts no (source, index) twice
-    assert sorted(rows) == [(pcam_filename("train", "x"), i) for i in range(128)]
-    assert shards.read_manifest(out)["rows"] == 128
+    assert sorted(rows) == [(pcam_filename("train", "x"), i) for i in range(NODE_LOSS_ROWS)]
+    assert shards.read_manifest(out)["rows"] == NODE_LOSS_ROWS
     record(
         "ingest_node_loss",
-        {"rows_in": 128, "rows_out": len(rows), "killed_pids": len(pids),
+        {"rows_in": NODE_LOSS_ROWS, "rows_out": len(rows), "killed_pids": len(pids),
          "seconds": round(time.perf_counter() - start, 1)},
     )  # fmt: skip
 

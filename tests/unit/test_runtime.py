@@ -156,3 +156,22 @@ def test_progress_off_a_terminal_logs_a_line_at_start_and_end(capsys, caplog):
     assert lines[1].startswith("encode: 7 batches in ") and len(lines) == 2
     out, err = capsys.readouterr()
     assert "\r" not in out + err
+
+
+def test_embedded_workers_drop_only_the_state_api_warning():
+    """The setup hook an embedded Ray gives its workers drops Ray Train's state-API warning (no
+    dashboard there) and nothing else from that logger; installing it twice adds one filter."""
+    import logging
+
+    runtime.quiet_embedded_workers()
+    runtime.quiet_embedded_workers()
+    logger = logging.getLogger(runtime.PG_CLEANER_LOGGER)
+    assert sum(isinstance(f, runtime.StateApiNoiseFilter) for f in logger.filters) == 1
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    noise = record("Failed to query Ray Train Controller actor state. State API may be "
+                   "temporarily unavailable. Continuing to monitor.")  # fmt: skip
+    kept = record("Detected that the Ray Train controller actor (x) is dead.")
+    assert not logger.filter(noise) and logger.filter(kept)

@@ -157,7 +157,8 @@ def save_and_report(
     checkpoint under ``ctx.run_dir``). Then each rank waits until its files are all there with
     their sizes and writes its rank file, and rank 0 the marker holding ``info`` plus the step
     and time: on an object store Ray's upload can return before every object is stored, and a
-    worker killed then would otherwise leave a marked checkpoint with files missing. ``drill``
+    worker killed then would otherwise leave a marked checkpoint with files missing. Every rank
+    returns only once the marker is written (a barrier). ``drill``
     is the loop's training section: its fault drill may kill the worker before the report,
     leaving a folder without its rank file behind.
 
@@ -188,6 +189,10 @@ def save_and_report(
     if ctx.rank == 0:
         marker = {**info, "step": step, "time": time.time()}
         storage.write_text(storage.join(stored, MARKER), json.dumps(marker, indent=2))
+    # No rank trains on before the checkpoint is complete: a rank that failed in the next step
+    # would otherwise bring the group down while rank 0 still writes the marker, and the restart
+    # would lose the checkpoint just reported (found by a 2-worker kill test on object storage).
+    ctx.barrier()
 
 
 # How long a rank waits for its checkpoint files to appear in storage after Ray's upload.

@@ -129,6 +129,13 @@ class WorkerContext:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (a no-op for one worker)."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+
     def fault_drill(self, t: TrainingSection, step: int, *, in_checkpoint: bool) -> None:
         """Kill this worker process (SIGKILL: no cleanup, no exception) once per run directory
         when ``t.fail_at_step`` says so; Ray Train then restarts the worker group from the last
