@@ -35,10 +35,10 @@ TILE = 96
 def slide_canvas(seed: int = 0) -> np.ndarray:
     """The sample slide's 10x level as one RGB array (1536 x 2048)."""
     from meddiff.data.samples import sample_wsi
-    from meddiff.data.wsi import Slide
+    from meddiff.data.wsi import open_slide
 
     path = sample_wsi(Path(tempfile.mkdtemp(prefix="artefacts-")), seed=seed)
-    with Slide(path) as slide:
+    with open_slide(path) as slide:
         w, h = slide.level_dimensions[1]
         return slide.read(0, 0, 1, w, h)
 
@@ -103,11 +103,11 @@ def whole_slides(qcfg, wcfg) -> dict:
     """Tissue detection + quality filter on the sample slide with one stroke of each ink."""
     from meddiff.data import samples as s
     from meddiff.data.samples import sample_wsi
-    from meddiff.data.wsi import TILE_KINDS, Slide, plan_slide, read_tiles, write_pyramid_tiff
+    from meddiff.data.wsi import TILE_KINDS, open_slide, plan_slide, read_tiles, write_pyramid_tiff
     from meddiff.morphology.quality import reject_reasons
 
     work = Path(tempfile.mkdtemp(prefix="artefact-slides-"))
-    with Slide(sample_wsi(work)) as slide:
+    with open_slide(sample_wsi(work)) as slide:
         w, h = slide.level_dimensions[0]
         level0 = slide.read(0, 0, 0, w, h)
     out: dict = {}

@@ -28,9 +28,9 @@ def flat_tiff(out: Path, compression: str) -> Path:
     import tifffile
 
     from meddiff.data.samples import sample_wsi
-    from meddiff.data.wsi import Slide
+    from meddiff.data.slides import open_slide
 
-    with Slide(sample_wsi(out / "pyramid")) as slide:
+    with open_slide(sample_wsi(out / "pyramid")) as slide:
         w, h = slide.level_dimensions[0]
         rgb = slide.read(0, 0, 0, w, h)
     path = out / f"flat_{compression}.tif"

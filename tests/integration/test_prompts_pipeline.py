@@ -189,6 +189,7 @@ def test_slides_to_shards_to_prompts(tmp_path):
         "1": manifest["rows"]
     }
     assert set(tiles["level"].tolist()) == {1} and (tiles["x"] % 192 == 0).all()
+    assert set(tiles["reader"].tolist()) == {"tiffslide"}  # the reader, in every tile's provenance
     inked = int((tiles["artefact"] == "ink").sum())
     assert inked >= 3 and set(tiles["artefact"].tolist()) == {"", "ink"}
     assert len(set(zip(tiles["x"].tolist(), tiles["y"].tolist(), strict=True))) == manifest["rows"]

@@ -28,7 +28,7 @@ def slide(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def level0(slide) -> np.ndarray:
-    with wsi.Slide(slide) as s:
+    with wsi.open_slide(slide) as s:
         return s.read(0, 0, 0, 2048, 1536)
 
 
@@ -173,7 +173,7 @@ def test_slide_ink_is_flagged_at_tissue_detection(tmp_path, level0, slide):
 def test_mask_ink_rule_keeps_stained_tissue(slide, pixels_per_tile):
     """On the tissue mask's thumbnail, at coarser and finer mask resolutions than the default
     (8), no pixel of the clean slide is ink."""
-    with wsi.Slide(slide) as s:
+    with wsi.open_slide(slide) as s:
         thumb = wsi._grid_thumbnail(s, 1, TILE, 10, 8, pixels_per_tile)
     assert not mask_artefacts(thumb).any()
 
@@ -197,7 +197,7 @@ def test_single_strip_tiff_is_decoded_once(tmp_path, level0, caplog):
         path, level0, photometric="rgb", rowsperstrip=level0.shape[0], compression="zlib",
         resolution=(2e4, 2e4), resolutionunit="CENTIMETER", metadata=None,
     )  # fmt: skip
-    with wsi.Slide(path) as s:
+    with wsi.open_slide(path) as s:
         assert s.segment_rows(0) == level0.shape[0]
     with caplog.at_level(logging.WARNING, logger="meddiff.data.wsi"):
         plan = wsi.plan_slide(path, WsiConfig())

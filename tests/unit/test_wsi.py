@@ -43,7 +43,7 @@ def test_plan_at_10x_reads_level_1_and_keeps_tissue_tiles(slide):
     )
     assert 0 not in idx  # the top-left corner is glass
     # Every kept tile is mostly stained tissue, every dropped one mostly glass.
-    with wsi.Slide(slide) as s:
+    with wsi.open_slide(slide) as s:
 
         def sat(i):
             r, c = divmod(i, plan.cols)
@@ -63,7 +63,7 @@ def test_tiles_carry_pixels_and_provenance(slide):
     assert tiles.shape == (len(plan.tiles), 96, 96, 3)
     first = blocks[0]
     assert first["source"][0] == str(slide) and first["level"][0] == 1 and first["label"][0] == -1
-    with wsi.Slide(slide) as s:
+    with wsi.open_slide(slide) as s:
         k = 3
         direct = s.read(int(first["x"][k]), int(first["y"][k]), 1, 96, 96)
     assert np.array_equal(first["image"][k], direct)
@@ -90,7 +90,7 @@ def test_magnification_choice(slide):
 def test_bad_slides(tmp_path):
     text = tmp_path / "notes.svs"
     text.write_text("not a slide")
-    with pytest.raises(DataError, match=r"notes\.svs is not a TIFF"):
+    with pytest.raises(DataError, match=r"notes\.svs is not a whole-slide image"):
         wsi.plan_slide(text, WsiConfig())
     with pytest.raises(DataError, match="does not exist"):
         wsi.plan_slide(tmp_path / "missing.svs", WsiConfig())
@@ -145,7 +145,7 @@ def test_implausible_resolution_tags_are_named_and_the_setting_wins(
 ):
     img = ihc_tissue().repeat(2, 0).repeat(2, 1)
     path = _tiff_with_resolution(tmp_path / "edited.tif", img, resolution, unit)
-    with wsi.Slide(path) as s:
+    with wsi.open_slide(path) as s:
         assert float(s.property("mpp-x")) == pytest.approx(mpp, rel=1e-3)
     with pytest.raises(DataError) as err:
         wsi.plan_slide(path, WsiConfig())

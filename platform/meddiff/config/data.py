@@ -30,7 +30,7 @@ class ShardConfig(Section):
 
 
 class WsiConfig(Section):
-    """Cutting tiles from whole-slide images (pyramidal TIFF: SVS, generic tiled TIFF, ...).
+    """Cutting tiles from whole-slide images (SVS, vendor formats, DICOM-WSI: ``reader``).
 
     A slide's magnification is ``base_magnification`` when set (an explicit setting wins over
     the file's metadata), else its objective power, else its pixel size (10 µm / mpp: 0.25 mpp is
@@ -75,11 +75,14 @@ class WsiConfig(Section):
         "mostly ink are read flagged (artefact column) for the quality filter to remove.",
     )
     extensions: list[str] = Field(
-        default=[".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs"],
-        description="Files in a slide directory that are read as slides.",
+        default=[".svs", ".tif", ".tiff", ".ndpi", ".vms", ".scn", ".bif", ".mrxs", ".svslide"],
+        description="Files in a slide directory that are read as slides (sub-folders holding a "
+        "DICOM whole-slide image are read as well).",
     )
-    backend: Literal["auto", "tiffslide", "openslide"] = Field(
-        default="auto", description="auto: tiffslide for TIFF-based slides, else OpenSlide."
+    reader: Literal["auto", "tiffslide", "openslide"] = Field(
+        default="auto",
+        description="Library that reads slides (the tiles' reader column). auto: tiffslide for "
+        "SVS and generic TIFF, OpenSlide for other vendor formats and DICOM whole-slide images.",
     )
     labels_csv: str | None = Field(
         default=None,

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     slide = cmds.add_parser(
         "sample-wsi",
-        help="write a pyramidal whole-slide TIFF (SVS layout) of real IHC tissue on glass",
+        help="write a pyramidal whole-slide image (SVS or DICOM) of real IHC tissue on glass",
     )
     slide.add_argument("out", type=Path, help="output directory")
     slide.add_argument("--width", type=int, default=4096, help="level-0 width in pixels")
@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     slide.add_argument("--name", default="sample_slide.svs", help="file name of the slide")
     slide.add_argument(
         "--pen-strokes", type=int, default=0, help="marker-ink strokes drawn over the tissue"
+    )
+    slide.add_argument(
+        "--format",
+        choices=("svs", "dicom"),
+        default="svs",
+        help="svs: one TIFF file; dicom: a DICOM whole-slide image, a folder named after --name "
+        "(without its suffix) of one VL Whole Slide Microscopy instance per level",
     )
     slide.set_defaults(handler=_sample_wsi)
 
@@ -129,22 +136,26 @@ def _sample_pcam(args: argparse.Namespace) -> int:
 
 
 def _sample_wsi(args: argparse.Namespace) -> int:
-    from meddiff.data.samples import sample_wsi
-    from meddiff.data.wsi import Slide
+    import tempfile
 
-    path = sample_wsi(
-        args.out,
-        width=args.width,
-        height=args.height,
-        magnification=args.magnification,
-        seed=args.seed,
-        name=args.name,
-        pen_strokes=args.pen_strokes,
-    )
-    with Slide(path) as slide:
+    from meddiff.data.samples import sample_wsi
+    from meddiff.data.slide_dicom import write_dicom_wsi
+    from meddiff.data.slides import open_slide
+
+    sizes = {"width": args.width, "height": args.height, "magnification": args.magnification}
+    kw = dict(sizes, seed=args.seed, name=args.name, pen_strokes=args.pen_strokes)
+    if args.format == "svs":
+        path = sample_wsi(args.out, **kw)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.out, prefix=".sample-wsi-") as tmp:
+            path = write_dicom_wsi(sample_wsi(tmp, **kw), args.out / Path(args.name).stem)
+    with open_slide(path) as slide:
         levels = [list(d) for d in slide.level_dimensions]
         power, mpp = slide.property("objective-power"), slide.property("mpp-x")
-    print(json.dumps({"slide": str(path), "levels": levels, "objective_power": power, "mpp": mpp}))
+        reader = slide.version
+    summary = {"slide": str(path), "reader": reader, "levels": levels}
+    print(json.dumps(summary | {"objective_power": power, "mpp": mpp}))
     return 0
 
 

@@ -61,7 +61,8 @@ def _not_an_input(kind: str, cfg: DataConfig) -> str:
         )
     return (
         "not a PCam directory (camelyonpatch_level_2_split_*_x.h5), a meddiff shard "
-        f"directory, a whole-slide image nor a directory of slides ({slides})"
+        f"directory, a whole-slide image (a file, or a folder of DICOM whole-slide instances) "
+        f"nor a directory of slides ({slides})"
     )
 
 
@@ -158,7 +159,7 @@ class SlideDatasource(Datasource):
         return "ReadSlides"
 
     def _row_bytes(self, plan: wsi.SlidePlan) -> int:
-        return plan.tile_size * plan.tile_size * 3 + 5 * 8 + len(plan.path)
+        return plan.tile_size * plan.tile_size * 3 + 5 * 8 + len(plan.path) + len(plan.reader)
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(len(p.tiles) * self._row_bytes(p) for p in self.plans)

@@ -10,10 +10,12 @@ a bounded chunk of the plan, so memory does not grow with the slide.
 
 Tiles carry the provenance columns of :mod:`meddiff.data.shards`: ``source`` (slide path), ``index``
 (grid position ``row * cols + col``, stable across runs), ``level`` (pyramid level read) and ``x``,
-``y`` (tile origin in level-0 pixels), and ``artefact`` ("" for tissue, ``ink`` for a flagged tile).
+``y`` (tile origin in level-0 pixels), ``reader`` (``tiffslide`` or ``openslide``: the library that
+decoded it), and ``artefact`` ("" for tissue, ``ink`` for a flagged tile).
 
-Slides open with tiffslide (TIFF-based formats: SVS, generic pyramidal TIFF, NDPI, ...) or, for
-other formats or when asked, with OpenSlide when it is installed.
+Slides open through :func:`meddiff.data.slides.open_slide` (tiffslide or OpenSlide: vendor
+formats, DICOM whole-slide images); the reader is chosen once per slide when it is planned, and
+every tile names it in a ``reader`` column.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from meddiff.config.data import WsiConfig
 from meddiff.data.artefacts import mask_artefacts
+from meddiff.data.slides import Slide, dicom_instance, is_dicom_wsi, is_tiff, open_slide
 from meddiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,124 +45,9 @@ MPP_AT_10X = 1.0
 # refused with the override to use rather than read as a 0.03x slide.
 PLAUSIBLE_MPP = (0.05, 10.0)
 PLAUSIBLE_OBJECTIVE = (1.0, 150.0)
-TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 LABELS_FILE = "labels.csv"
 # Codes of SlidePlan.kinds: "" is tissue.
 TILE_KINDS = ("", "ink")
-
-
-# --- opening --------------------------------------------------------------------------------
-
-
-class Slide:
-    """A thin, picklable-by-path wrapper over a tiffslide or OpenSlide handle."""
-
-    def __init__(self, path: str | Path, backend: str = "auto"):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise DataError(f"slide {self.path} does not exist")
-        if not self.path.is_file():
-            raise DataError(f"slide {self.path} is not a file")
-        use_openslide = backend == "openslide" or (
-            backend == "auto" and self.path.suffix.lower() not in TIFF_SUFFIXES
-        )
-        self.backend = "openslide" if use_openslide else "tiffslide"
-        self._handle = _open_openslide(self.path) if use_openslide else _open_tiffslide(self.path)
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
-            (int(w), int(h)) for w, h in self._handle.level_dimensions
-        )
-        self.level_downsamples: tuple[float, ...] = tuple(
-            float(d) for d in self._handle.level_downsamples
-        )
-        self.properties: dict[str, Any] = dict(self._handle.properties)
-        if not self.level_dimensions or min(self.level_dimensions[0]) <= 0:
-            raise DataError(f"slide {self.path} has no image data")
-
-    @property
-    def level_count(self) -> int:
-        return len(self.level_dimensions)
-
-    def property(self, name: str) -> Any:
-        """A standard property (``objective-power``, ``mpp-x``) whichever library read it."""
-        for prefix in ("tiffslide.", "openslide."):
-            value = self.properties.get(prefix + name)
-            if value not in (None, ""):
-                return value
-        return None
-
-    def segment_rows(self, level: int) -> int | None:
-        """Rows of pixels the decoder must decode together at ``level``: the tile height of a
-        tiled TIFF page, the strip height of a stripped one (the whole image for a single strip);
-        None when unknown (OpenSlide)."""
-        if self.backend != "tiffslide":
-            return None
-        try:
-            page = self._handle.ts_tifffile.series[0].levels[level].keyframe
-        except (AttributeError, IndexError):
-            return None
-        rows = page.tilelength if page.is_tiled else page.rowsperstrip
-        return int(min(rows or page.imagelength, page.imagelength)) or None
-
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3) of the region whose origin is (x, y) in level-0 pixels."""
-        try:
-            if self.backend == "tiffslide":
-                arr = self._handle.read_region((x, y), level, (width, height), as_array=True)
-            else:
-                from PIL import Image
-
-                rgba = self._handle.read_region((x, y), level, (width, height))
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                arr = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        except Exception as err:  # decoder errors of a damaged file
-            raise DataError(
-                f"slide {self.path}: cannot read level {level} region at ({x}, {y}) size "
-                f"{width}x{height} ({type(err).__name__}: {err})"
-            ) from None
-        arr = np.asarray(arr)
-        if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
-            raise DataError(
-                f"slide {self.path}: expected 8-bit RGB pixels, got {arr.dtype} {arr.shape}"
-            )
-        return np.ascontiguousarray(arr[..., :3])
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> Slide:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _open_tiffslide(path: Path):
-    import tifffile
-    import tiffslide
-
-    try:
-        return tiffslide.TiffSlide(path)
-    except tifffile.TiffFileError as err:
-        raise DataError(f"slide {path} is not a TIFF whole-slide image ({err})") from None
-    except (NotImplementedError, KeyError, ValueError, IndexError) as err:
-        raise DataError(
-            f"slide {path}: unsupported TIFF layout ({type(err).__name__}: {err}); "
-            "expected a tiled RGB pyramid (SVS or generic pyramidal TIFF)"
-        ) from None
-
-
-def _open_openslide(path: Path):
-    try:
-        import openslide
-    except ImportError:
-        raise DataError(
-            f"slide {path}: this format needs OpenSlide (pip install openslide-python "
-            "openslide-bin); TIFF-based slides open with tiffslide"
-        ) from None
-    try:
-        return openslide.OpenSlide(str(path))
-    except openslide.OpenSlideError as err:
-        raise DataError(f"slide {path}: OpenSlide cannot read it ({err})") from None
 
 
 # --- planning -------------------------------------------------------------------------------
@@ -173,6 +61,8 @@ class SlidePlan:
 
     path: str
     label: int
+    reader: str
+    reader_version: str
     base_magnification: float
     magnification_source: str
     level: int
@@ -194,6 +84,7 @@ class SlidePlan:
         return {
             "slide": self.path,
             "label": self.label,
+            "reader": self.reader_version,
             "base_magnification": round(self.base_magnification, 3),
             "magnification_from": self.magnification_source,
             "tile_magnification": round(self.magnification, 3),
@@ -278,7 +169,7 @@ def plan_slide(path: str | Path, cfg: WsiConfig, label: int = -1) -> SlidePlan:
         DataError: missing file, not a readable slide, magnification unknown or not available,
             slide smaller than one tile, or no tissue.
     """
-    with Slide(path, cfg.backend) as slide:
+    with open_slide(path, cfg.reader) as slide:
         base, source = base_magnification(slide, cfg)
         level, scale = choose_level(
             slide, base, cfg.magnification, cfg.magnification_tolerance, str(slide.path)
@@ -309,6 +200,8 @@ def plan_slide(path: str | Path, cfg: WsiConfig, label: int = -1) -> SlidePlan:
         return SlidePlan(
             path=str(slide.path),
             label=int(label),
+            reader=slide.reader,
+            reader_version=slide.version,
             base_magnification=base,
             magnification_source=source,
             level=level,
@@ -438,7 +331,8 @@ def read_tiles(
     """Tiles ``plan.tiles[start:stop]`` in blocks of at most ``rows_per_block``.
 
     Each block: ``image`` uint8 (n, T, T, 3), ``label`` int64 (n,), ``artefact`` str (n,) ("" for
-    tissue) and the provenance columns. Tiles are read in regions: consecutive tiles of one grid
+    tissue), ``reader`` str (n,) (the library that decoded the tiles, ``plan.reader``) and the
+    provenance columns. Tiles are read in regions: consecutive tiles of one grid
     row (tiled slides), or, where the decoder must decode far more rows than a tile has (a
     stripped TIFF: one strip can be the whole image), whole grid rows, or every tile of the block
     at once for a single-strip image, so each strip is decoded once rather than once per tile.
@@ -449,7 +343,7 @@ def read_tiles(
     tiles = plan.tiles[start:stop]
     kinds = np.asarray(TILE_KINDS, dtype=object)[plan.kinds[start:stop]]
     t, r = plan.tile_size, plan.read_size
-    with Slide(plan.path) as slide:
+    with open_slide(plan.path, plan.reader) as slide:
         segment = slide.segment_rows(plan.level)
         if whole_segments is None:
             whole_segments = segment is not None and segment > 4 * r
@@ -469,6 +363,7 @@ def read_tiles(
                 "image": images,
                 "label": np.full(len(chunk), plan.label, dtype=np.int64),
                 "artefact": kinds[lo : lo + len(chunk)],
+                "reader": np.full(len(chunk), plan.reader, dtype=object),
             }
             block.update(provenance(plan.path, chunk[:, 0], plan.level, chunk[:, 1], chunk[:, 2]))
             yield block
@@ -539,20 +434,28 @@ def _fit(tile: np.ndarray, size: int) -> np.ndarray:
 
 
 def is_slide_input(path: str | Path, cfg: WsiConfig) -> bool:
-    """Whether ``path`` is a slide file, or a directory holding slides (and no PCam files)."""
+    """Whether ``path`` is a slide file, a DICOM whole-slide image (an instance or a folder of
+    them), or a directory holding slides (and no PCam files)."""
     path = Path(path)
     if path.is_file():
-        return path.suffix.lower() in slide_suffixes(cfg) or _looks_like_tiff(path)
+        return path.suffix.lower() in slide_suffixes(cfg) or is_tiff(path) or is_dicom_wsi(path)
     return path.is_dir() and bool(slide_files(path, cfg))
 
 
 def slide_files(path: str | Path, cfg: WsiConfig) -> list[Path]:
-    """The slide files of a directory (sorted, not recursive), or ``[path]`` for a file."""
+    """The slides of a directory, sorted, not recursive: files ending in ``cfg.extensions`` and
+    sub-folders holding a DICOM whole-slide image; ``[path]`` for a file or for a folder that is
+    itself one DICOM whole-slide image."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or dicom_instance(path) is not None:
         return [path]
     suffixes = slide_suffixes(cfg)
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    return sorted(
+        p
+        for p in path.iterdir()
+        if (p.is_file() and p.suffix.lower() in suffixes)
+        or (p.is_dir() and dicom_instance(p) is not None)
+    )
 
 
 def slide_labels(path: str | Path, slides: Sequence[Path], cfg: WsiConfig) -> dict[str, int]:
@@ -586,14 +489,6 @@ def slide_labels(path: str | Path, slides: Sequence[Path], cfg: WsiConfig) -> di
 def slide_suffixes(cfg: WsiConfig) -> set[str]:
     """The configured slide file suffixes, lower case with their dot (``{".svs", ".tif"}``)."""
     return {s.lower() if s.startswith(".") else "." + s.lower() for s in cfg.extensions}
-
-
-def _looks_like_tiff(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-    except OSError:
-        return False
 
 
 # --- writing (sample slides, tests) ---------------------------------------------------------
