@@ -32,6 +32,14 @@ T = TypeVar("T")
 # RAY_ADDRESS as it was before connect() exported one; restored by shutdown().
 _UNSET = object()
 _saved_address: object = _UNSET
+# Whether this process shows progress bars (``runtime.progress`` of the config it connected with).
+_progress = True
+
+# What a quiet run (runtime.progress false: off a terminal) sets in its Ray workers' environment:
+# no tqdm bars (the libraries' own, e.g. diffusers saving a model in a training worker), and
+# Ray Data's console at WARNING (its per-dataset start/plan/finish lines; ray-data.log keeps
+# them).
+QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "MEDDIFF_QUIET": "1"}
 
 
 def ray_address(cfg: RuntimeConfig) -> str | None:
@@ -49,6 +57,11 @@ def connect(cfg: RuntimeConfig) -> None:
 
     if ray.is_initialized():
         return
+    global _progress
+    _progress = bool(cfg.progress)
+    if not _progress:
+        # MLflow reads it at each download ("Downloading artifacts" bars in a log file).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     address = ray_address(cfg)
     if address:
         log.info("joining Ray cluster at %s", address)
@@ -89,7 +102,10 @@ def start_embedded(cfg: RuntimeConfig, sleep=time.sleep) -> None:
                     include_dashboard=False,
                     log_to_driver=True,
                     runtime_env={
-                        "env_vars": {"RAY_ADDRESS": address},
+                        "env_vars": {
+                            "RAY_ADDRESS": address,
+                            **({} if cfg.progress else QUIET_WORKER_ENV),
+                        },
                         "worker_process_setup_hook": "meddiff.runtime.quiet_embedded_workers",
                     },
                     # Ray's metrics exporter listens on every interface without auth, and
@@ -229,12 +245,42 @@ class StateApiNoiseFilter(logging.Filter):
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+def quiet() -> bool:
+    """Whether this process runs without progress bars (``runtime.progress`` false: off a
+    terminal), as set by :func:`connect`: libraries' INFO chatter stays out of the console too."""
+    return not _progress
+
+
 def quiet_embedded_workers() -> None:
     """Ray's ``worker_process_setup_hook`` for an embedded Ray: runs in each worker process
-    when it starts (:class:`StateApiNoiseFilter`)."""
+    when it starts (:class:`StateApiNoiseFilter`; in a quiet run, :func:`quiet_ray_data`)."""
     logger = logging.getLogger(PG_CLEANER_LOGGER)
     if not any(isinstance(f, StateApiNoiseFilter) for f in logger.filters):
         logger.addFilter(StateApiNoiseFilter())
+    if os.environ.get("MEDDIFF_QUIET") == "1":
+        quiet_ray_data()
+        _quiet_train_reports()
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs each worker's "Reporting training result ..." at INFO on a logger named
+    by its source file (so its LoggingConfig level does not apply); a quiet worker keeps it out
+    of the console. The loops log their own progress."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console handler at WARNING: its INFO lines (each dataset's start, plan and
+    finish) stay in ``ray-data.log`` only."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, handlers included)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
 
 
 def check_reachable(address: str, attempts: int = 3, delay_s: float = 2.0) -> None:
@@ -278,6 +324,8 @@ def _configure_data(cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
     quiet_user_errors()
+    if not cfg.progress:
+        quiet_ray_data()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     # Errors in user data should stop the job with the first message, not after retries, and
@@ -300,7 +348,8 @@ def shutdown() -> None:
     """Disconnect (and stop an embedded Ray)."""
     import ray
 
-    global _saved_address
+    global _saved_address, _progress
+    _progress = True
     if ray.is_initialized():
         ray.shutdown()
     if _saved_address is not _UNSET:

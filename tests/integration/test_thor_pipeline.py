@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import shutil
+import time
 
 import mlflow
 import numpy as np
@@ -240,12 +241,15 @@ def test_an_error_inside_a_ray_data_stage_prints_once(trained, brain, tmp_path, 
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path, capfd):
     """The worker is killed (SIGKILL) before step 3; Ray Train restarts it from the step-2
-    checkpoint, losing at most one checkpoint interval, and the run ends at step 4."""
+    checkpoint, losing at most one checkpoint interval, and the run ends at step 4. Off a
+    terminal (the session's Ray is quiet) the console gets the workers' warnings but none of
+    Ray Train's or Ray Data's INFO lines and no progress bars."""
     from meddiff.training import WorkerContext
     from meddiff.training.context import FAULT_MARKER
 
+    capfd.readouterr()
     out = tmp_path / "killed"
     rc = main(["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
                "--set", "thor.train.steps=4", "--set", "thor.train.fail_at_step=3",
@@ -261,6 +265,23 @@ def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path):
     assert resumed == [0.0, 2.0]  # restarted at the step-2 checkpoint: 3 - 2 <= one interval
     steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], "loss"))
     assert steps == [1, 2, 3, 4]
+    console = _console_after(capfd, "fault drill: killing rank 0")  # a worker's WARNING arrived
+    for chatter in ("Reporting training result", "Checkpoint successfully created",
+                    "Starting execution of Dataset", "State API", "\r"):  # fmt: skip
+        assert chatter not in console, chatter
+
+
+def _console_after(capfd, line: str, timeout_s: float = 30.0) -> str:
+    """What reached stdout/stderr once ``line`` did: Ray streams workers' output to the driver
+    a moment after it was written, so a check for what must be absent waits for what must not."""
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while line not in seen and time.monotonic() < deadline:
+        time.sleep(0.5)
+        out, err = capfd.readouterr()
+        seen += out + err
+    assert line in seen, seen[-2000:]
+    return seen
 
 
 @pytest.mark.slow

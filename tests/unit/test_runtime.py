@@ -175,3 +175,24 @@ def test_embedded_workers_drop_only_the_state_api_warning():
                    "temporarily unavailable. Continuing to monitor.")  # fmt: skip
     kept = record("Detected that the Ray Train controller actor (x) is dead.")
     assert not logger.filter(noise) and logger.filter(kept)
+
+
+def test_a_quiet_run_keeps_ray_data_and_ray_train_info_out_of_the_console(monkeypatch):
+    """Off a terminal (runtime.progress false) Ray Data's console shows warnings only and Ray
+    Train gets a WARNING log level and bar-less workers; on a terminal both stay as Ray sets
+    them."""
+    import logging
+
+    from meddiff.training.driver import _log_settings
+
+    monkeypatch.setattr(runtime, "_progress", True)
+    assert _log_settings() == {}
+    monkeypatch.setattr(runtime, "_progress", False)
+    settings = _log_settings()
+    assert settings["logging_config"].log_level == "WARNING"
+    assert settings["worker_runtime_env"]["env_vars"]["TQDM_DISABLE"] == "1"
+
+    runtime.quiet_ray_data()
+    [console] = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    assert console.level == logging.WARNING
+    console.setLevel(logging.INFO)  # as Ray Data configured it, for the tests after this one

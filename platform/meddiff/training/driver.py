@@ -211,6 +211,22 @@ def _stop_callback():
     return StopOnUserError()
 
 
+def _log_settings() -> dict[str, Any]:
+    """Ray Train's console in a quiet run (off a terminal: :func:`meddiff.runtime.quiet`): its
+    INFO lines (each report, checkpoint and worker-group start) only in its log files, and no
+    tqdm bars in the workers; the loops log their own progress every ``log_every`` steps."""
+    from ray.train import LoggingConfig
+
+    from meddiff import runtime
+
+    if not runtime.quiet():
+        return {}
+    return {
+        "logging_config": LoggingConfig(log_level="WARNING"),
+        "worker_runtime_env": {"env_vars": dict(runtime.QUIET_WORKER_ENV)},
+    }
+
+
 def fit(
     loop,
     config: dict[str, Any],
@@ -269,6 +285,7 @@ def fit(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[_stop_callback()],
+            **_log_settings(),
         ),
         datasets=datasets,
     )
