@@ -442,6 +442,16 @@ def instance_series(name: str, ds: Any) -> DicomSeries:
     if frames > 1:
         raise DataError(f"{name}: a multi-frame instance of {frames} frames; expected one slice")
     (one,) = _slices(name, ds)
+    geometry = np.concatenate([one.position.ravel(), one.orientation.ravel()])
+    if (
+        one.position.shape != (3,)
+        or one.orientation.shape != (6,)
+        or not np.isfinite(geometry).all()
+    ):
+        raise DataError(
+            f"{name}: Image Position (Patient) must be 3 and Image Orientation (Patient) 6 finite "
+            "numbers; cannot place the slice"
+        )
     normal = np.cross(one.orientation[:3], one.orientation[3:])
     plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
     if plane != "axial":

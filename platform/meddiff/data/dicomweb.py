@@ -17,7 +17,10 @@ Transient failures (connection refused or reset, timeouts, HTTP 408/429/5xx) are
 ``data.dicom.retries`` times with exponential backoff, each attempt logged; every request has a
 ``data.dicom.timeout_s`` bound, so a PACS that does not answer never hangs a job. Refused
 credentials (401/403) and other client errors are not retried. A store the PACS rejects raises
-:class:`StoreRejected`, so the caller can say where the results it kept are.
+:class:`StoreRejected`, so the caller can say where the results it kept are. Every error is a
+:class:`~meddiff.errors.DataError` (the CLI's exit 2); its kind tells a service what to answer:
+:class:`PacsUnavailable` (down, timed out, server errors: the gateway's fault), :class:`PacsRefused`
+(credentials), :class:`NotOnPacs` (no such series: the reference's fault).
 
 Study and series UIDs and patient attributes are kept out of the log lines this module writes
 (dicomweb-client's own info lines, which name UIDs, are silenced).

@@ -397,7 +397,6 @@ _SERIES_RESPONSES = {
         413: "the series has more slices than args.max_series_slices",
         415: "not application/json",
         422: "bad JSON or UIDs; a series the PACS does not hold; a series that is not one stack",
-        501: "the service has no PACS (data.dicom.url)",
         502: "the PACS failed, refused the service's credentials or rejected the store",
         504: "the PACS timed out",
     }.items()
@@ -431,7 +430,8 @@ def build_anomaly_app(
     start-up (slices of another size are refused with 422, as ``meddiff thor detect`` refuses
     them, after asking the backend once whether a promotion changed it), ``images``
     (``data.images``) says how PNG intensities are scaled, as for ``thor detect``, and
-    ``settings`` what the DICOM routes need (``data.mri``, ``data.dicom``, the series cap)."""
+    ``settings`` what the DICOM routes need (``data.mri``, ``data.dicom``, the series cap;
+    ``POST /v1/anomaly/series`` exists only with a PACS, ``data.dicom.url``)."""
     app, router = _base_app(
         "meddiff anomaly detection (THOR)", "anomaly", backend, "anomaly.html", opts
     )
@@ -516,6 +516,21 @@ def build_anomaly_app(
         )
         return JSONResponse(result.model_dump(), headers=headers)
 
+    if settings.dicom.url:  # the route exists where the deployment has a PACS
+        _series_route(router, backend, opts, settings, size)
+    app.include_router(router)
+    return Guard(app, "anomaly", opts)
+
+
+def _series_route(
+    router: APIRouter,
+    backend: AnomalyBackend,
+    opts: ServiceOptions,
+    settings: clinical.Settings,
+    size: dict[str, int],
+) -> None:
+    """``POST /v1/anomaly/series`` on ``router`` (:func:`meddiff.serving.clinical.run_series`)."""
+
     @router.post(
         "/anomaly/series",
         response_model=S.SeriesResponse,
@@ -529,15 +544,13 @@ def build_anomaly_app(
         req = _validated(S.SeriesRequest, parse_json(body))
         out = await clinical.run_series(req, backend, settings, size["current"])
         info = out["model"]
+        # No score: meddiff_serve_anomaly_score is a histogram of slice scores, not volumes'.
         request.state.telemetry.update(version=info.get("version"), seed=out["seed"],
-                                       score=out["score"], canary=out.pop("canary"))  # fmt: skip
+                                       canary=out.pop("canary"))  # fmt: skip
         result = S.SeriesResponse(**{**out, "model": S.ModelInfo(**info)})
         headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(out["seed"]),
                    SCORE_HEADER: f"{out['score']:.9g}"}  # fmt: skip
         return JSONResponse(result.model_dump(), headers=headers)
-
-    app.include_router(router)
-    return Guard(app, "anomaly", opts)
 
 
 def parse_json(body: bytes) -> Any:

@@ -7,8 +7,8 @@ service's PACS.
   window, square box, the model's size) and goes through the same batcher as a PNG; with
   ``Accept: application/dicom`` the answer is a DICOM SEG of the map above the model's calibrated
   threshold, on the instance's own pixel grid, referencing it (:func:`seg_bytes`).
-- ``POST /v1/anomaly/series``: a study and series UID on the PACS configured on the deployment
-  (``data.dicom.url``; a request names UIDs, never a URL, so a client cannot make the service
+- ``POST /v1/anomaly/series`` (only where ``data.dicom.url`` is set): a study and series UID on
+  the PACS configured on the deployment (a request names UIDs, never a URL, so a client cannot make the service
   fetch from anywhere else). The series is counted (QIDO-RS) and refused over
   ``args.max_series_slices`` before any pixel data moves, retrieved (WADO-RS), checked and cut
   like ``thor detect``'s volume input, every slice runs on the model deployment's batcher, and
@@ -182,16 +182,12 @@ async def run_series(
     """The series route's work (module docstring); returns the :class:`S.SeriesResponse` fields.
 
     Raises:
-        HTTPException: 501 without ``data.dicom.url``; 413 over ``max_series_slices``; 422 a
+        HTTPException: 413 over ``max_series_slices``; 422 a
             series the PACS does not hold; 502/504 the PACS failing.
         DataError: a series that is not one regular stack (answered 422).
         HTTPException: 503 when the answering model has no SEG threshold.
     """
-    base = settings.dicom.url
-    if not base:
-        raise HTTPException(
-            501, "this service has no PACS: set data.dicom.url in its args to use this route"
-        )
+    base = str(settings.dicom.url)
     require_threshold(await backend.info(), 503)  # before any slice moves
     location = dicomweb.Location(base.rstrip("/"), req.study_uid, req.series_uid)
     limit = settings.max_series_slices
