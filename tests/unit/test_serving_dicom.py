@@ -144,6 +144,8 @@ def test_content_negotiation_and_its_refusals(client, series, tmp_path):
     png = encode_png(np.random.default_rng(0).random((SIZE, SIZE)).astype(np.float32), bits=8)
     r = post(client, png, ctype="image/png", accept=DICOM)
     assert r.status_code == 406 and "DICOM input" in r.json()["detail"]
+    r = post(client, png, ctype="image/png", accept=f"{DICOM}, application/json;q=0.5", seed=1)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     r = post(client, part10(middle(series)), accept="image/png", seed=1)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert decode_png(r.content).shape == (SIZE, SIZE)

@@ -403,6 +403,10 @@ _SERIES_RESPONSES = {
 }
 
 
+# Accept values under which a PNG body's JSON (or map PNG) answer is acceptable too.
+_OTHERWISE = {"application/json", "application/*", "*/*", _PNG, "image/*"}
+
+
 def _accepts(request: Request) -> set[str]:
     """The media types of the request's ``Accept`` header (parameters and q-values aside)."""
     header = request.headers.get("accept", "").lower()
@@ -417,6 +421,48 @@ def _validated(model: type[Any], data: Any) -> Any:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
         ) from None
+
+
+class _Slices:
+    """A request body as the model's slice: a PNG of the model's size, or a DICOM slice cut to
+    it; run on the backend. ``size`` is the model's image size as last heard: a promoted model
+    may take another, so a refused slice makes it ask the backend once and judge again."""
+
+    def __init__(self, backend, size: int, images, settings: clinical.Settings):
+        self.backend, self.size, self.images, self.settings = backend, size, images, settings
+
+    async def _resized(self) -> bool:
+        """Ask the backend for its image size; True when a promotion changed it."""
+        fresh = int((await self.backend.info())["plan"]["image_size"])
+        changed, self.size = fresh != self.size, fresh
+        return changed
+
+    async def decode(self, body: bytes) -> np.ndarray:
+        try:
+            return limits.decode_slice(body, self.size, self.images)
+        except HTTPException:
+            if not await self._resized():
+                raise
+            return limits.decode_slice(body, self.size, self.images)
+
+    async def prepare(self, body: bytes) -> clinical.Instance:
+        mri = self.settings.mri_for(self.size)
+        return await asyncio.to_thread(clinical.prepare_instance, body, mri)
+
+    async def detect(self, body: bytes, dicom: bool, seed: int | None) -> tuple:
+        """(the DICOM instance or None, the seed used, the backend's answer)."""
+        inst = await self.prepare(body) if dicom else None
+        image = inst.image if inst is not None else await self.decode(body)
+        used = content_seed(image) if seed is None else seed
+        try:
+            return inst, used, await self.backend.detect(image, used, random.random())
+        except DataError:
+            # A DICOM slice is cut to the model's size, which a promotion may have changed.
+            if inst is None or not await self._resized():
+                raise
+        inst = await self.prepare(body)
+        used = content_seed(inst.image) if seed is None else seed
+        return inst, used, await self.backend.detect(inst.image, used, random.random())
 
 
 def build_anomaly_app(
@@ -436,41 +482,7 @@ def build_anomaly_app(
         "meddiff anomaly detection (THOR)", "anomaly", backend, "anomaly.html", opts
     )
     settings = settings or clinical.Settings()
-    size = {"current": image_size}
-
-    async def fresh_size() -> bool:
-        """Ask the backend for its image size; True when a promotion changed it."""
-        fresh = int((await backend.info())["plan"]["image_size"])
-        changed, size["current"] = fresh != size["current"], fresh
-        return changed
-
-    async def decode(body: bytes) -> np.ndarray:
-        try:
-            return limits.decode_slice(body, size["current"], images)
-        except HTTPException:
-            # A promoted model may have another image size: ask once, then judge again.
-            if not await fresh_size():
-                raise
-            return limits.decode_slice(body, size["current"], images)
-
-    async def prepare(body: bytes) -> clinical.Instance:
-        return await asyncio.to_thread(
-            clinical.prepare_instance, body, settings.mri_for(size["current"])
-        )
-
-    async def detect(body: bytes, dicom: bool, seed: int | None) -> tuple:
-        inst = await prepare(body) if dicom else None
-        image = inst.image if inst is not None else await decode(body)
-        used = content_seed(image) if seed is None else seed
-        try:
-            return inst, used, await backend.detect(image, used, random.random())
-        except DataError:
-            # A DICOM slice is cut to the model's size: a promotion to another size is followed.
-            if inst is None or not await fresh_size():
-                raise
-        inst = await prepare(body)
-        used = content_seed(inst.image) if seed is None else seed
-        return inst, used, await backend.detect(inst.image, used, random.random())
+    slices = _Slices(backend, image_size, images, settings)
 
     @router.post(
         "/anomaly",
@@ -486,18 +498,18 @@ def build_anomaly_app(
     ):
         ctype = limits.require_content_type(request, _PNG, clinical.DICOM)
         is_dicom, accepts = ctype == clinical.DICOM, _accepts(request)
-        if clinical.DICOM in accepts and not is_dicom:
+        if clinical.DICOM in accepts and not is_dicom and not accepts & _OTHERWISE:
             raise HTTPException(406, "a DICOM SEG answers a DICOM input; send application/dicom")
         body = await limits.read_body(request, opts.max_body_bytes)
         if not is_dicom:
             limits.require_png(body)
-        inst, used, out = await detect(body, is_dicom, seed)
+        inst, used, out = await slices.detect(body, is_dicom, seed)
         info = out["model"]
         request.state.telemetry.update(version=info.get("version"), seed=used,
                                        score=out["score"], canary=out.get("canary", False))  # fmt: skip
         headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(used),
                    SCORE_HEADER: f"{out['score']:.9g}"}  # fmt: skip
-        if clinical.DICOM in accepts:
+        if clinical.DICOM in accepts and inst is not None:
             clinical.require_threshold(info, 406)
             seg = await asyncio.to_thread(clinical.seg_bytes, inst, out["anomaly_map"], info,
                                           settings.mri.brain_threshold)  # fmt: skip
@@ -517,7 +529,7 @@ def build_anomaly_app(
         return JSONResponse(result.model_dump(), headers=headers)
 
     if settings.dicom.url:  # the route exists where the deployment has a PACS
-        _series_route(router, backend, opts, settings, size)
+        _series_route(router, backend, opts, settings, slices)
     app.include_router(router)
     return Guard(app, "anomaly", opts)
 
@@ -527,7 +539,7 @@ def _series_route(
     backend: AnomalyBackend,
     opts: ServiceOptions,
     settings: clinical.Settings,
-    size: dict[str, int],
+    slices: _Slices,
 ) -> None:
     """``POST /v1/anomaly/series`` on ``router`` (:func:`meddiff.serving.clinical.run_series`)."""
 
@@ -542,7 +554,7 @@ def _series_route(
         limits.require_content_type(request, "application/json")
         body = await limits.read_body(request, opts.max_body_bytes)
         req = _validated(S.SeriesRequest, parse_json(body))
-        out = await clinical.run_series(req, backend, settings, size["current"])
+        out = await clinical.run_series(req, backend, settings, slices.size)
         info = out["model"]
         # No score: meddiff_serve_anomaly_score is a histogram of slice scores, not volumes'.
         request.state.telemetry.update(version=info.get("version"), seed=out["seed"],
