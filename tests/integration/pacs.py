@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import servers
 
@@ -49,6 +50,18 @@ class Pacs:
         session = requests.Session()
         session.auth = (USER, password)
         return DICOMwebClient(f"{self.http}/dicom-web", session=session, timeout=30)
+
+
+def seg_voxels(seg, series: list, shape: tuple[int, int, int]) -> np.ndarray:
+    """A SEG's segment on the (I, J, K) grid of the volume ``series`` was made from (slice k =
+    instance k): bool ``shape``, each frame placed by the instance it references."""
+    by_uid = {s.SOPInstanceUID: k for k, s in enumerate(series)}
+    voxels = np.zeros(shape, bool)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        voxels[:, :, by_uid[ref]] |= frame.T.astype(bool)
+    return voxels
 
 
 def require_orthanc() -> None:

@@ -2,7 +2,7 @@
 pacs.py) holds a synthetic MR series with a drawn lesion; ``thor detect`` retrieves it (WADO-RS),
 runs THOR on the shared Ray and stores the SEG and the map back (STOW-RS); the SEG read back from
 Orthanc lies on the series' geometry and on the lesion. A PACS that refuses the credentials or
-is down is one line, without a hang."""
+is down is one line, without a hang. The PACS fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -12,33 +12,14 @@ import time
 
 import numpy as np
 import pacs
-import pytest
 
 from meddiff.cli import main
-from meddiff.data.volume_samples import mr_series
 from meddiff.thor.shipped import SHIPPED_DIR
-from volume_helpers import PLANTED_ID, PLANTED_NAME, brain, draw_lesion
 
 FAST = ["--preset", "tiny", "--stride", "50", "--set", "runtime.progress=false",
         "--set", "data.dicom.username=" + pacs.USER]  # fmt: skip
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 PARAMETRIC_MAP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
-
-
-@pytest.fixture(scope="module")
-def pacs_with_series(tmp_path_factory):
-    pacs.require_orthanc()
-    with pacs.orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        vol, lesion = draw_lesion(brain((2.5, 3.0, 8.0), flip=(True, False, False), degrees=15.0),
-                                  radius_mm=16.0, factor=0.25)  # fmt: skip
-        series = mr_series(vol, patient_name=PLANTED_NAME, patient_id=PLANTED_ID)
-        server.client().store_instances(series)
-        yield server, series, vol, lesion
-
-
-@pytest.fixture
-def password(monkeypatch):
-    monkeypatch.setenv("MEDDIFF_DICOMWEB_PASSWORD", pacs.PASSWORD)
 
 
 def test_detect_reads_the_series_from_the_pacs_and_stores_seg_and_map_back(
@@ -77,11 +58,7 @@ def test_detect_reads_the_series_from_the_pacs_and_stores_seg_and_map_back(
                                        np.asarray(series[by_uid[ref]].ImagePositionPatient, float),
                                        atol=1e-3)  # fmt: skip
     # Lesion overlap, on the series' own (I, J, K) grid.
-    voxels = np.zeros(vol.data.shape, bool)
-    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
-    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
-        ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        voxels[:, :, by_uid[ref]] |= frame.T.astype(bool)
+    voxels = pacs.seg_voxels(seg, series, vol.data.shape)
     inside, elsewhere = voxels[lesion].mean(), voxels[(vol.data > 0) & ~lesion].mean()
     assert inside > 3 * elsewhere, (inside, elsewhere)
 

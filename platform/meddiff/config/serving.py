@@ -66,6 +66,13 @@ class AppArgs(Section):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (else 413)."
     )
+    max_series_slices: int = Field(
+        default=300,
+        ge=1,
+        le=4096,
+        description="Anomaly: most slices (instances, or frames) of a series that "
+        "POST /v1/anomaly/series takes (else 413, before its pixel data are retrieved).",
+    )
     max_images: int = Field(
         default=8, ge=1, le=64, description="Synthesis: largest n (images per request)."
     )

@@ -400,6 +400,77 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def read_instance(data: bytes, name: str = "body") -> Any:
+    """One DICOM Part 10 file held in memory (e.g. an HTTP body) as a pydicom dataset; its pixel
+    data are decoded later, when used.
+
+    Raises:
+        DataError: empty, no ``DICM`` prefix after the 128-byte preamble (not a Part 10 file),
+            or unreadable (truncated, corrupt), naming ``name``.
+    """
+    import io
+
+    import pydicom
+
+    if not data:
+        raise DataError(f"{name}: empty; expected a DICOM file")
+    if data[128:132] != b"DICM":
+        raise DataError(f"{name}: not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.ensure_file_meta()
+        _ = ds.get("PixelData"), ds.get("Rows")  # reading a truncated element fails here
+    except Exception as err:  # pydicom raises many kinds on corrupt bytes
+        raise DataError(f"{name}: not a readable DICOM file ({_first_line(err)})") from None
+    return ds
+
+
+def instance_series(name: str, ds: Any) -> DicomSeries:
+    """One image instance (a single slice: single-frame, or a multi-frame instance of one frame)
+    as a one-slice :class:`DicomSeries`, its third voxel axis along the slice normal (Spacing
+    Between Slices, else Slice Thickness, else the pixel spacing: only the plane matters).
+
+    Raises:
+        DataError: a localizer, several frames, no usable geometry or pixel data (as
+            :func:`series_from_datasets`), or a slice that is not axial (its normal closest to
+            the head-foot axis): :mod:`meddiff.data.mri` cuts axial slices, and one sagittal or
+            coronal slice holds none.
+    """
+    if _is_localizer(ds):
+        raise DataError(f"{name}: a localizer (Image Type LOCALIZER), not a slice to analyse")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"{name}: a multi-frame instance of {frames} frames; expected one slice")
+    (one,) = _slices(name, ds)
+    geometry = np.concatenate([one.position.ravel(), one.orientation.ravel()])
+    if (
+        one.position.shape != (3,)
+        or one.orientation.shape != (6,)
+        or not np.isfinite(geometry).all()
+    ):
+        raise DataError(
+            f"{name}: Image Position (Patient) must be 3 and Image Orientation (Patient) 6 finite "
+            "numbers; cannot place the slice"
+        )
+    normal = np.cross(one.orientation[:3], one.orientation[3:])
+    plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+    if plane != "axial":
+        raise DataError(
+            f"{name}: a {plane} slice; one slice is analysed as an axial slice of the head "
+            "(send an axial slice, or the whole series)"
+        )
+    step = 0.0
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            step = float(getattr(ds, key, 0) or 0)
+        except (TypeError, ValueError):
+            step = 0.0
+        if np.isfinite(step) and step > 0:
+            break
+    step = step if np.isfinite(step) and step > 0 else min(one.spacing)
+    return _stack([one], step, name, [])
+
+
 def read_series(folder: str | Path, tolerance: float = 0.05) -> DicomSeries:
     """The checked series of the DICOM files in ``folder`` (see :func:`series_from_datasets`)."""
     return series_from_datasets(read_folder(folder), str(folder), tolerance)

@@ -17,7 +17,10 @@ Transient failures (connection refused or reset, timeouts, HTTP 408/429/5xx) are
 ``data.dicom.retries`` times with exponential backoff, each attempt logged; every request has a
 ``data.dicom.timeout_s`` bound, so a PACS that does not answer never hangs a job. Refused
 credentials (401/403) and other client errors are not retried. A store the PACS rejects raises
-:class:`StoreRejected`, so the caller can say where the results it kept are.
+:class:`StoreRejected`, so the caller can say where the results it kept are. Every error is a
+:class:`~meddiff.errors.DataError` (the CLI's exit 2); its kind tells a service what to answer:
+:class:`PacsUnavailable` (down, timed out, server errors: the gateway's fault), :class:`PacsRefused`
+(credentials), :class:`NotOnPacs` (no such series: the reference's fault).
 
 Study and series UIDs and patient attributes are kept out of the log lines this module writes
 (dicomweb-client's own info lines, which name UIDs, are silenced).
@@ -48,6 +51,24 @@ RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 class StoreRejected(DataError):
     """The PACS refused a STOW-RS store (the results were not stored)."""
+
+
+class PacsUnavailable(DataError):
+    """The PACS did not answer, or answered a server error, after the bounded retries
+    (``timed_out``: the last attempt timed out). Not the request's fault: a service answers
+    502/504."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class PacsRefused(DataError):
+    """The PACS refused the credentials (HTTP 401/403): the caller's configuration is at fault."""
+
+
+class NotOnPacs(DataError):
+    """The PACS does not hold what was asked for (HTTP 404, or no instances)."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +162,9 @@ def call(what: str, fn: Callable[[], T], cfg: DicomConfig, *, store: bool = Fals
             if attempt < attempts:
                 _wait(what, kind, attempt, attempts)
                 continue
-            raise DataError(
-                f"{what}: PACS {kind} after {attempts} attempts ({_reason(err)})"
+            raise PacsUnavailable(
+                f"{what}: PACS {kind} after {attempts} attempts ({_reason(err)})",
+                timed_out=isinstance(err, requests.Timeout),
             ) from None
     raise AssertionError("unreachable")
 
@@ -158,15 +180,16 @@ def _http_error(
 ) -> DataError:
     after = f" after {attempt} attempts" if attempt > 1 else ""
     if status in (401, 403):
-        return DataError(
+        return PacsRefused(
             f"{what}: the PACS refused the credentials (HTTP {status}); set data.dicom.username "
             f"(or MEDDIFF_DICOMWEB_USER) and the password in ${cfg.password_env}"
         )
     if store:
         return StoreRejected(f"{what}: the PACS rejected the store (HTTP {status}{after})")
     if status == 404:
-        return DataError(f"{what}: not found on the PACS (HTTP 404)")
-    return DataError(f"{what}: the PACS answered HTTP {status}{after} ({_reason(err)})")
+        return NotOnPacs(f"{what}: not found on the PACS (HTTP 404)")
+    kind = PacsUnavailable if status in RETRIABLE_STATUS else DataError
+    return kind(f"{what}: the PACS answered HTTP {status}{after} ({_reason(err)})")
 
 
 def _reason(err: Exception) -> str:
@@ -196,12 +219,37 @@ def retrieve_series(location: Location, cfg: DicomConfig) -> list[tuple[str, Any
     what = f"series on {location}"
     datasets = call(what, lambda: _retrieve(web, location, what), cfg)
     if not datasets:
-        raise DataError(f"{what}: the PACS returned no instances")
+        raise NotOnPacs(f"{what}: the PACS returned no instances")
     datasets = sorted(datasets, key=lambda ds: int(getattr(ds, "InstanceNumber", 0) or 0))
     log.info("retrieved %d instances from %s", len(datasets), location)
     return [
         (f"instance {getattr(ds, 'InstanceNumber', k + 1)}", ds) for k, ds in enumerate(datasets)
     ]
+
+
+def count_instances(location: Location, cfg: DicomConfig, limit: int) -> int:
+    """How many instances the location's series holds (QIDO-RS), counting at most ``limit`` + 1:
+    enough to refuse an oversized series before any pixel data is retrieved. A server that caps
+    its search results may answer fewer (the retrieved series is counted again).
+
+    Raises:
+        NotOnPacs: the PACS has no instance of that series.
+        DataError: as :func:`retrieve_series` (PACS down, credentials refused).
+    """
+    if not (location.study_uid and location.series_uid):
+        raise DataError(f"{location}: the location names no series (.../studies/UID/series/UID)")
+    web = client(location.base_url, cfg)
+    what = f"series on {location}"
+    found = call(
+        what,
+        lambda: web.search_for_instances(
+            location.study_uid, location.series_uid, fields=["00080018"], limit=limit + 1
+        ),
+        cfg,
+    )
+    if not found:
+        raise NotOnPacs(f"{what}: no such series on the PACS (no instances found)")
+    return len(found)
 
 
 def _retrieve(web: Any, location: Location, what: str) -> list[Any]:

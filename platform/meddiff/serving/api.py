@@ -10,8 +10,11 @@ handle to the batched model deployment (:mod:`meddiff.serving.deployments`); in 
 
 Routes (every ``/v1`` route needs ``Authorization: Bearer <token>``):
 
-- anomaly: ``POST /v1/anomaly`` (body: PNG bytes; ``?seed=``, ``?reconstruction=``; JSON, or the
-  map alone with ``Accept: image/png``), ``GET /v1/models``;
+- anomaly: ``POST /v1/anomaly`` (body: PNG bytes, or one DICOM slice with ``Content-Type:
+  application/dicom``; ``?seed=``, ``?reconstruction=``; JSON, the map alone with ``Accept:
+  image/png``, or for DICOM a SEG with ``Accept: application/dicom``), ``POST
+  /v1/anomaly/series`` (JSON: a series on the service's PACS; :mod:`meddiff.serving.clinical`),
+  ``GET /v1/models``;
 - synthesis: ``POST /v1/synthesis`` (JSON), ``GET /v1/synthesis/prompts``, ``GET /v1/models``;
 - both: ``GET /healthz`` (liveness), ``GET /readyz`` (a model replica answers, and its version is
   still in the registry), ``GET /`` (a page for people), ``GET /docs`` (Swagger UI, its assets
@@ -43,7 +46,7 @@ from meddiff.config.data import ImageConfig
 from meddiff.data.images import encode_png
 from meddiff.errors import DataError, MeddiffError
 from meddiff.reports import encode_png as encode_rgb_png
-from meddiff.serving import limits
+from meddiff.serving import clinical, limits
 from meddiff.serving import schemas as S
 from meddiff.serving.auth import Credentials
 from meddiff.serving.metrics import Recorder, audit, version_label
@@ -53,8 +56,8 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 SCORE_HEADER = "X-Anomaly-Score"
 SEED_HEADER = "X-Seed"
 REQUEST_ID_HEADER = "X-Request-ID"
-ROUTES = ("/v1/anomaly", "/v1/synthesis", "/v1/synthesis/prompts", "/v1/models", "/healthz",
-          "/readyz", "/", "/docs", "/openapi.json")  # fmt: skip
+ROUTES = ("/v1/anomaly", "/v1/anomaly/series", "/v1/synthesis", "/v1/synthesis/prompts",
+          "/v1/models", "/healthz", "/readyz", "/", "/docs", "/openapi.json")  # fmt: skip
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
@@ -360,86 +363,206 @@ def _base_app(title: str, service: str, backend, page: str, opts: ServiceOptions
     return app, router
 
 
+_PNG = "image/png"
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ANOMALY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "one grayscale slice: a PNG of the model's size, or a single-frame DICOM "
+        "MR instance (Part 10 file; cut and scaled by the rules of data.mri)",
+        "content": {_PNG: _BINARY, clinical.DICOM: _BINARY},
+    }
+}
+_ANOMALY_RESPONSES = {
+    200: {
+        "content": {_PNG: _BINARY, clinical.DICOM: _BINARY},
+        "description": "JSON; the map alone with Accept: image/png; a DICOM SEG of the map above "
+        "the model's seg_threshold, referencing the instance, with Accept: application/dicom "
+        "(DICOM input only)",
+    },
+    406: {"model": S.Problem},
+    413: {"model": S.Problem},
+    415: {"model": S.Problem},
+    422: {"model": S.Problem},
+}
+_SERIES_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": S.SeriesRequest.model_json_schema()}},
+    }
+}
+_SERIES_RESPONSES = {
+    code: {"model": S.Problem, "description": why}
+    for code, why in {
+        413: "the series has more slices than args.max_series_slices",
+        415: "not application/json",
+        422: "bad JSON or UIDs; a series the PACS does not hold; a series that is not one stack",
+        502: "the PACS failed, refused the service's credentials or rejected the store",
+        504: "the PACS timed out",
+    }.items()
+}
+
+
+# Accept values under which a PNG body's JSON (or map PNG) answer is acceptable too.
+_OTHERWISE = {"application/json", "application/*", "*/*", _PNG, "image/*"}
+
+
+def _accepts(request: Request) -> set[str]:
+    """The media types of the request's ``Accept`` header (parameters and q-values aside)."""
+    header = request.headers.get("accept", "").lower()
+    return {part.split(";")[0].strip() for part in header.split(",") if part.strip()}
+
+
+def _validated(model: type[Any], data: Any) -> Any:
+    """``model`` of a JSON body; a mismatch is FastAPI's 422 with ``body`` in each location."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
+        ) from None
+
+
+class _Slices:
+    """A request body as the model's slice: a PNG of the model's size, or a DICOM slice cut to
+    it; run on the backend. ``size`` is the model's image size as last heard: a promoted model
+    may take another, so a refused slice makes it ask the backend once and judge again."""
+
+    def __init__(self, backend, size: int, images, settings: clinical.Settings):
+        self.backend, self.size, self.images, self.settings = backend, size, images, settings
+
+    async def _resized(self) -> bool:
+        """Ask the backend for its image size; True when a promotion changed it."""
+        fresh = int((await self.backend.info())["plan"]["image_size"])
+        changed, self.size = fresh != self.size, fresh
+        return changed
+
+    async def decode(self, body: bytes) -> np.ndarray:
+        try:
+            return limits.decode_slice(body, self.size, self.images)
+        except HTTPException:
+            if not await self._resized():
+                raise
+            return limits.decode_slice(body, self.size, self.images)
+
+    async def prepare(self, body: bytes) -> clinical.Instance:
+        mri = self.settings.mri_for(self.size)
+        return await asyncio.to_thread(clinical.prepare_instance, body, mri)
+
+    async def detect(self, body: bytes, dicom: bool, seed: int | None) -> tuple:
+        """(the DICOM instance or None, the seed used, the backend's answer)."""
+        inst = await self.prepare(body) if dicom else None
+        image = inst.image if inst is not None else await self.decode(body)
+        used = content_seed(image) if seed is None else seed
+        try:
+            return inst, used, await self.backend.detect(image, used, random.random())
+        except DataError:
+            # A DICOM slice is cut to the model's size, which a promotion may have changed.
+            if inst is None or not await self._resized():
+                raise
+        inst = await self.prepare(body)
+        used = content_seed(inst.image) if seed is None else seed
+        return inst, used, await self.backend.detect(inst.image, used, random.random())
+
+
 def build_anomaly_app(
     backend: AnomalyBackend,
     opts: ServiceOptions,
     image_size: int,
     images: ImageConfig | None = None,
+    settings: clinical.Settings | None = None,
 ) -> Guard:
     """The anomaly service over ``backend`` (an ASGI app); ``image_size`` is the model's at
     start-up (slices of another size are refused with 422, as ``meddiff thor detect`` refuses
-    them, after asking the backend once whether a promotion changed it) and ``images``
-    (``data.images``) says how intensities are scaled, as for ``thor detect``."""
+    them, after asking the backend once whether a promotion changed it), ``images``
+    (``data.images``) says how PNG intensities are scaled, as for ``thor detect``, and
+    ``settings`` what the DICOM routes need (``data.mri``, ``data.dicom``, the series cap;
+    ``POST /v1/anomaly/series`` exists only with a PACS, ``data.dicom.url``)."""
     app, router = _base_app(
         "meddiff anomaly detection (THOR)", "anomaly", backend, "anomaly.html", opts
     )
-    body_doc = {
-        "requestBody": {
-            "required": True,
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-        }
-    }
-    responses = {
-        200: {
-            "content": {"image/png": {}},
-            "description": "JSON, or the map with Accept: image/png",
-        },
-        413: {"model": S.Problem},
-        415: {"model": S.Problem},
-        422: {"model": S.Problem},
-    }
-
-    size = {"current": image_size}
-
-    async def decode(body: bytes) -> np.ndarray:
-        try:
-            return limits.decode_slice(body, size["current"], images)
-        except HTTPException:
-            # A promoted model may have another image size: ask once, then judge again.
-            fresh = int((await backend.info())["plan"]["image_size"])
-            if fresh == size["current"]:
-                raise
-            size["current"] = fresh
-            return limits.decode_slice(body, fresh, images)
+    settings = settings or clinical.Settings()
+    slices = _Slices(backend, image_size, images, settings)
 
     @router.post(
         "/anomaly",
         response_model=S.AnomalyResponse,
-        summary="anomaly map and score of one grayscale PNG slice",
-        openapi_extra=body_doc,
-        responses=responses,
+        summary="anomaly map and score of one grayscale slice (PNG or DICOM)",
+        openapi_extra=_ANOMALY_DOC,
+        responses=_ANOMALY_RESPONSES,
     )
     async def anomaly(
         request: Request,
         seed: int | None = Query(None, ge=0, le=S.SEED_MAX, description="noise seed"),
         reconstruction: bool = Query(True, description="include the pseudo-healthy image"),
     ):
-        limits.require_content_type(request, "image/png")
+        ctype = limits.require_content_type(request, _PNG, clinical.DICOM)
+        is_dicom, accepts = ctype == clinical.DICOM, _accepts(request)
+        if clinical.DICOM in accepts and not is_dicom and not accepts & _OTHERWISE:
+            raise HTTPException(406, "a DICOM SEG answers a DICOM input; send application/dicom")
         body = await limits.read_body(request, opts.max_body_bytes)
-        limits.require_png(body)
-        image = await decode(body)
-        used = content_seed(image) if seed is None else seed
-        out = await backend.detect(image, used, random.random())
+        if not is_dicom:
+            limits.require_png(body)
+        inst, used, out = await slices.detect(body, is_dicom, seed)
         info = out["model"]
         request.state.telemetry.update(version=info.get("version"), seed=used,
                                        score=out["score"], canary=out.get("canary", False))  # fmt: skip
         headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(used),
                    SCORE_HEADER: f"{out['score']:.9g}"}  # fmt: skip
+        if clinical.DICOM in accepts and inst is not None:
+            clinical.require_threshold(info, 406)
+            seg = await asyncio.to_thread(clinical.seg_bytes, inst, out["anomaly_map"], info,
+                                          settings.mri.brain_threshold)  # fmt: skip
+            return Response(seg, media_type=clinical.DICOM, headers=headers)
         map_png = encode_png(out["anomaly_map"], bits=16)
-        if "image/png" in request.headers.get("accept", "").lower():
-            return Response(map_png, media_type="image/png", headers=headers)
+        if _PNG in accepts:
+            return Response(map_png, media_type=_PNG, headers=headers)
         rec = encode_png(out["reconstruction"], bits=16) if reconstruction else None
         result = S.AnomalyResponse(
             score=out["score"],
             anomaly_map_png=_b64(map_png),
             reconstruction_png=_b64(rec) if rec is not None else None,
             seed=used,
+            image_png=_b64(encode_png(inst.image, bits=16)) if inst is not None else None,
             model=S.ModelInfo(**info),
         )
         return JSONResponse(result.model_dump(), headers=headers)
 
+    if settings.dicom.url:  # the route exists where the deployment has a PACS
+        _series_route(router, backend, opts, settings, slices)
     app.include_router(router)
     return Guard(app, "anomaly", opts)
+
+
+def _series_route(
+    router: APIRouter,
+    backend: AnomalyBackend,
+    opts: ServiceOptions,
+    settings: clinical.Settings,
+    slices: _Slices,
+) -> None:
+    """``POST /v1/anomaly/series`` on ``router`` (:func:`meddiff.serving.clinical.run_series`)."""
+
+    @router.post(
+        "/anomaly/series",
+        response_model=S.SeriesResponse,
+        summary="a DICOM series on the service's PACS: SEG and map stored back, UIDs and score",
+        openapi_extra=_SERIES_DOC,
+        responses=_SERIES_RESPONSES,
+    )
+    async def anomaly_series(request: Request) -> JSONResponse:
+        limits.require_content_type(request, "application/json")
+        body = await limits.read_body(request, opts.max_body_bytes)
+        req = _validated(S.SeriesRequest, parse_json(body))
+        out = await clinical.run_series(req, backend, settings, slices.size)
+        info = out["model"]
+        # No score: meddiff_serve_anomaly_score is a histogram of slice scores, not volumes'.
+        request.state.telemetry.update(version=info.get("version"), seed=out["seed"],
+                                       canary=out.pop("canary"))  # fmt: skip
+        result = S.SeriesResponse(**{**out, "model": S.ModelInfo(**info)})
+        headers = {MODEL_VERSION_HEADER: str(info.get("version")), SEED_HEADER: str(out["seed"]),
+                   SCORE_HEADER: f"{out['score']:.9g}"}  # fmt: skip
+        return JSONResponse(result.model_dump(), headers=headers)
 
 
 def parse_json(body: bytes) -> Any:
@@ -498,12 +621,7 @@ def build_synthesis_app(
     async def synthesis(request: Request) -> JSONResponse:
         limits.require_content_type(request, "application/json")
         body = await limits.read_body(request, opts.max_body_bytes)
-        try:
-            req = S.SynthesisRequest.model_validate(parse_json(body))
-        except ValidationError as err:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in err.errors()]
-            ) from None
+        req = _validated(S.SynthesisRequest, parse_json(body))
         if req.n > max_images:
             raise HTTPException(422, f"n: over this service's limit of {max_images}")
         base = req.seed or 0

@@ -426,12 +426,16 @@ class _Ingress:
 class AnomalyIngress(_Ingress):
     async def __serve_build_asgi_app__(self):
         self._start_flush()
+        from meddiff.serving.clinical import Settings
+
         info = await self.backend.info()
+        cfg = service_config(self.args)
         return build_anomaly_app(
             self.backend,
             self.opts,
             int(info["plan"]["image_size"]),
-            service_config(self.args).data.images,
+            cfg.data.images,
+            Settings.from_config(cfg, self.args.max_series_slices),
         )
 
 

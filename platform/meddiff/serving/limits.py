@@ -1,6 +1,7 @@
 """Request limits: body size (413), content type (415) and PNG decoding (422), checked in the
-ingress before anything reaches a model. Only PNG bytes and JSON are decoded (PNG by Pillow,
-header first); nothing a client sends reaches a pickle loader. The token and a declared
+ingress before anything reaches a model. Only PNG bytes, DICOM files and JSON are decoded (PNG
+by Pillow, header first; DICOM by pydicom, :mod:`meddiff.serving.clinical`); nothing a client
+sends reaches a pickle loader. The token and a declared
 ``Content-Length`` are checked earlier still, before any body is read
 (:class:`meddiff.serving.api.Guard`)."""
 
@@ -36,13 +37,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def require_content_type(request: Request, expected: str) -> None:
-    """415 unless the request's ``Content-Type`` (parameters aside) is ``expected``; checked
-    before the body is read."""
+def require_content_type(request: Request, *expected: str) -> str:
+    """The request's ``Content-Type`` (parameters aside, lower case); 415 unless it is one of
+    ``expected``. Checked before the body is read."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != expected:
+    if ctype not in expected:
         shown = ctype if ctype and len(ctype) <= 60 and ctype.isprintable() else "none or invalid"
-        raise HTTPException(415, f"Content-Type must be {expected}, got '{shown}'")
+        raise HTTPException(415, f"Content-Type must be {' or '.join(expected)}, got '{shown}'")
+    return ctype
 
 
 def require_png(body: bytes) -> None:

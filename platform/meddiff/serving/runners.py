@@ -72,11 +72,15 @@ class AnomalyRunner:
         from meddiff.thor.detect import plan_for
         from meddiff.thor.inferer import ThorInferer
         from meddiff.thor.model import read_model_config, resolve_model
+        from meddiff.thor.volumes import seg_threshold
 
         self.cfg = cfg
         self.model, local = _fetch(model_ref, cfg)
         read_model_config(local)  # a synthesis model fails here, naming the missing file
         self.plan = plan_for(cfg, str(local))
+        # The DICOM SEG threshold of this version and plan, as `thor detect` finds it.
+        found = seg_threshold(cfg, self.model.uri, local, self.plan)
+        self.seg_threshold = None if found is None else float(found["threshold"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.thor = resolve_model(local, cfg.tracking, device)
         if device == "cpu":
@@ -89,7 +93,8 @@ class AnomalyRunner:
         return self.thor.image_size
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.model.as_dict(), "plan": self.plan}
+        return {"kind": self.kind, **self.model.as_dict(), "plan": self.plan,
+                "seg_threshold": self.seg_threshold}  # fmt: skip
 
     def run(self, images: list[np.ndarray], seeds: list[int]) -> list[AnomalyResult]:
         """One inferer call on the whole batch; image i uses ``seeds[i]`` (float32 (H, W))."""

@@ -23,6 +23,11 @@ class ModelInfo(BaseModel):
     run_id: str | None = None
     code_version: str | None = None
     plan: dict[str, Any] = Field(description="the inference plan (deployment config)")
+    seg_threshold: float | None = Field(
+        default=None,
+        description="anomaly: the map value above which a pixel goes into a DICOM SEG (the "
+        "version's calibration for this plan, or data.dicom.seg_threshold); null: no SEG",
+    )
 
 
 class Models(BaseModel):
@@ -39,6 +44,51 @@ class AnomalyResponse(BaseModel):
         default=None, description="base64 16-bit PNG of the pseudo-healthy reconstruction"
     )
     seed: int = Field(description="the noise seed used (given, or derived from the image)")
+    image_png: str | None = Field(
+        default=None,
+        description="DICOM input only: base64 16-bit PNG of the slice as the model saw it (cut "
+        "and scaled by the rules of data.mri); the maps are on its grid",
+    )
+    model: ModelInfo
+
+
+_UID = r"^[0-9]+(\.[0-9]+)*$"
+
+
+class SeriesRequest(BaseModel):
+    """A series on the service's PACS (``data.dicom.url``): UIDs only, never a URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_uid: str = Field(min_length=1, max_length=64, pattern=_UID,
+                           description="Study Instance UID")  # fmt: skip
+    series_uid: str = Field(min_length=1, max_length=64, pattern=_UID,
+                            description="Series Instance UID")  # fmt: skip
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="base seed: slice zNNNN gets image_seed('zNNNN', seed), as `thor detect` "
+        "with runtime.seed = seed; default the service's runtime.seed",
+    )
+
+
+class StoredObject(BaseModel):
+    series_uid: str = Field(description="Series Instance UID of the new series")
+    sop_instance_uid: str = Field(description="SOP Instance UID of the stored instance")
+
+
+class SeriesResponse(BaseModel):
+    study_uid: str
+    series_uid: str = Field(description="the source series")
+    slices: int = Field(description="axial slices the model analysed")
+    score: float = Field(description="volume score: the mean of the slice scores")
+    max_slice_score: float
+    lesion_ml: float = Field(description="volume of the SEG (map > seg_threshold), millilitres")
+    seg_threshold: float
+    seg: StoredObject = Field(description="the DICOM SEG stored on the PACS")
+    parametric_map: StoredObject = Field(description="the Parametric Map stored on the PACS")
+    seed: int = Field(description="the base seed")
     model: ModelInfo
 
 

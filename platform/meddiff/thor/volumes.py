@@ -75,8 +75,16 @@ class VolumeResult:
         """float32 (I, J, K): the anomaly map on the input's voxel grid, 0 outside the brain
         (the slices' background was 0; resizing the map back would smear the brain's edge
         into it)."""
-        brain = self.loaded.volume.data > self.brain_threshold
-        return unslice(self.result.maps, self.geometry) * brain
+        return volume_map(self.loaded.volume, self.result.maps, self.geometry, self.brain_threshold)
+
+
+def volume_map(
+    volume: Volume, maps: np.ndarray, geometry: SliceGeometry, brain_threshold: float = 0.0
+) -> np.ndarray:
+    """Slice maps float32 (N, S, S) (one per slice of ``geometry``) as a float32 (I, J, K) map on
+    ``volume``'s voxel grid, 0 outside the brain (voxels at or below ``brain_threshold``,
+    ``data.mri.brain_threshold``)."""
+    return unslice(maps, geometry) * (volume.data > brain_threshold)
 
 
 def is_volume_input(source: Any) -> bool:
@@ -200,14 +208,25 @@ def _with_image_size(cfg: Config, size: int) -> Config:
 def threshold_for(cfg: Config, model_ref: str) -> dict[str, Any] | None:
     """The SEG threshold for this run: ``data.dicom.seg_threshold`` when set, else the model's
     calibration for these inference settings (:mod:`meddiff.thor.calibrate`), else None."""
-    from meddiff.thor.calibrate import lookup
     from meddiff.thor.detect import plan_for
     from meddiff.tracking import fetch_model
 
     if cfg.data.dicom.seg_threshold is not None:
-        return {"threshold": cfg.data.dicom.seg_threshold, "source": "data.dicom.seg_threshold"}
+        return seg_threshold(cfg, model_ref, None, {})
     local = fetch_model(model_ref, cfg.tracking)
-    found = lookup(cfg, model_ref, local, plan_for(cfg, str(local)))
+    return seg_threshold(cfg, model_ref, local, plan_for(cfg, str(local)))
+
+
+def seg_threshold(
+    cfg: Config, model_ref: str, local: Path | None, plan: dict[str, Any]
+) -> dict[str, Any] | None:
+    """:func:`threshold_for` of a model already fetched to ``local`` with inference ``plan``
+    (what a service replica holds): ``{"threshold": float in (0, 1), "source": str, ...}``."""
+    from meddiff.thor.calibrate import lookup
+
+    if cfg.data.dicom.seg_threshold is not None:
+        return {"threshold": cfg.data.dicom.seg_threshold, "source": "data.dicom.seg_threshold"}
+    found = lookup(cfg, model_ref, local, plan)
     if found is not None:
         found["source"] = f"calibration {found['key']} of {model_ref}"
     return found
@@ -332,21 +351,34 @@ def _write(
 
 
 def _write_dicom(res: VolumeResult, amap: np.ndarray, folder: Path, model_ref: str, threshold):
-    from meddiff import __version__
-    from meddiff.data import dicom_results
-
-    series = res.loaded.series
-    algorithm = dicom_results.Algorithm(
-        model=str(model_ref)[-64:],
-        version=f"{_model_name(str(model_ref))} (meddiff {__version__})"[:64],
-        threshold=float(threshold["threshold"]),
-    )
-    frames = series.to_frames(amap)
-    seg = dicom_results.segmentation(series.sources, frames > algorithm.threshold, algorithm)
-    pm = dicom_results.parametric_map(series.sources, frames, algorithm)
+    seg, pm = dicom_objects(res.loaded.series, amap, model_ref, float(threshold["threshold"]))
     folder.mkdir(parents=True)
     seg.save_as(folder / "seg.dcm", enforce_file_format=True)
     pm.save_as(folder / "anomaly_map.dcm", enforce_file_format=True)
+
+
+def dicom_objects(
+    series: dicom.DicomSeries,
+    amap: np.ndarray,
+    model_ref: str,
+    threshold: float,
+    with_map: bool = True,
+) -> tuple[Any, Any]:
+    """The DICOM SEG (binary, ``amap`` > ``threshold``) and Parametric Map of ``amap`` (float32
+    (I, J, K) on the series' voxel grid, in [0, 1]; None unless ``with_map``), both referencing
+    ``series``'s instances: highdicom datasets, not yet written."""
+    from meddiff import __version__
+    from meddiff.data import dicom_results
+
+    algorithm = dicom_results.Algorithm(
+        model=str(model_ref)[-64:],
+        version=f"{_model_name(str(model_ref))} (meddiff {__version__})"[:64],
+        threshold=float(threshold),
+    )
+    frames = series.to_frames(amap)
+    seg = dicom_results.segmentation(series.sources, frames > algorithm.threshold, algorithm)
+    pm = dicom_results.parametric_map(series.sources, frames, algorithm) if with_map else None
+    return seg, pm
 
 
 def _model_name(ref: str) -> str:
