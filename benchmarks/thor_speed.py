@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meddiff.cli import add_config_arguments, config_from_args
+from meddiff.commands import add_config_arguments, config_from_args
 from meddiff.data.images import load_folder
 from meddiff.thor.detect import image_seed
 from meddiff.thor.evaluate import method_config

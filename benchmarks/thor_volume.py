@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddiff.cli import add_config_arguments, config_from_args
+from meddiff.commands import add_config_arguments, config_from_args
 from meddiff.data import dicom, dicom_results
 from meddiff.data.images import write_png
 from meddiff.data.volume_samples import brain_volume, draw_lesion, mr_series, write_series

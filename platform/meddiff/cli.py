@@ -1,4 +1,5 @@
-"""The ``meddiff`` command: one subcommand group per area, each a thin layer over the library.
+"""The ``meddiff`` command: one subcommand group per area (:mod:`meddiff.commands`), each a thin
+layer over the library.
 
 Every group module defines ``register(subparsers)``; handlers import heavy libraries (torch, Ray)
 only when they run, so ``meddiff --help`` is instant. Jobs under ``jobs/`` call :func:`main` with
@@ -17,54 +18,20 @@ from pathlib import Path
 
 from meddiff.errors import find_user_error, user_message
 
-__all__ = ["add_config_arguments", "config_from_args", "find_user_error", "main", "user_message"]
+__all__ = ["find_user_error", "main", "user_message"]
 
-# Modules that add a subcommand group (each has ``register(subparsers)``).
+# Modules that add a subcommand group (each has ``register(subparsers)``), in --help order.
 GROUPS = (
-    "meddiff.demo",
-    "meddiff.data.cli",
-    "meddiff.morphology.cli",
-    "meddiff.config.cli",
-    "meddiff.synthesis.cli",
-    "meddiff.thor.cli",
-    "meddiff.evaluation.cli",
-    "meddiff.tracking.cli",
-    "meddiff.serving.cli",
+    "meddiff.commands.demo",
+    "meddiff.commands.data",
+    "meddiff.commands.prompts",
+    "meddiff.commands.config",
+    "meddiff.commands.synth",
+    "meddiff.commands.thor",
+    "meddiff.commands.eval",
+    "meddiff.commands.tracking",
+    "meddiff.commands.serve",
 )
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every job takes to build its config (see :mod:`meddiff.config`)."""
-    group = parser.add_argument_group("configuration")
-    group.add_argument(
-        "--preset", help="named preset: full (paper sizes, default) or tiny (2-core CPU)"
-    )
-    group.add_argument("--config", metavar="FILE", help="YAML config file (may set 'preset:')")
-    group.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one key, e.g. --set thor.train.steps=200 (repeatable; value parsed as YAML)",
-    )
-    group.add_argument(
-        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)"
-    )
-
-
-def config_from_args(args: argparse.Namespace):
-    """The validated :class:`meddiff.config.Config` the options describe."""
-    from meddiff.config import load_config
-
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"runtime.address={args.address}")
-    cfg = load_config(args.preset, args.config, overrides)
-    from meddiff import storage
-
-    storage.configure(cfg.storage)
-    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import pytest
 
 from eval_helpers import make_synthetic
 from meddiff.config import load_config
-from meddiff.evaluation.experiment import evaluate_demo
+from meddiff.demo.evaluate_step import evaluate_demo
 
 
 @pytest.mark.slow

@@ -439,7 +439,7 @@ def test_anomaly_page_in_a_real_browser(service, tmp_path):
 def test_demo_serve_step_answers_over_http(service, tmp_path, capsys):
     """The demo's last step on this module's registered models (last here: it redeploys and
     shuts Serve down)."""
-    from meddiff.serving.demo_step import serve_demo
+    from meddiff.demo.serve_step import serve_demo
 
     shutdown()
     out = serve_demo(

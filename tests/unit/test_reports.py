@@ -238,7 +238,7 @@ def test_write_index_links_paths_relative_to_the_working_directory(tmp_path: Pat
 def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cfg):
     import json
 
-    from meddiff.demo_index import write_demo_index
+    from meddiff.demo.index import write_demo_index
 
     thor = P.thor_inputs()
     report = P.thor_page(tmp_path)
@@ -284,8 +284,8 @@ def test_demo_index_names_every_step_and_its_key_figures(tmp_path: Path, tiny_cf
 
 
 def test_demo_index_and_printed_line_show_the_real_fid_and_the_copy_rate():
-    from meddiff.demo_index import step_row
-    from meddiff.evaluation.experiment import headline
+    from meddiff.demo.evaluate_step import headline
+    from meddiff.demo.index import step_row
 
     metrics = {"fid": 93.12, "kid": 0.011, "precision": 0.5, "copy_rate": 0.0125}
     row = step_row("evaluate", {"network": "inception", "metrics": metrics}, "done", 1.0)

@@ -512,12 +512,12 @@ def test_errors_about_an_object_name_its_uri_not_the_local_copy(
     assert main(["data", "inspect", "s3://bkt/slides/case#1.svs"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("meddiff: error: ") and "cache" not in err, err
-    assert "s3://bkt/slides/case#1.svs is not a TIFF whole-slide image" in err
+    assert "slide s3://bkt/slides/case#1.svs is not a whole-slide image" in err
 
 
 def test_demo_fresh_and_ship_never_delete_a_folder_meddiff_did_not_make(tmp_path):
     from meddiff.config import load_config
-    from meddiff.demo import run_demo
+    from meddiff.demo.run import run_demo
     from meddiff.tracking.shipped import write_shipped
 
     _write(tmp_path / "mine", "thesis.tex")

@@ -100,7 +100,7 @@ def build_prompts(
                 raise
             # Ray re-raises errors of Ray Data stages wrapped (RayTaskError(UserCodeException));
             # callers of the library get the DataError/ModelError itself, as the CLI prints it.
-            from meddiff.cli import find_user_error
+            from meddiff.errors import find_user_error
 
             user_error = find_user_error(err)
             if user_error is None or user_error is err:

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from meddiff.cli import add_config_arguments, config_from_args
+from meddiff.commands import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 

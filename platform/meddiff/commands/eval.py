@@ -16,7 +16,7 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("eval", help="judge synthetic data: fidelity, classifier, reader study")
     cmds = group.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
@@ -163,7 +163,7 @@ def _parse_sets(items: list[str]) -> dict[str, Path]:
 
 
 def _fidelity(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.evaluation.judge import run_fidelity
 
     cfg = config_from_args(args)
@@ -199,7 +199,7 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 
 def _classifier(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.evaluation.classifier import run_classifier
 
     cfg = config_from_args(args)
@@ -214,7 +214,7 @@ def _classifier(args: argparse.Namespace) -> int:
 
 
 def _rs_export(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.evaluation.reader_study import export_study
     from meddiff.reports import provenance
 
@@ -254,7 +254,7 @@ def _rs_score(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.evaluation.experiment import compare_prompting
 
     cfg = config_from_args(args)

@@ -13,7 +13,7 @@ METHODS = ("thor", "ddpm", "anoddpm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser(
         "thor", help="THOR diffusion anomaly detection (train, detect, evaluate)"
@@ -142,7 +142,7 @@ def location_arg(text: str) -> str | Path:
 
 
 def _config(args: argparse.Namespace):
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
 
     if getattr(args, "stride", None) is not None:
         args.overrides.append(f"thor.infer.stride={args.stride}")

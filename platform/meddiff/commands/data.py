@@ -10,7 +10,7 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("data", help="sample data, ingest and inspection")
     cmds = group.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -160,7 +160,7 @@ def _sample_wsi(args: argparse.Namespace) -> int:
 
 
 def _sample_brain(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.data.brain import BrainSampleSizes, sample_brain
 
     if args.image_size is not None:
@@ -192,7 +192,7 @@ def _sample_volume(args: argparse.Namespace) -> int:
 
 def _ingest(args: argparse.Namespace) -> int:
     from meddiff import storage
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.data.ingest import ingest
 
     cfg = config_from_args(args)
@@ -210,7 +210,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from meddiff import storage
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.data import pcam, shards, wsi
     from meddiff.errors import DataError
 

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("config", help="show resolved configuration and presets")
     cmds = group.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.config import config_to_yaml
 
     print(config_to_yaml(config_from_args(args)), end="")

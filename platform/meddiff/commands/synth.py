@@ -10,7 +10,7 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("synth", help="Stable Diffusion fine-tuning and synthesis (paper A)")
     cmds = group.add_subparsers(dest="synth_command", required=True, metavar="ACTION")
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from meddiff import storage
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.synthesis.train import train_synthesis
 
     cfg = config_from_args(args)
@@ -99,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from meddiff import storage
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.synthesis.generate import generate
 
     cfg = config_from_args(args)
@@ -112,7 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _ship(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.synthesis.shipped import ship
     from meddiff.tracking.runs import configure
 

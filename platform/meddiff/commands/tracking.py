@@ -8,7 +8,7 @@ import signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("tracking", help="run an MLflow tracking server for a team")
     cmds = group.add_subparsers(dest="tracking_command", required=True, metavar="ACTION")
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.tracking.server import start_server, stop_server
 
     cfg = config_from_args(args)
@@ -85,7 +85,7 @@ def _server(args: argparse.Namespace) -> int:
 def _lineage(args: argparse.Namespace) -> int:
     import json
 
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.tracking.lineage import format_lineage, model_lineage
 
     cfg = config_from_args(args)

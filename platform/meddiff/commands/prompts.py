@@ -9,7 +9,7 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
+    from meddiff.commands import add_config_arguments
 
     group = sub.add_parser("prompts", help="morphology-enriched prompts (DINO + K-means)")
     cmds = group.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
@@ -62,7 +62,7 @@ def _io_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from meddiff import storage
-    from meddiff.cli import config_from_args
+    from meddiff.commands import config_from_args
     from meddiff.morphology.pipeline import build_prompts
 
     if args.strategy:

@@ -8,7 +8,6 @@ complete are skipped, so an interrupted demo resumes where it stopped (``--fresh
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -314,7 +313,7 @@ def _thor_shipped(demo: Demo) -> dict[str, Any]:
 
 
 def _evaluate(demo: Demo) -> dict[str, Any]:
-    from meddiff.evaluation.experiment import evaluate_demo
+    from meddiff.demo.evaluate_step import evaluate_demo
     from meddiff.morphology.pipeline import PAIRS
 
     synth = demo.results["synthesis"]
@@ -331,9 +330,9 @@ def _evaluate(demo: Demo) -> dict[str, Any]:
 def _serve(demo: Demo) -> dict[str, Any]:
     """Deploy both HTTP services from the registry, one request each, then shut them down."""
     from meddiff.data.images import list_pngs
+    from meddiff.demo.serve_step import serve_demo
     from meddiff.morphology.pipeline import PROMPTS_CSV
     from meddiff.prompts import read_prompt_table
-    from meddiff.serving.demo_step import serve_demo
 
     thor, sd = demo.results["thor"]["registered"], demo.results["synthesis"]["model_uri"]
     if not (thor and sd):  # registration switched off in the config: nothing to deploy from
@@ -381,7 +380,7 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
     import mlflow
 
     from meddiff import runtime, tracking
-    from meddiff.demo_index import write_demo_index
+    from meddiff.demo.index import write_demo_index
     from meddiff.files import write_json
 
     out = Path(out)
@@ -413,32 +412,3 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
         mlflow.log_dict(demo.results, "summary.json")
         mlflow.log_artifact(str(out / "index.html"))
     return demo.results
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.cli import add_config_arguments
-
-    parser = sub.add_parser(
-        "demo", help="run the main job end to end on sample data (preset tiny by default)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output root")
-    parser.add_argument("--fresh", action="store_true", help="delete --out and start over")
-    add_config_arguments(parser)
-    parser.set_defaults(handler=_main, preset=None)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from meddiff.cli import config_from_args
-    from meddiff.tracking import tracking_uri
-
-    if args.preset is None and args.config is None:
-        args.preset = "tiny"
-    cfg = config_from_args(args)
-    run_demo(cfg, args.out, fresh=args.fresh)
-    print(f"\nStep summaries: {(args.out / 'summary.json').resolve()}")
-    print(
-        f"MLflow store: {tracking_uri(cfg.tracking)}  (browse: mlflow ui --backend-store-uri <it>)"
-    )
-    # Last line: the one page to open (every step, its figures, links to each report).
-    print(f"Open: {(args.out / 'index.html').resolve()}")
-    return 0
