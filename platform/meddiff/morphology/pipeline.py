@@ -44,9 +44,6 @@ from meddiff.prompts import check_table_tokens, prompt_table, write_prompt_table
 log = logging.getLogger(__name__)
 
 
-# --- the job --------------------------------------------------------------------------------
-
-
 def build_prompts(
     cfg: Config,
     source: str | Path,
