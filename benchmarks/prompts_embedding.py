@@ -155,7 +155,8 @@ def time_pipeline(cfg, src: Path, work: Path, memory: bool = False) -> dict:
     """Pass 1 over ``src``: wall seconds, CPU seconds of every process, peak memory, and how
     many patches the model embedded (the quality filter removes a few before the model)."""
     from meddiff.data.datasets import patch_dataset
-    from meddiff.morphology.pipeline import check_and_embed, reject_counts
+    from meddiff.morphology.columns import reject_counts
+    from meddiff.morphology.stages import check_and_embed
 
     out = work / "checked"
     shutil.rmtree(out, ignore_errors=True)

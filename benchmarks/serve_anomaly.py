@@ -3,8 +3,8 @@ on the same tiny THOR model and plan, in one run:
 
 - direct: ``AnomalyRunner.run`` on batches of the service's batch size, one thread (the limit a
   one-CPU replica can reach);
-- HTTP: the service (serve/tiny.yaml's anomaly app, one model replica of one CPU) with 1, 4 and
-  8 concurrent clients, batching on (``max_batch_size`` 4) and off (1).
+- HTTP: the service (the shipped tiny.yaml's anomaly app, one model replica of one CPU) with 1,
+  4 and 8 concurrent clients, batching on (``max_batch_size`` 4) and off (1).
 
 Both services are deployed side by side (two applications, one replica each) and every setting is
 measured in ``--rounds`` short rounds taken in turn (direct batch 1, direct batch 4, HTTP on, HTTP
@@ -12,8 +12,8 @@ off, then again), so a change in the machine's load falls on all settings alike;
 is its median round (every round is printed too).
 
 Prints images/s, p50/p99 latency, mean batch size, and the ratio to the direct images/s; then,
-at 8 clients, the service against the direct limit (target: at least 0.8x) and serve/tiny.yaml's
-default batching setting against the other one (target: no slower).
+at 8 clients, the service against the direct limit (target: at least 0.8x) and the shipped
+tiny.yaml's default batching setting against the other one (target: no slower).
 
     python benchmarks/serve_anomaly.py [--requests 16] [--rounds 3] [--model DIR] [--set thor.infer.draws=1]
 """
@@ -38,8 +38,6 @@ from meddiff.data.images import encode_png
 from meddiff.serving.runners import AnomalyRunner
 from meddiff.thor.model import save_model
 from meddiff.thor.unet import DiffusionUNet
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -112,9 +110,10 @@ def main() -> None:
 
     from meddiff import runtime
     from meddiff.config import RuntimeConfig
+    from meddiff.serving.check import shipped_config
     from meddiff.serving.launch import deploy, shutdown
 
-    data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    data = yaml.safe_load(shipped_config("tiny").read_text())
     app = copy.deepcopy(data["applications"][0])
     default_batch = app["deployments"][0]["user_config"]["max_batch_size"]
     plan = [*app["args"]["set"], *args.overrides]
@@ -185,7 +184,7 @@ def main() -> None:
     at8 = {on: rows[f"HTTP, 8 clients, batching {'on' if on else 'off'}"]["images_per_s"]
            for on in (True, False)}  # fmt: skip
     best = max(at8.values())
-    print(f"8 clients: service {best / limit:.2f}x direct (target >= 0.80); serve/tiny.yaml's "
+    print(f"8 clients: service {best / limit:.2f}x direct (target >= 0.80); tiny.yaml's "
           f"default (max_batch_size {default_batch}, batching {'on' if default_on else 'off'}) "
           f"{at8[default_on]:.2f} images/s vs {at8[not default_on]:.2f} with batching "
           f"{'off' if default_on else 'on'}: {at8[default_on] / at8[not default_on]:.2f}x "

@@ -1,6 +1,6 @@
 """Load and chaos on the anomaly service as an operator runs it: `meddiff serve run` with
-serve/tiny.yaml's anomaly application (two model replicas) on its own embedded Ray, N clients on
-127.0.0.1 only, and four phases of equal length:
+the shipped tiny.yaml's anomaly application (two model replicas) on its own embedded Ray, N
+clients on 127.0.0.1 only, and four phases of equal length:
 
 1. steady: load alone;
 2. kill: one model replica is killed (SIGKILL, by PID: a process this script started);
@@ -38,7 +38,6 @@ import numpy as np
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "chaos-thor"
 TOKEN = "chaos-token-0123456789abcdef-xyz"
 
@@ -71,7 +70,9 @@ def register(root: Path, store: str) -> tuple[list[str], object]:
 
 
 def config(root: Path, store: str, plan: list[str], grace_s: float) -> Path:
-    data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    from meddiff.serving.check import shipped_config
+
+    data = yaml.safe_load(shipped_config("tiny").read_text())
     app = data["applications"][0]
     app["args"].update(token_file=str(root / "token"), audit_log=str(root / "audit.jsonl"),
                        metrics_port=0, drain_grace_s=grace_s,

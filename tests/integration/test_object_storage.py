@@ -394,7 +394,7 @@ def test_prompts_build_workers_write_shards_to_s3_and_match_a_local_build(
     import json
 
     from meddiff.data import shards
-    from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV, SUMMARY
+    from meddiff.morphology.layout import PAIRS, PROMPTS_CSV, SUMMARY
 
     _cfg(store)
     out = f"s3://{BUCKET}/built/prompts"

@@ -24,7 +24,7 @@ import yaml
 from meddiff.config import load_config
 from meddiff.data.images import decode_png, read_png, write_png
 from meddiff.prompts import PromptRow, write_prompt_table
-from meddiff.serving.check import check_config
+from meddiff.serving.check import check_config, shipped_config
 from meddiff.serving.launch import deploy, shutdown
 from meddiff.synthesis import components as C
 from meddiff.synthesis.generate import generate
@@ -34,7 +34,6 @@ from meddiff.thor.unet import DiffusionUNet
 from meddiff.tracking import register_model, start_run
 from meddiff.tracking.aliases import promote, rollback
 
-ROOT = Path(__file__).resolve().parents[2]
 NAME = "thor-serving-test"
 SD_NAME = "sd-serving-test"
 PLAN = ["thor.infer.stride=50", "thor.infer.draws=1"]
@@ -81,7 +80,7 @@ def service(tmp_path_factory, mlflow_store):
     promote(SD_NAME, "1", "production", sd_cfg.tracking)
     generate(sd_cfg, f"models:/{SD_NAME}/1", sd / "prompts.csv", root / "synthetic")
 
-    data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    data = yaml.safe_load(shipped_config("tiny").read_text())
     app = copy.deepcopy(data["applications"][0])
     app["args"] = {"preset": "tiny", "set": [*PLAN, f"tracking.uri={mlflow_store}"],
                    "token_file": str(root / "token")}  # fmt: skip

@@ -1,4 +1,4 @@
-"""serve/tiny.yaml as an operator runs it, on the shared local Ray, from the MLflow registry:
+"""The shipped tiny.yaml as an operator runs it, on the shared local Ray, from the MLflow registry:
 every deployment reaches RUNNING on 2 CPUs; metrics are scraped from their own loopback port
 and every request has an audit line; a killed model replica costs no 5xx; a canary splits the
 traffic by version, then a promotion moves it all; a served version deleted from the registry
@@ -28,6 +28,7 @@ import yaml
 from meddiff.config import load_config
 from meddiff.data.images import encode_png
 from meddiff.prompts import PromptRow, write_prompt_table
+from meddiff.serving.check import shipped_config
 from meddiff.serving.launch import deploy, metrics_urls, shutdown
 from meddiff.synthesis import components as C
 from meddiff.thor.model import save_model
@@ -39,7 +40,6 @@ from meddiff.tracking.aliases import promote, set_canary
 # load average of 60 (other jobs on 2 cores): the module's first test gets the room.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[2]
 PLAN = ["thor.infer.stride=50", "thor.infer.draws=1"]  # fast answers; the resources are tiny.yaml's
 TOKEN = "ops-token-for-tests-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -52,9 +52,9 @@ def free_port() -> int:
 
 
 def tiny_config(root: Path, store: str, plan: list[str]) -> dict:
-    """serve/tiny.yaml with this test's token, audit file, ports and registry (resources,
+    """The shipped tiny.yaml with this test's token, audit file, ports and registry (resources,
     replicas and models as shipped)."""
-    data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    data = yaml.safe_load(shipped_config("tiny").read_text())
     for app in data["applications"]:
         args = app["args"]
         args.update(token_file=str(root / "token"), audit_log=str(root / "audit.jsonl"),

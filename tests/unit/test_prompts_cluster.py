@@ -168,7 +168,7 @@ def test_the_fit_does_not_depend_on_how_rows_were_split_over_shard_files(tmp_pat
 
     from meddiff.config import load_config
     from meddiff.data.shards import FORMAT, MANIFEST
-    from meddiff.morphology.pipeline import fit_model
+    from meddiff.morphology.fit import fit_model
 
     rng = np.random.default_rng(0)
     n = 90

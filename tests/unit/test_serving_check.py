@@ -3,15 +3,14 @@ user_config, and the shipped Serve configs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from meddiff.errors import ConfigError
-from meddiff.serving.check import check_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from meddiff.serving.check import check_config, shipped_config
 
 
 def write(tmp_path, data) -> Path:
@@ -21,12 +20,12 @@ def write(tmp_path, data) -> Path:
 
 
 def tiny() -> dict:
-    return yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    return yaml.safe_load(shipped_config("tiny").read_text())
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "full.yaml"])
+@pytest.mark.parametrize("name", ["tiny", "full"])
 def test_shipped_configs_are_valid(name):
-    entries = check_config(ROOT / "serve" / name, resolve_models=False)
+    entries = check_config(shipped_config(name), resolve_models=False)
     assert [e["kind"] for e in entries] == ["anomaly", "synthesis"]
 
 
@@ -74,7 +73,7 @@ def test_unknown_builder_is_refused(tmp_path):
 
 
 def test_tiny_config_fits_two_cores():
-    """Every replica serve/tiny.yaml can ask for (at its maximum scale) fits a 2-CPU machine
+    """Every replica the shipped tiny.yaml can ask for (at its maximum scale) fits a 2-CPU machine
     without a GPU; tests/integration/test_serving_ops.py deploys it to RUNNING."""
     cpus = gpus = 0.0
     for app in tiny()["applications"]:
@@ -86,3 +85,46 @@ def test_tiny_config_fits_two_cores():
             cpus += scale * opts.get("num_cpus", 1)
             gpus += scale * opts.get("num_gpus", 0)
     assert cpus <= 2 and gpus == 0, (cpus, gpus)
+
+
+def test_default_config_is_package_data_found_through_importlib_resources():
+    from importlib.resources import files
+
+    from meddiff.serving.cli import DEFAULT_CONFIG
+
+    assert Path(str(files("meddiff.serving") / "configs" / "tiny.yaml")) == DEFAULT_CONFIG
+    assert DEFAULT_CONFIG.is_file()
+    with pytest.raises(ConfigError, match=r"no shipped Serve config 'tinny'; shipped: full, tiny"):
+        shipped_config("tinny")
+
+
+def test_an_installed_wheel_ships_the_serve_configs(tmp_path):
+    """The wheel holds the Serve configs, and meddiff installed from it, with no checkout around
+    it, finds its default config there (the repository's layout once did it through
+    ``parents[3]``)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    junk = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(root / "platform", src / "platform", ignore=junk)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w",
+                    str(tmp_path / "dist")], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("meddiff-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"meddiff/serving/configs/tiny.yaml", "meddiff/serving/configs/full.yaml"} <= names
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)  # fmt: skip
+    code = "from meddiff.serving.cli import DEFAULT_CONFIG as c; print(c, c.is_file())"
+    env = {**os.environ, "PYTHONPATH": str(site)}  # before the checkout's editable install
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert out == [str(site / "meddiff" / "serving" / "configs" / "tiny.yaml"), "True"]

@@ -192,7 +192,7 @@ def test_every_command_that_reads_config_accepts_set():
     no_config = {"config presets", "data sample-pcam", "data sample-wsi", "eval reader-study score"}
     no_config |= {"data sample-volume"}
     no_config |= {"eval seeds"}  # reads finished runs' tables only
-    # The services' settings live in the Serve config file these two take (serve/tiny.yaml).
+    # The services' settings live in the Serve config file these two take (the shipped tiny.yaml).
     no_config |= {"serve run", "serve check"}
     no_config |= {"serve token"}  # edits the credentials file only
 

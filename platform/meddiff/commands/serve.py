@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 from meddiff.commands import add_config_arguments, config_from_args
+from meddiff.serving.check import shipped_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "serve" / "tiny.yaml"
+DEFAULT_CONFIG = shipped_config("tiny")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run", help="start the services from a Serve config; stay up until Ctrl-C or SIGTERM "
         "(then drain: requests in flight finish within args.drain_grace_s)",
     )  # fmt: skip
-    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="Serve config file (default: tiny.yaml shipped in meddiff/serving/configs/)",
+    )
     run.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else embedded)")
     run.add_argument(
         "--timeout-s", type=float, default=600.0,

@@ -73,7 +73,8 @@ def _ingest_wsi(demo: Demo) -> dict[str, Any]:
 
 
 def _prompts(demo: Demo) -> dict[str, Any]:
-    from meddiff.morphology.pipeline import SUMMARY, build_prompts
+    from meddiff.morphology.layout import SUMMARY
+    from meddiff.morphology.pipeline import build_prompts
 
     out = demo.path("prompts", "morphology")
     if (out / SUMMARY).is_file():  # `out` appears only when complete (renamed at the end)
@@ -99,7 +100,8 @@ def _prompts_wsi(demo: Demo) -> dict[str, Any]:
     """Caption a few whole-slide tiles (label -1: unknown) with the prompts step's morphology
     model (no refit), so slide tiles go through prompts into synthesis on every demo."""
     from meddiff.config import Config
-    from meddiff.morphology.pipeline import MODEL_DIR, SUMMARY, build_prompts
+    from meddiff.morphology.layout import MODEL_DIR, SUMMARY
+    from meddiff.morphology.pipeline import build_prompts
 
     out = demo.path("prompts", "wsi")
     if (out / SUMMARY).is_file():
@@ -129,7 +131,7 @@ def _training_set(demo: Demo) -> tuple[Path, Path]:
     """The synthesis step's pairs and prompt table: the PCam pairs and the slide-tile pairs
     together (the tiles' unlabelled prompts are trained; generation leaves them out)."""
     from meddiff.data.shards import concat_shards, is_shard_dir
-    from meddiff.morphology.pipeline import PAIRS, PROMPTS_CSV
+    from meddiff.morphology.layout import PAIRS, PROMPTS_CSV
     from meddiff.prompts import merge_tables, read_prompt_table, write_prompt_table
 
     parts = [Path(demo.results[s]["out"]) for s in ("prompts", "prompts-wsi")]
@@ -314,7 +316,7 @@ def _thor_shipped(demo: Demo) -> dict[str, Any]:
 
 def _evaluate(demo: Demo) -> dict[str, Any]:
     from meddiff.demo.evaluate_step import evaluate_demo
-    from meddiff.morphology.pipeline import PAIRS
+    from meddiff.morphology.layout import PAIRS
 
     synth = demo.results["synthesis"]
     summary = evaluate_demo(
@@ -331,7 +333,7 @@ def _serve(demo: Demo) -> dict[str, Any]:
     """Deploy both HTTP services from the registry, one request each, then shut them down."""
     from meddiff.data.images import list_pngs
     from meddiff.demo.serve_step import serve_demo
-    from meddiff.morphology.pipeline import PROMPTS_CSV
+    from meddiff.morphology.layout import PROMPTS_CSV
     from meddiff.prompts import read_prompt_table
 
     thor, sd = demo.results["thor"]["registered"], demo.results["synthesis"]["model_uri"]

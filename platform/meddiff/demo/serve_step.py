@@ -1,6 +1,6 @@
-"""The demo's last step: deploy both services from the registry (serve/tiny.yaml, the demo's
-registered models behind the ``production`` alias), send one anomaly and one synthesis request
-over HTTP, save and print what came back, and shut the services down."""
+"""The demo's last step: deploy both services from the registry (the shipped ``tiny`` Serve
+config, the demo's registered models behind the ``production`` alias), send one anomaly and one
+synthesis request over HTTP, save and print what came back, and shut the services down."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from meddiff.config import Config
-
-CONFIG = Path(__file__).resolve().parents[3] / "serve" / "tiny.yaml"
 
 
 def _port(preferred: int) -> int:
@@ -32,14 +30,14 @@ def serve_demo(
     import requests
 
     from meddiff.serving import auth
-    from meddiff.serving.check import check_config, read_config
+    from meddiff.serving.check import check_config, read_config, shipped_config
     from meddiff.serving.launch import deploy, shutdown
     from meddiff.tracking import tracking_uri
     from meddiff.tracking.aliases import parse_ref, promote
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "slice.png").write_bytes(slice_png.read_bytes())  # the README's curl lines send it
-    data = copy.deepcopy(read_config(CONFIG))
+    data = copy.deepcopy(read_config(shipped_config("tiny")))
     models = {"anomaly": thor_model, "synthesis": sd_model}
     token = auth.read_token(out / "token")
     for app in data["applications"]:

@@ -8,5 +8,5 @@
 - :mod:`~meddiff.serving.api`: the FastAPI apps over a backend (a runner in tests, a Serve handle
   when deployed);
 - :mod:`~meddiff.serving.deployments`: the Serve deployments and the builders that Serve config
-  files (``serve/tiny.yaml``, ``serve/full.yaml``) name in ``import_path``.
+  files (the shipped ``configs/tiny.yaml`` and ``configs/full.yaml``) name in ``import_path``.
 """

@@ -27,6 +27,27 @@ BUILDERS = {
 }
 
 
+def shipped_config(name: str) -> Path:
+    """The path of the Serve config ``name`` shipped with meddiff (``tiny``: one CPU machine,
+    the default of ``meddiff serve run``; ``full``: a GPU cluster), package data under
+    ``meddiff/serving/configs/`` found through :mod:`importlib.resources`, so an installed wheel
+    finds it as a checkout does.
+
+    Raises:
+        ConfigError: no shipped config is named ``name`` (the message lists those that are).
+    """
+    from importlib.resources import files
+
+    folder = files("meddiff.serving") / "configs"
+    found = folder / f"{name}.yaml"
+    if not found.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir())
+        raise ConfigError(f"no shipped Serve config '{name}'; shipped: {', '.join(names)}")
+    # meddiff is installed unpacked (a wheel or a checkout), so the resource is a file on disk:
+    # Serve and `meddiff serve check` read it by path.
+    return Path(str(found))
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of a Serve config file (ConfigError when missing or not a mapping)."""
     path = Path(path)

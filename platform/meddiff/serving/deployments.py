@@ -15,7 +15,7 @@ makes the service not ready, with the reason in ``/readyz``, the log and the
 ``meddiff_serve_model_in_registry`` metric; a canary tag of the alias loads the candidate beside
 it and sends it the requests whose draw ``u`` is under the canary's share.
 
-Builders (``import_path`` in ``serve/*.yaml``): ``meddiff.serving.deployments:anomaly_app`` and
+Builders (``import_path`` in ``configs/*.yaml``): ``meddiff.serving.deployments:anomaly_app`` and
 ``meddiff.serving.deployments:synthesis_app``; each takes the application's ``args``
 (:class:`~meddiff.config.serving.AppArgs`).
 """

@@ -1,6 +1,6 @@
 """Deploy a Serve config from Python (what ``serve run CONFIG`` does), wait until every
 application is running, and shut it down again: used by ``meddiff serve run``, the demo, the
-tests and the benchmark. On a cluster use ``serve deploy serve/full.yaml`` instead."""
+tests and the benchmark. On a cluster use ``serve deploy`` of ``configs/full.yaml`` instead."""
 
 from __future__ import annotations
 
