@@ -119,9 +119,9 @@ def _wait_until(predicate, timeout: float, what: str, poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-# Rows of the node-loss ingest: one-row blocks read one at a time take long enough (several
-# seconds per 100 on a quiet machine) for the state API to report a finished task on the
-# worker node, and the kill to land, before the job ends (128 rows did not always: CI).
+# Rows of the node-loss ingest (a read task each): enough for the state API to report a finished
+# task on the worker node, and the kill to land, before the job ends. With 128 the job once
+# ended first on CI's quiet machine; 384 take 94 s here with the kill and the rerun.
 NODE_LOSS_ROWS = 384
 
 
