@@ -87,3 +87,61 @@ def test_every_function_is_under_80_lines(package):
     folder = ROOT / "platform" / "meddiff" / package
     too_long = [f"{w}: {n} lines" for n, w in function_lengths(folder) if n > MAX_FUNCTION_LINES]
     assert not too_long, f"split these functions of meddiff.{package}: {too_long}"
+
+
+# The layers of docs/architecture.md, bottom first: a module imports from its own layer or below.
+LAYERS = (
+    ("errors", "weights", "__version__"),
+    ("config", "files", "grids"),
+    ("storage", "runtime"),
+    ("tracking", "reports"),
+    ("data",),
+    ("training",),
+    ("morphology", "prompts", "synthesis", "thor"),
+    ("evaluation",),
+    ("serving",),
+    ("demo",),
+    ("commands", "cli"),
+)
+# Imports that still run up a layer (docs/architecture.md, "What is still being moved").
+KNOWN_UPWARD = {
+    ("tracking", "data"),  # lineage reads a shard manifest
+    ("tracking", "evaluation"),  # a shipped model's memorization audit as registry tags
+}
+
+
+def _upward_imports() -> set[tuple[str, str, str]]:
+    import ast
+
+    level = {area: i for i, names in enumerate(LAYERS) for area in names}
+    root = ROOT / "platform" / "meddiff"
+    found = set()
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        area = rel.parts[0].removesuffix(".py")
+        if area == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "meddiff" or len(parts) < 2 or parts[1] not in level:
+                    continue
+                if level[parts[1]] > level[area]:
+                    found.add((area, parts[1], str(rel)))
+    return found
+
+
+def test_no_import_runs_up_the_layers():
+    """Every module's meddiff imports come from its own layer or below (docs/architecture.md);
+    the known exceptions may only shrink."""
+    up = _upward_imports()
+    assert {(a, b) for a, b, _ in up} <= KNOWN_UPWARD, sorted(up)
+    areas = {name for names in LAYERS for name in names}
+    root = ROOT / "platform" / "meddiff"
+    on_disk = {p.name.removesuffix(".py") for p in root.iterdir() if not p.name.startswith("_")}
+    assert on_disk - {"py.typed"} <= areas, on_disk - areas  # a new area gets a layer
