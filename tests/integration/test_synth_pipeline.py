@@ -203,7 +203,7 @@ def test_resume_errors_are_one_line_and_never_retried(deepspeed_run, pairs, caps
     assert main([*args, "--set", "synthesis.model.arch.unet_layers_per_block=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("meddiff: error: checkpoint") and "unet_layers_per_block" in err
-    assert f"delete {out / 'ray'} to start fresh" in err
+    assert "rerun with --fresh to start over" in err
     assert WorkerContext.starts(run_dir) == starts
 
     newest = Path(summary["checkpoint"])
@@ -217,3 +217,12 @@ def test_resume_errors_are_one_line_and_never_retried(deepspeed_run, pairs, caps
     again, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
     assert again["steps"] == 8 and again["attempts"][-1] in (2, 4)  # not from the damaged 6
     assert WorkerContext.starts(run_dir) == starts + 1
+
+    # --fresh: the other architecture is accepted by starting over (checkpoints, model gone).
+    fresh = [*args, "--fresh", "--set", "synthesis.model.arch.unet_layers_per_block=2"]
+    assert main([*fresh, "--set", "synthesis.train.max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    over, _ = json.JSONDecoder().raw_decode(printed[printed.index("{") :])
+    assert over["steps"] == 2 and over["attempts"] == [0]
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_00000002"]  # the old run's checkpoints went with it

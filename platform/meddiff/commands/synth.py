@@ -32,7 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out",
         required=True,
         type=path_arg,
-        help="output directory, or an s3:// prefix (uploaded when training ends; no resume)",
+        help="output directory, or an s3:// prefix (checkpoints written there as training "
+        "goes, the rest uploaded at the end); rerun to resume",
+    )
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete what meddiff wrote at --out (checkpoints, cache, model; also an s3:// one) "
+        "and start over",
     )
     add_config_arguments(train)
     train.set_defaults(handler=_train)
@@ -92,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
     # The checkpoints go straight to --out's ray/ (kept by an object store's upload), so
     # rerunning the same command resumes from them.
     with storage.OutputLocation.open(args.out, keep=("ray",), resume=True) as loc:
-        summary = loc.rebase(train_synthesis(cfg, args.pairs, loc))
+        summary = loc.rebase(train_synthesis(cfg, args.pairs, loc, fresh=args.fresh))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -52,7 +52,11 @@ ATTEMPTS = "attempts.jsonl"
 
 
 def train_synthesis(
-    cfg: Config, pairs: str | Path, out: str | Path | storage.OutputLocation
+    cfg: Config,
+    pairs: str | Path,
+    out: str | Path | storage.OutputLocation,
+    *,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune on the pairs shard directory ``pairs``; everything goes under ``out``.
 
@@ -60,7 +64,8 @@ def train_synthesis(
     What Ray Train's workers write or read goes to the location itself: the checkpoints
     (``out/ray``, from every node; a rerun resumes from them), the base model built from config
     and the training cache (``base/``, ``cache/``: for an object store uploaded before training
-    and reused by a rerun); the rest is written to its staging folder.
+    and reused by a rerun); the rest is written to its staging folder. ``fresh``: first delete
+    what meddiff wrote there (checkpoints included) and start over.
 
     Returns a JSON-able summary: ``model`` (the final pipeline directory, ``out/model``),
     ``model_uri``/``version`` (registry), ``steps``, ``final_loss``, ``attempts`` (the step each
@@ -71,6 +76,8 @@ def train_synthesis(
         ModelError: the model source cannot be loaded; a checkpoint cannot be resumed.
     """
     with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
+        if fresh:
+            loc.start_over()  # all meddiff wrote: a model must not outlive its checkpoints
         return _train_synthesis(cfg, storage.resolve(pairs), loc)
 
 
@@ -274,7 +281,7 @@ def _check_run(cfg: Config, run_dir: str | Path, loc: storage.OutputLocation) ->
         section="synthesis.train",
         model_section="synthesis.model",
         model_config=cfg.synthesis.model.model_dump(mode="json"),
-        fresh=f"delete {loc.join('ray')} to start fresh",
+        fresh="rerun with --fresh to start over",
     )
 
 
