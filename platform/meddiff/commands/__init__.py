@@ -42,3 +42,14 @@ def config_from_args(args: argparse.Namespace):
 
     storage.configure(cfg.storage)
     return cfg
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every training command: ``--fresh`` and the configuration options."""
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete what meddiff wrote at --out (checkpoints, model and the rest; also an "
+        "s3:// one; files meddiff did not write stay) and start over instead of resuming",
+    )
+    add_config_arguments(parser)

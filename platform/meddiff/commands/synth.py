@@ -10,7 +10,7 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.commands import add_config_arguments
+    from meddiff.commands import add_config_arguments, add_training_arguments
 
     group = sub.add_parser("synth", help="Stable Diffusion fine-tuning and synthesis (paper A)")
     cmds = group.add_subparsers(dest="synth_command", required=True, metavar="ACTION")
@@ -35,13 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output directory, or an s3:// prefix (checkpoints written there as training "
         "goes, the rest uploaded at the end); rerun to resume",
     )
-    train.add_argument(
-        "--fresh",
-        action="store_true",
-        help="delete what meddiff wrote at --out (checkpoints, cache, model; also an s3:// one) "
-        "and start over",
-    )
-    add_config_arguments(train)
+    add_training_arguments(train)
     train.set_defaults(handler=_train)
 
     gen = cmds.add_parser(

@@ -13,7 +13,7 @@ METHODS = ("thor", "ddpm", "anoddpm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.commands import add_config_arguments
+    from meddiff.commands import add_config_arguments, add_training_arguments
 
     group = sub.add_parser(
         "thor", help="THOR diffusion anomaly detection (train, detect, evaluate)"
@@ -33,13 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run folder (checkpoints, model) or an s3:// prefix (checkpoints written there as "
         "training goes, the rest uploaded at the end); rerun to resume",
     )  # fmt: skip
-    train.add_argument(
-        "--fresh",
-        action="store_true",
-        help="delete what meddiff wrote at --out (checkpoints, model; also an s3:// one) and "
-        "start over",
-    )
-    add_config_arguments(train)
+    add_training_arguments(train)
     train.set_defaults(handler=_train)
 
     detect = cmds.add_parser(
