@@ -22,11 +22,11 @@ import pytest
 import requests
 import yaml
 
+from meddiff.serving.check import shipped_config
 from meddiff.serving.launch import deploy, shutdown
 from meddiff.thor.shipped import SHIPPED_DIR
 from volume_helpers import PLANTED_NAME
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "pacs-serving-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 THRESHOLD = 0.3
@@ -39,7 +39,7 @@ def service(pacs_with_series, tmp_path_factory, mlflow_store):
     server = pacs_with_series[0]
     root = tmp_path_factory.mktemp("serving-pacs")
     (root / "token").write_text(TOKEN + "\n")
-    data = yaml.safe_load((ROOT / "serve" / "tiny.yaml").read_text())
+    data = yaml.safe_load(shipped_config("tiny").read_text())
     app = copy.deepcopy(data["applications"][0])
     app["args"].update(
         set=[*PLAN, f"data.dicom.url={server.http}/dicom-web", f"data.dicom.username={pacs.USER}",

@@ -83,7 +83,7 @@ def pcam_dataset(
 
 def _pcam_block(split: pcam.PCamSplit, start: int, stop: int, rows: int):
     for block in pcam.iter_blocks(split, start, stop, rows):
-        block.update(shards.provenance(split.source, block.pop("index")))
+        block.update(shards.provenance(split.source, block.pop("index"), reader="h5py"))
         yield BlockAccessor.batch_to_block(block)
 
 

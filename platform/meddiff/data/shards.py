@@ -34,14 +34,19 @@ if TYPE_CHECKING:
 
 MANIFEST = "_meddiff_shards.json"
 FORMAT = "meddiff-shards/1"
-PROVENANCE = ("source", "index", "level", "x", "y")
+PROVENANCE = ("source", "index", "level", "x", "y", "reader")
 T = TypeVar("T")
 
 
-def provenance(source: str, index: np.ndarray, level=-1, x=-1, y=-1) -> dict[str, np.ndarray]:
-    """Provenance columns for ``len(index)`` patches of one source (scalars are broadcast)."""
+def provenance(
+    source: str, index: np.ndarray, level=-1, x=-1, y=-1, reader: str = ""
+) -> dict[str, np.ndarray]:
+    """Provenance columns for ``len(index)`` patches of one source (scalars are broadcast):
+    ``reader`` names what decoded them (``"h5py"`` for PCam, ``"tiffslide"``/``"openslide"`` for
+    slides), so shards of several sources share one schema and can be concatenated."""
     n = len(index)
     return {
+        "reader": np.full(n, reader, dtype=object),
         "source": np.full(n, source, dtype=object),
         "index": np.asarray(index, dtype=np.int64),
         "level": np.broadcast_to(np.asarray(level, dtype=np.int64), (n,)).copy(),

@@ -363,9 +363,9 @@ def read_tiles(
                 "image": images,
                 "label": np.full(len(chunk), plan.label, dtype=np.int64),
                 "artefact": kinds[lo : lo + len(chunk)],
-                "reader": np.full(len(chunk), plan.reader, dtype=object),
             }
-            block.update(provenance(plan.path, chunk[:, 0], plan.level, chunk[:, 1], chunk[:, 2]))
+            where = (plan.level, chunk[:, 1], chunk[:, 2])
+            block.update(provenance(plan.path, chunk[:, 0], *where, reader=plan.reader))
             yield block
 
 
