@@ -84,7 +84,13 @@ class ThorStage:
             images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
             names = [Path(p).name for p in paths]
         seeds = [image_seed(n, self.cfg.runtime.seed) for n in names]
-        det = self.inferer(self.model.unet, torch.from_numpy(images)[:, None], seeds=seeds)
+        det = self.inferer(
+            self.model.unet,
+            torch.from_numpy(images)[:, None],
+            seeds=seeds,
+            image_shape=self.model.image_shape,
+            device=self.model.device,
+        )
         out = {
             "name": np.array(names, dtype=object),
             "score": det.score.numpy().astype(np.float64),
