@@ -28,14 +28,14 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meddiff import storage
 from meddiff.config import Config, PromptsConfig
 from meddiff.config.prompts import EmbedConfig
-from meddiff.data.shards import MANIFEST
+from meddiff.data.shards import MANIFEST, producer_run
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.embed import describe
@@ -46,6 +46,9 @@ from meddiff.prompts import (
     read_prompt_table,
     write_prompt_table,
 )
+
+if TYPE_CHECKING:
+    from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,6 @@ def _build_prompts(
     split: str,
     limit: int | None,
 ) -> dict[str, Any]:
-    import mlflow
-
     from meddiff import runtime, tracking
 
     out = loc.staging
@@ -134,13 +135,13 @@ def _build_prompts(
     seconds: dict[str, float] = {}
 
     runtime.connect(cfg.runtime)
-    with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}):
-        mlflow.log_params({"input": str(source), "split": split, "out": where, "limit": limit})
-        tracking.log_input(source, context="input")
+    with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}) as run:
+        run.log_params({"input": str(source), "split": split, "out": where, "limit": limit})
+        run.log_input(source, context="input", producer_run=producer_run(source))
         reused = _load_reused_model(cfg) if morphology and pcfg.cluster.model else None
         embed_cfg = _embedder_config(pcfg, reused)
         if morphology:  # which network made the features (a reused model brings its own)
-            mlflow.log_param("embedder", describe(embed_cfg))
+            run.log_params({"embedder": describe(embed_cfg)})
         key = fingerprint(cfg, source, split, limit, embed_cfg if morphology else None)
 
         start = time.perf_counter()
@@ -161,6 +162,7 @@ def _build_prompts(
                 worker_checked,
                 embed_cfg if morphology else None,
                 info={"fingerprint": key},
+                run_id=run.run_id,
             )
             storage.fetch(worker_checked, checked, marker=MANIFEST)
             rows_in = manifest["rows"]
@@ -195,7 +197,7 @@ def _build_prompts(
         seconds["cluster"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pairs_manifest = write_pairs(cfg, worker_checked, worker_pairs, model)
+        pairs_manifest = write_pairs(cfg, worker_checked, worker_pairs, model, run.run_id)
         storage.fetch(worker_pairs, partial / PAIRS, marker=MANIFEST)
         labels, clusters = _columns(partial / PAIRS, ["label", "cluster"])
         table = prompt_table(labels, clusters, pcfg)
@@ -241,7 +243,7 @@ def _build_prompts(
         (partial / SUMMARY).write_text(json.dumps(summary, indent=2))
         loc.install(partial)
 
-        _log_run(cfg, out, summary, gallery_page.name, morphology and reused is None)
+        _log_run(run, cfg, out, summary, gallery_page.name, morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, len(table), out)
     return summary
 
@@ -288,10 +290,11 @@ def check_and_embed(
     out_dir: str | Path,
     embed_cfg: EmbedConfig | None,
     info: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Pass 1: quality-flag every patch of ``ds`` and (if ``embed_cfg``) embed the kept ones;
     write all rows (with ``reject`` and ``embedding``) as shards under ``out_dir`` (a local
-    folder or an object-store URI, written by the workers)."""
+    folder or an object-store URI, written by the workers) for the MLflow run ``run_id``."""
     from ray.data import ActorPoolStrategy
 
     from meddiff.data.shards import write_shards
@@ -325,7 +328,12 @@ def check_and_embed(
             udf_modifying_row_count=False,
         )
     return write_shards(
-        ds, out_dir, rows_per_file=cfg.data.shards.rows_per_file, info=info, overwrite=True
+        ds,
+        out_dir,
+        rows_per_file=cfg.data.shards.rows_per_file,
+        info=info,
+        overwrite=True,
+        run_id=run_id,
     )
 
 
@@ -524,11 +532,15 @@ class AssignPrompts:
 
 
 def write_pairs(
-    cfg: Config, checked: str | Path, out_dir: str | Path, model: MorphologyModel | None
+    cfg: Config,
+    checked: str | Path,
+    out_dir: str | Path,
+    model: MorphologyModel | None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Pass 3: the kept rows of pass 1's shards ``checked`` with their cluster and prompt, as
     the pairs shard set ``out_dir`` (each a local folder or an object-store URI, read and
-    written by the workers); returns its manifest."""
+    written by the workers) for the MLflow run ``run_id``; returns its manifest."""
     from meddiff.data.shards import read_shards, write_shards
 
     ds = read_shards(checked).map_batches(
@@ -536,7 +548,12 @@ def write_pairs(
     )
     info = {"strategy": cfg.prompts.strategy, "stage": "prompts"}
     return write_shards(
-        ds, out_dir, rows_per_file=cfg.data.shards.rows_per_file, info=info, overwrite=True
+        ds,
+        out_dir,
+        rows_per_file=cfg.data.shards.rows_per_file,
+        info=info,
+        overwrite=True,
+        run_id=run_id,
     )
 
 
@@ -666,9 +683,9 @@ def make_gallery(cfg: Config, partial: Path, checked: Path, summary: Mapping[str
     )
 
 
-def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, register: bool) -> None:
-    import mlflow
-
+def _log_run(
+    run: RunLogger, cfg: Config, out: Path, summary: dict[str, Any], page: str, register: bool
+) -> None:
     from meddiff.tracking import register_model
 
     metrics = {
@@ -682,13 +699,13 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
     for key in ("silhouette", "inertia", "patches_per_s", "duplicate_patches"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(summary, SUMMARY)
-    mlflow.log_dict(summary["cluster_sizes"], "cluster_sizes.json")
-    mlflow.log_artifact(str(out / PROMPTS_CSV))
-    mlflow.log_artifact(str(out / page))
+    run.log_metrics(metrics)
+    run.log_dict(summary, SUMMARY)
+    run.log_dict(summary["cluster_sizes"], "cluster_sizes.json")
+    run.log_artifact(str(out / PROMPTS_CSV))
+    run.log_artifact(str(out / page))
     if (out / "gallery").is_dir():
-        mlflow.log_artifacts(str(out / "gallery"), "gallery")
+        run.log_artifacts(str(out / "gallery"), "gallery")
     model_dir = out / MODEL_DIR
     if model_dir.is_dir():
         name = cfg.prompts.cluster.registered_name
@@ -697,7 +714,7 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
             summary["registered_model"] = f"models:/{name}/{version}"
             (out / SUMMARY).write_text(json.dumps(summary, indent=2))
         else:
-            mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+            run.log_artifacts(str(model_dir), MODEL_DIR)
 
 
 def _fmt_counts(counts: Mapping[str, int]) -> str:

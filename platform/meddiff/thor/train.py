@@ -63,10 +63,10 @@ def train_thor(
 
 
 def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, fresh: bool):
-    import mlflow
     import ray
 
     from meddiff import runtime, tracking
+    from meddiff.data.shards import producer_run
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
     from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
 
@@ -94,9 +94,9 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
         fresh=FRESH,
     )
 
-    with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
-        mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
-        tracking.log_input(data, context="training")
+    with tracking.start_run(cfg, "thor-train") as run:  # nested under an active run
+        run.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
+        run.log_input(data, context="training", producer_run=producer_run(data))
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
         if epoch_rows < tc.batch_size:
@@ -126,7 +126,7 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             train_loop,
             {
                 "cfg": cfg.model_dump(mode="json"),
-                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id},
+                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.run_id},
                 "run_dir": str(run_dir),
                 "use_gpu": use_gpu,
                 "samples": samples,
@@ -158,15 +158,15 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             "seconds": round(seconds, 1),
             "epoch_rows": epoch_rows,
             "precision": precision,
-            "run_id": run.info.run_id,
+            "run_id": run.run_id,
         }
-        mlflow.log_metric("train_seconds", seconds)
+        run.log_metrics({"train_seconds": seconds})
         if tc.register_as:
             summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
                 model_dir, tc.register_as
             )
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-        mlflow.log_dict(summary, SUMMARY)
+        run.log_dict(summary, SUMMARY)
     return summary
 
 
