@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         sl = slice(start, start + bs)
         for key, inferer in inferers.items():
             t0 = time.perf_counter()
-            det = inferer(model.unet, images[sl], seeds=seeds[sl])
+            det = inferer(model.unet, images[sl], seeds=seeds[sl], image_shape=model.image_shape)
             seconds[key] += time.perf_counter() - t0
             maps[key].append(det.anomaly_map[:, 0].numpy())
             scores[key].append(det.score.numpy())

@@ -79,6 +79,6 @@ def test_inference_on_cuda_matches_cpu(brain):
     cpu = inferer(unet, x, seeds=range(len(x)))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    gpu = inferer(unet.cuda(), x, seeds=range(len(x)))
+    gpu = inferer(unet.cuda(), x, seeds=range(len(x)), device="cuda")
     np.testing.assert_allclose(gpu.anomaly_map.cpu(), cpu.anomaly_map, atol=MAP_ATOL)
     np.testing.assert_allclose(gpu.reconstruction.cpu(), cpu.reconstruction, atol=MAP_ATOL)

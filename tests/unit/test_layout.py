@@ -105,7 +105,6 @@ LAYERS = (
 )
 # Imports that still run up a layer (docs/architecture.md, "What is still being moved").
 KNOWN_UPWARD = {
-    ("tracking", "data"),  # lineage reads a shard manifest
     ("tracking", "evaluation"),  # a shipped model's memorization audit as registry tags
 }
 

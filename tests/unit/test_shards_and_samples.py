@@ -85,3 +85,19 @@ def test_an_emptied_or_missing_shard_file_is_a_one_line_error(tmp_path, bucket, 
     (root / "meddiff-a-1.parquet").unlink()
     with pytest.raises(DataError, match="listed in _meddiff_shards.json but missing"):
         shards.check_files(path, shards.read_manifest(path))
+
+
+def test_producer_run_is_the_run_id_the_writer_was_given(tmp_path):
+    import json
+
+    done = tmp_path / "pairs"
+    done.mkdir()
+    manifest = {"format": shards.FORMAT, "files": [], "mlflow_run_id": "0123abcd"}
+    (done / shards.MANIFEST).write_text(json.dumps(manifest))
+    assert shards.producer_run(done) == "0123abcd"
+    # Written outside any run, not a shard directory, or not there: no run to follow.
+    (done / shards.MANIFEST).write_text(json.dumps({**manifest, "mlflow_run_id": None}))
+    assert shards.producer_run(done) is None
+    (tmp_path / "pngs").mkdir()
+    assert shards.producer_run(tmp_path / "pngs") is None
+    assert shards.producer_run(tmp_path / "missing") is None

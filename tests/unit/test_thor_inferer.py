@@ -20,8 +20,9 @@ SIZE = 32
 SCHEDULE = DDPMSchedule(ScheduleConfig())
 
 
-class ToyDenoiser(nn.Module):
-    """A stand-in for a DDPM trained on healthy images, with known behaviour.
+class ToyDenoiser:
+    """A stand-in for a DDPM trained on healthy images, with known behaviour; a plain
+    ``(x_t, t) → ε`` callable, not a module (the inferer needs nothing else).
 
     It recovers the clean image under x_t exactly (it is told the noise ε the inferer drew),
     replaces the lesion by healthy tissue (the learned prior), and blurs its estimate more the
@@ -29,16 +30,10 @@ class ToyDenoiser(nn.Module):
     """
 
     def __init__(self, eps: torch.Tensor, healthy: torch.Tensor, lesion: torch.Tensor, level: int):
-        super().__init__()
-        self.cfg = UNetConfig(
-            image_size=SIZE, channels=(8,), attention_levels=(False,), norm_groups=8,
-            num_head_channels=8,
-        )  # fmt: skip
-        self.weight = nn.Parameter(torch.zeros(1))  # the inferer reads the device from it
         self.eps, self.healthy, self.lesion, self.level = eps, healthy, lesion, level
         self.calls = 0
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         step = int(t[0])
         ab = SCHEDULE.alpha_bar(step)
@@ -163,7 +158,7 @@ def test_wrong_image_shape_is_an_error():
     net = ToyDenoiser(torch.zeros_like(image), healthy, lesion, 350)
     inferer = ThorInferer(SCHEDULE, InferConfig(lpips="off"), SimplexConfig())
     with pytest.raises(DataError, match=r"\(B, 1, 32, 32\).*\(1, 3, 32, 32\)"):
-        inferer(net, image.expand(1, 3, SIZE, SIZE))
+        inferer(net, image.expand(1, 3, SIZE, SIZE), image_shape=(1, SIZE, SIZE))
 
 
 def test_baselines_report_residual_maps_and_no_harmonization():

@@ -14,7 +14,7 @@ from meddiff.config.thor import ScheduleConfig, SimplexConfig, UNetConfig
 from meddiff.errors import ConfigError, ModelError
 from meddiff.thor.model import CONFIG_FILE, load_model, save_model
 from meddiff.thor.noise import make_noise, simplex_noise
-from meddiff.thor.schedule import DDPMSchedule
+from meddiff.thor.schedule import DDIMScheduler, DDPMSchedule, DDPMScheduler
 from meddiff.thor.unet import Attention, DiffusionUNet, count_parameters
 
 SMALL = UNetConfig(
@@ -69,12 +69,12 @@ def test_schedule_noising_and_x0_prediction_invert_each_other():
     torch.testing.assert_close(x_t, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps)
     torch.testing.assert_close(s.predict_x0(eps, 350, x_t), x0, atol=1e-5, rtol=0)
     # The last step and the DDIM step to "clean" both return x̂0 itself.
-    mean, pred = s.step(eps, 0, s.add_noise(x0, eps, 0))
+    mean, pred = DDPMScheduler(s).step(eps, 0, s.add_noise(x0, eps, 0))
     torch.testing.assert_close(mean, pred)
-    x_prev, pred = s.ddim_step(eps, 350, -1, x_t)
+    x_prev, pred = DDIMScheduler(s, [350]).step(eps, 350, x_t)
     torch.testing.assert_close(x_prev, x0, atol=1e-5, rtol=0)
     # A DDIM step with the true noise lands exactly on q(x0, ε, t').
-    x_prev, _ = s.ddim_step(eps, 350, 300, x_t)
+    x_prev, _ = DDIMScheduler(s, [350, 300]).step(eps, 350, x_t)
     torch.testing.assert_close(x_prev, s.add_noise(x0, eps, 300), atol=1e-5, rtol=0)
 
 
@@ -84,7 +84,7 @@ def test_ddpm_step_posterior_mean_by_formula():
     eps = torch.full((1, 1, 2, 2), 0.3)
     t = 100
     x_t = s.add_noise(x0, eps, t)
-    mean, _ = s.step(eps, t, x_t, noise=torch.zeros_like(x_t))
+    mean, _ = DDPMScheduler(s).step(eps, t, x_t, noise=torch.zeros_like(x_t))
     ab, ab_prev = float(s.alphas_cumprod[t]), float(s.alphas_cumprod[t - 1])
     beta, alpha = float(s.betas[t]), float(s.alphas[t])
     expected = (
@@ -99,15 +99,46 @@ def test_ddim_with_eta_one_over_one_step_is_the_ddpm_posterior_step():
     # (mean and variance) as the full schedule's DDPM step.
     s = DDPMSchedule(ScheduleConfig())
     x_t, eps, z = torch.randn(3, 1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ddpm_sampler = DDPMScheduler(s)
     for t in (5, 120, 349):
-        ddpm, _ = s.step(eps, t, x_t, noise=z)
-        ddim, _ = s.ddim_step(eps, t, t - 1, x_t, eta=1.0, noise=z)
+        ddpm, _ = ddpm_sampler.step(eps, t, x_t, noise=z)
+        ddim, _ = DDIMScheduler(s, [t, t - 1], eta=1.0).step(eps, t, x_t, noise=z)
         torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=0)
     # eta 0 ignores the draw; to "clean" there is no variance at any eta.
-    det, _ = s.ddim_step(eps, 200, 150, x_t)
-    torch.testing.assert_close(s.ddim_step(eps, 200, 150, x_t, eta=0.0, noise=z)[0], det)
-    clean, x0 = s.ddim_step(eps, 200, -1, x_t, eta=1.0, noise=z)
+    det, _ = DDIMScheduler(s, [200, 150]).step(eps, 200, x_t)
+    torch.testing.assert_close(
+        DDIMScheduler(s, [200, 150], eta=0.0).step(eps, 200, x_t, noise=z)[0], det
+    )
+    clean, x0 = DDIMScheduler(s, [200], eta=1.0).step(eps, 200, x_t, noise=z)
     torch.testing.assert_close(clean, x0)
+
+
+def test_schedulers_share_one_step_and_draw_noise_only_for_a_variance_term():
+    s = DDPMSchedule(ScheduleConfig())
+    x_t, eps, z = torch.randn(3, 1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    draws = []
+
+    def noise() -> torch.Tensor:
+        draws.append(1)
+        return z
+
+    samplers = {
+        "ddpm": DDPMScheduler(s, range(3, -1, -1)),
+        "ddim_eta0": DDIMScheduler(s, [300, 150, 0]),
+        "ddim_eta1": DDIMScheduler(s, [300, 150, 0], eta=1.0),
+    }
+    expected_draws = {"ddpm": 3, "ddim_eta0": 0, "ddim_eta1": 2}  # none into the clean image
+    for name, sampler in samplers.items():
+        draws.clear()
+        x = x_t
+        for t in sampler.timesteps:
+            out = sampler.step(eps, t, x, noise)
+            assert out.prev_sample.shape == x.shape == out.pred_original_sample.shape
+            x = out.prev_sample
+        assert len(draws) == expected_draws[name], name
+        assert sampler.prev_timestep(sampler.timesteps[-1]) == -1
+    with pytest.raises(ValueError, match="consecutive"):
+        DDPMScheduler(s, [10, 8])
 
 
 def test_simplex_noise_is_smooth_unit_variance_and_seeded_per_image():

@@ -10,7 +10,7 @@ from typing import Any
 from meddiff import runtime, storage, tracking
 from meddiff.config import Config
 from meddiff.data.datasets import patch_dataset
-from meddiff.data.shards import write_shards
+from meddiff.data.shards import producer_run, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,10 @@ def ingest(
 
     Returns the shard manifest (rows, files, label counts, ...), which is also logged.
     """
-    import mlflow
-
     runtime.connect(cfg.runtime)
-    with tracking.start_run(cfg, "ingest"):
-        mlflow.log_params({"input": str(source), "split": split, "out": str(out), "limit": limit})
-        tracking.log_input(source, context="source")
+    with tracking.start_run(cfg, "ingest") as run:
+        run.log_params({"input": str(source), "split": split, "out": str(out), "limit": limit})
+        run.log_input(source, context="source", producer_run=producer_run(source))
         start = time.perf_counter()
         ds = patch_dataset(source, cfg.data, split=split, limit=limit)
         manifest = write_shards(
@@ -43,15 +41,16 @@ def ingest(
             rows_per_file=cfg.data.shards.rows_per_file,
             info={"source": str(source), "split": split},
             overwrite=overwrite,
+            run_id=run.run_id,
         )
         seconds = time.perf_counter() - start
-        mlflow.log_metrics(
+        run.log_metrics(
             {
                 "rows": manifest["rows"],
                 "files": len(manifest["files"]),
                 "patches_per_s": manifest["rows"] / seconds,
             }
         )
-        mlflow.log_dict(manifest, "shards_manifest.json")
+        run.log_dict(manifest, "shards_manifest.json")
     log.info("wrote %d patches to %s in %.1f s", manifest["rows"], out, seconds)
     return manifest

@@ -95,6 +95,7 @@ def write_shards(
     rows_per_file: int,
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Stream ``ds`` (in-memory patch batches) to Parquet shards under ``out_dir`` (a path or an
     :class:`~meddiff.storage.OutputLocation`), all or nothing; returns the manifest.
@@ -106,11 +107,15 @@ def write_shards(
     leftovers of an interrupted write are told from anything else there; a rewrite removes the
     old manifest (first) and the files it lists, never a file meddiff did not write.
 
+    ``run_id``, the MLflow run writing the shards (its handle's ``run_id``), goes in the manifest
+    as ``mlflow_run_id``: lineage follows it from a dataset back to that run (and through the
+    run's own inputs, to the source files).
+
     Raises:
         DataError: ``out_dir`` already holds an output and ``overwrite`` is False; it is a
             bucket root or a file.
     """
-    info = {**(info or {}), **_producer()}
+    info = {**(info or {}), **({"mlflow_run_id": run_id} if run_id else {})}
     with storage.OutputLocation.use(out_dir, overwrite=overwrite, marker=None) as loc:
         loc.clear()  # what --overwrite replaces, or an interrupted write's leftovers
         partial = loc.staging.with_name(loc.staging.name + ".partial")
@@ -164,6 +169,7 @@ def concat_shards(
     rows_per_file: int,
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """One shard directory with the rows of every directory in ``dirs`` (e.g. PCam pairs and
     slide-tile pairs to train on together), written like :func:`write_shards`.
@@ -184,18 +190,18 @@ def concat_shards(
     ds = read_shards(dirs[0])
     if len(dirs) > 1:
         ds = ds.union(*(read_shards(d) for d in dirs[1:]))
-    return write_shards(ds, out_dir, rows_per_file=rows_per_file, info=info, overwrite=overwrite)
+    return write_shards(
+        ds, out_dir, rows_per_file=rows_per_file, info=info, overwrite=overwrite, run_id=run_id
+    )
 
 
-def _producer() -> dict[str, str]:
-    """The MLflow run writing these shards, if any: lineage follows it from a dataset back to the
-    run (and through that run's own inputs, to the source files)."""
+def producer_run(path: str | Path) -> str | None:
+    """The MLflow run that wrote the shard directory ``path`` (its manifest's ``mlflow_run_id``);
+    None when ``path`` is not a complete shard directory or no run wrote it."""
     try:
-        import mlflow
-    except ImportError:
-        return {}
-    run = mlflow.active_run()
-    return {"mlflow_run_id": run.info.run_id} if run else {}
+        return read_manifest(path).get("mlflow_run_id") or None
+    except Exception:  # not a shard directory (a file, PNGs, PCam): no producing run to follow
+        return None
 
 
 def _describe(

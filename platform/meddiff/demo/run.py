@@ -15,20 +15,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meddiff.config import Config
+
+if TYPE_CHECKING:
+    from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Demo:
-    """What the steps share: the config, the output root and each finished step's summary."""
+    """What the steps share: the config, the output root, each finished step's summary and the
+    demo's parent MLflow run (None outside :func:`run_demo`)."""
 
     cfg: Config
     out: Path
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run: RunLogger | None = None
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -143,6 +148,7 @@ def _training_set(demo: Demo) -> tuple[Path, Path]:
             rows_per_file=demo.cfg.data.shards.rows_per_file,
             info={"stage": "prompts", "combined": [str(p) for p in parts]},
             overwrite=True,
+            run_id=demo.run.run_id if demo.run else None,
         )
     pcfg = demo.cfg.prompts
     table = merge_tables(*(read_prompt_table(p / PROMPTS_CSV, pcfg) for p in parts))
@@ -281,9 +287,8 @@ def _fmt(x: float | None) -> str:
 
 def _thor_brief_training(demo: Demo, data: Path) -> dict[str, Any]:
     """A few minutes of `thor train` (to show it runs); adds the first and last logged loss."""
-    import mlflow
-
     from meddiff.thor.train import train_thor
+    from meddiff.tracking import RunLogger, tracking_uri
 
     run = demo.path("thor", "train")
     done = run / "train_summary.json"
@@ -300,10 +305,9 @@ def _thor_brief_training(demo: Demo, data: Path) -> dict[str, Any]:
             log_every=10,
         )
         train = train_thor(Config.model_validate(dump), data, run)
-    history = mlflow.MlflowClient().get_metric_history(train["run_id"], "loss")
+    history = RunLogger(tracking_uri(demo.cfg.tracking), train["run_id"]).metric_history("loss")
     if history:
-        history = sorted(history, key=lambda m: m.step)
-        train["loss_first_last"] = [history[0].value, history[-1].value]
+        train["loss_first_last"] = [history[0][1], history[-1][1]]
     return train
 
 
@@ -379,8 +383,6 @@ def _check_demo_folder(out: Path) -> None:
 
 def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
     """Run every step under one parent MLflow run; returns the step summaries."""
-    import mlflow
-
     from meddiff import runtime, tracking
     from meddiff.demo.index import write_demo_index
     from meddiff.files import write_json
@@ -394,7 +396,8 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
     runtime.connect(cfg.runtime)
     names = [name for name, _ in STEPS]
     records: dict[str, dict[str, Any]] = {}
-    with tracking.start_run(cfg, "demo"):
+    with tracking.start_run(cfg, "demo") as run:
+        demo.run = run
         for name, step in STEPS:
             start = time.perf_counter()
             log.info("demo step %s ...", name)
@@ -408,9 +411,9 @@ def run_demo(cfg: Config, out: str | Path, *, fresh: bool = False) -> dict[str, 
             seconds = time.perf_counter() - start
             records[name] = {"status": "done", "seconds": seconds}
             write_demo_index(cfg, out, names, demo.results, records)
-            mlflow.log_metric(f"seconds_{name.replace('-', '_')}", seconds)
+            run.log_metrics({f"seconds_{name.replace('-', '_')}": seconds})
             log.info("demo step %s done in %.1f s", name, seconds)
         write_json(out / "summary.json", demo.results)
-        mlflow.log_dict(demo.results, "summary.json")
-        mlflow.log_artifact(str(out / "index.html"))
+        run.log_dict(demo.results, "summary.json")
+        run.log_artifact(str(out / "index.html"))
     return demo.results

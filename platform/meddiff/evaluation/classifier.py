@@ -409,8 +409,6 @@ def _train(
     A rerun of the same plan (arms, data, sizes) resumes the run, after the architecture was
     checked; a different plan starts over, as its old checkpoints trained on other data.
     """
-    import mlflow
-
     from meddiff import tracking
 
     ccfg = cfg.evaluation.classifier
@@ -438,7 +436,7 @@ def _train(
     )
     if last is not None and training.read_marker(last)["arm_index"] == len(plan):
         return last  # every arm finished in an earlier run
-    run = mlflow.active_run()
+    run = tracking.active_run()  # the eval-classifier run, when called from train_and_log
     result = training.fit(
         train_loop,
         {
@@ -449,9 +447,7 @@ def _train(
             "plan": key,
             "run_dir": str(run_dir),
             "tracking": (
-                {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id}
-                if run
-                else None
+                {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.run_id} if run else None
             ),
         },
         ccfg,
@@ -534,15 +530,13 @@ def run_classifier(
 ) -> dict[str, Any]:
     """:func:`train_arms` recorded as an MLflow run (nested under an active one); also writes
     ``classifier.json``. Returns ``{"arms": {arm: metrics}, "roc": png, "json": path}``."""
-    import mlflow
-
     from meddiff import tracking
 
-    with tracking.start_run(cfg, "eval-classifier", nested=mlflow.active_run() is not None):
-        mlflow.log_params({"real": str(real), "synthetic": str(synthetic)})
+    with tracking.start_run(cfg, "eval-classifier") as run:  # nested under an active run
+        run.log_params({"real": str(real), "synthetic": str(synthetic)})
         results = train_arms(cfg, real, synthetic, out, arms=arms)
         for arm, res in results.items():
-            mlflow.log_metrics(
+            run.log_metrics(
                 {f"{_slug(arm)}/auc": res["auc"], f"{_slug(arm)}/accuracy": res["accuracy"]}
             )
         out = Path(out)
@@ -552,6 +546,6 @@ def run_classifier(
             "json": str(out / "classifier.json"),
         }
         write_json(out / "classifier.json", summary)
-        mlflow.log_artifact(str(out / "roc.png"))
-        mlflow.log_artifact(str(out / "classifier.json"))
+        run.log_artifact(str(out / "roc.png"))
+        run.log_artifact(str(out / "classifier.json"))
     return summary

@@ -90,16 +90,14 @@ def _step(marker: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def run_strategy(cfg: Config, data: Path, out: Path, strategy: str) -> dict[str, Any]:
     """Prompts → fine-tune → generate for one strategy; returns the three step summaries."""
-    import mlflow
-
     from meddiff import tracking
 
     stages = _stage_functions()
     scfg = with_strategy(cfg, strategy)
     root = out / strategy
     steps = root / "steps"
-    with tracking.start_run(scfg, "strategy", run_name=f"strategy-{strategy}", nested=True):
-        mlflow.set_tag("meddiff.strategy", strategy)
+    with tracking.start_run(scfg, "strategy", run_name=f"strategy-{strategy}", nested=True) as run:
+        run.set_tags({"meddiff.strategy": strategy})
         prompts = _step(
             steps / "prompts.json",
             lambda: stages["prompts"](scfg, data, root / "prompts", overwrite=True),
@@ -148,8 +146,6 @@ def compare_prompting(
     classifier: bool = True,
 ) -> dict[str, Any]:
     """Baseline vs morphology prompting end to end; returns the table and where the report is."""
-    import mlflow
-
     from meddiff import runtime, tracking
     from meddiff.data import pcam
 
@@ -161,10 +157,10 @@ def compare_prompting(
     pcam.open_pcam(data, cfg.evaluation.real_split, patch_size=None)  # fail early on bad data
     out.mkdir(parents=True, exist_ok=True)
     runtime.connect(cfg.runtime)
-    with tracking.start_run(cfg, "compare-prompting"):
-        mlflow.log_params({"data": str(data), "out": str(out), "strategies": ",".join(strategies)})
+    with tracking.start_run(cfg, "compare-prompting") as run:
+        run.log_params({"data": str(data), "out": str(out), "strategies": ",".join(strategies)})
         runs = {s: run_strategy(cfg, data, out, s) for s in strategies}
-        with tracking.start_run(cfg, "evaluate", run_name="evaluate", nested=True):
+        with tracking.start_run(cfg, "evaluate", run_name="evaluate", nested=True) as evaluation:
             synthetic = {
                 s: (
                     Path(r["generate"].get("out", out / s / "synthetic")),
@@ -178,10 +174,10 @@ def compare_prompting(
             )
             for name in ("report", "umap", "roc", "table_csv", "table_json"):
                 if result.get(name):
-                    mlflow.log_artifact(result[name])
+                    evaluation.log_artifact(result[name])
         # Once, on the parent run: the table compares strategies, so it belongs to the experiment.
         for strategy, cells in result["flat"].items():
-            mlflow.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
+            run.log_metrics({mlflow_name(f"{strategy}/{k}"): v for k, v in cells.items()})
     return {k: v for k, v in result.items() if k != "flat"}
 
 

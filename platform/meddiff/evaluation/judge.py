@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from meddiff.evaluation.features import (
 from meddiff.evaluation.fidelity import evaluate_sets, read_prompts_csv
 from meddiff.files import write_text
 from meddiff.reports import provenance
+
+if TYPE_CHECKING:
+    from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -251,24 +254,22 @@ def run_fidelity(
 ) -> dict[str, Any]:
     """:func:`judge` recorded as an MLflow run (nested under an active one): the overall metrics
     of each set, the JSON, the UMAP picture and the HTML report."""
-    import mlflow
-
     from meddiff import runtime, tracking
     from meddiff.evaluation.fidelity import flat_metrics
 
     if use_ray:
         runtime.connect(cfg.runtime)
-    with tracking.start_run(cfg, "eval-fidelity", nested=mlflow.active_run() is not None):
-        mlflow.log_params(
+    with tracking.start_run(cfg, "eval-fidelity") as run:  # nested under an active run
+        run.log_params(
             {"real": str(real), **{f"synthetic.{k}": str(v) for k, v in synthetic.items()}}
         )
         result = judge(
             cfg, real, synthetic, out, real_prompts=real_prompts, use_ray=use_ray, umap=umap
         )
-        mlflow.set_tag("meddiff.feature_network", result["network"])
+        run.set_tags({"meddiff.feature_network": result["network"]})
         for name, rep in result["sets"].items():
-            mlflow.log_metrics(flat_metrics(rep, prefix=f"{name}/"))
-        log_outputs(result)
+            run.log_metrics(flat_metrics(rep, prefix=f"{name}/"))
+        log_outputs(run, result)
     record_audits(cfg, result)
     return result
 
@@ -286,13 +287,11 @@ def record_audits(cfg: Config, result: Mapping[str, Any]) -> None:
                 log.info("memorization audit of %s recorded on %s", name, where)
 
 
-def log_outputs(result: Mapping[str, Any]) -> None:
-    """Log a result's report, picture and JSON files as artifacts of the active run."""
-    import mlflow
-
+def log_outputs(run: RunLogger, result: Mapping[str, Any]) -> None:
+    """Log a result's report, picture and JSON files as artifacts of ``run``."""
     for key in ("report", "umap", "roc"):
         if result.get(key):
-            mlflow.log_artifact(str(result[key]))
+            run.log_artifact(str(result[key]))
     report = result.get("report")
     if report and (Path(report).parent / "fidelity.json").is_file():
-        mlflow.log_artifact(str(Path(report).parent / "fidelity.json"))
+        run.log_artifact(str(Path(report).parent / "fidelity.json"))

@@ -289,21 +289,16 @@ def record_on_model(ref: str | None, summary: dict[str, Any], cfg: Config) -> st
     """Tag the registry version ``ref`` (``models:/NAME/VERSION``, what generated the judged
     set) with the audit; returns the version's URI, or None when ``ref`` is not a registry
     version of the configured store (a folder, or another store's model)."""
-    import mlflow
-
+    from meddiff.tracking import set_version_tags
     from meddiff.tracking.aliases import parse_ref
-    from meddiff.tracking.runs import configure
 
     parsed = parse_ref(ref) if ref and ref.startswith("models:/") else None
     if parsed is None or parsed[2] is None:
         return None
     name, _, version = parsed
-    configure(cfg.tracking)
-    client = mlflow.MlflowClient()
     try:
-        for key, value in version_tags(summary).items():
-            client.set_model_version_tag(name, version, key, value)
-    except mlflow.exceptions.MlflowException as err:
+        set_version_tags(name, version, version_tags(summary), cfg.tracking)
+    except ModelError as err:
         log.warning("memorization audit not recorded on %s: %s", ref, str(err)[:200])
         return None
     return f"models:/{name}/{version}"
@@ -323,16 +318,9 @@ def check_promotion(
     Raises:
         ModelError: the copy rate is above the bound (and not ``force``); no such version.
     """
-    import mlflow
+    from meddiff import tracking
 
-    from meddiff.tracking.aliases import known
-    from meddiff.tracking.runs import configure
-
-    configure(cfg.tracking)
-    try:
-        tags = mlflow.MlflowClient().get_model_version(name, str(version)).tags or {}
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"models:/{name}/{version} does not exist; {known(name)}") from None
+    tags = tracking.version_tags(name, version, cfg.tracking)
     bound = cfg.evaluation.memorization.max_copy_rate
     ref = f"models:/{name}/{version}"
     raw = tags.get(TAG_PREFIX + "copy_rate")

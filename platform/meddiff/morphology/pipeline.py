@@ -29,17 +29,20 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meddiff import storage
 from meddiff.config import Config
-from meddiff.data.shards import MANIFEST
+from meddiff.data.shards import MANIFEST, producer_run
 from meddiff.errors import DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.columns import cluster_sizes, columns, reject_counts
 from meddiff.morphology.embed import describe
 from meddiff.morphology.layout import MODEL_DIR, PROMPTS_CSV, SUMMARY, WORK, Workspace
 from meddiff.prompts import check_table_tokens, prompt_table, write_prompt_table
+
+if TYPE_CHECKING:
+    from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,6 @@ def _build_prompts(
     split: str,
     limit: int | None,
 ) -> dict[str, Any]:
-    import mlflow
-
     from meddiff import runtime, tracking
     from meddiff.morphology.fit import embedder_config, load_reused_model, morphology_model
     from meddiff.morphology.resume import embed_or_resume
@@ -110,18 +111,20 @@ def _build_prompts(
     ws = Workspace.of(loc)
     where = loc.uri  # what the run and summary name: not the upload's staging folder
     runtime.connect(cfg.runtime)
-    with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}):
-        mlflow.log_params({"input": str(source), "split": split, "out": where, "limit": limit})
-        tracking.log_input(source, context="input")
+    with tracking.start_run(cfg, "prompts", tags={"meddiff.strategy": pcfg.strategy}) as run:
+        run.log_params({"input": str(source), "split": split, "out": where, "limit": limit})
+        run.log_input(source, context="input", producer_run=producer_run(source))
         reused = load_reused_model(cfg) if morphology and pcfg.cluster.model else None
         # Which network makes the features (a reused model brings its own); None: baseline.
         embed_cfg = embedder_config(pcfg, reused) if morphology else None
         if embed_cfg is not None:
-            mlflow.log_param("embedder", describe(embed_cfg))
+            run.log_params({"embedder": describe(embed_cfg)})
         seconds: dict[str, float] = {}
 
         start = time.perf_counter()
-        resumed, rows_in = embed_or_resume(cfg, source, ws, embed_cfg, split=split, limit=limit)
+        resumed, rows_in = embed_or_resume(
+            cfg, source, ws, embed_cfg, split=split, limit=limit, run_id=run.run_id
+        )
         seconds["embed"] = time.perf_counter() - start
         counts = _filter_counts(ws.checked, source, rows_in)
         kept = counts["kept"]
@@ -133,7 +136,7 @@ def _build_prompts(
         seconds["cluster"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pairs = _write_prompts(cfg, ws, model, where)
+        pairs = _write_prompts(cfg, ws, model, where, run.run_id)
         seconds["write"] = time.perf_counter() - start
 
         summary: dict[str, Any] = {
@@ -153,7 +156,7 @@ def _build_prompts(
             summary.update(fit_info)
         if not resumed:  # a resumed run did not read the input: no rate to report
             summary["patches_per_s"] = round(rows_in / max(seconds["embed"], 1e-9), 2)
-        _finish(cfg, loc, ws, summary, register=morphology and reused is None)
+        _finish(run, cfg, loc, ws, summary, register=morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, summary["prompts"], loc.staging)
     return summary
 
@@ -178,7 +181,7 @@ def _filter_counts(checked: Path, source: str | Path, rows_in: int) -> dict[str,
 
 
 def _write_prompts(
-    cfg: Config, ws: Workspace, model: MorphologyModel | None, where: str
+    cfg: Config, ws: Workspace, model: MorphologyModel | None, where: str, run_id: str
 ) -> dict[str, Any]:
     """Pass 3 and the prompt table: the pairs (fetched into ``ws.pairs``) and ``prompts.csv``
     in the partial folder; returns the summary's entries for them.
@@ -190,7 +193,7 @@ def _write_prompts(
     from meddiff.morphology.stages import write_pairs
 
     pcfg = cfg.prompts
-    manifest = write_pairs(cfg, ws.worker_checked, ws.worker_pairs, model)
+    manifest = write_pairs(cfg, ws.worker_checked, ws.worker_pairs, model, run_id)
     storage.fetch(ws.worker_pairs, ws.pairs, marker=MANIFEST)
     labels, clusters = columns(ws.pairs, ["label", "cluster"])
     table = prompt_table(labels, clusters, pcfg)
@@ -207,6 +210,7 @@ def _write_prompts(
 
 
 def _finish(
+    run: RunLogger,
     cfg: Config,
     loc: storage.OutputLocation,
     ws: Workspace,
@@ -215,7 +219,7 @@ def _finish(
     register: bool,
 ) -> None:
     """The gallery and ``summary.json``, then the build put in place at ``loc`` and logged to
-    the active run (the model registered when ``register``: it was fitted here)."""
+    ``run`` (the model registered when ``register``: it was fitted here)."""
     from meddiff.morphology.gallery import make_gallery
 
     start = time.perf_counter()
@@ -224,12 +228,12 @@ def _finish(
     shutil.rmtree(ws.partial / WORK)
     (ws.partial / SUMMARY).write_text(json.dumps(summary, indent=2))
     loc.install(ws.partial)
-    _log_run(cfg, loc.staging, summary, page.name, register)
+    _log_run(run, cfg, loc.staging, summary, page.name, register)
 
 
-def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, register: bool) -> None:
-    import mlflow
-
+def _log_run(
+    run: RunLogger, cfg: Config, out: Path, summary: dict[str, Any], page: str, register: bool
+) -> None:
     from meddiff.tracking import register_model
 
     metrics = {
@@ -243,13 +247,13 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
     for key in ("silhouette", "inertia", "patches_per_s", "duplicate_patches"):
         if summary.get(key) is not None:
             metrics[key] = summary[key]
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(summary, SUMMARY)
-    mlflow.log_dict(summary["cluster_sizes"], "cluster_sizes.json")
-    mlflow.log_artifact(str(out / PROMPTS_CSV))
-    mlflow.log_artifact(str(out / page))
+    run.log_metrics(metrics)
+    run.log_dict(summary, SUMMARY)
+    run.log_dict(summary["cluster_sizes"], "cluster_sizes.json")
+    run.log_artifact(str(out / PROMPTS_CSV))
+    run.log_artifact(str(out / page))
     if (out / "gallery").is_dir():
-        mlflow.log_artifacts(str(out / "gallery"), "gallery")
+        run.log_artifacts(str(out / "gallery"), "gallery")
     model_dir = out / MODEL_DIR
     if model_dir.is_dir():
         name = cfg.prompts.cluster.registered_name
@@ -258,7 +262,7 @@ def _log_run(cfg: Config, out: Path, summary: dict[str, Any], page: str, registe
             summary["registered_model"] = f"models:/{name}/{version}"
             (out / SUMMARY).write_text(json.dumps(summary, indent=2))
         else:
-            mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+            run.log_artifacts(str(model_dir), MODEL_DIR)
 
 
 def _fmt_counts(counts: Mapping[str, int]) -> str:

@@ -52,6 +52,7 @@ def embed_or_resume(
     *,
     split: str,
     limit: int | None,
+    run_id: str | None = None,
 ) -> tuple[bool, int]:
     """Pass 1 into ``ws`` (``embed_cfg`` None: the filter alone, for baseline prompts), or the
     checkpoint of an earlier run with the same fingerprint; returns (resumed, rows read).
@@ -72,6 +73,7 @@ def embed_or_resume(
     from meddiff.data.datasets import patch_dataset
 
     ds = patch_dataset(source, cfg.data, split=split, limit=limit)
-    manifest = check_and_embed(cfg, ds, ws.worker_checked, embed_cfg, info={"fingerprint": key})
+    info = {"fingerprint": key}
+    manifest = check_and_embed(cfg, ds, ws.worker_checked, embed_cfg, info=info, run_id=run_id)
     storage.fetch(ws.worker_checked, ws.checked, marker=MANIFEST)
     return False, manifest["rows"]

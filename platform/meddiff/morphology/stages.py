@@ -77,10 +77,11 @@ def check_and_embed(
     out_dir: str | Path,
     embed_cfg: EmbedConfig | None,
     info: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Pass 1: quality-flag every patch of ``ds`` and (if ``embed_cfg``) embed the kept ones;
     write all rows (with ``reject`` and ``embedding``) as shards under ``out_dir`` (a local
-    folder or an object-store URI, written by the workers)."""
+    folder or an object-store URI, written by the workers) for the MLflow run ``run_id``."""
     from ray.data import ActorPoolStrategy
 
     from meddiff.data.shards import write_shards
@@ -114,7 +115,12 @@ def check_and_embed(
             udf_modifying_row_count=False,
         )
     return write_shards(
-        ds, out_dir, rows_per_file=cfg.data.shards.rows_per_file, info=info, overwrite=True
+        ds,
+        out_dir,
+        rows_per_file=cfg.data.shards.rows_per_file,
+        info=info,
+        overwrite=True,
+        run_id=run_id,
     )
 
 
@@ -142,11 +148,15 @@ class AssignPrompts:
 
 
 def write_pairs(
-    cfg: Config, checked: str | Path, out_dir: str | Path, model: MorphologyModel | None
+    cfg: Config,
+    checked: str | Path,
+    out_dir: str | Path,
+    model: MorphologyModel | None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Pass 3: the kept rows of pass 1's shards ``checked`` with their cluster and prompt, as
     the pairs shard set ``out_dir`` (each a local folder or an object-store URI, read and
-    written by the workers); returns its manifest."""
+    written by the workers) for the MLflow run ``run_id``; returns its manifest."""
     from meddiff.data.shards import read_shards, write_shards
 
     ds = read_shards(checked).map_batches(
@@ -154,5 +164,10 @@ def write_pairs(
     )
     info = {"strategy": cfg.prompts.strategy, "stage": "prompts"}
     return write_shards(
-        ds, out_dir, rows_per_file=cfg.data.shards.rows_per_file, info=info, overwrite=True
+        ds,
+        out_dir,
+        rows_per_file=cfg.data.shards.rows_per_file,
+        info=info,
+        overwrite=True,
+        run_id=run_id,
     )

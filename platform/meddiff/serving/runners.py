@@ -107,7 +107,13 @@ class AnomalyRunner:
                     f"{self.image_size}x{self.image_size} (the model's image size)"
                 )
         batch = torch.from_numpy(np.stack(images).astype(np.float32))[:, None]
-        det = self.inferer(self.thor.unet, batch, seeds=[int(s) for s in seeds])
+        det = self.inferer(
+            self.thor.unet,
+            batch,
+            seeds=[int(s) for s in seeds],
+            image_shape=self.thor.image_shape,
+            device=self.thor.device,
+        )
         return [
             AnomalyResult(
                 score=float(det.score[i]),

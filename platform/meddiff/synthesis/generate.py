@@ -136,7 +136,6 @@ def generate(
         DataError: the prompt table is missing, malformed or has no rows.
         ModelError: the model directory is incomplete or the registry reference does not exist.
     """
-    import mlflow
     import pandas as pd
     import ray.data
 
@@ -151,8 +150,8 @@ def generate(
     model_dir = resolve_model(cfg, model, out)
     runtime.connect(cfg.runtime)
     start = time.perf_counter()
-    with tracking.start_run(cfg, "synthesis-generate"):
-        mlflow.log_params(
+    with tracking.start_run(cfg, "synthesis-generate") as run:
+        run.log_params(
             {
                 "model": str(model),
                 "prompts": str(prompts),
@@ -213,9 +212,9 @@ def generate(
             "seconds": round(seconds, 2),
             "images_per_s": round(written / seconds, 3) if seconds else None,
         }
-        mlflow.log_metrics({"images": written, "images_per_s": written / max(seconds, 1e-9)})
-        mlflow.log_artifacts(str(out / "grids"), "grids")
-        mlflow.log_dict(summary, "summary.json")
+        run.log_metrics({"images": written, "images_per_s": written / max(seconds, 1e-9)})
+        run.log_artifacts(str(out / "grids"), "grids")
+        run.log_dict(summary, "summary.json")
     write_json(out / "summary.json", summary)
     log.info("generated %d images into %s; grids in %s", written, out, grids)
     return summary

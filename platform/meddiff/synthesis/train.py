@@ -82,9 +82,8 @@ def train_synthesis(
 
 
 def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation) -> dict:
-    import mlflow
-
     from meddiff import runtime, tracking
+    from meddiff.data.shards import producer_run
 
     out = loc.staging.resolve()
     cache_mod.check_pairs(pairs)  # an object-store prefix is read in place
@@ -100,8 +99,8 @@ def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation
     tcfg = cfg.synthesis.train
     start = time.perf_counter()
     with tracking.start_run(cfg, "synthesis-train") as run:
-        mlflow.log_params({"pairs": str(pairs), "out": str(out)})
-        tracking.log_input(pairs, context="training")
+        run.log_params({"pairs": str(pairs), "out": str(out)})
+        run.log_input(pairs, context="training", producer_run=producer_run(pairs))
         source = prepare_base_model(cfg, pairs, out / "base")
         check_training_prompts(cfg, pairs, source)  # truncation must not merge prompts
         t0 = time.perf_counter()
@@ -112,7 +111,7 @@ def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation
             int(info["rows"]), 0, world=tcfg.num_workers, rank=0, batch=tcfg.batch_size, seed=0
         )
         inputs = _share_inputs(out, loc, source)
-        result = _fit(cfg, inputs, loc, run.info.run_id, tracking.tracking_uri(cfg.tracking))
+        result = _fit(cfg, inputs, loc, run.run_id, tracking.tracking_uri(cfg.tracking))
         if result.checkpoint is None:
             raise ModelError(f"training under {run_dir} finished without a checkpoint")
         ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
@@ -134,7 +133,7 @@ def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation
             "cache": {"dir": str(out / "cache"), "kind": info["kind"], "rows": info["rows"]},
             "cache_seconds": round(cache_s, 2),
             "samples_per_s": (result.metrics or {}).get("samples_per_s"),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.run_id,
             "registered_model": None,
             "version": None,
             "model_uri": None,
@@ -147,8 +146,8 @@ def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation
                 model_uri=f"models:/{tcfg.registered_name}/{version}",
             )
         summary["seconds"] = round(time.perf_counter() - start, 2)
-        mlflow.log_metrics({"train_seconds": summary["seconds"], "cache_seconds": cache_s})
-        mlflow.log_dict(summary, "summary.json")
+        run.log_metrics({"train_seconds": summary["seconds"], "cache_seconds": cache_s})
+        run.log_dict(summary, "summary.json")
     write_json(out / "summary.json", summary)
     return summary
 
@@ -197,11 +196,12 @@ def prepare_base_model(cfg: Config, pairs: str | Path, out: Path) -> str:
 
 def _log_warmup(step: int, metrics: dict[str, float]) -> None:
     """The VAE warm-up's loss terms, to the log and to the active MLflow run."""
-    import mlflow
+    from meddiff import tracking
 
     log.info("VAE warm-up step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
+    run = tracking.active_run()
+    if run is not None:
+        run.log_metrics(metrics, step=step)
 
 
 def sample_pair_images(pairs: str | Path, n: int) -> np.ndarray:

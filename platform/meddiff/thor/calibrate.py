@@ -98,12 +98,11 @@ def _store(model_ref: str, cfg: Config, key: str, record: dict[str, Any]) -> str
     from meddiff.tracking.aliases import model_version, parse_ref
 
     if parse_ref(str(model_ref)) is not None:
-        import mlflow
+        from meddiff.tracking import set_version_tags
 
         mv = model_version(str(model_ref), cfg.tracking)
-        mlflow.MlflowClient().set_model_version_tag(
-            mv.name, mv.version, TAG_PREFIX + key, json.dumps(record, sort_keys=True)
-        )
+        tag = {TAG_PREFIX + key: json.dumps(record, sort_keys=True)}
+        set_version_tags(mv.name, mv.version, tag, cfg.tracking)
         return f"models:/{mv.name}/{mv.version} (tag {TAG_PREFIX}{key})"
     path = Path(model_ref) / CALIBRATION_FILE
     data = read_file(Path(model_ref))

@@ -84,7 +84,13 @@ class ThorStage:
             images = np.stack([read_png(p, size, self.cfg.data.images) for p in paths])
             names = [Path(p).name for p in paths]
         seeds = [image_seed(n, self.cfg.runtime.seed) for n in names]
-        det = self.inferer(self.model.unet, torch.from_numpy(images)[:, None], seeds=seeds)
+        det = self.inferer(
+            self.model.unet,
+            torch.from_numpy(images)[:, None],
+            seeds=seeds,
+            image_shape=self.model.image_shape,
+            device=self.model.device,
+        )
         out = {
             "name": np.array(names, dtype=object),
             "score": det.score.numpy().astype(np.float64),
@@ -270,12 +276,10 @@ def detect_folder(
 def _detect_folder(
     cfg: Config, model_ref: str, images_dir: str | Path, loc: storage.OutputLocation
 ) -> dict[str, Any]:
-    import mlflow
-
     from meddiff import tracking
 
     out = loc.staging
-    with tracking.start_run(cfg, "thor-detect", nested=mlflow.active_run() is not None):
+    with tracking.start_run(cfg, "thor-detect") as run:  # nested under an active run
         result = run_folder(cfg, model_ref, images_dir)
         plan = result.plan
         tmp = out.with_name(out.name + f".partial-{os.getpid()}")
@@ -306,14 +310,14 @@ def _detect_folder(
         }
         (tmp / "detect.json").write_text(json.dumps(summary, indent=2))
         loc.install(tmp)
-        mlflow.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
-        mlflow.log_metrics(
+        run.set_tags({"thor.map_kind": plan["map_kind"], "thor.method": plan["method"]})
+        run.log_metrics(
             {
                 "images": len(result.names),
                 "images_per_s": result.images_per_s,
                 "unlike_training": sum(bool(u) for u in result.unlike),
             }
         )
-        mlflow.log_artifact(str(out / "scores.csv"))
-        mlflow.log_dict(summary, "detect.json")
+        run.log_artifact(str(out / "scores.csv"))
+        run.log_dict(summary, "detect.json")
     return summary

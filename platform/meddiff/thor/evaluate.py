@@ -50,8 +50,6 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Run each method, compute metrics, and (with ``out_dir``) write ``metrics.json`` and
     ``report.html``. ``methods`` is a list of method names or a {label: config} mapping."""
-    import mlflow
-
     from meddiff import tracking
     from meddiff.thor.volumes import input_label, run_input
 
@@ -60,9 +58,9 @@ def evaluate_folder(
     results: dict[str, Any] = {}
     outputs: dict[str, dict[str, np.ndarray]] = {}
     first: FolderResult | None = None
-    with tracking.start_run(cfg, "thor-evaluate", nested=mlflow.active_run() is not None):
+    with tracking.start_run(cfg, "thor-evaluate") as run:  # nested under an active run
         shown = input_label(images_dir)
-        mlflow.log_params({"thor.eval.images": shown, "thor.eval.masks": str(masks_dir)})
+        run.log_params({"thor.eval.images": shown, "thor.eval.masks": str(masks_dir)})
         for label, mcfg in methods.items():
             log.info("evaluating %s on %s", label, shown)
             res = run_input(mcfg, model_ref, images_dir, masks_dir)
@@ -80,8 +78,8 @@ def evaluate_folder(
                 "scores": res.scores,
             }
             row = {f"{label}.{k}": v for k, v in summary_row(metrics).items() if v is not None}
-            mlflow.log_metrics({**row, f"{label}.images_per_s": res.images_per_s})
-            mlflow.set_tag(f"thor.map_kind.{label}", res.plan["map_kind"])
+            run.log_metrics({**row, f"{label}.images_per_s": res.images_per_s})
+            run.set_tags({f"thor.map_kind.{label}": res.plan["map_kind"]})
         notes = _notes(results)
         summary = {
             "model": str(model_ref),
@@ -90,12 +88,12 @@ def evaluate_folder(
             "notes": notes,
             "methods": results,
         }
-        mlflow.log_dict(summary, "metrics.json")
+        run.log_dict(summary, "metrics.json")
         if out_dir is not None and first is not None:
             prov = provenance(cfg, model=model_ref)
             html = _report(title, results, first, outputs, cfg.thor.eval.report_rows, notes, prov)
             _write_outputs(Path(out_dir), summary, html)
-            mlflow.log_artifact(str(Path(out_dir) / "report.html"))
+            run.log_artifact(str(Path(out_dir) / "report.html"))
     return summary
 
 

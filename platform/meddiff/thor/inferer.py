@@ -1,7 +1,8 @@
 """THOR inference: noise the input to level T, denoise, and at chosen steps blend the input back in
 where the anomaly map says the tissue is healthy (harmonization). Also the two baselines on the same
 network: plain DDPM reconstruction from T (Gaussian) and AnoDDPM (simplex noise), both without
-harmonization. The inferer owns the loop; the network and the schedule are passed in.
+harmonization. The inferer owns the loop; the network (any ``(x_t, t) → ε̂`` callable) and the
+schedule are passed in, and the sampler (``DDPMScheduler`` or ``DDIMScheduler``) takes each step.
 
 Per visited step t (from T down to 0), with x the input in [0, 1] and ε the noise drawn once:
 
@@ -26,7 +27,7 @@ next visited step can be 25 or 50 steps lower).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,13 @@ from meddiff.errors import ConfigError, DataError
 from meddiff.thor import maps
 from meddiff.thor.noise import make_noise
 from meddiff.thor.perceptual import Perceptual, load_perceptual, map_kind
-from meddiff.thor.schedule import DDPMSchedule
+from meddiff.thor.schedule import DDIMScheduler, DDPMSchedule, DDPMScheduler, Scheduler
 
 MAP_CLIP = 0.999
+
+# The network as the inferer sees it: x_t (B, C, H, W) float32 in model space and t (B,) int64
+# → predicted noise ε̂ (B, C, H, W).
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -98,11 +103,18 @@ class ThorInferer:
             {t for t in range(self.level + 1) if t % cfg.map_every == 0} | set(self.harmonization),
             reverse=True,
         )
+        self.scheduler: Scheduler
         if cfg.stride == 1:
-            self.steps = list(range(self.level, -1, -1))
+            self.scheduler = DDPMScheduler(schedule, range(self.level, -1, -1))
         else:
             strided = set(range(self.level, -1, -cfg.stride)) | {0}
-            self.steps = sorted(strided | set(self.map_steps), reverse=True)
+            steps = sorted(strided | set(self.map_steps), reverse=True)
+            self.scheduler = DDIMScheduler(schedule, steps, cfg.eta)
+
+    @property
+    def steps(self) -> list[int]:
+        """The visited timesteps, T first, 0 last."""
+        return self.scheduler.timesteps
 
     @classmethod
     def from_config(
@@ -143,32 +155,36 @@ class ThorInferer:
             "residual_only": self.residual_only,
         }
 
-    def check_images(self, images: torch.Tensor, channels: int, size: int) -> None:
-        if images.ndim != 4 or images.shape[1] != channels or images.shape[2:] != (size, size):
-            raise DataError(
-                f"images must be (B, {channels}, {size}, {size}) for this model, "
-                f"got {tuple(images.shape)}"
-            )
+    @staticmethod
+    def check_images(images: torch.Tensor, image_shape: tuple[int, int, int] | None) -> None:
+        """Raises DataError unless ``images`` is a 4-D batch of ``image_shape`` (C, H, W)."""
+        if images.ndim == 4 and (image_shape is None or tuple(images.shape[1:]) == image_shape):
+            return
+        want = "(B, C, H, W)" if image_shape is None else "(B, {}, {}, {})".format(*image_shape)
+        raise DataError(f"images must be {want} for this model, got {tuple(images.shape)}")
 
     @torch.inference_mode()
     def __call__(
         self,
-        unet: torch.nn.Module,
+        denoiser: Denoiser,
         images: torch.Tensor,
         seeds: Sequence[int] | None = None,
         keep_step_maps: bool = False,
+        *,
+        image_shape: tuple[int, int, int] | None = None,
+        device: str | torch.device | None = None,
     ) -> Detection:
-        """Detect anomalies in ``images`` (B, C, H, W) in [0, 1].
+        """Detect anomalies in ``images`` (B, C, H, W) in [0, 1] with ``denoiser`` (x_t, t) → ε̂.
 
+        ``image_shape`` (C, H, W), when given, is the shape the denoiser was trained on (a
+        different one raises DataError); the loop runs on ``device`` (default: the images').
         ``seeds`` (one per image) make each image's noise, and so its result, independent of the
         batch it is in; None draws from torch's global generator. With ``draws`` > 1 the map and
         score are the mean over that many independent noise draws; the reconstruction and step
-        maps are the first draw's.
+        maps are the first draw's. Results are on the CPU.
         """
-        cfg = unet.cfg
-        self.check_images(images, cfg.in_channels, cfg.image_size)
-        device = next(unet.parameters()).device
-        x = images.to(device=device, dtype=torch.float32)
+        self.check_images(images, image_shape)
+        x = images.to(device=device or images.device, dtype=torch.float32)
         if self.perceptual is not None:
             self.perceptual.to(device)
         results = []
@@ -176,7 +192,7 @@ class ThorInferer:
             gens = None
             if seeds is not None:
                 gens = [torch.Generator().manual_seed(draw_seed(int(s), k)) for s in seeds]
-            results.append(self._detect(unet, x, gens, keep_step_maps and k == 0))
+            results.append(self._detect(denoiser, x, gens, keep_step_maps and k == 0))
         first = results[0]
         if len(results) == 1:
             return first
@@ -185,17 +201,13 @@ class ThorInferer:
 
     def _detect(
         self,
-        unet: torch.nn.Module,
+        denoiser: Denoiser,
         x: torch.Tensor,
         gens: list[torch.Generator] | None,
         keep_step_maps: bool,
     ) -> Detection:
         """One noise draw: the loop of the module docstring."""
         device = x.device
-        # A 4-D (convolution) weight tells whether the caller put the network in channels-last
-        # layout; 1-D and 2-D parameters are contiguous in every layout.
-        conv = next((p for p in unet.parameters() if p.dim() == 4), None)
-        channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last)
         shape = tuple(x.shape)
         eps = make_noise(self.noise, shape, self.level, self.simplex, gens).to(device)
         x_t = self.schedule.add_noise(x * 2 - 1, eps, self.level)
@@ -205,22 +217,16 @@ class ThorInferer:
         ref = self.perceptual.features(x) if self.perceptual is not None else None
         harmonize = set(self.harmonization)
         record = set(self.map_steps) if self.method == "thor" else set()
-        for i, t in enumerate(self.steps):
-            t_next = self.steps[i + 1] if i + 1 < len(self.steps) else -1
-            inp = x_t.contiguous(memory_format=torch.channels_last) if channels_last else x_t
-            eps_hat = unet(inp, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+        for t in self.steps:
+            eps_hat = denoiser(x_t, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
             eps_hat = eps_hat.float().contiguous()
-            if self.cfg.stride == 1:
-                # The posterior draw uses the method's noise kind too (simplex for AnoDDPM).
-                z = None
-                if t > 0:
-                    z = make_noise(self.noise, shape, t, self.simplex, gens).to(device)
-                x_t, x0 = self.schedule.step(eps_hat, t, x_t, z)
-            else:
-                z = None
-                if self.cfg.eta > 0 and t_next >= 0:
-                    z = make_noise(self.noise, shape, t, self.simplex, gens).to(device)
-                x_t, x0 = self.schedule.ddim_step(eps_hat, t, t_next, x_t, self.cfg.eta, z)
+
+            # The posterior draw uses the method's noise kind too (simplex for AnoDDPM); the
+            # scheduler draws it only for a step with a variance term.
+            def draw(t: int = t) -> torch.Tensor:
+                return make_noise(self.noise, shape, t, self.simplex, gens).to(device)
+
+            x_t, x0 = self.scheduler.step(eps_hat, t, x_t, draw)
             if t not in record:
                 continue
             x0_img = ((x0 + 1) / 2).clamp(0.0, 1.0)
@@ -235,7 +241,7 @@ class ThorInferer:
             if t in harmonize:
                 mask = maps.harmonization_mask(m, self.cfg.morph_kernel)
                 blended = maps.harmonize(x0_img, x, mask)
-                x_t = self.schedule.add_noise(blended * 2 - 1, eps, t_next)
+                x_t = self.schedule.add_noise(blended * 2 - 1, eps, self.scheduler.prev_timestep(t))
         reconstruction = ((x_t + 1) / 2).clamp(0.0, 1.0)
         if self.method == "thor":
             amap = maps.harmonic_mean(torch.stack(recorded)).clamp(0.0, MAP_CLIP)

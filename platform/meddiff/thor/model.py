@@ -51,6 +51,15 @@ class ThorModel:
     def in_channels(self) -> int:
         return self.unet.cfg.in_channels
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network was trained on."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
 
 def save_model(
     out_dir: str | Path,

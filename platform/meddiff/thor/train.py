@@ -63,10 +63,10 @@ def train_thor(
 
 
 def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, fresh: bool):
-    import mlflow
     import ray
 
     from meddiff import runtime, tracking
+    from meddiff.data.shards import producer_run
     from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
     from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
 
@@ -94,9 +94,9 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
         fresh=FRESH,
     )
 
-    with tracking.start_run(cfg, "thor-train", nested=mlflow.active_run() is not None) as run:
-        mlflow.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
-        tracking.log_input(data, context="training")
+    with tracking.start_run(cfg, "thor-train") as run:  # nested under an active run
+        run.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
+        run.log_input(data, context="training", producer_run=producer_run(data))
         base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
         repeated, epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
         if epoch_rows < tc.batch_size:
@@ -126,7 +126,7 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             train_loop,
             {
                 "cfg": cfg.model_dump(mode="json"),
-                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.info.run_id},
+                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.run_id},
                 "run_dir": str(run_dir),
                 "use_gpu": use_gpu,
                 "samples": samples,
@@ -158,15 +158,15 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             "seconds": round(seconds, 1),
             "epoch_rows": epoch_rows,
             "precision": precision,
-            "run_id": run.info.run_id,
+            "run_id": run.run_id,
         }
-        mlflow.log_metric("train_seconds", seconds)
+        run.log_metrics({"train_seconds": seconds})
         if tc.register_as:
             summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
                 model_dir, tc.register_as
             )
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-        mlflow.log_dict(summary, SUMMARY)
+        run.log_dict(summary, SUMMARY)
     return summary
 
 
@@ -241,8 +241,6 @@ def train_loop(config: dict[str, Any]) -> None:
                 tc.noise, tuple(x0.shape), schedule.num_steps, cfg.thor.simplex, gen
             ).to(device)
             x_t = schedule.add_noise(x0, eps, t)
-            if channels_last:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
             with strategy.autocast():
                 pred = strategy.model(x_t, t)
             loss = torch.nn.functional.mse_loss(pred.float(), eps)
@@ -262,7 +260,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 stop = ctx.agree(time.perf_counter() - started > limit_s)
             last = step >= tc.steps or stop
             if ctx.logger and tc.sample_every and (step % tc.sample_every == 0 or last):
-                grid = _sample_grid(_fp32(strategy.module), schedule, cfg, config["samples"])
+                grid = _sample_grid(
+                    _fp32(strategy.module), schedule, cfg, config["samples"], device
+                )
                 ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
             if step % tc.checkpoint_every == 0 or last:
                 metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
@@ -288,7 +288,9 @@ def _fp32(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).float()
 
 
-def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarray) -> np.ndarray:
+def _sample_grid(
+    unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarray, device: torch.device
+) -> np.ndarray:
     """uint8 grid: rows input, reconstruction from T (fast DDIM), |difference|."""
     from meddiff.thor.inferer import ThorInferer
 
@@ -306,7 +308,9 @@ def _sample_grid(unet: torch.nn.Module, schedule, cfg: Config, samples: np.ndarr
     was_training = unet.training
     unet.eval()
     x = torch.from_numpy(np.array(samples, dtype=np.float32))[:, None]
-    det = inferer(unet, x, seeds=range(len(x)))
+    size = cfg.thor.model.image_size
+    shape = (cfg.thor.model.in_channels, size, size)
+    det = inferer(unet, x, seeds=range(len(x)), image_shape=shape, device=device)
     unet.train(was_training)
     rows = [x[:, 0], det.reconstruction[:, 0], (det.reconstruction - x).abs()[:, 0]]
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0)

@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from meddiff.data.volumes import (
 from meddiff.errors import ConfigError, DataError
 from meddiff.files import write_json
 from meddiff.thor.detect import FolderResult
+
+if TYPE_CHECKING:
+    from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +268,6 @@ def detect_volume(
     """Write the outputs of the module docstring for one volume into ``out_dir`` (assembled under
     a temporary name, renamed when complete); with ``store`` (a DICOMweb base URL) also store the
     SEG and the map there. Returns the summary (``detect.json``)."""
-    import mlflow
-
     from meddiff import tracking
 
     if store is not None and not (dicomweb.is_dicomweb(source) or dicom.is_dicom_folder(source)):
@@ -275,7 +276,7 @@ def detect_volume(
         )
     with (
         storage.OutputLocation.use(out_dir) as loc,
-        tracking.start_run(cfg, "thor-detect", nested=mlflow.active_run() is not None),
+        tracking.start_run(cfg, "thor-detect") as run,  # nested under an active run
     ):
         wants_dicom = dicomweb.is_dicomweb(source) or dicom.is_dicom_folder(source)
         threshold = threshold_for(cfg, model_ref)
@@ -290,7 +291,7 @@ def detect_volume(
         if store is not None:
             summary["stored"] = _store(loc.staging, store, cfg)
             write_json(loc.staging / "detect.json", summary)
-        _track(summary)
+        _track(run, summary)
     return summary
 
 
@@ -405,14 +406,12 @@ def _store(out: Path, base_url: str, cfg: Config) -> dict:
     }
 
 
-def _track(summary: dict[str, Any]) -> None:
+def _track(run: RunLogger, summary: dict[str, Any]) -> None:
     """MLflow gets the summary without any UID (UIDs identify a patient's study to a PACS)."""
-    import mlflow
-
     tracked = json.loads(json.dumps(summary, default=str))
     if isinstance(tracked.get("stored"), dict):
         tracked["stored"].pop("uids", None)
-    mlflow.set_tags({"thor.map_kind": summary["map_kind"], "thor.method": summary["method"]})
-    mlflow.log_metrics({"slices": summary["slices"], "volume_score": summary["score"],
+    run.set_tags({"thor.map_kind": summary["map_kind"], "thor.method": summary["method"]})
+    run.log_metrics({"slices": summary["slices"], "volume_score": summary["score"],
                         "images_per_s": summary["images_per_s"]})  # fmt: skip
-    mlflow.log_dict(tracked, "detect.json")
+    run.log_dict(tracked, "detect.json")

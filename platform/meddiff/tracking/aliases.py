@@ -22,6 +22,7 @@ import random
 import re
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -206,6 +207,39 @@ def _require_version(client, name: str, version: str) -> None:
         client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException:
         raise ModelError(f"models:/{name}/{version} does not exist; {known(name)}") from None
+
+
+def version_tags(name: str, version: str, tracking: TrackingConfig) -> dict[str, str]:
+    """The tags of ``models:/NAME/VERSION``.
+
+    Raises:
+        ModelError: no such version (the message lists the known versions and aliases).
+    """
+    import mlflow
+
+    client = _client(tracking)
+    try:
+        return dict(client.get_model_version(name, str(version)).tags or {})
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"models:/{name}/{version} does not exist; {known(name)}") from None
+
+
+def set_version_tags(
+    name: str, version: str, tags: Mapping[str, str], tracking: TrackingConfig
+) -> None:
+    """Set ``tags`` on ``models:/NAME/VERSION`` (a calibration, a memorization audit).
+
+    Raises:
+        ModelError: the registry refused (no such version, a store that cannot be written).
+    """
+    import mlflow
+
+    client = _client(tracking)
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelError(f"models:/{name}/{version}: cannot set tags ({err.message})") from None
 
 
 def promote(name: str, version: str, alias: str, tracking: TrackingConfig) -> str | None:

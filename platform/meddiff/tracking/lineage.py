@@ -1,15 +1,15 @@
 """Lineage: where a registered model came from, back to the slides or PCam files.
 
-Each job logs what it read as an MLflow dataset input (:func:`log_input`): the URI or path, a
-content digest, and, when the input is a shard directory some earlier meddiff run wrote, that
-run's id (shard manifests record the run that wrote them). A registered model version points at
+Each job logs what it read as an MLflow dataset input (:func:`log_input`, through its run
+handle): the URI or path, a content digest, and, when the input is a shard directory some earlier
+meddiff run wrote, that run's id (shard manifests record the run that wrote them; the job reads it
+with :func:`meddiff.data.shards.producer_run` and passes it in). A registered model version points at
 its training run, so the chain model → training run → its inputs → the runs that produced them →
 ... ends at inputs no run produced: the source files. :func:`model_lineage` walks it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -63,12 +63,21 @@ def _hash_file(fs, path: str, digest) -> None:
             digest.update(chunk)
 
 
-def log_input(path: str | Path, context: str, name: str | None = None) -> dict[str, str]:
-    """Record ``path`` as a dataset input of the active run (context: ``source``, ``training``,
-    ``evaluation``...). Returns the tags logged with it."""
-    import mlflow
+def log_input(
+    client,
+    run_id: str,
+    path: str | Path,
+    context: str,
+    name: str | None = None,
+    producer_run: str | None = None,
+) -> dict[str, str]:
+    """Record ``path`` as a dataset input of run ``run_id`` (context: ``source``, ``training``,
+    ``evaluation``...) through the ``MlflowClient`` ``client``; ``producer_run`` is the run that
+    wrote it, if any. Returns the tags logged with it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     uri = storage.absolute(path)
     try:
@@ -78,12 +87,8 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
         log.warning("not recording %s as a dataset input: %s", uri, err)
         return {}
     tags = {"meddiff.uri": uri, "meddiff.digest": digest, "meddiff.digest_kind": kind}
-    with contextlib.suppress(Exception):  # not a shard directory: no producing run to follow
-        from meddiff.data.shards import read_manifest
-
-        producer = read_manifest(path).get("mlflow_run_id")
-        if producer:
-            tags["meddiff.producer_run"] = producer
+    if producer_run:
+        tags["meddiff.producer_run"] = producer_run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "interpreted in multiple ways": both are local paths
         # MLflow knows abfss:// (Azure Data Lake) but not abfs://, the same store: take the
@@ -95,7 +100,10 @@ def log_input(path: str | Path, context: str, name: str | None = None) -> dict[s
     # MLflow keeps at most 36 characters of a dataset digest; the full one is in the tags.
     short = digest.removeprefix("sha256:")[:32]
     dataset = MetaDataset(source=source, name=name or storage.name(uri), digest=short)
-    mlflow.log_input(dataset, context=context, tags=tags)
+    # What mlflow.log_input does for the active run, for this handle's run.
+    input_tags = [InputTag(k, v) for k, v in tags.items()]
+    input_tags.append(InputTag(MLFLOW_DATASET_CONTEXT, context))
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), input_tags)])
     return {**tags, "digest": digest}
 
 
