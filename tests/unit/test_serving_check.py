@@ -90,7 +90,7 @@ def test_tiny_config_fits_two_cores():
 def test_default_config_is_package_data_found_through_importlib_resources():
     from importlib.resources import files
 
-    from meddiff.serving.cli import DEFAULT_CONFIG
+    from meddiff.commands.serve import DEFAULT_CONFIG
 
     assert Path(str(files("meddiff.serving") / "configs" / "tiny.yaml")) == DEFAULT_CONFIG
     assert DEFAULT_CONFIG.is_file()
@@ -123,7 +123,7 @@ def test_an_installed_wheel_ships_the_serve_configs(tmp_path):
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)  # fmt: skip
-    code = "from meddiff.serving.cli import DEFAULT_CONFIG as c; print(c, c.is_file())"
+    code = "from meddiff.commands.serve import DEFAULT_CONFIG as c; print(c, c.is_file())"
     env = {**os.environ, "PYTHONPATH": str(site)}  # before the checkout's editable install
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout.split()  # fmt: skip
