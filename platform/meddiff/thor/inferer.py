@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from meddiff import precision as amp
 from meddiff.config.thor import InferConfig, SimplexConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.thor import maps
@@ -50,6 +51,7 @@ class Detection:
     score: torch.Tensor  # (B,) mean of the map
     reconstruction: torch.Tensor  # (B, 1, H, W) pseudo-healthy image in [0, 1]
     step_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # t → (B, 1, H, W)
+    precision: str = "fp32"  # the UNet's and LPIPS trunk's autocast (meddiff.precision)
 
 
 def draw_seed(seed: int, k: int) -> int:
@@ -169,6 +171,7 @@ class ThorInferer:
         self.check_images(images, cfg.in_channels, cfg.image_size)
         device = next(unet.parameters()).device
         x = images.to(device=device, dtype=torch.float32)
+        precision = amp.resolve(self.cfg.precision, device.type, "thor-inference")
         if self.perceptual is not None:
             self.perceptual.to(device)
         results = []
@@ -176,12 +179,14 @@ class ThorInferer:
             gens = None
             if seeds is not None:
                 gens = [torch.Generator().manual_seed(draw_seed(int(s), k)) for s in seeds]
-            results.append(self._detect(unet, x, gens, keep_step_maps and k == 0))
+            results.append(self._detect(unet, x, gens, keep_step_maps and k == 0, precision))
         first = results[0]
         if len(results) == 1:
             return first
         amap = torch.stack([r.anomaly_map for r in results]).mean(dim=0)
-        return Detection(amap, amap.mean(dim=(1, 2, 3)), first.reconstruction, first.step_maps)
+        return Detection(
+            amap, amap.mean(dim=(1, 2, 3)), first.reconstruction, first.step_maps, precision
+        )
 
     def _detect(
         self,
@@ -189,8 +194,10 @@ class ThorInferer:
         x: torch.Tensor,
         gens: list[torch.Generator] | None,
         keep_step_maps: bool,
+        precision: str = "fp32",
     ) -> Detection:
-        """One noise draw: the loop of the module docstring."""
+        """One noise draw: the loop of the module docstring; the networks under ``precision``'s
+        autocast, everything else in fp32."""
         device = x.device
         # A 4-D (convolution) weight tells whether the caller put the network in channels-last
         # layout; 1-D and 2-D parameters are contiguous in every layout.
@@ -202,13 +209,15 @@ class ThorInferer:
         recorded: list[torch.Tensor] = []
         step_maps: dict[int, torch.Tensor] = {}
         # The input is the same at every map step: its LPIPS features are computed once.
-        ref = self.perceptual.features(x) if self.perceptual is not None else None
+        with amp.autocast(precision, device.type):
+            ref = self.perceptual.features(x) if self.perceptual is not None else None
         harmonize = set(self.harmonization)
         record = set(self.map_steps) if self.method == "thor" else set()
         for i, t in enumerate(self.steps):
             t_next = self.steps[i + 1] if i + 1 < len(self.steps) else -1
             inp = x_t.contiguous(memory_format=torch.channels_last) if channels_last else x_t
-            eps_hat = unet(inp, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+            with amp.autocast(precision, device.type):
+                eps_hat = unet(inp, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
             eps_hat = eps_hat.float().contiguous()
             if self.cfg.stride == 1:
                 # The posterior draw uses the method's noise kind too (simplex for AnoDDPM).
@@ -226,7 +235,8 @@ class ThorInferer:
             x0_img = ((x0 + 1) / 2).clamp(0.0, 1.0)
             lp = None
             if self.perceptual is not None:
-                feats = self.perceptual.features(x0_img)
+                with amp.autocast(precision, device.type):
+                    feats = self.perceptual.features(x0_img)
                 lp = self.perceptual.distance(feats, ref, tuple(x.shape[-2:]))
             m = maps.anomaly_map(x0_img, x, lp, self.cfg.lpips_sigma)
             recorded.append(m)
@@ -246,4 +256,5 @@ class ThorInferer:
             score=amap.mean(dim=(1, 2, 3)).cpu(),
             reconstruction=reconstruction.cpu(),
             step_maps=step_maps,
+            precision=precision,
         )
