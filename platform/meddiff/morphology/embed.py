@@ -224,6 +224,14 @@ def describe(cfg: EmbedConfig) -> str:
     return f"{cfg.model} ({shape}; {cfg.weights or 'random weights'})"
 
 
+def embed_precision(cfg: EmbedConfig, device: str) -> str:
+    """The autocast the embedder runs on ``device`` (``cpu``/``cuda``): ``cfg.precision`` with
+    ``auto`` resolved by :func:`meddiff.precision.resolve`; fp16 runs as fp32 on a CPU (fp16
+    autocast is a GPU setting: a CPU has no fast fp16)."""
+    precision = amp.resolve(cfg.precision, device, "embedding")
+    return "fp32" if device == "cpu" and precision == "fp16" else precision
+
+
 class PatchEmbedder:
     """Ray Data stage: adds ``embedding`` float32 (n, D), the network's pooled feature of each
     patch (D = 768 for DINO ViT-B/8, 1280 for EfficientNet-Lite0).
@@ -252,10 +260,7 @@ class PatchEmbedder:
         self.dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         self.mean = torch.tensor(self.cfg.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.cfg.std, device=self.device).view(1, 3, 1, 1)
-        # fp16 autocast is a GPU setting: a CPU has no fast fp16 and runs it in fp32.
-        precision = amp.resolve(self.cfg.precision, self.device.type, "embedding")
-        cpu_fp16 = self.device.type == "cpu" and precision == "fp16"
-        self.precision = "fp32" if cpu_fp16 else precision
+        self.precision = embed_precision(self.cfg, self.device.type)
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (n, H, W, 3) → float32 (n, 3, S, S), S = ``image_size``, normalised by the

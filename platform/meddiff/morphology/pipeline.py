@@ -38,7 +38,7 @@ from meddiff.config.prompts import EmbedConfig
 from meddiff.data.shards import MANIFEST
 from meddiff.errors import ConfigError, DataError
 from meddiff.morphology.cluster import MorphologyModel
-from meddiff.morphology.embed import describe
+from meddiff.morphology.embed import describe, embed_precision
 from meddiff.prompts import (
     check_table_tokens,
     prompt_table,
@@ -228,6 +228,7 @@ def _build_prompts(
                     "k": model.k,
                     "embedding_dim": model.dim,
                     "embedder": describe(embed_cfg),
+                    "embedder_precision": _embedder_precision(cfg, embed_cfg),
                     **fit_info,
                 }
             )
@@ -247,6 +248,14 @@ def _build_prompts(
 
 
 # --- pass 1: check + embed ------------------------------------------------------------------
+
+
+def _embedder_precision(cfg: Config, embed_cfg: EmbedConfig) -> str:
+    """The autocast the embedding actors ran (fp32/bf16/fp16; meddiff.precision)."""
+    from meddiff.runtime import ray_address
+
+    ecfg = resolve_embed(embed_cfg, embedded_ray=ray_address(cfg.runtime) is None)
+    return embed_precision(embed_cfg, "cuda" if ecfg.num_gpus else "cpu")
 
 
 def resolve_embed(cfg: EmbedConfig, embedded_ray: bool) -> EmbedConfig:
