@@ -204,7 +204,7 @@ def thor_training(brain: Path, steps: int) -> dict[str, Any]:
     return train_pair(make, batches, step, steps)
 
 
-def embedding(n: int, batch: int = 16) -> dict[str, Any]:
+def embedding(n: int, threads: int, batch: int = 16) -> dict[str, Any]:
     import skimage.data
 
     from meddiff.morphology.embed import PatchEmbedder
@@ -215,9 +215,8 @@ def embedding(n: int, batch: int = 16) -> dict[str, Any]:
     crops = np.stack([img[r : r + 96, c : c + 96] for r, c in corners])
     cfg = load_config("tiny").prompts.embed
     emb = {p: PatchEmbedder(cfg.model_copy(update={"precision": p})) for p in ("fp32", "bf16")}
-    for e in emb.values():
-        torch.set_num_threads(THREADS)  # the embedder sets its own; keep the run's
-        assert e.precision in ("fp32", "bf16")
+    torch.set_num_threads(threads)  # the embedder sets the tiny preset's count; keep the run's
+    assert [e.precision for e in emb.values()] == list(emb)
     out = {p: e.embed(crops) for p, e in emb.items()}
     cos = (out["fp32"] * out["bf16"]).sum(1) / (
         np.linalg.norm(out["fp32"], axis=1) * np.linalg.norm(out["bf16"], axis=1)
@@ -268,63 +267,89 @@ def synthesis_training(steps: int) -> dict[str, Any]:
     return train_pair(make, batches, step, steps)
 
 
-THREADS = 1
-
-
-def table(res: dict[str, Any]) -> str:
-    """The side-by-side table (markdown) of every section's medians."""
-    lines = ["| path | setting | fp32 | bf16 | bf16 speed-up | accuracy fp32 → bf16 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for row in res["unet_forward"]:
+def _forward_rows(rows: list[dict[str, Any]], args) -> list[str]:
+    out = []
+    for row in rows:
         ms = row["ms"]
-        lines.append(
+        out.append(
             f"| THOR UNet forward (NCHW / channels-last) | batch {row['batch']} | "
             f"{ms['fp32']:.1f} / {ms['fp32_cl']:.1f} ms | {ms['bf16']:.1f} / {ms['bf16_cl']:.1f} ms"
             f" | {ms['fp32'] / ms['bf16']:.2f}× / {ms['fp32_cl'] / ms['bf16_cl']:.2f}× | |"
         )
-    ti = res["thor_inference"]
+    return out
+
+
+def _inference_rows(ti: dict[str, Any], args) -> list[str]:
     f, b = ti["fp32"], ti["bf16"]
-    lines.append(
+    return [
         f"| THOR inference, fast (stride 25, 3 draws, LPIPS vgg16-hed) | {ti['images']} images "
-        f"({ti['lesion_images']} with a lesion), batch {res['args']['batch']} | "
+        f"({ti['lesion_images']} with a lesion), batch {args.batch} | "
         f"{f['images_per_s']:.3f} img/s | {b['images_per_s']:.3f} img/s | "
         f"{b['images_per_s'] / f['images_per_s']:.2f}× | pixel AUPRC {f['pixel_auprc']:.4f} → "
         f"{b['pixel_auprc']:.4f} (Δ {b['pixel_auprc'] - f['pixel_auprc']:+.4f}); map max |Δ| "
-        f"{ti['map_max_abs_diff']:.3g} |"
-    )
-    for key, label in (("thor_training", "THOR training (tiny)"),
-                       ("synthesis_training", "synthesis UNet training (tiny SD)")):  # fmt: skip
-        r = res[key]
+        f"{ti['map_max_abs_diff']:.3g}, mean |Δ| {ti['map_mean_abs_diff']:.2g} |"
+    ]
+
+
+def _training_rows(label: str):
+    def rows(r: dict[str, Any], args) -> list[str]:
         f, b = r["fp32"], r["bf16"]
-        lines.append(
-            f"| {label} | batch 8, {res['args']['steps']} steps | {f['steps_per_s']:.2f} steps/s "
+        return [
+            f"| {label} | batch 8, {args.steps} steps | {f['steps_per_s']:.2f} steps/s "
             f"| {b['steps_per_s']:.2f} steps/s | {b['steps_per_s'] / f['steps_per_s']:.2f}× | "
             f"loss (last third) {f['loss_last']:.4f} → {b['loss_last']:.4f} |"
-        )
-    e = res["embedding"]
+        ]
+
+    return rows
+
+
+def _embedding_rows(e: dict[str, Any], args) -> list[str]:
     f, b = e["fp32"], e["bf16"]
-    lines.append(
+    return [
         f"| embedding (EfficientNet-Lite0, 224 px) | batch {e['batch']} | "
         f"{f['patches_per_s']:.1f} patches/s | {b['patches_per_s']:.1f} patches/s | "
         f"{b['patches_per_s'] / f['patches_per_s']:.2f}× | cosine to fp32: min "
         f"{e['cosine_min']:.4f}, median {e['cosine_median']:.4f} |"
-    )
-    return "\n".join(lines)
+    ]
+
+
+# section → (run it from the parsed arguments, its table rows)
+SECTIONS: dict[str, tuple[Callable, Callable]] = {
+    "unet_forward": (
+        lambda a: unet_forward(tuple(int(b) for b in a.batches.split(",")), a.rounds),
+        _forward_rows,
+    ),
+    "thor_inference": (lambda a: thor_inference(a.brain, a.limit, a.batch), _inference_rows),
+    "thor_training": (
+        lambda a: thor_training(a.brain, a.steps),
+        _training_rows("THOR training (tiny)"),
+    ),
+    "embedding": (lambda a: embedding(a.rounds, a.threads), _embedding_rows),
+    "synthesis_training": (
+        lambda a: synthesis_training(a.steps),
+        _training_rows("synthesis UNet training (tiny SD)"),
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brain", required=True, type=Path, help="a sample-brain folder")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the timed sections")
     parser.add_argument("--limit", type=int, default=16, help="lesion-benchmark images")
     parser.add_argument("--batch", type=int, default=4, help="THOR inference batch")
-    parser.add_argument("--steps", type=int, default=24, help="training steps per arm")
+    parser.add_argument("--steps", type=int, default=18, help="training steps per arm")
     parser.add_argument("--batches", default="1,4,16", help="UNet forward batch sizes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of the sections"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    THREADS = args.threads
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; known: {', '.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     res: dict[str, Any] = {
@@ -334,16 +359,17 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": os.getloadavg(),
     }
     print(f"CPU: {res['cpu']}, {os.cpu_count()} cores, load {res['load_average_start']}")
-    res["unet_forward"] = unet_forward(tuple(int(b) for b in args.batches.split(",")), args.rounds)
-    res["thor_inference"] = thor_inference(args.brain, args.limit, args.batch)
-    res["thor_training"] = thor_training(args.brain, args.steps)
-    res["embedding"] = embedding(args.rounds)
-    res["synthesis_training"] = synthesis_training(args.steps)
+    for name in sections:
+        res[name] = SECTIONS[name][0](args)
     res["load_average_end"] = os.getloadavg()
     res["seconds"] = round(time.perf_counter() - started, 1)
     print(f"\nload average start {res['load_average_start']}, end {res['load_average_end']}, "
           f"{res['seconds']} s, {args.threads} thread(s)\n")  # fmt: skip
-    print(table(res))
+    lines = ["| path | setting | fp32 | bf16 | bf16 speed-up | accuracy fp32 → bf16 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in sections:
+        lines += SECTIONS[name][1](res[name], args)
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

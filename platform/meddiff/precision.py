@@ -17,8 +17,8 @@ A CPU has native bf16 when it executes bf16 dot products in hardware (x86 ``avx5
 oneDNN backend is built in; elsewhere bf16 autocast is emulated and slower than fp32. The CPU
 column comes from ``benchmarks/cpu_bf16.py`` (docs/performance.md has the table and the command):
 a path runs bf16 there only where bf16 was faster at equal accuracy. On an AVX512-BF16 CPU without
-AMX, THOR inference ran 1.4-1.5× faster at the same pixel AUPRC, THOR's training step 1.5× at
-the same loss, the embedder 2.5× (embeddings' cosine to fp32 ≥ 0.995), while the tiny synthesis
+AMX, THOR inference ran 1.2-1.4× faster at the same pixel AUPRC, THOR's training step 1.3-1.5× at
+the same loss, the embedder 2.1-2.5× (embeddings' cosine to fp32 ≥ 0.995), while the tiny synthesis
 UNet's training step was slower in bf16 (0.7×); generation was not measured. The CUDA column is
 what ``auto`` gave before CPUs were considered.
 """
