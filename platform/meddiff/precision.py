@@ -30,7 +30,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-Path_ = Literal["thor-inference", "embedding", "thor-training", "training", "generation"]
+PrecisionPath = Literal["thor-inference", "embedding", "thor-training", "training", "generation"]
 
 # What auto gives on a GPU (unchanged from before CPUs could run bf16): THOR's inferer has always
 # run fp32 on CUDA, the embedder fp16 (the paper's DINO pipeline), training loops bf16 and the
@@ -50,7 +50,7 @@ CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 @functools.cache
 def cpu_bf16_native() -> bool:
     """True when this CPU runs bf16 matmuls and convolutions in hardware (AVX512-BF16 or AMX)
-    through torch's oneDNN backend; False elsewhere (older x86, most ARM builds, no oneDNN)."""
+    through torch's oneDNN backend; False elsewhere (older x86, ARM: not measured, no oneDNN)."""
     import torch
 
     if not torch.backends.mkldnn.is_available():
@@ -90,7 +90,7 @@ def cpu_capability() -> dict[str, object]:
     }
 
 
-def resolve(precision: str, device: str, path: Path_) -> str:
+def resolve(precision: str, device: str, path: PrecisionPath) -> str:
     """``precision`` (``auto``/``fp32``/``bf16``/``fp16``) for ``path`` on ``device`` (``cuda``,
     ``cpu``, or another torch device type, which gets fp32): explicit values unchanged, ``auto``
     per the module's table.
