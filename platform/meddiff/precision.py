@@ -14,7 +14,7 @@ path                 CUDA   CPU with native bf16  other CPUs
 
 A CPU has native bf16 when it executes bf16 dot products in hardware (x86 ``avx512_bf16`` or
 ``amx_bf16``: Intel Xeon since Cooper Lake / Sapphire Rapids, AMD EPYC since Zen 4) and torch's
-oneDNN backend is built in; elsewhere bf16 autocast is emulated and slower than fp32. The CPU
+oneDNN backend is built in; elsewhere bf16 has no hardware dot products and auto keeps fp32. The CPU
 column comes from ``benchmarks/cpu_bf16.py`` (docs/performance.md has the table and the command):
 a path runs bf16 there only where bf16 was faster at equal accuracy. On an AVX512-BF16 CPU without
 AMX, THOR inference ran 1.2-1.4× faster at the same pixel AUPRC, THOR's training step 1.3-1.5× at
