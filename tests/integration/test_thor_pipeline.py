@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from meddiff import precision as amp
 from meddiff.cli import main
 from meddiff.config.data import MriConfig
 from meddiff.data.brain import BrainSampleSizes, sample_brain
@@ -105,6 +106,8 @@ def test_detect_writes_maps_and_scores_from_a_registry_uri(trained, brain, tmp_p
     assert all(float(r["score"]) >= 0 for r in rows)
     summary = json.loads(capsys.readouterr().out)
     assert summary["residual_only"] is False and summary["forwards_per_image"] == 8
+    # The precision the actors ran: auto resolved for this machine's CPU (meddiff.precision).
+    assert summary["precision"] == amp.resolve("auto", "cpu", "thor-inference")
     assert summary["intensity"]["read_as"] == {"type: 16-bit / 65535": len(names)}
     # Held-out slices of the training brain look like the training slices: nothing to say.
     assert all(r["unlike_training"] == "" for r in rows)
@@ -150,6 +153,7 @@ def test_evaluate_prints_metrics_and_writes_a_report(trained, brain, tmp_path, c
     assert thor["plan"]["data_check"]["checked"] is True
     assert thor["plan"]["harmonization_steps"] == [300, 150, 50]
     assert thor["plan"]["map_kind"] == "residual_x_lpips_vgg16_hed"
+    assert thor["plan"]["precision"] == amp.resolve("auto", "cpu", "thor-inference")
     assert not any("residual-only" in n for n in summary["notes"])
     html = (out / "report.html").read_text()
     assert "residual_x_lpips_vgg16_hed" in html and html.count("<img") >= 4 * 6

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from meddiff import precision as amp
 from meddiff.cli import main
 from meddiff.config import load_config
 from meddiff.config.data import MriConfig
@@ -91,6 +92,7 @@ def test_a_lesion_in_a_nifti_volume_is_found_at_its_voxels(volumes, calibrated, 
         assert img.shape == lesioned.data.shape
         maps[name] = np.asarray(img.dataobj)
         assert summary["threshold"]["source"].startswith("calibration ")
+        assert summary["precision"] == amp.resolve("auto", "cpu", "thor-inference")
         assert (out / "lesion_mask.nii.gz").is_file() and summary["lesion_ml"] > 0
         assert summary["input_kind"] == "nifti" and summary["slices"] == len(
             (out / "slices.csv").read_text().splitlines()[1:]

@@ -92,7 +92,7 @@ def test_every_function_is_under_80_lines(package):
 # The layers of docs/architecture.md, bottom first: a module imports from its own layer or below.
 LAYERS = (
     ("errors", "weights", "__version__"),
-    ("config", "files", "grids"),
+    ("config", "files", "grids", "precision"),
     ("storage", "runtime"),
     ("tracking", "reports"),
     ("data",),

@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from meddiff import precision as amp
 from meddiff.config import load_config
 from meddiff.config.thor import ScheduleConfig, UNetConfig
 from meddiff.data.images import decode_png, encode_png
@@ -88,6 +89,8 @@ def test_answer_is_the_inferers_for_the_same_seed(client, runner):
     assert out["model"]["kind"] == "anomaly" and out["model"]["plan"]["method"] == "thor"
     # The tiny preset's perceptual term, LPIPS over HED's VGG16, named in the answer.
     assert out["model"]["plan"]["map_kind"] == "residual_x_lpips_vgg16_hed"
+    # ... and the networks' precision, as meddiff.precision resolves auto on this machine's CPU.
+    assert out["model"]["plan"]["precision"] == amp.resolve("auto", "cpu", "thor-inference")
     assert r.headers["X-Model-Version"] == "None"  # a directory has no registry version
 
 

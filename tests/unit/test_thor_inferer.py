@@ -173,7 +173,10 @@ def test_lpips_switched_off_in_config_gives_residual_only_plan_and_maps():
     from meddiff.config import load_config
 
     assert load_config("tiny").thor.infer.lpips == "vgg16-hed"  # the trunk that installs offline
-    inferer = ThorInferer.from_config(SCHEDULE, InferConfig(lpips="off"), SimplexConfig())
+    # fp32: the toy's blur is a convolution, which bf16 autocast would round (precision=auto is
+    # bf16 on CPUs with native bf16); the comparison below is exact arithmetic.
+    cfg = InferConfig(lpips="off", precision="fp32")
+    inferer = ThorInferer.from_config(SCHEDULE, cfg, SimplexConfig())
     assert inferer.perceptual is None and inferer.residual_only
     plan = inferer.describe()
     assert plan["map_kind"] == "residual-only (LPIPS off)" and plan["residual_only"]

@@ -140,12 +140,14 @@ def test_metric_table_keeps_columns_aligned_for_long_schedules():
         "methods": {
             k: {
                 "metrics": {"image_auroc": 0.6, "strata": {}},
-                "plan": {"schedule": s},
+                "plan": {"schedule": s, "precision": p},
                 "images_per_s": 0.5,
             }
-            for k, s in plans.items()
+            for (k, s), p in zip(plans.items(), ("bf16", "fp32"), strict=True)
         }
     }
     head, rule, *rows = metric_table(summary).splitlines()
     assert len({len(head), len(rule), *map(len, rows)}) == 1
     assert all(row.index("0.600") == rows[0].index("0.600") for row in rows)
+    # The networks' precision (meddiff.precision) follows the schedule.
+    assert "mean of 3 draws, bf16" in rows[0] and "full DDPM, fp32" in rows[1]

@@ -125,8 +125,10 @@ class EmbedConfig(Section):
     max_concurrency: int | None = Field(
         default=None, ge=1, description="Autoscale the actor pool up to this many actors."
     )
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        default="fp16", description="Autocast dtype on GPU; CPU always runs fp32."
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto",
+        description="Autocast dtype. auto: fp16 on GPU, bf16 on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), fp32 on other CPUs (meddiff.precision); fp16 runs fp32 on a CPU.",
     )
 
 

@@ -6,7 +6,7 @@ Field defaults are the paper's settings (from the official code, ci-ber/THOR_DDP
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -124,6 +124,8 @@ class AugmentConfig(Section):
 
 class TrainConfig(TrainingSection):
     """DDPM training on healthy slices with Ray Train."""
+
+    precision_path: ClassVar[str] = "thor-training"
 
     steps: int = Field(default=100_000, ge=1, description="Optimizer steps (global batches).")
     time_limit_min: float | None = Field(
@@ -253,6 +255,11 @@ class InferConfig(Section):
     lpips_sigma: float = Field(default=2.0, ge=0, description="Gaussian blur of the LPIPS map.")
     morph_kernel: int = Field(
         default=13, ge=1, description="Square closing/dilation size for the harmonization mask."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="The UNet's and LPIPS trunk's autocast: auto is bf16 on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), fp32 on other CPUs and on GPUs (meddiff.precision).",
     )
     concurrency: int = Field(default=1, ge=1, description="Ray Data inference actors.")
     num_gpus: float | None = Field(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from meddiff import precision as amp
 from meddiff.config.prompts import EmbedConfig
 from meddiff.errors import ModelError
 
@@ -223,6 +224,14 @@ def describe(cfg: EmbedConfig) -> str:
     return f"{cfg.model} ({shape}; {cfg.weights or 'random weights'})"
 
 
+def embed_precision(cfg: EmbedConfig, device: str) -> str:
+    """The autocast the embedder runs on ``device`` (``cpu``/``cuda``): ``cfg.precision`` with
+    ``auto`` resolved by :func:`meddiff.precision.resolve`; fp16 runs as fp32 on a CPU (fp16
+    autocast is a GPU setting: a CPU has no fast fp16)."""
+    precision = amp.resolve(cfg.precision, device, "embedding")
+    return "fp32" if device == "cpu" and precision == "fp16" else precision
+
+
 class PatchEmbedder:
     """Ray Data stage: adds ``embedding`` float32 (n, D), the network's pooled feature of each
     patch (D = 768 for DINO ViT-B/8, 1280 for EfficientNet-Lite0).
@@ -251,9 +260,7 @@ class PatchEmbedder:
         self.dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         self.mean = torch.tensor(self.cfg.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.cfg.std, device=self.device).view(1, 3, 1, 1)
-        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
-        self.autocast = self.device.type == "cuda" and self.cfg.precision in dtypes
-        self.amp_dtype = dtypes.get(self.cfg.precision, torch.float32)
+        self.precision = embed_precision(self.cfg, self.device.type)
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (n, H, W, 3) → float32 (n, 3, S, S), S = ``image_size``, normalised by the
@@ -277,7 +284,7 @@ class PatchEmbedder:
         (a ViT's CLS token after its final norm; a CNN's global average pool)."""
         import torch
 
-        with torch.inference_mode(), torch.autocast("cuda", self.amp_dtype, enabled=self.autocast):
+        with torch.inference_mode(), amp.autocast(self.precision, self.device.type):
             features = self.model.forward_features(x)
             pooled = self.model.forward_head(features, pre_logits=True)
         return pooled.float()

@@ -37,11 +37,12 @@ from meddiff.data.shards import MANIFEST, producer_run
 from meddiff.errors import DataError
 from meddiff.morphology.cluster import MorphologyModel
 from meddiff.morphology.columns import cluster_sizes, columns, reject_counts
-from meddiff.morphology.embed import describe
+from meddiff.morphology.embed import describe, embed_precision
 from meddiff.morphology.layout import MODEL_DIR, PROMPTS_CSV, SUMMARY, WORK, Workspace
 from meddiff.prompts import check_table_tokens, prompt_table, write_prompt_table
 
 if TYPE_CHECKING:
+    from meddiff.config.prompts import EmbedConfig
     from meddiff.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,12 @@ def _build_prompts(
         }
         if embed_cfg is not None:
             summary.update(
-                {"k": model.k, "embedding_dim": model.dim, "embedder": describe(embed_cfg)}
+                {
+                    "k": model.k,
+                    "embedding_dim": model.dim,
+                    "embedder": describe(embed_cfg),
+                    "embedder_precision": _embedder_precision(cfg, embed_cfg),
+                }
             )
             summary.update(fit_info)
         if not resumed:  # a resumed run did not read the input: no rate to report
@@ -159,6 +165,15 @@ def _build_prompts(
         _finish(run, cfg, loc, ws, summary, register=morphology and reused is None)
     log.info("wrote %d pairs with %d prompts to %s", kept, summary["prompts"], loc.staging)
     return summary
+
+
+def _embedder_precision(cfg: Config, embed_cfg: EmbedConfig) -> str:
+    """The autocast the embedding actors ran (fp32/bf16/fp16; meddiff.precision)."""
+    from meddiff.morphology.stages import resolve_embed
+    from meddiff.runtime import ray_address
+
+    ecfg = resolve_embed(embed_cfg, embedded_ray=ray_address(cfg.runtime) is None)
+    return embed_precision(embed_cfg, "cuda" if ecfg.num_gpus else "cpu")
 
 
 def _filter_counts(checked: Path, source: str | Path, rows_in: int) -> dict[str, Any]:

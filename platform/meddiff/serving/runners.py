@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff import precision as amp
 from meddiff import storage
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
@@ -87,6 +88,7 @@ class AnomalyRunner:
             # As in thor detect: mkldnn convolutions are faster on channels-last tensors.
             self.thor.unet.to(memory_format=torch.channels_last)
         self.inferer = ThorInferer.from_config(self.thor.schedule, cfg.thor.infer, cfg.thor.simplex)
+        self.plan["precision"] = amp.resolve(cfg.thor.infer.precision, device, "thor-inference")
 
     @property
     def image_size(self) -> int:

@@ -21,11 +21,13 @@ def pick_device(use_gpu: bool) -> str:
 
 
 def torch_dtype(name: str, device: str):
-    """``auto`` → bf16 (training) / fp16 (inference) on GPU, fp32 on CPU (CPU half is slow)."""
+    """The generation pipeline's weight dtype: ``auto`` per :mod:`meddiff.precision` (fp16 on GPU,
+    fp32 on CPU: half-precision generation on a CPU is not measured faster)."""
     import torch
 
-    if name == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+    from meddiff import precision as amp
+
+    name = amp.resolve(name, "cpu" if device == "cpu" else "cuda", "generation")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 

@@ -51,7 +51,8 @@ class ThorStage:
     ["mask"]}`` slices) → maps, reconstructions and scores.
 
     Output columns: ``name``, ``score`` float, ``anomaly_map`` and ``reconstruction`` float32
-    (n, H, W), ``image`` float32 (n, H, W) and, with masks, ``mask`` bool (n, H, W).
+    (n, H, W), ``image`` float32 (n, H, W), ``precision`` (the networks' autocast: fp32 or bf16)
+    and, with masks, ``mask`` bool (n, H, W).
     """
 
     def __init__(self, model_ref: str, cfg: dict[str, Any]):
@@ -97,6 +98,7 @@ class ThorStage:
             "anomaly_map": det.anomaly_map[:, 0].numpy(),
             "reconstruction": det.reconstruction[:, 0].numpy(),
             "image": images,
+            "precision": np.array([det.precision] * len(names), dtype=object),
         }
         if "mask" in batch:
             out["mask"] = np.stack(list(batch["mask"])).astype(bool)
@@ -194,6 +196,7 @@ def run_folder(
         for item, m in zip(items, masks, strict=True):
             item["mask_path"] = str(m)
     merged, seconds = infer_items(cfg, str(model_ref), items)
+    plan["precision"] = used_precision(merged)
     order = np.argsort(merged["name"].astype(str), kind="stable")
     names = [str(n) for n in merged["name"][order]]
     images = merged["image"][order]
@@ -247,6 +250,12 @@ def infer_items(
             rows.setdefault(k, []).append(v)
     seconds = time.perf_counter() - start
     return {k: np.concatenate(v) for k, v in rows.items()}, seconds
+
+
+def used_precision(merged: dict[str, np.ndarray]) -> str:
+    """The precision the inference actors reported (``meddiff.precision``): ``fp32``, ``bf16``, or
+    both comma-separated when actors on different CPUs chose differently."""
+    return ", ".join(sorted({str(p) for p in merged["precision"]}))
 
 
 def model_reference(cfg: Config, model_ref: str) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from meddiff.files import write_json, write_text
 from meddiff.reports import provenance
 from meddiff.thor.detect import FolderResult
 from meddiff.thor.metrics import evaluate_maps, summary_row
+from meddiff.thor.report import schedule_label
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def metric_table(summary: Mapping[str, Any]) -> str:
     cols = ["pixel_auprc", "pixel_auprc_chance", "pixel_auroc", "best_dice", "image_auroc",
             "small_auprc", "medium_auprc", "large_auprc"]  # fmt: skip
     # The schedule column is as wide as its longest entry, so the numbers stay aligned.
-    width = max([8, *(len(r["plan"]["schedule"]) for r in summary["methods"].values())])
+    width = max([8, *(len(schedule_label(r["plan"])) for r in summary["methods"].values())])
     head = (
         f"{'method':<12} {'schedule':<{width}} "
         + " ".join(f"{c.replace('pixel_auprc_chance', 'auprc_chance'):>12}" for c in cols)
@@ -154,7 +155,7 @@ def metric_table(summary: Mapping[str, Any]) -> str:
         vals = " ".join(
             f"{row[c]:>12.3f}" if row.get(c) is not None else f"{'-':>12}" for c in cols
         )
-        schedule = r["plan"]["schedule"]
+        schedule = schedule_label(r["plan"])
         lines.append(f"{label:<12} {schedule:<{width}} {vals} {r['images_per_s']:>8.3f}")
     for note in summary.get("notes", []):
         lines.append(f"note: {note}")

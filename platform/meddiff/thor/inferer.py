@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from meddiff import precision as amp
 from meddiff.config.thor import InferConfig, SimplexConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.thor import maps
@@ -55,6 +56,7 @@ class Detection:
     score: torch.Tensor  # (B,) mean of the map
     reconstruction: torch.Tensor  # (B, 1, H, W) pseudo-healthy image in [0, 1]
     step_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # t → (B, 1, H, W)
+    precision: str = "fp32"  # the UNet's and LPIPS trunk's autocast (meddiff.precision)
 
 
 def draw_seed(seed: int, k: int) -> int:
@@ -185,6 +187,7 @@ class ThorInferer:
         """
         self.check_images(images, image_shape)
         x = images.to(device=device or images.device, dtype=torch.float32)
+        precision = amp.resolve(self.cfg.precision, x.device.type, "thor-inference")
         if self.perceptual is not None:
             self.perceptual.to(device)
         results = []
@@ -192,12 +195,14 @@ class ThorInferer:
             gens = None
             if seeds is not None:
                 gens = [torch.Generator().manual_seed(draw_seed(int(s), k)) for s in seeds]
-            results.append(self._detect(denoiser, x, gens, keep_step_maps and k == 0))
+            results.append(self._detect(denoiser, x, gens, keep_step_maps and k == 0, precision))
         first = results[0]
         if len(results) == 1:
             return first
         amap = torch.stack([r.anomaly_map for r in results]).mean(dim=0)
-        return Detection(amap, amap.mean(dim=(1, 2, 3)), first.reconstruction, first.step_maps)
+        return Detection(
+            amap, amap.mean(dim=(1, 2, 3)), first.reconstruction, first.step_maps, precision
+        )
 
     def _detect(
         self,
@@ -205,8 +210,10 @@ class ThorInferer:
         x: torch.Tensor,
         gens: list[torch.Generator] | None,
         keep_step_maps: bool,
+        precision: str = "fp32",
     ) -> Detection:
-        """One noise draw: the loop of the module docstring."""
+        """One noise draw: the loop of the module docstring; the networks under ``precision``'s
+        autocast, everything else in fp32."""
         device = x.device
         shape = tuple(x.shape)
         eps = make_noise(self.noise, shape, self.level, self.simplex, gens).to(device)
@@ -214,11 +221,15 @@ class ThorInferer:
         recorded: list[torch.Tensor] = []
         step_maps: dict[int, torch.Tensor] = {}
         # The input is the same at every map step: its LPIPS features are computed once.
-        ref = self.perceptual.features(x) if self.perceptual is not None else None
+        with amp.autocast(precision, device.type):
+            ref = self.perceptual.features(x) if self.perceptual is not None else None
         harmonize = set(self.harmonization)
         record = set(self.map_steps) if self.method == "thor" else set()
         for t in self.steps:
-            eps_hat = denoiser(x_t, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+            with amp.autocast(precision, device.type):
+                eps_hat = denoiser(
+                    x_t, torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+                )
             eps_hat = eps_hat.float().contiguous()
 
             # The posterior draw uses the method's noise kind too (simplex for AnoDDPM); the
@@ -232,7 +243,8 @@ class ThorInferer:
             x0_img = ((x0 + 1) / 2).clamp(0.0, 1.0)
             lp = None
             if self.perceptual is not None:
-                feats = self.perceptual.features(x0_img)
+                with amp.autocast(precision, device.type):
+                    feats = self.perceptual.features(x0_img)
                 lp = self.perceptual.distance(feats, ref, tuple(x.shape[-2:]))
             m = maps.anomaly_map(x0_img, x, lp, self.cfg.lpips_sigma)
             recorded.append(m)
@@ -252,4 +264,5 @@ class ThorInferer:
             score=amap.mean(dim=(1, 2, 3)).cpu(),
             reconstruction=reconstruction.cpu(),
             step_maps=step_maps,
+            precision=precision,
         )

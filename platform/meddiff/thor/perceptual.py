@@ -112,8 +112,10 @@ class Perceptual(nn.Module):
         out = []
         for block in self.trunk:
             h = block(h)
-            # lpips.normalize_tensor: x / (‖x‖₂ over channels + 1e-10).
-            out.append(h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+            # lpips.normalize_tensor: x / (‖x‖₂ over channels + 1e-10). In fp32 whatever the
+            # trunk's autocast: the distance subtracts nearly equal features.
+            f = h.float()
+            out.append(f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
         return out
 
     def distance(

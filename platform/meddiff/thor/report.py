@@ -44,6 +44,12 @@ def pick_examples(masks: np.ndarray, n: int) -> list[int]:
     return list(dict.fromkeys(picks))
 
 
+def schedule_label(plan: Mapping[str, Any]) -> str:
+    """The schedule and, when known, the networks' precision (``meddiff.precision``)."""
+    precision = plan.get("precision")
+    return f"{plan['schedule']}, {precision}" if precision else plan["schedule"]
+
+
 def _intensity(plan: Mapping[str, Any]) -> str:
     """How the input images were scaled to [0, 1] (``data.images``), as a sentence."""
     info = plan.get("intensity")
@@ -81,7 +87,7 @@ def render_report(
     for method, r in results.items():
         row = summary_row(r["metrics"])
         metric_rows.append(
-            [method, r["plan"]["schedule"], r["plan"]["map_kind"]]
+            [method, schedule_label(r["plan"]), r["plan"]["map_kind"]]
             + [_cell(row.get(c)) for c in cols]
             + [_cell(r.get("images_per_s"))]
         )
@@ -105,7 +111,7 @@ def render_report(
         methods.append(
             {
                 "name": method,
-                "schedule": plan["schedule"],
+                "schedule": schedule_label(plan),
                 "noise_level": plan["noise_level"],
                 "noise": plan["noise"],
                 "harmonization": plan["harmonization_steps"] or "none",

@@ -203,7 +203,7 @@ def train_loop(config: dict[str, Any]) -> None:
     strategy = training.make_strategy(
         tc, ctx, unet, optimizer, micro_batch=per_worker, grad_clip=tc.grad_clip
     )
-    precision = training.resolve_precision(tc.precision, device.type == "cuda")
+    precision = training.resolve_precision(tc.precision, device.type == "cuda", tc.precision_path)
     info = training.marker_info(
         tc,
         world=ctx.world,

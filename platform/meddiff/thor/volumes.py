@@ -156,7 +156,7 @@ def read_mask(path: Any, geometry: SliceGeometry) -> np.ndarray:
 
 def run_volume(cfg: Config, model_ref: str, source: Any, masks: Any = None) -> VolumeResult:
     """Slice ``source``, run THOR on every slice through Ray Data, results in memory."""
-    from meddiff.thor.detect import driver_model, infer_items, plan_for
+    from meddiff.thor.detect import driver_model, infer_items, plan_for, used_precision
 
     model_ref = driver_model(cfg, model_ref)
     plan = plan_for(cfg, model_ref)
@@ -178,6 +178,7 @@ def run_volume(cfg: Config, model_ref: str, source: Any, masks: Any = None) -> V
             item["mask"] = m
     plan["volume"] = {"kind": loaded.kind, "slices": len(names), "shape": list(geometry.shape)}
     merged, seconds = infer_items(cfg, model_ref, items)
+    plan["precision"] = used_precision(merged)
     order = np.argsort(merged["name"].astype(str), kind="stable")
     result = FolderResult(
         names=[str(n) for n in merged["name"][order]],

@@ -32,7 +32,7 @@ def check_training(t, *, use_gpu: bool, section: str) -> str:
     Raises:
         ConfigError: fp16 without GPUs; DeepSpeed without the deepspeed package.
     """
-    precision = resolve_precision(t.precision, use_gpu)
+    precision = resolve_precision(t.precision, use_gpu, t.precision_path)
     if precision == "fp16" and not use_gpu:
         raise ConfigError(
             f"{section}.precision=fp16 needs GPUs (fp16 autocast and loss scaling run on CUDA); "
