@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -36,10 +37,14 @@ _saved_address: object = _UNSET
 _progress = True
 
 # What a quiet run (runtime.progress false: off a terminal) sets in its Ray workers' environment:
-# no tqdm bars (the libraries' own, e.g. diffusers saving a model in a training worker), and
-# Ray Data's console at WARNING (its per-dataset start/plan/finish lines; ray-data.log keeps
-# them).
-QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "MEDDIFF_QUIET": "1"}
+# no tqdm bars (the libraries' own, e.g. diffusers saving a model in a training worker), Ray
+# Data's console at WARNING (its per-dataset start/plan/finish lines; ray-data.log keeps them),
+# and MEDDIFF_QUIET for the embedded Ray's worker setup hook.
+QUIET_WORKER_ENV = {
+    "TQDM_DISABLE": "1",
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_quiet_logging.yaml")),
+    "MEDDIFF_QUIET": "1",
+}
 
 
 def ray_address(cfg: RuntimeConfig) -> str | None:
@@ -253,12 +258,13 @@ def quiet() -> bool:
 
 def quiet_embedded_workers() -> None:
     """Ray's ``worker_process_setup_hook`` for an embedded Ray: runs in each worker process
-    when it starts (:class:`StateApiNoiseFilter`; in a quiet run, :func:`quiet_ray_data`)."""
+    when it starts (:class:`StateApiNoiseFilter`; in a quiet run, no per-report line either).
+    Ray Data's console level comes from ``RAY_DATA_LOGGING_CONFIG`` (:data:`QUIET_WORKER_ENV`),
+    applied whenever a worker imports Ray Data, so workers that never do do not pay for it."""
     logger = logging.getLogger(PG_CLEANER_LOGGER)
     if not any(isinstance(f, StateApiNoiseFilter) for f in logger.filters):
         logger.addFilter(StateApiNoiseFilter())
     if os.environ.get("MEDDIFF_QUIET") == "1":
-        quiet_ray_data()
         _quiet_train_reports()
 
 
@@ -274,8 +280,8 @@ def _quiet_train_reports() -> None:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's console handler at WARNING: its INFO lines (each dataset's start, plan and
-    finish) stay in ``ray-data.log`` only."""
+    """In this process (the driver), Ray Data's console handler at WARNING: its INFO lines
+    (each dataset's start, plan and finish) stay in ``ray-data.log`` only."""
     import ray.data  # noqa: F401  (configures Ray Data's loggers, handlers included)
 
     for handler in logging.getLogger("ray.data").handlers:

@@ -196,3 +196,20 @@ def test_a_quiet_run_keeps_ray_data_and_ray_train_info_out_of_the_console(monkey
     [console] = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
     assert console.level == logging.WARNING
     console.setLevel(logging.INFO)  # as Ray Data configured it, for the tests after this one
+
+
+def test_quiet_workers_configure_ray_data_from_the_shipped_logging_file():
+    """A worker of a quiet run imports Ray Data with the console at WARNING and its file
+    handler intact (the YAML given as RAY_DATA_LOGGING_CONFIG)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, ray.data\n"
+        "print(sorted((h.get_name(), h.level) for h in logging.getLogger('ray.data').handlers))"
+    )
+    env = {**os.environ, **runtime.QUIET_WORKER_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[('console', 30), ('file', 0)]"
