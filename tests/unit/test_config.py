@@ -42,6 +42,14 @@ def test_misspelt_override_names_key_and_suggests():
         load_config(overrides=["data.pcam.rows_per_blok=3"])
 
 
+def test_a_renamed_key_names_its_new_name():
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.wsi\.backend: unknown key \(renamed: did you mean 'reader'\?\)",
+    ):
+        load_config(overrides=["data.wsi.backend=auto"])
+
+
 def test_misspelt_yaml_key_names_file(tmp_path: Path):
     path = tmp_path / "run.yaml"
     path.write_text("runtime:\n  sead: 3\n")

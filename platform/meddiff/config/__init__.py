@@ -188,8 +188,16 @@ def _explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# Keys renamed since they were released: the old name gets its new one as the suggestion.
+RENAMED = {"data.wsi.backend": "reader"}
+
+
 def _suggest(loc: tuple[Any, ...]) -> str:
-    """' (did you mean x?)' for a misspelt key, from the fields of the model that holds it."""
+    """' (did you mean x?)' for a misspelt or renamed key, from the fields of the model that
+    holds it (:data:`RENAMED` first)."""
+    renamed = RENAMED.get(".".join(str(p) for p in loc))
+    if renamed is not None:
+        return f" (renamed: did you mean '{renamed}'?)"
     model: type[BaseModel] | None = Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if model else None
