@@ -173,6 +173,20 @@ def test_ingest_survives_losing_the_worker_node(cluster, node_loss_pcam_dir, tmp
     )  # fmt: skip
 
 
+def _wait_for_free_train_slots(cluster: Cluster, want: int, timeout: float = 120) -> None:
+    """Best effort: wait until ``ray status`` shows ``want`` train slots free. Elastic training
+    starts with the workers that fit at that moment; a worker node that had just (re)joined
+    once gave a one-worker run (CI), which this test cannot use. Goes on after ``timeout`` or
+    when the status cannot be read (the assertions then say what happened)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = cluster.ray("status", "--address", cluster.address, check=False)
+        m = re.search(r"([\d.]+)/([\d.]+) train_slot", done.stdout)
+        if m is None or float(m[2]) - float(m[1]) >= want:
+            return
+        time.sleep(2)
+
+
 def _job_id_or_none(cluster: Cluster, sid: str) -> str | None:
     try:
         return cluster.job_id(sid)
@@ -234,6 +248,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, b
 
     _ensure_worker(cluster)
     [worker] = cluster.alive_workers()
+    _wait_for_free_train_slots(cluster, 2)
     out, name = f"s3://meddiff-mn/thor-{uuid.uuid4().hex[:6]}", f"thor-mn-{uuid.uuid4().hex[:6]}"
     sid = f"meddiff-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
