@@ -180,7 +180,7 @@ def thor_training(brain: Path, steps: int) -> dict[str, Any]:
 
     def make():
         net = copy.deepcopy(base)
-        return net, torch.optim.Adam(net.parameters(), lr=tc.lr)
+        return net, torch.optim.Adam(net.parameters(), lr=tc.learning_rate)
 
     def batches(s):
         g = torch.Generator().manual_seed(s)
@@ -196,7 +196,7 @@ def thor_training(brain: Path, steps: int) -> dict[str, Any]:
             pred = net(x_t, t)
         loss = torch.nn.functional.mse_loss(pred.float(), eps)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), tc.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())

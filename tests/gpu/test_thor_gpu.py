@@ -21,13 +21,13 @@ SMALL = [
     "thor.model.num_head_channels=32",
     "thor.model.norm_groups=8",
     "thor.train.batch_size=4",
-    "thor.train.steps=4",
+    "thor.train.max_steps=4",
     "thor.train.checkpoint_every=2",
     "thor.train.sample_every=2",
     "thor.train.num_samples=2",
     "thor.train.log_every=1",
     "thor.train.epoch_images=32",
-    "thor.train.register_as=null",
+    "thor.train.registered_name=null",
     "thor.train.use_gpu=true",
     "thor.train.precision=bf16",
 ]
@@ -53,7 +53,7 @@ def test_training_bf16_on_one_gpu(strategy, brain, tmp_path):
     runtime.connect(cfg.runtime)
     summary = train_thor(cfg, brain / "train", tmp_path / strategy)
     assert summary["steps"] == 4 and summary["precision"] == "bf16"
-    assert np.isfinite(summary["loss"])
+    assert np.isfinite(summary["final_loss"])
     saved = json.loads((tmp_path / strategy / "train_summary.json").read_text())
     assert saved["steps"] == 4
     model = load_model(summary["model"])  # saved in fp32 whatever the training precision

@@ -16,7 +16,7 @@ from meddiff.training import WorkerContext
 from meddiff.training.context import FAULT_MARKER
 
 BASE = ["--preset", "tiny", "--set", "runtime.progress=false",
-        "--set", "evaluation.classifier.steps=16",
+        "--set", "evaluation.classifier.max_steps=16",
         "--set", "evaluation.classifier.checkpoint_every=4"]  # fmt: skip
 
 

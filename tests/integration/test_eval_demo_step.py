@@ -20,7 +20,7 @@ def test_evaluate_demo_step_writes_report_and_resumes(
         "tiny",
         overrides=[
             "runtime.progress=false",
-            "evaluation.classifier.steps=10",
+            "evaluation.classifier.max_steps=10",
             "evaluation.classifier.arms=[synthetic]",
             "evaluation.features.max_images=32",  # the Inception on a CPU: keep it to a minute
         ],  # fmt: skip

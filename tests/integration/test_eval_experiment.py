@@ -100,7 +100,7 @@ def test_compare_prompting_job_end_to_end_and_resume(fake_stages, sample_pcam_di
     out = tmp_path / "exp"
     # The experiment's plumbing on the tiny stand-in ViT (the Inception's FID: test_eval_cli.py).
     args = ["--data", str(sample_pcam_dir), "--out", str(out), "--json", str(tmp_path / "r.json"),
-            *TINY, "--set", "evaluation.classifier.steps=20",
+            *TINY, "--set", "evaluation.classifier.max_steps=20",
             "--set", "evaluation.features.network=dino"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((tmp_path / "r.json").read_text())

@@ -203,7 +203,7 @@ THOR = [
     "--set", "thor.model.attention_levels=[false, true]",
     "--set", "thor.model.num_head_channels=32", "--set", "thor.model.norm_groups=8",
     "--set", "thor.train.batch_size=4", "--set", "thor.train.epoch_images=64",
-    "--set", f"thor.train.steps={STEPS}", "--set", f"thor.train.checkpoint_every={CKPT}",
+    "--set", f"thor.train.max_steps={STEPS}", "--set", f"thor.train.checkpoint_every={CKPT}",
     "--set", "thor.train.log_every=1", "--set", "thor.train.sample_every=0",
     "--set", "thor.train.num_workers=2", "--set", "thor.train.min_workers=1",
     "--set", "thor.train.resources_per_worker={train_slot: 1}",
@@ -254,7 +254,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, b
     start = time.perf_counter()
     submitted = cluster.submit(
         ["python", "jobs/train_thor.py", "--data", str(brain), "--out", out, *THOR,
-         "--set", f"thor.train.register_as={name}",
+         "--set", f"thor.train.registered_name={name}",
          "--set", f"storage.endpoint_url={bucket.endpoint}"],
         env_vars=bucket.env(), submission_id=sid, wait=False,
     )  # fmt: skip
@@ -281,7 +281,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, b
 
     # Steps lost: the last step trained before the loss minus the step training resumed from.
     client = mlflow.MlflowClient()
-    run_id = summary["run_id"]
+    run_id = summary["mlflow_run_id"]
     resumed = sorted(
         client.get_metric_history(run_id, "resumed_from_step"), key=lambda m: m.timestamp
     )
@@ -299,7 +299,7 @@ def test_training_spans_both_nodes_and_resumes_on_the_survivor(cluster, brain, b
     ]  # fmt: skip
     assert restarted and {names.get(a["node_id"]) for a in restarted} == {"head"}
     versions = client.search_model_versions(f"name='{name}'")
-    assert len(versions) == 1 and summary["registered"] == f"models:/{name}/1"
+    assert len(versions) == 1 and summary["model_uri"] == f"models:/{name}/1"
     record(
         "train_node_loss",
         {"steps": STEPS, "checkpoint_every": CKPT, "first_nodes": first_nodes,

@@ -486,12 +486,12 @@ def test_thor_train_resumes_from_s3_checkpoints_and_detects(store, tmp_path, cap
         "thor.model.num_head_channels=32",
         "thor.model.norm_groups=8",
         "thor.train.batch_size=4",
-        "thor.train.steps=4",
+        "thor.train.max_steps=4",
         "thor.train.checkpoint_every=2",
         "thor.train.sample_every=4",
         "thor.train.num_samples=2",
         "thor.train.epoch_images=16",
-        "thor.train.register_as=thor-s3",
+        "thor.train.registered_name=thor-s3",
         "thor.train.max_failures=0",
         "thor.train.log_every=1",
         "thor.infer.batch_size=8",
@@ -514,13 +514,13 @@ def test_thor_train_resumes_from_s3_checkpoints_and_detects(store, tmp_path, cap
     assert str(latest_checkpoint(run_dir)).endswith("checkpoint_00000004")  # kept by the upload
     assert summary["steps"] == 4 and summary["model"] == f"{run}/model"
     client = mlflow.MlflowClient()
-    resumed = client.get_metric_history(summary["run_id"], "resumed_from_step")
+    resumed = client.get_metric_history(summary["mlflow_run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [2.0]  # lost: step 3 only (< one interval of 2)
-    steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss"))
     assert steps == [3, 4]
     assert len(client.search_model_versions("name='thor-s3'")) == 1  # registered once
 
-    assert main([*train, "--fresh", *_sets("thor.train.steps=2")]) == 0
+    assert main([*train, "--fresh", *_sets("thor.train.max_steps=2")]) == 0
     assert WorkerContext.starts(run_dir) == 1  # started over
     assert str(latest_checkpoint(run_dir)).endswith("checkpoint_00000002")
     capsys.readouterr()

@@ -33,7 +33,7 @@ SMALL = [
     "--set", "thor.train.num_samples=2",
     "--set", "thor.train.log_every=1",
     "--set", "thor.train.epoch_images=32",
-    "--set", "thor.train.register_as=thor-test",
+    "--set", "thor.train.registered_name=thor-test",
     "--set", "thor.infer.batch_size=8",
     "--set", "runtime.progress=false",
 ]  # fmt: skip
@@ -67,9 +67,9 @@ def trained(brain, tmp_path_factory):
     """Train 2 steps, then run again with 4 steps: the second run resumes at step 2."""
     out = tmp_path_factory.mktemp("thor") / "run"
     args = ["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL]
-    assert main([*args, "--set", "thor.train.steps=2"]) == 0
+    assert main([*args, "--set", "thor.train.max_steps=2"]) == 0
     first = json.loads((out / "train_summary.json").read_text())
-    assert main([*args, "--set", "thor.train.steps=4"]) == 0
+    assert main([*args, "--set", "thor.train.max_steps=4"]) == 0
     second = json.loads((out / "train_summary.json").read_text())
     return out, first, second
 
@@ -77,19 +77,19 @@ def trained(brain, tmp_path_factory):
 def test_training_checkpoints_resumes_and_registers(trained):
     out, first, second = trained
     assert first["steps"] == 2 and second["steps"] == 4
-    assert first["registered"] == "models:/thor-test/1"
-    assert second["registered"] == "models:/thor-test/2"
+    assert first["model_uri"] == "models:/thor-test/1"
+    assert second["model_uri"] == "models:/thor-test/2"
     assert (out / "model" / "thor_model.json").is_file()
     info = json.loads((out / "model" / "thor_model.json").read_text())["info"]
     assert info["steps"] == 4
     assert info["intensity"] == {"scaling": "significant_bits", "significant_bits": None}
     assert info["reference"]["format"] == "meddiff-thor-reference/1"  # the training slices' stats
     client = mlflow.MlflowClient()
-    resumed = client.get_metric_history(second["run_id"], "resumed_from_step")
+    resumed = client.get_metric_history(second["mlflow_run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [2.0]
-    losses = client.get_metric_history(second["run_id"], "loss")
+    losses = client.get_metric_history(second["mlflow_run_id"], "loss")
     assert [m.step for m in losses] == [3, 4]  # only the new steps ran
-    artifacts = [a.path for a in client.list_artifacts(second["run_id"], "samples")]
+    artifacts = [a.path for a in client.list_artifacts(second["mlflow_run_id"], "samples")]
     assert "samples/step_0000004.png" in artifacts
 
 
@@ -216,8 +216,8 @@ def test_bad_inputs_are_one_line_errors(trained, brain, tmp_path, capsys):
 def test_deepspeed_strategy_trains_and_checkpoints(brain, tmp_path):
     out = tmp_path / "ds"
     rc = main(["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
-               "--set", "thor.train.strategy=deepspeed", "--set", "thor.train.steps=2",
-               "--set", "thor.train.register_as=null"])  # fmt: skip
+               "--set", "thor.train.strategy=deepspeed", "--set", "thor.train.max_steps=2",
+               "--set", "thor.train.registered_name=null"])  # fmt: skip
     assert rc == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and "registered" not in summary
@@ -256,8 +256,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path, capfd):
     capfd.readouterr()
     out = tmp_path / "killed"
     rc = main(["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
-               "--set", "thor.train.steps=4", "--set", "thor.train.fail_at_step=3",
-               "--set", "thor.train.register_as=null"])  # fmt: skip
+               "--set", "thor.train.max_steps=4", "--set", "thor.train.fail_at_step=3",
+               "--set", "thor.train.registered_name=null"])  # fmt: skip
     assert rc == 0
     run_dir = out / "ray" / "thor-train"
     assert json.loads((run_dir / FAULT_MARKER).read_text())["step"] == 3  # the kill happened
@@ -265,9 +265,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(brain, tmp_path, capfd):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4
     client = mlflow.MlflowClient()
-    resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
+    resumed = [
+        m.value for m in client.get_metric_history(summary["mlflow_run_id"], "resumed_from_step")
+    ]
     assert resumed == [0.0, 2.0]  # restarted at the step-2 checkpoint: 3 - 2 <= one interval
-    steps = sorted(m.step for m in client.get_metric_history(summary["run_id"], "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss"))
     assert steps == [1, 2, 3, 4]
     console = _console_after(capfd, "fault drill: killing rank 0")  # a worker's WARNING arrived
     for chatter in ("Reporting training result", "Checkpoint successfully created",
@@ -296,18 +298,18 @@ def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys, c
 
     out = tmp_path / "resume"
     args = ["thor", "train", "--data", str(brain / "train"), "--out", str(out), *SMALL,
-            "--set", "thor.train.register_as=null"]  # fmt: skip
-    assert main([*args, "--set", "thor.train.steps=2"]) == 0
+            "--set", "thor.train.registered_name=null"]  # fmt: skip
+    assert main([*args, "--set", "thor.train.max_steps=2"]) == 0
     run_dir = out / "ray" / "thor-train"
     capsys.readouterr()
 
-    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.model.channels=[16, 64]"])
+    rc = main([*args, "--set", "thor.train.max_steps=4", "--set", "thor.model.channels=[16, 64]"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("meddiff: error: checkpoint")
     assert "thor.model.channels=[16, 32] (this run: [16, 64])" in err and "--fresh" in err
     assert WorkerContext.starts(run_dir) == 1  # no worker started
 
-    rc = main([*args, "--set", "thor.train.steps=4", "--set", "thor.train.strategy=deepspeed"])
+    rc = main([*args, "--set", "thor.train.max_steps=4", "--set", "thor.train.strategy=deepspeed"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "strategy=ddp, this run uses deepspeed" in err
 
@@ -316,7 +318,7 @@ def test_resume_errors_are_one_line_and_never_retried(brain, tmp_path, capsys, c
     # Skipped with a warning (docs/training.md, "A damaged checkpoint is skipped"); it was the
     # only one, so training starts over and reaches the steps asked for.
     with caplog.at_level(logging.WARNING, logger="meddiff.training.checkpoints"):
-        rc = main([*args, "--set", "thor.train.steps=4"])
+        rc = main([*args, "--set", "thor.train.max_steps=4"])
     assert rc == 0 and f"{ckpt} is damaged" in caplog.text and "trainer_state.pt" in caplog.text
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
     assert WorkerContext.starts(run_dir) == 2  # one more start, no retries

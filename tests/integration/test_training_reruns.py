@@ -20,12 +20,12 @@ SMALL = [
     "thor.model.num_head_channels=32",
     "thor.model.norm_groups=8",
     "thor.train.batch_size=4",
-    "thor.train.steps=2",
+    "thor.train.max_steps=2",
     "thor.train.checkpoint_every=1",
     "thor.train.sample_every=0",
     "thor.train.epoch_images=16",
     "thor.train.log_every=1",
-    f"thor.train.register_as={NAME}",
+    f"thor.train.registered_name={NAME}",
 ]
 
 
@@ -49,7 +49,7 @@ def test_a_finished_run_is_complete_and_a_damaged_checkpoint_is_skipped(tmp_path
 
     assert main(argv) == 0  # the same command again: already complete
     again = _summary(capsys)
-    assert again["already_complete"] is True and again["registered"] == first["registered"]
+    assert again["already_complete"] is True and again["model_uri"] == first["model_uri"]
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1  # nothing registered
 
     run_dir = out / "ray" / "thor-train"
@@ -58,10 +58,10 @@ def test_a_finished_run_is_complete_and_a_damaged_checkpoint_is_skipped(tmp_path
     state = next(p for p in newest.rglob("*.pt") if p.stat().st_size > 100)
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated since
     with caplog.at_level(logging.WARNING, logger="meddiff.training.checkpoints"):
-        assert main([*argv, "--set", "thor.train.steps=3"]) == 0  # one more step
+        assert main([*argv, "--set", "thor.train.max_steps=3"]) == 0  # one more step
     assert f"{newest} is damaged" in caplog.text
     more = _summary(capsys)
     assert more["steps"] == 3 and not more.get("already_complete")
-    resumed = client.get_metric_history(more["run_id"], "resumed_from_step")
+    resumed = client.get_metric_history(more["mlflow_run_id"], "resumed_from_step")
     assert [m.value for m in resumed] == [1.0]  # from the newest good checkpoint
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2  # new weights, new version

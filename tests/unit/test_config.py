@@ -50,6 +50,37 @@ def test_a_renamed_key_names_its_new_name():
         load_config(overrides=["data.wsi.backend=auto"])
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("thor.train.steps", "max_steps"),
+        ("thor.train.lr", "learning_rate"),
+        ("thor.train.grad_clip", "max_grad_norm"),
+        ("thor.train.register_as", "registered_name"),
+        ("evaluation.classifier.steps", "max_steps"),
+        ("evaluation.classifier.lr", "learning_rate"),
+    ],
+)
+def test_the_training_loops_old_names_are_refused_with_the_shared_one(old, new):
+    with pytest.raises(ConfigError, match=rf"{old}: unknown key \(renamed: did you mean '{new}'"):
+        load_config(overrides=[f"{old}=1"])
+
+
+def test_every_training_loop_has_one_name_per_shared_setting():
+    """The shared settings exist under the same name in all three loops' sections, with each
+    loop's own defaults (docs/training.md)."""
+    cfg = load_config("tiny")
+    loops = [cfg.thor.train, cfg.synthesis.train, cfg.evaluation.classifier]
+    shared = ("num_workers", "use_gpu", "cpus_per_worker", "max_steps", "learning_rate",
+              "max_grad_norm", "checkpoint_every", "strategy", "precision")  # fmt: skip
+    for name in shared:
+        assert all(name in type(t).model_fields for t in loops), name
+    assert cfg.thor.train.max_steps == 2400 and cfg.thor.train.max_grad_norm == 1.0
+    assert cfg.evaluation.classifier.max_steps == 60 and cfg.synthesis.train.max_steps == 60
+    assert cfg.thor.train.registered_name and cfg.synthesis.train.registered_name
+    assert "registered_name" not in type(cfg.evaluation.classifier).model_fields
+
+
 def test_misspelt_yaml_key_names_file(tmp_path: Path):
     path = tmp_path / "run.yaml"
     path.write_text("runtime:\n  sead: 3\n")

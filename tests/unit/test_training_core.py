@@ -317,7 +317,28 @@ def test_a_finished_run_is_complete_and_more_steps_go_on(tmp_path):
     summary = tmp_path / "train_summary.json"
     _sized_checkpoint(tmp_path / "ray", 4, t)
     assert finished_run(summary, tmp_path / "ray", 4) is None  # no summary: not finished
-    summary.write_text(json.dumps({"steps": 4, "registered": "models:/m/1"}))
+    summary.write_text(json.dumps({"steps": 4, "model_uri": "models:/m/1"}))
     done = finished_run(summary, tmp_path / "ray", 4)
-    assert done == {"steps": 4, "registered": "models:/m/1", "already_complete": True}
+    assert done == {"steps": 4, "model_uri": "models:/m/1", "already_complete": True}
     assert finished_run(summary, tmp_path / "ray", 6) is None  # more steps: train on
+
+
+def test_a_summary_written_before_the_shared_schema_reads_under_the_new_names(tmp_path):
+    from meddiff.training import finished_run, read_summary
+
+    old = {"steps": 4, "loss": 0.25, "run_id": "abc", "registered": "models:/thor-ddpm/3"}
+    summary = tmp_path / "train_summary.json"
+    summary.write_text(json.dumps(old))
+    assert read_summary(summary) == {
+        "steps": 4,
+        "final_loss": 0.25,
+        "mlflow_run_id": "abc",
+        "model_uri": "models:/thor-ddpm/3",
+        "registered_model": "thor-ddpm",
+        "version": "3",
+    }
+    _sized_checkpoint(tmp_path / "ray", 4, load_config("tiny").thor.train)
+    assert finished_run(summary, tmp_path / "ray", 4)["mlflow_run_id"] == "abc"
+    new = {"steps": 4, "final_loss": 0.5, "mlflow_run_id": "x", "model_uri": None}
+    summary.write_text(json.dumps(new))
+    assert read_summary(summary) == new  # the current schema is read as written

@@ -23,7 +23,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         dest="overrides",
-        help="override one key, e.g. --set thor.train.steps=200 (repeatable; value parsed as YAML)",
+        help="override one key, e.g. --set thor.train.max_steps=200 (repeatable; value parsed as YAML)",
     )
     group.add_argument(
         "--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)"

@@ -13,12 +13,16 @@ METHODS = ("thor", "ddpm", "anoddpm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.commands import add_config_arguments, add_training_arguments
-
     group = sub.add_parser(
         "thor", help="THOR diffusion anomaly detection (train, detect, evaluate)"
     )
     cmds = group.add_subparsers(dest="thor_command", required=True, metavar="ACTION")
+    for add in (_add_train, _add_detect, _add_evaluate, _add_calibrate, _add_ship):
+        add(cmds)
+
+
+def _add_train(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_training_arguments
 
     train = cmds.add_parser(
         "train", help="train the DDPM on healthy slices with Ray Train; registers the model"
@@ -35,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_training_arguments(train)
     train.set_defaults(handler=_train)
+
+
+def _add_detect(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     detect = cmds.add_parser(
         "detect", help="write an anomaly map PNG per image and a CSV of image scores"
@@ -53,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     detect.add_argument("--method", choices=METHODS, help="default: thor.infer.method (thor)")
     add_config_arguments(detect)
     detect.set_defaults(handler=_detect)
+
+
+def _add_evaluate(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     evaluate = cmds.add_parser(
         "evaluate", help="metrics (JSON) against same-named masks; HTML report with --out"
@@ -81,6 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
+
+def _add_calibrate(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
+
     calibrate = cmds.add_parser(
         "calibrate",
         help="measure the SEG threshold on healthy slices and store it with the model",
@@ -93,6 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_config_arguments(calibrate)
     calibrate.set_defaults(handler=_calibrate)
+
+
+def _add_ship(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     ship = cmds.add_parser(
         "ship", help="copy a finished training run's model with its provenance (the demo's model)"

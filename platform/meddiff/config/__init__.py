@@ -188,8 +188,17 @@ def _explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-# Keys renamed since they were released: the old name gets its new one as the suggestion.
-RENAMED = {"data.wsi.backend": "reader"}
+# Keys renamed since they were released: the old name gets its new one as the suggestion. The
+# training loops' shared settings took one name each (config/training.py).
+RENAMED = {
+    "data.wsi.backend": "reader",
+    "thor.train.steps": "max_steps",
+    "thor.train.lr": "learning_rate",
+    "thor.train.grad_clip": "max_grad_norm",
+    "thor.train.register_as": "registered_name",
+    "evaluation.classifier.steps": "max_steps",
+    "evaluation.classifier.lr": "learning_rate",
+}
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:
@@ -236,7 +245,7 @@ PRESETS["prompting-cpu"] = _deep_merge(
         },
         "evaluation": {
             "metrics": {"bootstrap": 100, "kid_subsets": 50, "min_stratum": 16},
-            "classifier": {"steps": 400},
+            "classifier": {"max_steps": 400},
         },
     },
 )

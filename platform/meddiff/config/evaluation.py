@@ -139,11 +139,11 @@ class ClassifierConfig(TrainingSection):
     arms: list[Literal["real", "synthetic", "real+synthetic"]] = Field(
         default=["real", "synthetic", "real+synthetic"]
     )
-    steps: int = Field(
+    max_steps: int = Field(
         default=3000, ge=1, description="Optimizer steps, the same budget for every arm."
     )
     batch_size: int = Field(default=128, ge=1, description="Global batch size.")
-    lr: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW's peak rate.")
     weight_decay: float = Field(default=1e-4, ge=0)
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(default=True, description="One GPU per Ray Train worker.")
@@ -197,9 +197,9 @@ TINY: dict = {
     "classifier": {
         "model": "small_cnn",
         "channels": [8, 16, 32],
-        "steps": 60,
+        "max_steps": 60,
         "batch_size": 32,
-        "lr": 3e-3,
+        "learning_rate": 3e-3,
         "num_workers": 1,
         "use_gpu": False,
     },

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meddiff.config.base import Section
-from meddiff.config.training import Precision, TrainingSection
+from meddiff.config.training import ModelTrainingSection, Precision
 
 SCHEDULERS = ("ddim", "dpm-solver", "pndm", "euler")
 
@@ -137,18 +137,18 @@ class ModelConfig(Section):
         return self
 
 
-class TrainConfig(TrainingSection):
+class TrainConfig(ModelTrainingSection):
     """Fine-tuning the UNet with Ray Train (VAE and text encoder frozen)."""
 
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = Field(default=2, ge=0, le=2, description="DeepSpeed ZeRO stage 0-2.")
     precision: Precision = Field(default="auto", description="auto: bf16 on GPU, fp32 on CPU.")
     num_workers: int = Field(default=4, ge=1, description="Ray Train workers (one per GPU).")
-    use_gpu: bool = True
-    cpus_per_worker: float = Field(default=4.0, gt=0)
+    use_gpu: bool = Field(default=True, description="One GPU per worker.")
+    cpus_per_worker: float = Field(default=4.0, gt=0, description="CPUs each worker reserves.")
     batch_size: int = Field(default=8, ge=1, description="Images per worker per step.")
-    max_steps: int = Field(default=15000, ge=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
+    max_steps: int = Field(default=15000, ge=1, description="Optimizer steps of the whole run.")
+    learning_rate: float = Field(default=1e-5, gt=0, description="AdamW's peak rate.")
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = (
         "constant_with_warmup"
     )
@@ -157,7 +157,9 @@ class TrainConfig(TrainingSection):
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     weight_decay: float = Field(default=1e-2, ge=0)
     adam_epsilon: float = Field(default=1e-8, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradients' global L2 norm (None: no clipping)."
+    )
     ema: bool = True
     ema_decay: float = Field(default=0.9999, gt=0, lt=1)
     gradient_checkpointing: bool = True
@@ -180,8 +182,6 @@ class TrainConfig(TrainingSection):
     )
     encode_batch_size: int = Field(default=32, ge=1)
     encode_concurrency: int = Field(default=1, ge=1, description="Encoder actors (Ray Data).")
-    checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
-    log_every: int = Field(default=50, ge=1)
     sample_every: int = Field(
         default=2500,
         ge=0,

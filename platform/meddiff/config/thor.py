@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from meddiff.config.base import Section
-from meddiff.config.training import TrainingSection
+from meddiff.config.training import ModelTrainingSection
 
 NoiseKind = Literal["gaussian", "simplex"]
 Method = Literal["thor", "ddpm", "anoddpm"]
@@ -122,20 +122,18 @@ class AugmentConfig(Section):
         return value
 
 
-class TrainConfig(TrainingSection):
+class TrainConfig(ModelTrainingSection):
     """DDPM training on healthy slices with Ray Train."""
 
     precision_path: ClassVar[str] = "thor-training"
 
-    steps: int = Field(default=100_000, ge=1, description="Optimizer steps (global batches).")
+    max_steps: int = Field(default=100_000, ge=1, description="Optimizer steps (global batches).")
     time_limit_min: float | None = Field(
         default=None,
         gt=0,
         description="Stop early (with a final checkpoint) after this many minutes of training.",
     )
     batch_size: int = Field(default=16, ge=1, description="Global batch size (split over workers).")
-    lr: float = Field(default=1e-4, gt=0)
-    grad_clip: float | None = Field(default=None, gt=0, description="Max gradient norm, or none.")
     noise: NoiseKind = Field(default="gaussian", description="Training noise (ε target).")
     max_timestep: int | None = Field(
         default=None,
@@ -144,7 +142,6 @@ class TrainConfig(TrainingSection):
         "T <= 350, so a small compute budget is better spent below that; the model then cannot "
         "sample from pure noise.",
     )
-    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
     min_workers: int | None = Field(
         default=None,
         ge=1,
@@ -156,10 +153,6 @@ class TrainConfig(TrainingSection):
         description="Extra Ray resources each worker reserves, e.g. {worker_node: 1} to keep "
         "training on nodes that advertise it (cluster.yaml's node kinds).",
     )
-    use_gpu: bool | None = Field(
-        default=None, description="One GPU per worker; None uses GPUs when the cluster has them."
-    )
-    cpus_per_worker: int = Field(default=1, ge=1)
     torch_threads: int | None = Field(
         default=None, ge=1, description="Intra-op threads per worker (None: Ray's default)."
     )
@@ -176,15 +169,13 @@ class TrainConfig(TrainingSection):
         "handful of images (each repeated hundreds of times per epoch) learns those images, "
         "not healthy anatomy.",
     )
-    log_every: int = Field(default=50, ge=1, description="Steps between loss logs.")
-    checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     sample_every: int = Field(
         default=5000, ge=0, description="Steps between logged sample reconstructions (0: never)."
     )
     num_samples: int = Field(default=4, ge=1, description="Slices in each reconstruction grid.")
     sample_noise_level: int = Field(default=350, ge=1, description="T for sample grids.")
     sample_stride: int = Field(default=25, ge=1, description="DDIM stride for sample grids.")
-    register_as: str | None = Field(
+    registered_name: str | None = Field(
         default="thor-ddpm", description="Registered MLflow model name (None: do not register)."
     )
 
@@ -361,11 +352,11 @@ TINY: dict = {
         "norm_groups": 16,
     },
     "train": {
-        "steps": 2400,
+        "max_steps": 2400,
         "batch_size": 8,
         "max_timestep": 500,
-        "lr": 3e-4,
-        "grad_clip": 1.0,
+        "learning_rate": 3e-4,
+        "max_grad_norm": 1.0,
         "torch_threads": 1,
         "epoch_images": 4096,
         "checkpoint_every": 400,

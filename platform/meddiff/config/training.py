@@ -1,8 +1,10 @@
 """Settings every Ray Train loop shares (synthesis, THOR, the evaluation classifier).
 
 Each loop's training section subclasses :class:`TrainingSection` and changes only the defaults, so
-``strategy``, ``precision``, checkpoints, retries and the fault drill mean the same everywhere
-(see :mod:`meddiff.training`).
+the workers, the step budget, the optimizer's learning rate and gradient clipping, ``strategy``,
+``precision``, checkpoints, retries and the fault drill have one name and one meaning everywhere
+(see :mod:`meddiff.training`). The loops that end in a registered model (THOR, synthesis) use
+:class:`ModelTrainingSection`, which adds the registry name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ class TrainingSection(Section):
 
     # The loop's row in meddiff.precision's table (what precision=auto gives on a CPU).
     precision_path: ClassVar[str] = "training"
+
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    use_gpu: bool | None = Field(
+        default=None,
+        description="One GPU per worker; None uses GPUs when the Ray cluster has them.",
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker reserves.")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps of the whole run.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="The optimizer's peak rate.")
+    max_grad_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Clip the global L2 norm of the gradients to this (None: no clipping).",
+    )
+    checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(default=50, ge=1, description="Steps between loss logs.")
 
     strategy: Literal["ddp", "deepspeed"] = Field(
         default="ddp", description="ddp: PyTorch DDP; deepspeed: DeepSpeed ZeRO (zero_stage)."
@@ -63,3 +81,12 @@ class TrainingSection(Section):
         if self.fail_in_checkpoint and self.fail_at_step is None:
             raise ValueError("fail_in_checkpoint needs fail_at_step")
         return self
+
+
+class ModelTrainingSection(TrainingSection):
+    """A training loop whose final model is exported under ``OUT/model`` and registered."""
+
+    registered_name: str | None = Field(
+        default=None,
+        description="MLflow registered model name of the final model (None: not registered).",
+    )

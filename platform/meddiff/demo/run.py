@@ -260,7 +260,7 @@ def _thor(demo: Demo) -> dict[str, Any]:
             out_dir=ev,
             title=f"THOR demo: shipped model ({shipped['steps']} training steps), fast mode",
         )
-    losses = train.get("loss_first_last") or [None, train.get("loss")]
+    losses = train.get("loss_first_last") or [None, train.get("final_loss")]
     print(
         f"\nTHOR: brief demo training ran {train['steps']} steps (loss {_fmt(losses[0])} -> "
         f"{_fmt(losses[1])}); too brief to detect anything, so the table below is measured on "
@@ -271,7 +271,7 @@ def _thor(demo: Demo) -> dict[str, Any]:
     print(metric_table(result))
     return {
         "model": train["model"],
-        "registered": train.get("registered"),
+        "registered": train.get("model_uri"),
         "train_steps": train["steps"],
         "train_loss_first_last": losses,
         "evaluated_model": shipped["uri"],
@@ -289,23 +289,25 @@ def _thor_brief_training(demo: Demo, data: Path) -> dict[str, Any]:
     """A few minutes of `thor train` (to show it runs); adds the first and last logged loss."""
     from meddiff.thor.train import train_thor
     from meddiff.tracking import RunLogger, tracking_uri
+    from meddiff.training import read_summary
 
     run = demo.path("thor", "train")
     done = run / "train_summary.json"
     if done.is_file():
-        train = json.loads(done.read_text())
+        train = read_summary(done)
     else:
         dump = demo.cfg.model_dump(mode="json")
-        steps = min(demo.cfg.thor.train.steps, DEMO_THOR_STEPS)
+        steps = min(demo.cfg.thor.train.max_steps, DEMO_THOR_STEPS)
         dump["thor"]["train"].update(
-            steps=steps,
+            max_steps=steps,
             time_limit_min=DEMO_THOR_MINUTES,
             checkpoint_every=steps // 2,
             sample_every=steps,
             log_every=10,
         )
         train = train_thor(Config.model_validate(dump), data, run)
-    history = RunLogger(tracking_uri(demo.cfg.tracking), train["run_id"]).metric_history("loss")
+    run_id = train["mlflow_run_id"]
+    history = RunLogger(tracking_uri(demo.cfg.tracking), run_id).metric_history("loss")
     if history:
         train["loss_first_last"] = [history[0][1], history[-1][1]]
     return train

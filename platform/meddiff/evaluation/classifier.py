@@ -164,11 +164,13 @@ class _ArmsRun:
         # worker and step (the step generator) but not per arm.
         torch.manual_seed(ctx.seed)
         model = build_classifier(cfg).to(ctx.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_steps)
         per_worker = max(1, cfg.batch_size // ctx.world)
         strategy = training.make_strategy(
-            cfg, ctx, model, opt, sched, micro_batch=per_worker, grad_clip=None
+            cfg, ctx, model, opt, sched, micro_batch=per_worker, grad_clip=cfg.max_grad_norm
         )
         if resume is not None:
             strategy.load(resume)
@@ -177,9 +179,9 @@ class _ArmsRun:
         # Full batches only, unless a worker's share is smaller than two batches (a tiny
         # synthetic set): then the short last batch is kept rather than leaving nothing.
         drop_last = n_train // ctx.world >= 2 * per_worker
-        base, step, epoch, losses = i * cfg.steps, self.arm_step, 0, []
+        base, step, epoch, losses = i * cfg.max_steps, self.arm_step, 0, []
         model.train()
-        while step < cfg.steps:
+        while step < cfg.max_steps:
             batches = shard.iter_torch_batches(
                 batch_size=per_worker,
                 local_shuffle_buffer_size=max(4 * per_worker, 256),
@@ -198,10 +200,10 @@ class _ArmsRun:
                 losses.append(float(loss.detach()))
                 step += 1
                 seen += 1
-                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     self.arm_step = step
                     self._checkpoint(strategy, loss=float(np.mean(losses[-20:])))
-                if step >= cfg.steps:
+                if step >= cfg.max_steps:
                     break
             if seen == 0:
                 raise DataError(f"a classifier worker got no training images ({n_train} in all)")
@@ -219,7 +221,7 @@ class _ArmsRun:
         import torch
 
         cfg, ctx = self.cfg, self.ctx
-        step = self.arm_index * cfg.steps + self.arm_step
+        step = self.arm_index * cfg.max_steps + self.arm_step
 
         def write(tmp: Path) -> None:
             if strategy is not None:
@@ -370,7 +372,7 @@ def train_plan(
         dss = [_dataset(root, split, cfg, size) for root, split in parts]
         datasets[_slug(arm)] = dss[0] if len(dss) == 1 else dss[0].union(*dss[1:])
         n_train[arm] = int(datasets[_slug(arm)].count())
-    log.info("classifier arms %s: training images %s, %d steps each", arms, n_train, ccfg.steps)
+    log.info("classifier arms %s: training images %s, %d steps each", arms, n_train, ccfg.max_steps)
     ckpt = _train(cfg, plan, n_train, datasets, out / "ray_train", name)
     info = training.read_marker(ckpt)
     weights = {}
@@ -384,7 +386,7 @@ def train_plan(
     for arm, metrics in results.items():
         metrics.update(
             n_train=n_train[arm],
-            steps=int(done.get(f"{_slug(arm)}/steps", ccfg.steps)),
+            steps=int(done.get(f"{_slug(arm)}/steps", ccfg.max_steps)),
             train_loss=float(done.get(f"{_slug(arm)}/loss", float("nan"))),
             weights=str(weights[arm]),
         )
@@ -416,7 +418,7 @@ def _train(
     key = {
         "arms": {_slug(a): [[str(Path(r).resolve()), s] for r, s in p] for a, p in plan.items()},
         "sizes": {_slug(a): n for a, n in n_train.items()},
-        "steps": ccfg.steps,
+        "steps": ccfg.max_steps,
         "batch_size": ccfg.batch_size,
         "seed": cfg.runtime.seed,
     }
@@ -453,7 +455,7 @@ def _train(
         ccfg,
         num_workers=ccfg.num_workers,
         use_gpu=ccfg.use_gpu,
-        cpus_per_worker=1,
+        cpus_per_worker=ccfg.cpus_per_worker,
         storage=storage,
         name=name,
         datasets=datasets,

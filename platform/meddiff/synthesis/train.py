@@ -32,8 +32,8 @@ import numpy as np
 
 from meddiff import storage, training
 from meddiff.config import Config
-from meddiff.errors import ConfigError, ModelError
-from meddiff.files import copy_tree, write_json
+from meddiff.errors import ConfigError
+from meddiff.files import copy_tree
 from meddiff.prompts import check_training_prompts, table_from_pairs, write_prompt_table
 from meddiff.synthesis import cache as cache_mod
 from meddiff.synthesis import components as C
@@ -67,89 +67,81 @@ def train_synthesis(
     and reused by a rerun); the rest is written to its staging folder. ``fresh``: first delete
     what meddiff wrote there (checkpoints included) and start over.
 
-    Returns a JSON-able summary: ``model`` (the final pipeline directory, ``out/model``),
-    ``model_uri``/``version`` (registry), ``steps``, ``final_loss``, ``attempts`` (the step each
-    worker-group attempt started from), ``checkpoint`` and timing.
+    Returns the summary (:mod:`meddiff.training.task` lists its keys); synthesis adds
+    ``attempts`` (the step each worker-group attempt started from), ``cache`` (folder, kind,
+    rows), ``cache_seconds`` and ``samples_per_s``.
 
     Raises:
         DataError: pairs missing, incomplete, without the prompt columns, or empty.
         ModelError: the model source cannot be loaded; a checkpoint cannot be resumed.
     """
     with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
-        if fresh:
-            loc.start_over()  # all meddiff wrote: a model must not outlive its checkpoints
-        return _train_synthesis(cfg, storage.resolve(pairs), loc)
+        task = SynthesisTraining(cfg, storage.resolve(pairs))
+        return training.run_task(task, loc, fresh=fresh)
 
 
-def _train_synthesis(cfg: Config, pairs: str | Path, loc: storage.OutputLocation) -> dict:
-    from meddiff import runtime, tracking
-    from meddiff.data.shards import producer_run
+class SynthesisTraining(training.TrainingTask):
+    """Stable Diffusion's UNet fine-tuned on (image, prompt) pairs: a diffusers pipeline out."""
 
-    out = loc.staging.resolve()
-    cache_mod.check_pairs(pairs)  # an object-store prefix is read in place
-    run_dir = loc.join("ray", RUN_NAME)
-    done = training.finished_run(loc.join("summary.json"), run_dir, cfg.synthesis.train.max_steps)
-    if done is not None:
-        return {**done, "model": str(loc.join("model"))}
-    _check_run(cfg, run_dir, loc)
-    out.mkdir(parents=True, exist_ok=True)
-    for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)
-        _fetch_previous(loc.join(part), out / part)
-    runtime.connect(cfg.runtime)
-    tcfg = cfg.synthesis.train
-    start = time.perf_counter()
-    with tracking.start_run(cfg, "synthesis-train") as run:
+    section, model_section = "synthesis.train", "synthesis.model"
+    run_name, mlflow_name = RUN_NAME, "synthesis-train"
+    summary_name = "summary.json"
+
+    def __init__(self, cfg: Config, pairs: str | Path):
+        super().__init__(cfg)
+        self.pairs = pairs
+        self.cache: dict[str, Any] = {}
+        self.cache_seconds = 0.0
+
+    @property
+    def settings(self):
+        return self.cfg.synthesis.train
+
+    def model_config(self) -> dict[str, Any]:
+        return self.cfg.synthesis.model.model_dump(mode="json")
+
+    @staticmethod
+    def loop(config: dict[str, Any]) -> dict[str, Any]:
+        return train_loop_per_worker(config)
+
+    def check(self) -> None:
+        cache_mod.check_pairs(self.pairs)  # an object-store prefix is read in place
+
+    def prepare(self, run, loc, use_gpu):
+        from meddiff.data.shards import producer_run
+
+        cfg, pairs, tcfg = self.cfg, self.pairs, self.settings
+        out = loc.staging.resolve()
         run.log_params({"pairs": str(pairs), "out": str(out)})
         run.log_input(pairs, context="training", producer_run=producer_run(pairs))
+        for part in ("base", "cache"):  # a rerun reuses them (the checkpoints were made on them)
+            _fetch_previous(loc.join(part), out / part)
         source = prepare_base_model(cfg, pairs, out / "base")
         check_training_prompts(cfg, pairs, source)  # truncation must not merge prompts
         t0 = time.perf_counter()
         info = cache_mod.build_cache(cfg, source, pairs, out / "cache")
-        cache_s = time.perf_counter() - t0
+        seconds = round(time.perf_counter() - t0, 2)
+        run.log_metrics({"cache_seconds": seconds})
+        self.cache = {"dir": str(out / "cache"), "kind": info["kind"], "rows": info["rows"]}
+        self.cache_seconds = seconds
         # Checked here, not only in the workers: Ray Train would retry a worker's error.
         cache_mod.batch_indices(
             int(info["rows"]), 0, world=tcfg.num_workers, rank=0, batch=tcfg.batch_size, seed=0
         )
-        inputs = _share_inputs(out, loc, source)
-        result = _fit(cfg, inputs, loc, run.run_id, tracking.tracking_uri(cfg.tracking))
-        if result.checkpoint is None:
-            raise ModelError(f"training under {run_dir} finished without a checkpoint")
-        ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
-        with result.checkpoint.as_directory() as local_ckpt:
-            ckpt_info = read_checkpoint_info(local_ckpt)
-            model_dir = export_model(Path(local_ckpt), out / "model")
+        return _share_inputs(out, loc, source), None
+
+    def export(self, checkpoint: Path, model_dir: Path) -> None:
+        export_model(checkpoint, model_dir)
         # The prompts it was trained on travel with the model (the synthesis service lists them).
-        write_prompt_table(model_dir / "prompts.csv", pairs_table(pairs), cfg.prompts)
-        summary: dict[str, Any] = {
-            "model": str(model_dir),
-            "checkpoint": str(ckpt),
-            "steps": ckpt_info["step"],
-            "final_loss": (result.metrics or {}).get("loss"),
+        write_prompt_table(model_dir / "prompts.csv", pairs_table(self.pairs), self.cfg.prompts)
+
+    def summary(self, result, run_dir: str) -> dict[str, Any]:
+        return {
             "attempts": read_attempts(run_dir),
-            "strategy": tcfg.strategy,
-            "zero_stage": tcfg.zero_stage if tcfg.strategy == "deepspeed" else None,
-            "precision": training.resolve_precision(tcfg.precision, tcfg.use_gpu),
-            "workers": tcfg.num_workers,
-            "cache": {"dir": str(out / "cache"), "kind": info["kind"], "rows": info["rows"]},
-            "cache_seconds": round(cache_s, 2),
+            "cache": self.cache,
+            "cache_seconds": self.cache_seconds,
             "samples_per_s": (result.metrics or {}).get("samples_per_s"),
-            "mlflow_run_id": run.run_id,
-            "registered_model": None,
-            "version": None,
-            "model_uri": None,
         }
-        if tcfg.registered_name:
-            version = tracking.register_model(model_dir, tcfg.registered_name)
-            summary.update(
-                registered_model=tcfg.registered_name,
-                version=version,
-                model_uri=f"models:/{tcfg.registered_name}/{version}",
-            )
-        summary["seconds"] = round(time.perf_counter() - start, 2)
-        run.log_metrics({"train_seconds": summary["seconds"], "cache_seconds": cache_s})
-        run.log_dict(summary, "summary.json")
-    write_json(out / "summary.json", summary)
-    return summary
 
 
 def pairs_table(pairs: str | Path) -> list:
@@ -248,41 +240,6 @@ def _upload_changed(local: Path, uri: str | Path, info: str) -> None:
     same = storage.is_complete(uri) and storage.is_file(storage.join(uri, info))
     if not (same and storage.read_text(storage.join(uri, info)) == (local / info).read_text()):
         storage.upload_dir(local, str(uri))
-
-
-def _fit(cfg: Config, inputs: dict[str, str], loc: storage.OutputLocation, run_id: str, uri: str):
-    tcfg = cfg.synthesis.train
-    config = {
-        "cfg": cfg.model_dump(mode="json"),
-        **inputs,  # source (base model) and cache: local paths or URIs
-        "run_dir": str(loc.join("ray", RUN_NAME)),
-        "tracking": {"uri": uri, "run_id": run_id},
-    }
-    return training.fit(
-        train_loop_per_worker,
-        config,
-        tcfg,
-        num_workers=tcfg.num_workers,
-        use_gpu=tcfg.use_gpu,
-        cpus_per_worker=tcfg.cpus_per_worker,
-        storage=loc.sub("ray"),
-        name=RUN_NAME,
-        section="synthesis.train",
-    )
-
-
-def _check_run(cfg: Config, run_dir: str | Path, loc: storage.OutputLocation) -> None:
-    """Settings and an existing checkpoint checked on the driver, before any worker starts."""
-    tcfg = cfg.synthesis.train
-    training.check_run(
-        run_dir,
-        tcfg,
-        use_gpu=tcfg.use_gpu,
-        section="synthesis.train",
-        model_section="synthesis.model",
-        model_config=cfg.synthesis.model.model_dump(mode="json"),
-        fresh="rerun with --fresh to start over",
-    )
 
 
 def export_model(checkpoint: Path, dst: Path) -> Path:

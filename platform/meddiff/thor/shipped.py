@@ -25,6 +25,7 @@ from meddiff.errors import DataError, ModelError
 from meddiff.thor.model import CONFIG_FILE, load_model, read_model_config, save_model
 from meddiff.tracking import shipped as common
 from meddiff.tracking.shipped import PROVENANCE, version_tags
+from meddiff.training import read_summary
 
 __all__ = [
     "FORMAT", "PROVENANCE", "REGISTERED_NAME", "SHIPPED_DIR", "data_digest", "provenance",
@@ -60,11 +61,11 @@ def ship(run: str | Path, data: str | Path, out: str | Path, command: str) -> di
     summary_file = run / "train_summary.json"
     if not summary_file.is_file() or not (run / "model" / CONFIG_FILE).is_file():
         raise ModelError(f"{run}: no finished training run (train_summary.json and model/)")
-    summary = json.loads(summary_file.read_text())
+    summary = read_summary(summary_file)
     _, _, info = read_model_config(run / "model")
     manifest_file = data / "sample_brain.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    tags, params = common.run_record(summary.get("run_id"))
+    tags, params = common.run_record(summary.get("mlflow_run_id"))
     record = {
         "format": FORMAT,
         "command": command,
@@ -78,14 +79,14 @@ def ship(run: str | Path, data: str | Path, out: str | Path, command: str) -> di
         },
         "training": {
             "steps": info.get("steps", summary.get("steps")),
-            "loss": summary.get("loss"),
+            "loss": summary.get("final_loss"),
             "seconds": summary.get("seconds"),
             "noise": info.get("train_noise"),
             "max_timestep": info.get("max_timestep"),
             "config": {k: v for k, v in params.items() if k.startswith("thor.train.")},
         },
         "code_version": tags.get("meddiff.code_version"),
-        "mlflow_run_id": summary.get("run_id"),
+        "mlflow_run_id": summary.get("mlflow_run_id"),
     }
     unet_cfg, schedule_cfg, _ = read_model_config(run / "model")
     if not info.get("reference"):  # trained before runs recorded it: from the same slices

@@ -18,7 +18,6 @@ node, so neither needs a shared filesystem.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,15 +28,14 @@ import torch
 
 from meddiff import storage, training
 from meddiff.config import Config
-from meddiff.errors import DataError, ModelError
+from meddiff.errors import DataError
 from meddiff.files import copy_tree
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "thor-train"
-MODEL_DIR = "model"
+MODEL_DIR = training.MODEL_DIR
 SUMMARY = "train_summary.json"  # written last: the run finished (and registered)
-FRESH = "rerun with --fresh to start over"
 
 
 def train_thor(
@@ -47,7 +45,8 @@ def train_thor(
     *,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume training) and return a summary: model dir, steps, loss, registry version.
+    """Train (or resume training) and return the summary (:mod:`meddiff.training.task` lists its
+    keys; THOR adds ``epoch_rows``, the slices of one data epoch).
 
     ``out`` is the command's :class:`~meddiff.storage.OutputLocation` (or a path, opened here):
     Ray Train's checkpoints go straight to its ``ray/`` (for an object store, from every node),
@@ -59,58 +58,50 @@ def train_thor(
             a checkpoint in ``out`` written with another strategy or architecture.
     """
     with storage.OutputLocation.use(out, keep=("ray",), resume=True) as loc:
-        return _train_thor(cfg, data, loc, fresh=fresh)
+        return training.run_task(ThorTraining(cfg, data), loc, fresh=fresh)
 
 
-def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, fresh: bool):
-    import ray
+class ThorTraining(training.TrainingTask):
+    """THOR's DDPM as a training task: healthy slices in, ``thor_model`` folder out."""
 
-    from meddiff import runtime, tracking
-    from meddiff.data.shards import producer_run
-    from meddiff.thor.data import augment_batch_task, healthy_dataset, repeat_dataset
-    from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
+    section, model_section = "thor.train", "thor.model"
+    run_name = mlflow_name = RUN_NAME
+    summary_name = SUMMARY
 
-    tc = cfg.thor.train
-    if fresh:
-        loc.start_over()  # all meddiff wrote: an old model must not outlive its checkpoints
-    out = loc.staging.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    ray_storage = loc.sub("ray")
-    run_dir = ray_storage.join(RUN_NAME)
-    done = training.finished_run(loc.join(SUMMARY), run_dir, tc.steps)
-    if done is not None:
-        return {**done, "model": str(loc.join(MODEL_DIR))}
-    runtime.connect(cfg.runtime)
-    use_gpu = tc.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    precision = training.check_run(
-        run_dir,
-        tc,
-        use_gpu=use_gpu,
-        section="thor.train",
-        model_section="thor.model",
-        model_config=cfg.thor.model.model_dump(mode="json"),
-        fresh=FRESH,
-    )
+    def __init__(self, cfg: Config, data: str | Path):
+        super().__init__(cfg)
+        self.data = data
+        self.epoch_rows = 0
 
-    with tracking.start_run(cfg, "thor-train") as run:  # nested under an active run
-        run.log_params({"thor.data": str(data), "thor.out": str(out), "thor.use_gpu": use_gpu})
+    @property
+    def settings(self):
+        return self.cfg.thor.train
+
+    def model_config(self) -> dict[str, Any]:
+        return self.cfg.thor.model.model_dump(mode="json")
+
+    @staticmethod
+    def loop(config: dict[str, Any]) -> None:
+        train_loop(config)
+
+    def scaling(self) -> dict[str, Any]:
+        tc = self.settings
+        return {"min_workers": tc.min_workers, "resources_per_worker": tc.resources_per_worker}
+
+    def prepare(self, run, loc, use_gpu):
+        from meddiff.data.shards import producer_run
+        from meddiff.thor.data import augment_batch_task
+
+        cfg, tc, data = self.cfg, self.settings, self.data
+        run.log_params(
+            {
+                "thor.data": str(data),
+                "thor.out": str(loc.staging.resolve()),
+                "thor.use_gpu": use_gpu,
+            }
+        )
         run.log_input(data, context="training", producer_run=producer_run(data))
-        base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
-        repeated, epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
-        if epoch_rows < tc.batch_size:
-            raise DataError(
-                f"{data}: an epoch has {epoch_rows} slices, fewer than one batch of "
-                f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
-            )
-        # Reconstruction grids show slices spread over the (first 512 of the) training set; the
-        # statistics detection compares its images with come from the first 1024.
-        pool = np.stack([r["image"] for r in base.take(REFERENCE_IMAGES)])
-        reference = reference_statistics(pool)
-        pool = pool[:512]
-        pick = np.linspace(0, len(pool) - 1, min(tc.num_samples, len(pool))).round().astype(int)
-        samples = pool[pick]
+        repeated, samples, reference = self._read_data()
         # Augmentation runs as tasks: an actor pool would be restarted at every epoch.
         ds = repeated.map_batches(
             augment_batch_task,
@@ -119,165 +110,176 @@ def _train_thor(cfg: Config, data: str | Path, loc: storage.OutputLocation, *, f
             num_cpus=0.5,
         )
         log.info(
-            "training on %s: %d slices per epoch (repeated), %d steps", data, epoch_rows, tc.steps
+            "training on %s: %d slices per epoch (repeated), %d steps",
+            data,
+            self.epoch_rows,
+            tc.max_steps,
         )
-        start = time.perf_counter()
-        result = training.fit(
-            train_loop,
-            {
-                "cfg": cfg.model_dump(mode="json"),
-                "tracking": {"uri": tracking.tracking_uri(cfg.tracking), "run_id": run.run_id},
-                "run_dir": str(run_dir),
-                "use_gpu": use_gpu,
-                "samples": samples,
-                "epoch_rows": epoch_rows,
-                "reference": reference,
-            },
-            tc,
-            num_workers=tc.num_workers,
-            use_gpu=use_gpu,
-            cpus_per_worker=tc.cpus_per_worker,
-            storage=ray_storage,
-            name=RUN_NAME,
-            datasets={"train": ds},
-            min_workers=tc.min_workers,
-            resources_per_worker=tc.resources_per_worker,
-            section="thor.train",
-        )
-        seconds = time.perf_counter() - start
-        if result.checkpoint is None:
-            raise ModelError(f"training in {out} finished without a checkpoint")
-        model_dir = out / MODEL_DIR
-        with result.checkpoint.as_directory() as ckpt:
-            copy_tree(Path(ckpt) / MODEL_DIR, model_dir)
-        metrics = dict(result.metrics or {})
-        summary: dict[str, Any] = {
-            "model": str(model_dir),
-            "steps": int(metrics.get("step", tc.steps)),
-            "loss": metrics.get("loss"),
-            "seconds": round(seconds, 1),
-            "epoch_rows": epoch_rows,
-            "precision": precision,
-            "run_id": run.run_id,
-        }
-        run.log_metrics({"train_seconds": seconds})
-        if tc.register_as:
-            summary["registered"] = f"models:/{tc.register_as}/" + tracking.register_model(
-                model_dir, tc.register_as
+        extra = {"samples": samples, "epoch_rows": self.epoch_rows, "reference": reference}
+        return extra, {"train": ds}
+
+    def _read_data(self):
+        """The repeated training set, the slices of the reconstruction grids and the statistics
+        detection compares its images with (:mod:`meddiff.thor.reference`)."""
+        from meddiff.thor.data import healthy_dataset, repeat_dataset
+        from meddiff.thor.reference import REFERENCE_IMAGES, reference_statistics
+
+        cfg, tc, data = self.cfg, self.settings, self.data
+        base = healthy_dataset(data, cfg.thor.model.image_size, cfg.data.mri, cfg.data.images)
+        repeated, self.epoch_rows = repeat_dataset(base, tc.epoch_images, tc.min_images)
+        if self.epoch_rows < tc.batch_size:
+            raise DataError(
+                f"{data}: an epoch has {self.epoch_rows} slices, fewer than one batch of "
+                f"{tc.batch_size}; raise thor.train.epoch_images or lower thor.train.batch_size"
             )
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-        run.log_dict(summary, SUMMARY)
-    return summary
+        # Reconstruction grids show slices spread over the (first 512 of the) training set; the
+        # statistics detection compares its images with come from the first 1024.
+        pool = np.stack([r["image"] for r in base.take(REFERENCE_IMAGES)])
+        reference = reference_statistics(pool)
+        pool = pool[:512]
+        pick = np.linspace(0, len(pool) - 1, min(tc.num_samples, len(pool))).round().astype(int)
+        return repeated, pool[pick], reference
+
+    def export(self, checkpoint: Path, model_dir: Path) -> None:
+        copy_tree(checkpoint / MODEL_DIR, model_dir)
+
+    def summary(self, result, run_dir: str) -> dict[str, Any]:
+        return {"epoch_rows": self.epoch_rows}
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker. ``config``: cfg (model_dump), tracking (uri, run_id), run_dir,
     use_gpu, samples (reconstruction-grid slices), epoch_rows, reference (the training slices'
     statistics, saved with the model)."""
-    import ray.train
+    _ThorWorker(config).run()
 
-    from meddiff.thor.noise import make_noise
-    from meddiff.thor.schedule import DDPMSchedule
-    from meddiff.thor.unet import DiffusionUNet
 
-    cfg = Config.model_validate(config["cfg"])
-    tc = cfg.thor.train
-    ctx = training.WorkerContext.from_ray(
-        use_gpu=config["use_gpu"],
-        run_dir=config["run_dir"],
-        seed=cfg.runtime.seed,
-        tracking=config["tracking"],
-        torch_threads=tc.torch_threads,
-    )
-    device = ctx.device
-    schedule = DDPMSchedule(cfg.thor.schedule)
-    torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
-    unet = DiffusionUNet(cfg.thor.model).to(device)
-    # mkldnn convolutions run markedly faster on channels-last tensors on CPU; DeepSpeed needs
-    # contiguous parameters (it views them as bytes to broadcast them).
-    channels_last = device.type == "cpu" and tc.strategy != "deepspeed"
-    if channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=tc.lr)
-    per_worker = tc.batch_size // ctx.world
-    strategy = training.make_strategy(
-        tc, ctx, unet, optimizer, micro_batch=per_worker, grad_clip=tc.grad_clip
-    )
-    precision = training.resolve_precision(tc.precision, device.type == "cuda", tc.precision_path)
-    info = training.marker_info(
-        tc,
-        world=ctx.world,
-        precision=precision,
-        model_config=cfg.thor.model.model_dump(mode="json"),
-    )
+class _ThorWorker:
+    """One rank's DDPM, optimizer and strategy (resumed from the newest checkpoint) and its
+    ε-prediction loop; rank 0 also logs, draws the sample grids and writes the model."""
 
-    step = 0
-    with training.restored(ctx.run_dir) as d:
-        if d is not None:
-            strategy.load(d)
-            step = int(training.read_marker(d)["step"])
-            log.info("rank %d resumed at step %d", ctx.rank, step)
-    ctx.log_metrics({"resumed_from_step": step}, step)
-    t_max = min(tc.max_timestep or schedule.num_steps, schedule.num_steps)
-    shard = ray.train.get_dataset_shard("train")
-    losses: list[float] = []
-    tick = started = time.perf_counter()
-    limit_s = tc.time_limit_min * 60 if tc.time_limit_min else None
-    stop = False
-    while step < tc.steps and not stop:
-        epoch_start = step
+    def __init__(self, config: dict[str, Any]):
+        from meddiff.thor.schedule import DDPMSchedule
+        from meddiff.thor.unet import DiffusionUNet
+
+        self.config = config
+        self.cfg = cfg = Config.model_validate(config["cfg"])
+        self.tc = tc = cfg.thor.train
+        self.ctx = ctx = training.WorkerContext.from_ray(
+            use_gpu=config["use_gpu"],
+            run_dir=config["run_dir"],
+            seed=cfg.runtime.seed,
+            tracking=config["tracking"],
+            torch_threads=tc.torch_threads,
+        )
+        self.schedule = DDPMSchedule(cfg.thor.schedule)
+        torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
+        unet = DiffusionUNet(cfg.thor.model).to(ctx.device)
+        # mkldnn convolutions run markedly faster on channels-last tensors on CPU; DeepSpeed needs
+        # contiguous parameters (it views them as bytes to broadcast them).
+        if ctx.device.type == "cpu" and tc.strategy != "deepspeed":
+            unet = unet.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(unet.parameters(), lr=tc.learning_rate)
+        self.per_worker = tc.batch_size // ctx.world
+        self.strategy = training.make_strategy(
+            tc, ctx, unet, optimizer, micro_batch=self.per_worker, grad_clip=tc.max_grad_norm
+        )
+        cuda = ctx.device.type == "cuda"
+        self.info = training.marker_info(
+            tc,
+            world=ctx.world,
+            precision=training.resolve_precision(tc.precision, cuda, tc.precision_path),
+            model_config=cfg.thor.model.model_dump(mode="json"),
+        )
+        num_steps = self.schedule.num_steps
+        self.t_max = min(tc.max_timestep or num_steps, num_steps)
+        self.losses: list[float] = []
+
+    def run(self) -> None:
+        import ray.train
+
+        tc, ctx = self.tc, self.ctx
+        step = 0
+        with training.restored(ctx.run_dir) as d:
+            if d is not None:
+                self.strategy.load(d)
+                step = int(training.read_marker(d)["step"])
+                log.info("rank %d resumed at step %d", ctx.rank, step)
+        ctx.log_metrics({"resumed_from_step": step}, step)
+        shard = ray.train.get_dataset_shard("train")
+        self.tick = self.started = time.perf_counter()
+        stop = False
+        while step < tc.max_steps and not stop:
+            epoch_start = step
+            step, stop = self._epoch(shard, step)
+            if step == epoch_start:
+                raise DataError(
+                    f"an epoch of {self.config['epoch_rows']} training slices gives no full batch "
+                    f"of {self.per_worker} per worker; raise thor.train.epoch_images or lower the "
+                    "batch size"
+                )
+
+    def _epoch(self, shard, step: int) -> tuple[int, bool]:
+        """One pass over the shard (or until the last step); returns (step, stopped early)."""
+        tc = self.tc
         for batch in shard.iter_torch_batches(
-            batch_size=per_worker,
+            batch_size=self.per_worker,
             drop_last=True,
-            local_shuffle_buffer_size=min(256, int(config["epoch_rows"])),
+            local_shuffle_buffer_size=min(256, int(self.config["epoch_rows"])),
             dtypes=torch.float32,
-            device=device,
+            device=self.ctx.device,
         ):
-            ctx.fault_drill(tc, step + 1, in_checkpoint=False)
-            gen = ctx.generator(step)
-            x0 = batch["image"][:, None] * 2 - 1
-            t = torch.randint(0, t_max, (x0.shape[0],), generator=gen).to(device)
-            eps = make_noise(
-                tc.noise, tuple(x0.shape), schedule.num_steps, cfg.thor.simplex, gen
-            ).to(device)
-            x_t = schedule.add_noise(x0, eps, t)
-            with strategy.autocast():
-                pred = strategy.model(x_t, t)
-            loss = torch.nn.functional.mse_loss(pred.float(), eps)
-            strategy.step(loss)
+            self.ctx.fault_drill(tc, step + 1, in_checkpoint=False)
+            loss = self._loss(batch, self.ctx.generator(step))
+            self.strategy.step(loss)
             step += 1
-            losses.append(float(loss.detach()))
-            if step % tc.log_every == 0:
-                elapsed = time.perf_counter() - tick
-                ctx.log_metrics(
-                    {
-                        "loss": float(np.mean(losses[-tc.log_every :])),
-                        "images_per_s": tc.log_every * tc.batch_size / max(elapsed, 1e-9),
-                    },
-                    step,
-                )
-            if limit_s is not None and step % tc.log_every == 0:
-                stop = ctx.agree(time.perf_counter() - started > limit_s)
-            last = step >= tc.steps or stop
-            if ctx.logger and tc.sample_every and (step % tc.sample_every == 0 or last):
-                grid = _sample_grid(
-                    _fp32(strategy.module), schedule, cfg, config["samples"], device
-                )
-                ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
-            if step % tc.checkpoint_every == 0 or last:
-                metrics = {"step": step, "loss": float(np.mean(losses[-tc.log_every :]))}
-                _checkpoint(ctx, strategy, cfg, step, metrics, info, config.get("reference"))
-            if step % tc.log_every == 0:
-                tick = time.perf_counter()  # images_per_s times training steps, not saving
-            if last:
+            self.losses.append(float(loss.detach()))
+            stop = self._after_step(step)
+            if step >= tc.max_steps or stop:
                 if stop:
                     log.info("time limit of %s min reached at step %d", tc.time_limit_min, step)
-                break
-        if step == epoch_start:
-            raise DataError(
-                f"an epoch of {config['epoch_rows']} training slices gives no full batch of "
-                f"{per_worker} per worker; raise thor.train.epoch_images or lower the batch size"
-            )
+                return step, stop
+        return step, False
+
+    def _loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """ε-prediction: x0 in [-1, 1], t ~ U{0..t_max-1}, loss = ‖UNet(x_t, t) − ε‖²."""
+        from meddiff.thor.noise import make_noise
+
+        cfg, device = self.cfg, self.ctx.device
+        x0 = batch["image"][:, None] * 2 - 1
+        t = torch.randint(0, self.t_max, (x0.shape[0],), generator=gen).to(device)
+        eps = make_noise(
+            self.tc.noise, tuple(x0.shape), self.schedule.num_steps, cfg.thor.simplex, gen
+        ).to(device)
+        x_t = self.schedule.add_noise(x0, eps, t)
+        with self.strategy.autocast():
+            pred = self.strategy.model(x_t, t)
+        return torch.nn.functional.mse_loss(pred.float(), eps)
+
+    def _after_step(self, step: int) -> bool:
+        """Loss log, time limit, sample grid and checkpoint after ``step``; True: stop now (the
+        time limit, agreed by every rank)."""
+        tc, ctx = self.tc, self.ctx
+        recent = float(np.mean(self.losses[-tc.log_every :]))
+        stop = False
+        if step % tc.log_every == 0:
+            elapsed = time.perf_counter() - self.tick
+            images_per_s = tc.log_every * tc.batch_size / max(elapsed, 1e-9)
+            ctx.log_metrics({"loss": recent, "images_per_s": images_per_s}, step)
+            if tc.time_limit_min:
+                stop = ctx.agree(time.perf_counter() - self.started > tc.time_limit_min * 60)
+        last = step >= tc.max_steps or stop
+        if ctx.logger and tc.sample_every and (step % tc.sample_every == 0 or last):
+            unet = _fp32(self.strategy.module)
+            grid = _sample_grid(unet, self.schedule, self.cfg, self.config["samples"], ctx.device)
+            ctx.logger.log_image(grid, f"samples/step_{step:07d}.png")
+        if step % tc.checkpoint_every == 0 or last:
+            metrics = {"step": step, "loss": recent}
+            reference = self.config.get("reference")
+            _checkpoint(ctx, self.strategy, self.cfg, step, metrics, self.info, reference)
+        if step % tc.log_every == 0:
+            self.tick = time.perf_counter()  # images_per_s times training steps, not saving
+        return stop
 
 
 def _fp32(module: torch.nn.Module) -> torch.nn.Module:

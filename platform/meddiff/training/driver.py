@@ -23,6 +23,9 @@ from meddiff.training.strategy import resolve_precision
 
 log = logging.getLogger(__name__)
 
+# Keys of summaries written before the loops shared one schema (THOR's), read under their new names.
+LEGACY_KEYS = {"loss": "final_loss", "run_id": "mlflow_run_id"}
+
 
 def check_training(t, *, use_gpu: bool, section: str) -> str:
     """Refuse impossible settings of the training section ``t`` (named ``section`` in messages,
@@ -91,7 +94,7 @@ def finished_run(summary: str | Path, run_dir: str | Path, steps: int) -> dict[s
     if reached < steps:
         return None
     try:
-        record = json.loads(meddiff_storage.read_text(summary))
+        record = read_summary(summary)
     except json.JSONDecodeError:
         return None
     log.info(
@@ -101,6 +104,23 @@ def finished_run(summary: str | Path, run_dir: str | Path, steps: int) -> dict[s
         steps,
     )
     return {**record, "already_complete": True}
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A training summary (local path or URI), with the keys of older summaries renamed.
+
+    Raises:
+        json.JSONDecodeError: the file is not JSON.
+    """
+    record = json.loads(meddiff_storage.read_text(path))
+    for old, new in LEGACY_KEYS.items():
+        if old in record and new not in record:
+            record[new] = record.pop(old)
+    registered = record.pop("registered", None)  # THOR's "models:/<name>/<version>"
+    if registered and not record.get("model_uri"):
+        name, _, version = registered.removeprefix("models:/").rpartition("/")
+        record.update(model_uri=registered, registered_model=name, version=version)
+    return record
 
 
 def marker_info(t, *, world: int, precision: str, model_config: dict[str, Any]) -> dict:
