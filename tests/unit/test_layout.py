@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,10 +50,11 @@ def test_code_and_docs_cite_only_files_in_the_project():
     assert not missing, missing
 
 
-# The packages held to the project's "short functions" rule so far; the others join as they are
-# split (the rule: every function under 80 lines).
-SHORT_FUNCTIONS = ("morphology", "storage")
+# The project's "short functions" rule: every function of meddiff is under 80 lines.
 MAX_FUNCTION_LINES = 79
+# Functions ("file:name" under platform/meddiff) allowed 80 lines or more: none any more. The set
+# may only shrink: a function on it that is short now fails the test until it is taken off.
+STILL_LONG: set[str] = set()
 
 
 def function_lengths(folder: Path) -> list[tuple[int, str]]:
@@ -82,11 +81,16 @@ def test_function_lengths_count_decorators_methods_and_nested_functions(tmp_path
     assert function_lengths(tmp_path) == [(82, "m.py:5 f"), (2, "m.py:89 g"), (2, "m.py:84 inner")]
 
 
-@pytest.mark.parametrize("package", SHORT_FUNCTIONS)
-def test_every_function_is_under_80_lines(package):
-    folder = ROOT / "platform" / "meddiff" / package
-    too_long = [f"{w}: {n} lines" for n, w in function_lengths(folder) if n > MAX_FUNCTION_LINES]
-    assert not too_long, f"split these functions of meddiff.{package}: {too_long}"
+def test_every_function_is_under_80_lines():
+    long = {}
+    for n, where in function_lengths(ROOT / "platform" / "meddiff"):
+        if n > MAX_FUNCTION_LINES:
+            place, name = where.split(" ")
+            long[f"{place.rsplit(':', 1)[0]}:{name}"] = f"{where}: {n} lines"
+    too_long = [w for key, w in long.items() if key not in STILL_LONG]
+    assert not too_long, f"split these functions of meddiff: {too_long}"
+    short_now = sorted(STILL_LONG - set(long))
+    assert not short_now, f"under 80 lines now: take them off STILL_LONG: {short_now}"
 
 
 # The layers of docs/architecture.md, bottom first: a module imports from its own layer or below.
@@ -103,10 +107,9 @@ LAYERS = (
     ("demo",),
     ("commands", "cli"),
 )
-# Imports that still run up a layer (docs/architecture.md, "What is still being moved").
-KNOWN_UPWARD = {
-    ("tracking", "evaluation"),  # a shipped model's memorization audit as registry tags
-}
+# Imports that still run up a layer (docs/architecture.md, "What is still being moved"); none
+# now, and none may be added.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _upward_imports() -> set[tuple[str, str, str]]:

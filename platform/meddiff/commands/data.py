@@ -10,11 +10,17 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.commands import add_config_arguments
-
     group = sub.add_parser("data", help="sample data, ingest and inspection")
     cmds = group.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    _add_sample_pcam(cmds)
+    _add_sample_wsi(cmds)
+    _add_sample_brain(cmds)
+    _add_sample_volume(cmds)
+    _add_ingest(cmds)
+    _add_inspect(cmds)
 
+
+def _add_sample_pcam(cmds: argparse._SubParsersAction) -> None:
     pcam = cmds.add_parser(
         "sample-pcam", help="write a PCam-format train/valid/test set cut from real IHC tissue"
     )
@@ -26,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pcam.add_argument("--seed", type=int, default=0)
     pcam.set_defaults(handler=_sample_pcam)
 
+
+def _add_sample_wsi(cmds: argparse._SubParsersAction) -> None:
     slide = cmds.add_parser(
         "sample-wsi",
         help="write a pyramidal whole-slide image (SVS or DICOM) of real IHC tissue on glass",
@@ -49,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(without its suffix) of one VL Whole Slide Microscopy instance per level",
     )
     slide.set_defaults(handler=_sample_wsi)
+
+
+def _add_sample_brain(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     brain = cmds.add_parser(
         "sample-brain",
@@ -78,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(brain)
     brain.set_defaults(handler=_sample_brain)
 
+
+def _add_sample_volume(cmds: argparse._SubParsersAction) -> None:
     volume = cmds.add_parser(
         "sample-volume",
         help="write a brain volume with a drawn lesion as NIfTI and as a synthetic DICOM MR "
@@ -96,6 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--enhanced", action="store_true", help="one enhanced multi-frame DICOM instance"
     )
     volume.set_defaults(handler=_sample_volume)
+
+
+def _add_ingest(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     ingest = cmds.add_parser(
         "ingest",
@@ -116,6 +134,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_config_arguments(ingest)
     ingest.set_defaults(handler=_ingest)
+
+
+def _add_inspect(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     inspect = cmds.add_parser(
         "inspect", help="summarise a PCam directory, shard directory, slide or slide directory"

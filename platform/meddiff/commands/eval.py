@@ -16,10 +16,17 @@ from meddiff.storage import path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from meddiff.commands import add_config_arguments
-
     group = sub.add_parser("eval", help="judge synthetic data: fidelity, classifier, reader study")
     cmds = group.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+    _add_fidelity(cmds)
+    _add_classifier(cmds)
+    _add_reader_study(cmds)
+    _add_compare_prompting(cmds)
+    _add_seeds(cmds)
+
+
+def _add_fidelity(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     fid = cmds.add_parser(
         "fidelity",
@@ -48,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(fid)
     fid.set_defaults(handler=_fidelity)
 
+
+def _add_classifier(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
+
     clf = cmds.add_parser(
         "classifier",
         help="train a patch classifier on real / synthetic / both (Ray Train), test on real",
@@ -70,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(clf)
     clf.set_defaults(handler=_classifier)
 
+
+def _add_reader_study(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
+
     rs = cmds.add_parser("reader-study", help="blinded real-vs-synthetic reading: export, score")
     rcmds = rs.add_subparsers(dest="reader_command", required=True, metavar="STEP")
     exp = rcmds.add_parser("export", help="write study.html (blinded) and key.json")
@@ -87,6 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("answers", nargs="+", type=Path, help="answer files (JSON)")
     _json_arg(score)
     score.set_defaults(handler=_rs_score)
+
+
+def _add_compare_prompting(cmds: argparse._SubParsersAction) -> None:
+    from meddiff.commands import add_config_arguments
 
     cmp_ = cmds.add_parser(
         "compare-prompting",
@@ -108,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(cmp_)
     cmp_.set_defaults(handler=_compare)
 
+
+def _add_seeds(cmds: argparse._SubParsersAction) -> None:
     seeds = cmds.add_parser(
         "seeds",
         help="one table from compare-prompting or thor evaluate runs that differ only in their "

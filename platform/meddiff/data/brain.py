@@ -43,7 +43,7 @@ import numpy as np
 from meddiff import storage
 from meddiff.config.data import MriConfig
 from meddiff.data.images import write_png
-from meddiff.data.mri import volume_to_slices
+from meddiff.data.mri import MriSlices, volume_to_slices
 from meddiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -136,57 +136,14 @@ def _sample_brain(
     test_sl, test_source = sl, "template: held-out slices"
     if test_volume is not None:
         test_sl, test_source = volume_to_slices(test_volume, cfg, test_mask), str(test_volume)
-        # The template's held-out levels, where the other brain has them (both in MNI space: the
-        # same z is the same anatomical level), so the two test sets differ only in the subject.
-        test_idx = np.flatnonzero(np.isin(test_sl.z, sl.z[test_idx]))
-        if len(test_idx) == 0:  # not in MNI space: spread over its own slices instead
-            test_idx = np.arange(len(test_sl.z))[sizes.test_every // 2 :: sizes.test_every]
-    # Lesions go on held-out slices with enough brain for a large lesion.
-    area = test_sl.brain[test_idx].sum(axis=(1, 2))
-    roomy = test_idx[area >= 0.5 * area.max()]
+        test_idx = _test_levels(test_sl, sl.z[test_idx], sizes.test_every)
 
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     bits = cfg.png_bits
     for i in train_idx:
         write_png(tmp / "train" / f"mni152_z{sl.z[i]:03d}.png", sl.images[i], bits)
-
-    rows: list[dict[str, Any]] = []
-    strata_cycle = ["small", "medium", "large"]
-    for n in range(sizes.lesion):
-        i = roomy[n % len(roomy)]
-        target = strata_cycle[n % 3]
-        # Redraw until the lesion's final pixel count lands in the intended stratum (outlines and
-        # the brain mask change the area from its target).
-        for _ in range(50):
-            image, lesion_mask, info = add_lesion(test_sl.images[i], test_sl.brain[i], target, rng)
-            if stratum(int(lesion_mask.sum()), size) == target:
-                break
-        name = f"lesion_{n:03d}_z{test_sl.z[i]:03d}.png"
-        area_px = int(lesion_mask.sum())
-        if stratum(area_px, size) != target:  # kept: lesions.csv records both strata
-            log.warning("%s: no %s lesion in 50 draws; kept one of %d px", name, target, area_px)
-        write_png(tmp / "test" / "images" / name, image, bits)
-        write_png(tmp / "test" / "masks" / name, lesion_mask)
-        rows.append(
-            {"name": name, "kind": "lesion", "z": int(test_sl.z[i]), "area": area_px,
-             "stratum": stratum(area_px, size), **info}
-        )  # fmt: skip
-    for n in range(sizes.normal):
-        i = test_idx[(n * 7) % len(test_idx)]  # spread over the held-out range
-        name = f"normal_{n:03d}_z{test_sl.z[i]:03d}.png"
-        write_png(tmp / "test" / "images" / name, test_sl.images[i], bits)
-        write_png(tmp / "test" / "masks" / name, np.zeros((size, size), dtype=bool))
-        rows.append(
-            {"name": name, "kind": "normal", "z": int(test_sl.z[i]), "area": 0, "stratum": "none"}
-        )
-
-    fields = ["name", "kind", "z", "area", "stratum", "target_stratum", "contrast", "edge",
-              "shape", "intensity_change"]  # fmt: skip
-    with open(tmp / "test" / "lesions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = _write_test_set(tmp / "test", test_sl, test_idx, sizes, cfg, rng)
     strata: dict[str, int] = {}
     for r in rows:
         strata[r["stratum"]] = strata.get(r["stratum"], 0) + 1
@@ -216,6 +173,72 @@ def _sample_brain(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     loc.install(tmp)
     return manifest
+
+
+def _test_levels(test_sl: MriSlices, template_z: np.ndarray, test_every: int) -> np.ndarray:
+    """Indices of the test brain's slices to test on: the template's held-out levels
+    ``template_z`` where the other brain has them (both in MNI space: the same z is the same
+    anatomical level), so the two test sets differ only in the subject; for a brain not in MNI
+    space, every ``test_every``-th of its own slices instead."""
+    test_idx = np.flatnonzero(np.isin(test_sl.z, template_z))
+    if len(test_idx) == 0:
+        test_idx = np.arange(len(test_sl.z))[test_every // 2 :: test_every]
+    return test_idx
+
+
+def _write_test_set(
+    out: Path,
+    test_sl: MriSlices,
+    test_idx: np.ndarray,
+    sizes: BrainSampleSizes,
+    cfg: MriConfig,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """Write the lesion benchmark under ``out`` (``images/``, ``masks/``, ``lesions.csv``) from
+    the slices ``test_idx`` of ``test_sl``: ``sizes.lesion`` slices with a drawn lesion, cycling
+    through the small/medium/large strata, and ``sizes.normal`` lesion-free ones; returns the
+    rows of ``lesions.csv``."""
+    size, bits = cfg.image_size, cfg.png_bits
+    # Lesions go on held-out slices with enough brain for a large lesion.
+    area = test_sl.brain[test_idx].sum(axis=(1, 2))
+    roomy = test_idx[area >= 0.5 * area.max()]
+    rows: list[dict[str, Any]] = []
+    strata_cycle = ["small", "medium", "large"]
+    for n in range(sizes.lesion):
+        i = roomy[n % len(roomy)]
+        target = strata_cycle[n % 3]
+        # Redraw until the lesion's final pixel count lands in the intended stratum (outlines and
+        # the brain mask change the area from its target).
+        for _ in range(50):
+            image, lesion_mask, info = add_lesion(test_sl.images[i], test_sl.brain[i], target, rng)
+            if stratum(int(lesion_mask.sum()), size) == target:
+                break
+        name = f"lesion_{n:03d}_z{test_sl.z[i]:03d}.png"
+        area_px = int(lesion_mask.sum())
+        if stratum(area_px, size) != target:  # kept: lesions.csv records both strata
+            log.warning("%s: no %s lesion in 50 draws; kept one of %d px", name, target, area_px)
+        write_png(out / "images" / name, image, bits)
+        write_png(out / "masks" / name, lesion_mask)
+        rows.append(
+            {"name": name, "kind": "lesion", "z": int(test_sl.z[i]), "area": area_px,
+             "stratum": stratum(area_px, size), **info}
+        )  # fmt: skip
+    for n in range(sizes.normal):
+        i = test_idx[(n * 7) % len(test_idx)]  # spread over the held-out range
+        name = f"normal_{n:03d}_z{test_sl.z[i]:03d}.png"
+        write_png(out / "images" / name, test_sl.images[i], bits)
+        write_png(out / "masks" / name, np.zeros((size, size), dtype=bool))
+        rows.append(
+            {"name": name, "kind": "normal", "z": int(test_sl.z[i]), "area": 0, "stratum": "none"}
+        )
+
+    fields = ["name", "kind", "z", "area", "stratum", "target_stratum", "contrast", "edge",
+              "shape", "intensity_change"]  # fmt: skip
+    with open(out / "lesions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
 
 
 def is_complete(out_dir: str | Path) -> bool:

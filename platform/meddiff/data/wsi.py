@@ -494,6 +494,20 @@ def slide_suffixes(cfg: WsiConfig) -> set[str]:
 # --- writing (sample slides, tests) ---------------------------------------------------------
 
 
+def _pyramid(rgb: np.ndarray, min_size: int) -> list[np.ndarray]:
+    """``rgb`` uint8 (H, W, 3) and its halvings, each the 2x2 area average of the one before
+    (what scanners' pyramids hold, no aliasing; an odd last row or column is dropped), until the
+    shorter side of the next would be below ``min_size``."""
+    levels = [rgb]
+    while min(levels[-1].shape[:2]) // 2 >= min_size:
+        prev = levels[-1]
+        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
+        levels.append(
+            prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        )
+    return levels
+
+
 def write_pyramid_tiff(
     path: str | Path,
     rgb: np.ndarray,
@@ -522,14 +536,7 @@ def write_pyramid_tiff(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    levels = [rgb]
-    while min(levels[-1].shape[:2]) // 2 >= min_size:
-        prev = levels[-1]
-        h, w = prev.shape[0] // 2 * 2, prev.shape[1] // 2 * 2
-        # 2x2 area average: what scanners' pyramids hold, no aliasing.
-        levels.append(
-            prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-        )
+    levels = _pyramid(rgb, min_size)
     thumb = Image.fromarray(levels[-1])
     thumb.thumbnail((768, 768))
     fields = [f"{title}"]

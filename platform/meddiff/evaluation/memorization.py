@@ -18,9 +18,9 @@ and is informative at rates 0 and 1, unlike a bootstrap of a proportion. It is c
 threshold (estimated from up to ``threshold_queries`` real images). Synthetic images that were
 fresh draws from the real distribution would score about ``percentile / 100``.
 
-The model-version tags (:func:`version_tags`) carry a recorded audit to the registry, where
-:func:`check_promotion` refuses to promote a synthesis model above
-``evaluation.memorization.max_copy_rate``.
+The model-version tags (:func:`meddiff.tracking.audits.memorization_tags`, the registry's format
+of an audit) carry a recorded audit to the registry, where :func:`check_promotion` refuses to
+promote a synthesis model above ``evaluation.memorization.max_copy_rate``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 
 from meddiff.config.evaluation import MemorizationConfig
 from meddiff.errors import DataError, ModelError
+from meddiff.tracking.audits import TAG_PREFIX, memorization_tags
 
 if TYPE_CHECKING:
     from meddiff.config import Config
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "meddiff.memorization."  # model-version tags of a recorded audit
 _QUERY_BYTES = 1 << 28  # queries compared at once: 256 MB (about 1,200 96-px images)
 _BLOCK_ROWS = 256  # real images read at once
 PIXEL_UNIT = "root-mean-square difference per pixel and channel, gray levels 0-255"
@@ -269,22 +269,6 @@ def read_images(root, split: str, rows: np.ndarray) -> np.ndarray:
 # --- the registry: recorded audits and the promotion check -----------------------------------
 
 
-def version_tags(summary: dict[str, Any]) -> dict[str, str]:
-    """Model-version tags (strings) recording an audit ``summary``: the copy rate, its CI, the
-    pixel-space rate, the feature network, the reference set and the number of images judged."""
-    rate, pixels = summary["copy_rate"], summary["copy_rate_pixels"]
-    tags = {
-        "copy_rate": f"{rate['value']:.6g}",
-        "copy_rate_ci": ",".join(f"{v:.6g}" for v in rate["ci"]),
-        "copy_rate_pixels": f"{pixels['value']:.6g}",
-        "network": str(summary.get("network")),
-        "percentile": str(summary.get("percentile")),
-        "n_synthetic": str(summary.get("n_synthetic")),
-        "reference": str(summary.get("reference", "")),
-    }
-    return {TAG_PREFIX + k: v for k, v in tags.items()}
-
-
 def record_on_model(ref: str | None, summary: dict[str, Any], cfg: Config) -> str | None:
     """Tag the registry version ``ref`` (``models:/NAME/VERSION``, what generated the judged
     set) with the audit; returns the version's URI, or None when ``ref`` is not a registry
@@ -297,7 +281,7 @@ def record_on_model(ref: str | None, summary: dict[str, Any], cfg: Config) -> st
         return None
     name, _, version = parsed
     try:
-        set_version_tags(name, version, version_tags(summary), cfg.tracking)
+        set_version_tags(name, version, memorization_tags(summary), cfg.tracking)
     except ModelError as err:
         log.warning("memorization audit not recorded on %s: %s", ref, str(err)[:200])
         return None

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from meddiff.data import shards
 from meddiff.errors import DataError
 from meddiff.files import read_format_json, write_json
 from meddiff.synthesis import components as C
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,6 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
 
     Returns the cache info (``cache.json``).
     """
-    import ray.data
-
-    from meddiff.synthesis.stages import ImageEncoder, PromptEncoder
-
     out = Path(out)
     manifest = check_pairs(pairs)
     key = cache_key(cfg, source, pairs, manifest)
@@ -115,8 +114,33 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
 
     prompts = ["", *pair_prompts(pairs)]
     ids = {p: i for i, p in enumerate(prompts)}
+    _write_rows(cfg, _encoded_pairs(cfg, source, pairs), ids, n, tmp, pairs)
+    if tcfg.cache_latents:
+        _write_text_embeddings(cfg, source, prompts, tmp)
+    info = {
+        "format": FORMAT,
+        "key": key,
+        "kind": "latents" if tcfg.cache_latents else "images",
+        "rows": n,
+        "prompts": prompts,
+        "pairs": str(pairs),
+        "source": source,
+        "resolution": cfg.synthesis.model.resolution,
+    }
+    write_json(tmp / INFO, info)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return info
+
+
+def _encoded_pairs(cfg: Config, source: str, pairs: str | Path) -> ray.data.Dataset:
+    """The pairs as a Ray dataset, with each image's VAE latent distribution (``latent_mean``,
+    ``latent_std``) added by the model's encoder where ``synthesis.train.cache_latents``."""
+    from meddiff.synthesis.stages import ImageEncoder
+
+    tcfg = cfg.synthesis.train
     ds = shards.read_shards(pairs, columns=list(PAIR_COLUMNS))
-    gpus = 1 if tcfg.use_gpu else 0
     if tcfg.cache_latents:
         ds = ds.map_batches(
             ImageEncoder,
@@ -128,9 +152,22 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
             },
             batch_size=tcfg.encode_batch_size,
             concurrency=tcfg.encode_concurrency,
-            num_gpus=gpus,
+            num_gpus=1 if tcfg.use_gpu else 0,
             batch_format="numpy",
         )
+    return ds
+
+
+def _write_rows(
+    cfg: Config, ds: ray.data.Dataset, ids: dict[str, int], n: int, tmp: Path, pairs: str | Path
+) -> None:
+    """Stream the ``n`` rows of ``ds`` into one memory-mapped ``.npy`` per column under ``tmp``:
+    prompt ids (into ``ids``), labels, clusters, and the latents or the images.
+
+    Raises:
+        DataError: ``ds`` held another number of rows than the manifest of ``pairs`` says.
+    """
+    tcfg = cfg.synthesis.train
     arrays: dict[str, np.ndarray] = {}
     row = 0
     batches = ds.iter_batches(batch_size=tcfg.encode_batch_size, batch_format="numpy")
@@ -159,42 +196,34 @@ def build_cache(cfg: Config, source: str, pairs: str | Path, out: str | Path) ->
         raise DataError(f"{pairs}: manifest says {n} rows but {row} were read")
     for arr in arrays.values():
         arr.flush()
-    if tcfg.cache_latents:
-        emb = (
-            ray.data.from_items([{"prompt": p} for p in prompts])
-            .map_batches(
-                PromptEncoder,
-                fn_constructor_kwargs={
-                    "source": source,
-                    "revision": cfg.synthesis.model.revision,
-                    "use_gpu": tcfg.use_gpu,
-                },
-                batch_size=64,
-                concurrency=1,
-                num_gpus=gpus,
-                batch_format="numpy",
-            )
-            .take_all()
+
+
+def _write_text_embeddings(cfg: Config, source: str, prompts: list[str], tmp: Path) -> None:
+    """Encode every distinct prompt once with the model's text encoder (a Ray Data stage) and
+    save them, in the order of ``prompts``, as ``text_embeddings.npy`` (float32) under ``tmp``."""
+    import ray.data
+
+    from meddiff.synthesis.stages import PromptEncoder
+
+    tcfg = cfg.synthesis.train
+    emb = (
+        ray.data.from_items([{"prompt": p} for p in prompts])
+        .map_batches(
+            PromptEncoder,
+            fn_constructor_kwargs={
+                "source": source,
+                "revision": cfg.synthesis.model.revision,
+                "use_gpu": tcfg.use_gpu,
+            },
+            batch_size=64,
+            concurrency=1,
+            num_gpus=1 if tcfg.use_gpu else 0,
+            batch_format="numpy",
         )
-        table = {str(r["prompt"]): r["embedding"] for r in emb}
-        np.save(
-            tmp / "text_embeddings.npy", np.stack([table[p] for p in prompts]).astype(np.float32)
-        )
-    info = {
-        "format": FORMAT,
-        "key": key,
-        "kind": "latents" if tcfg.cache_latents else "images",
-        "rows": n,
-        "prompts": prompts,
-        "pairs": str(pairs),
-        "source": source,
-        "resolution": cfg.synthesis.model.resolution,
-    }
-    write_json(tmp / INFO, info)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return info
+        .take_all()
+    )
+    table = {str(r["prompt"]): r["embedding"] for r in emb}
+    np.save(tmp / "text_embeddings.npy", np.stack([table[p] for p in prompts]).astype(np.float32))
 
 
 class TrainingSet:

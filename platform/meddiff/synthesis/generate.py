@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from meddiff.files import write_json
 from meddiff.grids import save_grid, slug
 from meddiff.prompts import PromptRow, label_only_table, labelled_rows, read_prompt_table
 from meddiff.synthesis import components as C
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +139,7 @@ def generate(
         DataError: the prompt table is missing, malformed or has no rows.
         ModelError: the model directory is incomplete or the registry reference does not exist.
     """
-    import pandas as pd
-    import ray.data
-
     from meddiff import runtime, tracking
-    from meddiff.synthesis.stages import ImageGenerator
 
     g = cfg.synthesis.generate
     out = Path(out).resolve()
@@ -160,39 +159,8 @@ def generate(
             }
         )
         _write_plan(out / "plan.csv", plan)
-        ds = ray.data.from_pandas(pd.DataFrame(plan)).map_batches(
-            ImageGenerator,
-            fn_constructor_kwargs={
-                "model_dir": str(model_dir),
-                "generate": g.model_dump(mode="json"),
-            },
-            batch_size=g.batch_size,
-            concurrency=g.concurrency,
-            num_gpus=1 if g.use_gpu else 0,
-            batch_format="numpy",
-        )
-        firsts: dict[str, list[np.ndarray]] = {}
-        with PCamWriter(out, g.split, patch_size=g.output_size) as writer:
-            # Rows are written in plan order: sort each batch, and the dataset keeps block order.
-            batches = _in_order(ds, g.batch_size)
-            total = -(-len(plan["index"]) // g.batch_size)
-            for batch in runtime.progress(
-                batches, total=total, desc="generate", show=cfg.runtime.progress
-            ):
-                writer.write(
-                    batch["image"],
-                    batch["label"],
-                    meta={
-                        "prompt": batch["prompt"].tolist(),
-                        "cluster": batch["cluster"].tolist(),
-                        "seed": batch["seed"].tolist(),
-                    },
-                )
-                for img, prompt in zip(batch["image"], batch["prompt"], strict=True):
-                    keep = firsts.setdefault(str(prompt), [])
-                    if len(keep) < g.grid_images:
-                        keep.append(img)
-            written = writer.num_rows
+        ds = _generated_images(g, plan, model_dir)
+        written, firsts = _write_images(cfg, ds, out, len(plan["index"]))
         grids = _write_grids(out / "grids", firsts, list(dict.fromkeys(plan["prompt"].tolist())))
         seconds = time.perf_counter() - start
         summary = {
@@ -218,6 +186,62 @@ def generate(
     write_json(out / "summary.json", summary)
     log.info("generated %d images into %s; grids in %s", written, out, grids)
     return summary
+
+
+def _generated_images(
+    g: GenerateConfig, plan: dict[str, np.ndarray], model_dir: Path
+) -> ray.data.Dataset:
+    """The plan as a Ray dataset whose batches the generation actors (``ImageGenerator``, one
+    pipeline each, ``g.concurrency`` of them) fill with an ``image`` column."""
+    import pandas as pd
+    import ray.data
+
+    from meddiff.synthesis.stages import ImageGenerator
+
+    return ray.data.from_pandas(pd.DataFrame(plan)).map_batches(
+        ImageGenerator,
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "generate": g.model_dump(mode="json"),
+        },
+        batch_size=g.batch_size,
+        concurrency=g.concurrency,
+        num_gpus=1 if g.use_gpu else 0,
+        batch_format="numpy",
+    )
+
+
+def _write_images(
+    cfg: Config, ds: ray.data.Dataset, out: Path, n: int
+) -> tuple[int, dict[str, list[np.ndarray]]]:
+    """Write the ``n`` generated rows of ``ds`` into the PCam layout under ``out``, in plan
+    order; returns the number written and the first ``grid_images`` images of each prompt."""
+    from meddiff import runtime
+
+    g = cfg.synthesis.generate
+    firsts: dict[str, list[np.ndarray]] = {}
+    with PCamWriter(out, g.split, patch_size=g.output_size) as writer:
+        # Rows are written in plan order: sort each batch, and the dataset keeps block order.
+        batches = _in_order(ds, g.batch_size)
+        total = -(-n // g.batch_size)
+        for batch in runtime.progress(
+            batches, total=total, desc="generate", show=cfg.runtime.progress
+        ):
+            writer.write(
+                batch["image"],
+                batch["label"],
+                meta={
+                    "prompt": batch["prompt"].tolist(),
+                    "cluster": batch["cluster"].tolist(),
+                    "seed": batch["seed"].tolist(),
+                },
+            )
+            for img, prompt in zip(batch["image"], batch["prompt"], strict=True):
+                keep = firsts.setdefault(str(prompt), [])
+                if len(keep) < g.grid_images:
+                    keep.append(img)
+        written = writer.num_rows
+    return written, firsts
 
 
 def _in_order(ds, batch_size: int):

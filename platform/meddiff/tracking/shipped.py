@@ -28,6 +28,7 @@ from typing import Any
 from meddiff.config import Config
 from meddiff.errors import DataError, ModelError
 from meddiff.files import read_format_json, write_json
+from meddiff.tracking.audits import memorization_tags
 
 PROVENANCE = "provenance.json"
 
@@ -99,9 +100,7 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
         if not isinstance(value, dict | list):
             tags[f"provenance.data_{key}"] = str(value)
     if record.get("memorization"):  # a synthesis model's audit, for `serve promote`'s check
-        from meddiff.evaluation.memorization import version_tags as audit_tags
-
-        tags.update(audit_tags(record["memorization"]))
+        tags.update(memorization_tags(record["memorization"]))
     return tags
 
 
