@@ -1,7 +1,7 @@
 """Where does a synthesis model's blur come from: its pixel grid, its VAE, or its diffusion model?
 
     python benchmarks/synth_blur_diagnosis.py --real runs/ship/pcam \\
-        --model old=platform/meddiff/synthesis/pretrained/pcam-tiny --model new=runs/ship/synth/model \\
+        --model shipped=platform/meddiff/synthesis/pretrained/pcam-tiny --model new=runs/ship/synth/model \\
         --n 512 --out runs/blur
 
 Every arm is a set of ``--n`` 96-px patches judged against the real sample set (the ``train``

@@ -143,7 +143,9 @@ def test_the_bundled_model_loads_generates_and_says_how_it_was_made():
     record = provenance(SHIPPED_DIR)
     assert record["training"]["steps"] > 0 and "meddiff synth train" in record["command"]
     size = sum(f.stat().st_size for f in SHIPPED_DIR.rglob("*") if f.is_file())
-    assert size < 8 * 2**20  # "a few MB"
+    # "A few MB" in the package: the 96-px model (VAE 32/32/64/64 with 8 latent channels, the
+    # part that keeps membranes and nuclei; docs/synthesis.md) is 8.1 MiB, the 32-px one was 7.0.
+    assert size < 10 * 2**20
     assert not list(SHIPPED_DIR.rglob("*.bin"))  # safetensors only
     pipe = C.load_pipeline(SHIPPED_DIR)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor

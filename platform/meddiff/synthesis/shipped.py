@@ -3,8 +3,8 @@
 The demo's few CPU minutes of ``synth train`` show that fine-tuning runs but leave a from-scratch
 32-px model that generates colour blurs, so the demo generates its synthetic set (and serves
 ``/synthesis``) from a model that ``meddiff synth train`` produced on the same bundled data for
-longer (the PCam-format patches of ``meddiff data sample-pcam``, ingested and captioned by
-``prompts build``). The shipped folder is an ordinary diffusers pipeline directory (weights in
+longer and at PCam's own 96 px, with a larger autoencoder warmed up with a perceptual loss (the
+PCam-format patches of ``meddiff data sample-pcam``, ingested and captioned by ``prompts build``). The shipped folder is an ordinary diffusers pipeline directory (weights in
 safetensors, plus the ``prompts.csv`` it was trained on) and ``provenance.json``
 (:mod:`meddiff.tracking.shipped`); its ``data`` describes the pairs (rows, labels, prompts,
 prompting strategy, the prompts run) with a SHA-256 over their content, its ``training`` the
@@ -30,8 +30,8 @@ from meddiff.errors import DataError, ModelError
 from meddiff.tracking import shipped as common
 
 FORMAT = "meddiff-synthesis-provenance/1"
-# The model the demo generates from (32 px, the tiny preset's architecture; command in
-# docs/synthesis.md).
+# The model the demo generates from (the tiny preset's component types at PCam's 96 px, with a
+# larger VAE; command and measurements in docs/synthesis.md).
 SHIPPED_DIR = Path(__file__).parent / "pretrained" / "pcam-tiny"
 REGISTERED_NAME = "meddiff-sd-shipped"
 PROMPTS_FILE = "prompts.csv"
@@ -163,5 +163,5 @@ def register_shipped(cfg: Config, model_dir: str | Path = SHIPPED_DIR) -> str:
         provenance(model_dir),
         name=REGISTERED_NAME,
         job="synthesis-shipped",
-        what="Shipped Stable Diffusion model (tiny, 32 px)",
+        what="Shipped Stable Diffusion model (tiny, 96 px)",
     )
