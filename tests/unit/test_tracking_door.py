@@ -73,3 +73,23 @@ def test_a_run_handle_logs_to_its_own_run_while_a_nested_one_is_open(tiny_cfg, t
     assert input_tags["meddiff.producer_run"] == inner.run_id == tags["meddiff.producer_run"]
     assert input_tags["mlflow.data.context"] == "training"
     assert input_tags["meddiff.digest"] == tags["digest"]
+
+
+def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """``--set tracking.uri=sqlite:///runs/x.db`` (relative to the working directory) used to
+    fail with 'relative path can't be expressed as a file URI'."""
+    import mlflow
+
+    from meddiff.config import TrackingConfig
+    from meddiff.tracking.runs import configure
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    before = mlflow.get_tracking_uri()
+    try:
+        uri = configure(TrackingConfig(uri="sqlite:///runs/x.db", experiment="relative"))
+        assert uri == "sqlite:///runs/x.db" and (tmp_path / "runs" / "x.db").is_file()
+        where = mlflow.get_experiment_by_name("relative").artifact_location
+        assert where == (tmp_path / "runs" / "mlartifacts" / "relative").as_uri()
+    finally:
+        mlflow.set_tracking_uri(before)  # the later tests' store, not this working directory's

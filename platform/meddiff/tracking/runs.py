@@ -48,7 +48,8 @@ def configure(cfg: TrackingConfig) -> str:
         artifacts = None
         if uri.startswith("sqlite:///"):
             # Keep artifacts beside the local database rather than in MLflow's cwd-relative default.
-            root = Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS
+            # resolve(): a relative database path (sqlite:///runs/x.db) has no file URI of its own.
+            root = Path(uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACTS
             artifacts = (root / cfg.experiment).as_uri()
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process won
             mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
