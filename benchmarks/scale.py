@@ -21,8 +21,8 @@ runs them:
    Parquet write), cluster = pass 2 (min-max and K-means in the driver), write = pass 3 (assign
    and write the pairs, prompts.csv, gallery).
 
-Sizes above ``--embed-upto`` run the ingest only: on 2 CPU cores the embedding runs at about
-20 patches/s, so 200k patches would take hours. Their embed and cluster cells are extrapolated,
+Sizes above ``--embed-upto`` run the ingest only: on 2 shared CPU cores the embedding ran at
+8 patches/s (docs/cluster.md), so 200k patches would take about 7 hours. Their embed and cluster cells are extrapolated,
 marked ``~``, by a straight line (fixed seconds + seconds per patch) fitted to the fully measured
 sizes (pass 1 streams at a constant rate; Lloyd's K-means costs O(N·k·D) per iteration).
 
