@@ -342,3 +342,14 @@ def test_a_summary_written_before_the_shared_schema_reads_under_the_new_names(tm
     new = {"steps": 4, "final_loss": 0.5, "mlflow_run_id": "x", "model_uri": None}
     summary.write_text(json.dumps(new))
     assert read_summary(summary) == new  # the current schema is read as written
+
+
+def test_a_training_task_reads_its_settings_from_the_sections_it_names():
+    from meddiff.synthesis.train import SynthesisTraining
+    from meddiff.thor.train import ThorTraining
+
+    cfg = load_config("tiny")
+    thor, synth = ThorTraining(cfg, "data"), SynthesisTraining(cfg, "pairs")
+    assert thor.settings is cfg.thor.train and synth.settings is cfg.synthesis.train
+    assert thor.model_config() == cfg.thor.model.model_dump(mode="json")
+    assert synth.model_config()["resolution"] == cfg.synthesis.model.resolution

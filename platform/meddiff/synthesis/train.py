@@ -93,13 +93,6 @@ class SynthesisTraining(training.TrainingTask):
         self.cache: dict[str, Any] = {}
         self.cache_seconds = 0.0
 
-    @property
-    def settings(self):
-        return self.cfg.synthesis.train
-
-    def model_config(self) -> dict[str, Any]:
-        return self.cfg.synthesis.model.model_dump(mode="json")
-
     @staticmethod
     def loop(config: dict[str, Any]) -> dict[str, Any]:
         return train_loop_per_worker(config)

@@ -73,13 +73,6 @@ class ThorTraining(training.TrainingTask):
         self.data = data
         self.epoch_rows = 0
 
-    @property
-    def settings(self):
-        return self.cfg.thor.train
-
-    def model_config(self) -> dict[str, Any]:
-        return self.cfg.thor.model.model_dump(mode="json")
-
     @staticmethod
     def loop(config: dict[str, Any]) -> None:
         train_loop(config)

@@ -25,6 +25,7 @@ loop, plus the loop's own:
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import time
 from pathlib import Path
@@ -55,13 +56,14 @@ class TrainingTask(abc.ABC):
         self.cfg = cfg
 
     @property
-    @abc.abstractmethod
     def settings(self):
-        """The loop's :class:`~meddiff.config.training.ModelTrainingSection`."""
+        """The loop's :class:`~meddiff.config.training.ModelTrainingSection` (``section``)."""
+        return _section(self.cfg, self.section)
 
-    @abc.abstractmethod
     def model_config(self) -> dict[str, Any]:
-        """The model settings as JSON; a checkpoint of other settings is not resumed."""
+        """The model settings (``model_section``) as JSON; a checkpoint of other settings is not
+        resumed."""
+        return _section(self.cfg, self.model_section).model_dump(mode="json")
 
     @staticmethod
     @abc.abstractmethod
@@ -102,6 +104,11 @@ def wants_gpu(t) -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _section(cfg, dotted: str):
+    """The config section at ``dotted`` ("thor.train") of ``cfg``."""
+    return functools.reduce(getattr, dotted.split("."), cfg)
 
 
 def run_task(
